@@ -1,0 +1,1 @@
+"""quant-engine shared library: the only code shared between daemons."""

@@ -1,0 +1,83 @@
+"""Symbols and the tradable universe (`etc/universe.csv`).
+
+Three spellings of one preferred:
+  display / IB   "CIM PRB"   (IB contract: symbol as shown, STK, SMART, USD)
+  Hammer Pro     "CIM-B"     (" PR" + letter  <->  "-" + letter)
+  plain tickers  "AGNCN", "PFF" are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_DISPLAY_PREFERRED = re.compile(r"^([A-Z.]+) PR([A-Z])$")
+_HAMMER_PREFERRED = re.compile(r"^([A-Z.]+)-([A-Z])$")
+BUCKETS = ("LT", "MM_PURE")
+
+
+class UniverseError(ValueError):
+    pass
+
+
+def to_hammer(display: str) -> str:
+    match = _DISPLAY_PREFERRED.match(display)
+    return f"{match.group(1)}-{match.group(2)}" if match else display
+
+
+def from_hammer(hammer: str) -> str:
+    match = _HAMMER_PREFERRED.match(hammer)
+    return f"{match.group(1)} PR{match.group(2)}" if match else hammer
+
+
+@dataclass(frozen=True)
+class Instrument:
+    symbol: str
+    bucket_hint: str
+    adv: int
+    group: str
+    ref_price: float
+
+    @property
+    def max_order_shares(self) -> int:
+        """Liquidity cap per order: max(ADV/1000, 200) shares (SPEC, Execution)."""
+        return max(self.adv // 1000, 200)
+
+
+def load_universe(path: str | Path) -> dict[str, Instrument]:
+    """Read the universe file; a bad row names its line and field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UniverseError(f"{path}: {exc.strerror}") from exc
+    rows = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    reader = csv.DictReader(rows)
+    required = {"symbol", "bucket_hint", "adv", "group", "ref_price"}
+    missing = required - set(reader.fieldnames or ())
+    if missing:
+        raise UniverseError(f"{path}: header lacks {sorted(missing)}")
+    universe: dict[str, Instrument] = {}
+    for index, row in enumerate(reader, start=2):
+        where = f"{path}: data row {index - 1}"
+        symbol = (row["symbol"] or "").strip()
+        if not symbol or symbol != symbol.upper():
+            raise UniverseError(f"{where}: symbol {symbol!r} must be non-empty upper case")
+        bucket = (row["bucket_hint"] or "").strip()
+        if bucket not in BUCKETS:
+            raise UniverseError(f"{where}: bucket_hint {bucket!r} must be one of {BUCKETS}")
+        try:
+            adv = int(row["adv"])
+            ref_price = float(row["ref_price"])
+        except (TypeError, ValueError) as exc:
+            raise UniverseError(f"{where}: adv/ref_price: {exc}") from exc
+        if adv < 0 or ref_price <= 0:
+            raise UniverseError(f"{where}: adv must be >= 0 and ref_price > 0")
+        if symbol in universe:
+            raise UniverseError(f"{where}: duplicate symbol {symbol!r}")
+        universe[symbol] = Instrument(symbol, bucket, adv, (row["group"] or "").strip(), ref_price)
+    if not universe:
+        raise UniverseError(f"{path}: no symbols")
+    return universe
