@@ -1,0 +1,36 @@
+# quant-engine: the two commands a fresh machine needs are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run stop test bench venv clean
+
+venv: $(STAMP)
+
+# Reinstall when the packaging changes; the editable install picks up code edits.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+## make run: the demo (private Redis if QE_REDIS_URL is unreachable, the IB simulator, every daemon)
+run: $(STAMP)
+	$(BIN)/python -m qe.demo start
+
+## make stop: stop everything `make run` started
+stop:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m qe.demo stop; fi
+
+## make test: the whole test suite against private redis-servers (never the machine's 6379)
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+## make bench: every benchmark (each ends with one RESULT line)
+bench: $(STAMP)
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) run build *.egg-info

@@ -1,0 +1,243 @@
+"""`qe`: the operator's command-line tool.
+
+Human tables by default, `--json` for scripts. Exit codes: 0 ok, 1 failure
+(e.g. Redis unreachable, unknown DLQ id), 78 invalid configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import redis
+
+from . import config
+from .contracts import DLQ_STREAM, STREAM_TYPES
+from .streams import DAEMON_KEY
+from .universe import UniverseError, load_universe
+
+EXIT_OK, EXIT_FAIL = 0, 1
+STREAMS = [*STREAM_TYPES, DLQ_STREAM]
+
+
+class CliError(Exception):
+    pass
+
+
+def _text(value: Any) -> Any:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _age(ts_ns: int | None) -> str:
+    if not ts_ns:
+        return "-"
+    seconds = max(0.0, (time.time_ns() - ts_ns) / 1e9)
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
+
+
+def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[str(row.get(column, "")) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(cell[i]) for cell in cells)) for i, column in enumerate(columns)]
+    lines = ["  ".join(column.upper().ljust(width) for column, width in zip(columns, widths))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def connect(settings: config.Settings) -> redis.Redis:
+    client = redis.Redis.from_url(
+        settings.redis_url,
+        username=settings.redis_username,
+        password=settings.redis_password.get_secret_value() if settings.redis_password else None,
+        socket_timeout=5,
+        socket_connect_timeout=3,
+    )
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise CliError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+    return client
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:
+    rules = config.load_rules(settings.rules_file)
+    try:
+        universe = load_universe(settings.universe_file)
+    except UniverseError as exc:
+        raise config.ConfigError(str(exc)) from exc
+    result = {
+        "rules_file": str(settings.rules_file),
+        "universe_file": str(settings.universe_file),
+        "symbols": len(universe),
+        "sections": sorted(type(rules).model_fields),
+        "redis_url": settings.redis_url,
+    }
+    return result, f"configuration OK: {result['rules_file']}, {len(universe)} symbols in {result['universe_file']}"
+
+
+def cmd_streams(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:
+    r = connect(settings)
+    rows = []
+    for stream in STREAMS:
+        if not r.exists(stream):
+            rows.append({"stream": stream, "length": 0, "last_id": "-", "group": "-", "lag": "-", "pending": "-"})
+            continue
+        info = r.xinfo_stream(stream)
+        groups = r.xinfo_groups(stream)
+        base = {"stream": stream, "length": info["length"], "last_id": _text(info["last-generated-id"])}
+        if not groups:
+            rows.append({**base, "group": "-", "lag": "-", "pending": "-"})
+        for group in groups:
+            rows.append(
+                {
+                    **base,
+                    "group": _text(group["name"]),
+                    "consumers": group["consumers"],
+                    "lag": group.get("lag", "?"),
+                    "pending": group["pending"],
+                    "last_delivered": _text(group["last-delivered-id"]),
+                }
+            )
+    return rows, table(rows, ["stream", "length", "last_id", "group", "lag", "pending"])
+
+
+def _dlq_record(entry_id: Any, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    record = {"id": _text(entry_id), **{_text(k): _text(v) for k, v in fields.items()}}
+    try:
+        record["fields"] = json.loads(record.get("fields", "{}"))
+    except json.JSONDecodeError:
+        pass
+    return record
+
+
+def cmd_dlq_list(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:
+    r = connect(settings)
+    entries = r.xrevrange(DLQ_STREAM, count=args.limit)
+    records = [_dlq_record(entry_id, fields) for entry_id, fields in entries]
+    rows = [
+        {
+            "id": rec["id"],
+            "origin": f"{rec.get('origin_stream')}/{rec.get('origin_id')}",
+            "group": rec.get("group"),
+            "label": rec.get("label"),
+            "reason": (rec.get("reason") or "")[:90],
+        }
+        for rec in records
+    ]
+    return records, table(rows, ["id", "origin", "group", "label", "reason"])
+
+
+def cmd_dlq_show(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:
+    r = connect(settings)
+    entries = r.xrange(DLQ_STREAM, min=args.id, max=args.id)
+    if not entries:
+        raise CliError(f"no dead letter with id {args.id}")
+    record = _dlq_record(*entries[0])
+    return record, json.dumps(record, indent=2)
+
+
+def cmd_dlq_requeue(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:
+    """Append the original entry again to its origin stream and drop the dead letter,
+    in one transaction. Every group of that stream sees it again; consumers dedupe on
+    the event's idempotency key."""
+    r = connect(settings)
+    entries = r.xrange(DLQ_STREAM, min=args.id, max=args.id)
+    if not entries:
+        raise CliError(f"no dead letter with id {args.id}")
+    record = _dlq_record(*entries[0])
+    origin, fields = record.get("origin_stream"), record.get("fields")
+    if origin not in STREAM_TYPES or not isinstance(fields, dict) or not fields:
+        raise CliError(f"dead letter {args.id} has no original payload to requeue (label {record.get('label')})")
+    pipe = r.pipeline(transaction=True)
+    pipe.xadd(origin, fields)
+    pipe.xdel(DLQ_STREAM, args.id)
+    new_id, _ = pipe.execute()
+    result = {"requeued": args.id, "stream": origin, "new_id": _text(new_id)}
+    return result, f"requeued {args.id} to {origin} as {result['new_id']}"
+
+
+def _hash(r: redis.Redis, key: str) -> dict[str, Any]:
+    out = {}
+    for field, value in r.hgetall(key).items():
+        try:
+            out[_text(field)] = json.loads(value)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            out[_text(field)] = _text(value)
+    return out
+
+
+def cmd_status(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:
+    r = connect(settings)
+    daemons = []
+    prefix = DAEMON_KEY.format(daemon="")
+    for key in sorted(r.scan_iter(match=prefix + "*")):
+        name = _text(key)[len(prefix):]
+        beat = _hash(r, _text(key))
+        ts_ns = int(beat.get("ts_ns", 0) or 0)
+        stale = (time.time_ns() - ts_ns) / 1e9 > args.stale_after
+        daemons.append(
+            {
+                "daemon": name,
+                "health": "STALE" if stale else "ok",
+                "heartbeat_age": _age(ts_ns),
+                "pid": beat.get("pid"),
+                "consumer": beat.get("consumer"),
+            }
+        )
+    result: dict[str, Any] = {"daemons": daemons, "redis_url": settings.redis_url}
+    lines = ["DAEMONS", table(daemons, ["daemon", "health", "heartbeat_age", "pid", "consumer"])]
+    return result, "\n".join(lines)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, config.Settings], tuple[Any, str]]] = {
+    "check-config": cmd_check_config,
+    "status": cmd_status,
+    "streams": cmd_streams,
+    "dlq list": cmd_dlq_list,
+    "dlq show": cmd_dlq_show,
+    "dlq requeue": cmd_dlq_requeue,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qe", description="quant-engine operator tool")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("check-config", help="validate risk_rules.yaml, the universe and the environment")
+    status = sub.add_parser("status", help="daemons' health, mode, exposure, broker")
+    status.add_argument("--stale-after", type=float, default=30.0, help="heartbeat age (s) that counts as stale")
+    sub.add_parser("streams", help="length, last id, lag and pending per group")
+    dlq = sub.add_parser("dlq", help="dead-letter stream")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_sub.add_parser("list", help="newest dead letters first")
+    dlq_list.add_argument("--limit", type=int, default=50)
+    dlq_sub.add_parser("show", help="one dead letter in full").add_argument("id")
+    dlq_sub.add_parser("requeue", help="append the original entry to its stream again").add_argument("id")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    name = args.command + (f" {args.dlq_command}" if args.command == "dlq" else "")
+    try:
+        settings = config.load_settings()
+        result, human = COMMANDS[name](args, settings)
+    except config.ConfigError as exc:
+        print(f"qe {name}: invalid configuration: {exc}", file=sys.stderr)
+        return config.EX_CONFIG
+    except (CliError, redis.RedisError) as exc:
+        print(f"qe {name}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(json.dumps(result, indent=2, default=str) if args.json else human)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,670 @@
+"""Redis Streams: the publisher and the consumer runtime every daemon runs on.
+
+Delivery is at-least-once with idempotent, atomic effects (SPEC 5):
+
+* A batch's effects (state writes, outgoing events, dead letters) and its XACKs
+  are applied by one Lua call, which first checks that every entry it acks is
+  still pending for this consumer. A crash at any line gives all or nothing; an
+  entry claimed meanwhile by another consumer aborts the whole commit.
+* A commit whose reply is lost is never retried blindly: the consumer reloads
+  its state from Redis and re-reads its own pending list. Entries the lost
+  commit acknowledged are no longer pending, so they are not handled twice.
+* Outgoing events carry deterministic idempotency keys; streams configured with
+  `dedupe_ttl_s` skip an XADD whose key was already published (SET NX marker in
+  the same atomic step), and consumers dedupe on the key where it matters.
+
+A daemon supplies a Handler (pure-ish: plain in-memory state rebuilt by `load`
+from Redis) and the runtime does the rest: groups, pending drain, batching,
+claiming, dead-lettering, outage back-off, heartbeats, graceful SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable, Protocol, Sequence
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.retry import Retry
+
+from . import metrics
+from .clock import Clock
+from .config import Retention, RiskRules, Settings
+from .contracts import DLQ_STREAM, DecodeError, Envelope, check_stream_type, decode, encode
+
+log = logging.getLogger(__name__)
+
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+# One hash per daemon: heartbeat fields and the runtime's own bookkeeping.
+DAEMON_KEY = "state:daemon:{daemon}"
+DEDUPE_KEY = "dedupe:{stream}:{key}"
+
+# ARGV[1] group, ARGV[2] consumer, ARGV[3] acks as JSON [[stream, [ids ascending]], ...],
+# ARGV[4] ops as JSON [[cmd, arg, ...], ...] (all strings, so no number loses
+# precision in Lua). "XADD?" is an XADD guarded by an optional SET NX dedupe
+# marker. Every acked id must still be pending for this consumer (one XPENDING
+# range per stream), otherwise nothing at all is applied.
+_APPLY_LUA = """
+local group, consumer = ARGV[1], ARGV[2]
+local acks = cjson.decode(ARGV[3])
+local ops = cjson.decode(ARGV[4])
+for _, ack in ipairs(acks) do
+  local stream, ids = ack[1], ack[2]
+  local owned = {}
+  for _, row in ipairs(redis.call('XPENDING', stream, group, ids[1], ids[#ids], #ids + 100000, consumer)) do
+    owned[row[1]] = true
+  end
+  for _, id in ipairs(ids) do
+    if not owned[id] then return {'STOLEN', stream, id} end
+  end
+end
+local results = {'OK'}
+for _, op in ipairs(ops) do
+  if op[1] == 'XADD?' then
+    if op[2] == '' or redis.call('SET', op[2], '1', 'NX', 'EX', op[3]) then
+      results[#results + 1] = redis.call('XADD', unpack(op, 4))
+    else
+      results[#results + 1] = ''
+    end
+  else
+    redis.call(unpack(op))
+  end
+end
+for _, ack in ipairs(acks) do redis.call('XACK', ack[1], group, unpack(ack[2])) end
+return results
+"""
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class CommitAborted(Exception):
+    """Another consumer claimed an entry of this batch; nothing was applied."""
+
+
+def connect(settings: Settings, rules: RiskRules, *, retry_commands: bool) -> redis.Redis:
+    """A bytes-mode client. Consumers pass retry_commands=False: a command whose
+    reply was lost must not be re-sent blindly (the runtime re-reads its pending
+    list instead). Producers whose appends are deduplicated may retry."""
+    retry = (
+        Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), 3)
+        if retry_commands
+        else Retry(NoBackoff(), 0)
+    )
+    return redis.Redis.from_url(
+        settings.redis_url,
+        username=settings.redis_username,
+        password=settings.redis_password.get_secret_value() if settings.redis_password else None,
+        socket_timeout=rules.runtime.socket_timeout_s,
+        socket_connect_timeout=rules.runtime.socket_timeout_s,
+        health_check_interval=30,
+        retry=retry,
+        client_name=None,
+    )
+
+
+class StreamPolicy:
+    """Retention and dedupe per stream, from `streams:` in risk_rules.yaml."""
+
+    def __init__(self, retention: dict[str, Retention]) -> None:
+        self.retention = retention
+
+    def xadd_op(self, stream: str, fields: dict[str, str], idempotency_key: str | None) -> list[Any]:
+        rule = self.retention.get(stream)
+        if rule is None:
+            raise ValueError(f"no retention rule for stream {stream!r}")
+        if rule.maxlen is not None:
+            trim = ["MAXLEN", "~", str(rule.maxlen)]
+        else:
+            # Stream ids are the Redis server's wall-clock ms (not the simulated clock).
+            trim = ["MINID", "~", f"{int(time.time() * 1000) - rule.minid_age_s * 1000}-0"]
+        dedupe_key = ""
+        if rule.dedupe_ttl_s and idempotency_key:
+            dedupe_key = DEDUPE_KEY.format(stream=stream, key=idempotency_key)
+        op: list[str] = ["XADD?", dedupe_key, str(rule.dedupe_ttl_s or 0), stream, *trim, "*"]
+        for name, value in fields.items():
+            op += (name, value)
+        return op
+
+
+class Effects:
+    """Everything one batch will do, applied atomically with its acks by `commit`."""
+
+    def __init__(self, policy: StreamPolicy) -> None:
+        self.policy = policy
+        self.ops: list[list[str]] = []
+        self.acks: list[tuple[str, str]] = []
+        self.published: list[str] = []  # stream of each XADD? op, in order
+        self.dead: list[tuple[str, str]] = []  # (origin stream, reason label)
+        self.entry: Entry | None = None  # the entry being handled, for handlers that need its id
+
+    # -- state and events --------------------------------------------------------
+    def publish(self, stream: str, event: Envelope) -> None:
+        check_stream_type(stream, event)
+        self.ops.append(self.policy.xadd_op(stream, encode(event), event.idempotency_key))
+        self.published.append(stream)
+
+    def hset(self, key: str, mapping: dict[str, Any]) -> None:
+        if mapping:
+            op = ["HSET", key]
+            for field, value in mapping.items():
+                op += (field, value if value.__class__ is str else str(value))
+            self.ops.append(op)
+
+    def hdel(self, key: str, *fields: str) -> None:
+        if fields:
+            self.ops.append(["HDEL", key, *fields])
+
+    def command(self, *args: Any) -> None:
+        """Any other write (SET, DEL, EXPIRE, ZADD ...), applied in order."""
+        self.ops.append([arg if arg.__class__ is str else str(arg) for arg in args])
+
+    def dead_letter(
+        self, entry: "Entry", reason: str, label: str, consumer: str, group: str, key: str | None = None
+    ) -> None:
+        fields = {
+            "origin_stream": entry.stream,
+            "origin_id": entry.entry_id,
+            "group": group,
+            "consumer": consumer,
+            "reason": reason,
+            "label": label,
+            "deliveries": str(entry.deliveries),
+            "dead_ts_ns": str(time.time_ns()),
+            "fields": json.dumps(
+                {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (entry.fields or {}).items()}
+            ),
+        }
+        dedupe_key = key or f"{entry.stream}:{group}:{entry.entry_id}"
+        self.ops.append(self.policy.xadd_op(DLQ_STREAM, fields, dedupe_key))
+        self.published.append(DLQ_STREAM)
+        self.dead.append((entry.stream, label))
+
+    def ack(self, entry: "Entry") -> None:
+        self.acks.append((entry.stream, entry.entry_id))
+
+    # -- partial rollback of one handler call ---------------------------------------
+    def mark(self) -> tuple[int, int, int]:
+        return len(self.ops), len(self.published), len(self.dead)
+
+    def rollback(self, mark: tuple[int, int, int]) -> None:
+        del self.ops[mark[0]:]
+        del self.published[mark[1]:]
+        del self.dead[mark[2]:]
+
+    def __bool__(self) -> bool:
+        return bool(self.ops or self.acks)
+
+
+def commit(r: redis.Redis, script: Any, effects: Effects, group: str = "", consumer: str = "") -> None:
+    """Apply effects + acks in one Lua call. Raises CommitAborted if an entry was claimed."""
+    if not effects:
+        return
+    by_stream: dict[str, list[str]] = {}
+    for stream, entry_id in effects.acks:
+        # Entries of one stream are acked in the order they were read: ascending.
+        by_stream.setdefault(stream, []).append(entry_id)
+    argv = [group, consumer, _dumps(list(by_stream.items())), _dumps(effects.ops)]
+    reply = script(keys=[], args=argv, client=r)
+    if reply[0] == b"STOLEN":
+        metrics.commits_aborted.inc()
+        raise CommitAborted(f"{reply[1].decode()} {reply[2].decode()} was claimed by another consumer")
+    for stream, result in zip(effects.published, reply[1:]):
+        (metrics.events_published if result else metrics.events_deduplicated).labels(stream).inc()
+    for stream, label in effects.dead:
+        metrics.events_dead_lettered.labels(stream, label).inc()
+
+
+class Publisher:
+    """Appends events outside a consumer batch (feeds, broker callbacks)."""
+
+    def __init__(self, r: redis.Redis, rules: RiskRules) -> None:
+        self.redis = r
+        self.policy = StreamPolicy(rules.streams)
+        self.script = r.register_script(_APPLY_LUA)
+
+    def effects(self) -> Effects:
+        return Effects(self.policy)
+
+    def publish(self, stream: str, *events: Envelope) -> None:
+        effects = self.effects()
+        for event in events:
+            effects.publish(stream, event)
+        self.commit(effects)
+
+    def commit(self, effects: Effects) -> None:
+        commit(self.redis, self.script, effects)
+
+
+@dataclass(slots=True)
+class Entry:
+    stream: str
+    entry_id: str
+    fields: dict[bytes, bytes] | None  # None: the entry was trimmed/deleted while pending
+    deliveries: int
+
+
+class Handler(Protocol):
+    """What a daemon plugs into the runtime. In-memory state is a cache of Redis."""
+
+    streams: Sequence[str]
+    tick_interval_s: float | None  # clock seconds between `tick` calls; None: never
+
+    def load(self, r: redis.Redis) -> None:
+        """(Re)build in-memory state from Redis: at start and after any failed commit."""
+
+    def handle(self, event: Envelope, effects: Effects) -> None:
+        """Handle one event; record every effect on `effects`. Raise to retry it later."""
+
+    def tick(self, now_ns: int, effects: Effects) -> None:
+        """Periodic work (publish on a cadence, expiries)."""
+
+
+def default_consumer_name(daemon: str) -> str:
+    """Stable across restarts so a restarted process drains its own pending list."""
+    return f"{daemon}@{socket.gethostname()}"
+
+
+class Consumer:
+    """The consuming loop of one daemon instance (SPEC 5, rules 1-10)."""
+
+    def __init__(
+        self,
+        *,
+        r: redis.Redis,
+        daemon: str,
+        group: str,
+        handler: Handler,
+        rules: RiskRules,
+        clock: Clock,
+        consumer_name: str | None = None,
+    ) -> None:
+        self.redis = r
+        self.daemon = daemon
+        self.group = group
+        self.handler = handler
+        self.streams = list(handler.streams)
+        self.config = rules.runtime
+        self.policy = StreamPolicy(rules.streams)
+        self.clock = clock
+        self.consumer = consumer_name or default_consumer_name(daemon)
+        self.script = r.register_script(_APPLY_LUA)
+        self.stop_requested = threading.Event()
+        self._backoff = ExponentialWithJitterBackoff(cap=self.config.backoff_cap_s, base=self.config.backoff_base_s)
+        self._redis_failures = 0
+        self._groups_ready = False
+        self._needs_load = True
+        self._recovering = True  # drain own pending list before reading new entries
+        self._handler_failures: Counter[str] = Counter()
+        self._last_handler_error: dict[str, str] = {}
+        self._next_tick = 0.0
+        self._next_housekeeping = 0.0
+        self._next_claim = time.monotonic() + self.config.claim_interval_s
+        self.daemon_key = DAEMON_KEY.format(daemon=daemon)
+        self.started_ns = time.time_ns()
+
+    # -- lifecycle --------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        def request_stop(signum: int, _frame: Any) -> None:
+            log.info("stop requested", extra={"signal": signal.Signals(signum).name})
+            self.stop_requested.set()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    def run(self) -> int:
+        """Loop until SIGTERM/SIGINT; the batch in hand is finished and committed first."""
+        log.info("consumer starting", extra={"group": self.group, "consumer": self.consumer, "streams": self.streams})
+        while not self.stop_requested.is_set():
+            self.run_once()
+        log.info("consumer stopped", extra={"group": self.group, "consumer": self.consumer})
+        return 0
+
+    def run_once(self) -> None:
+        """One iteration: fetch, handle, commit, housekeeping. Never raises for Redis trouble."""
+        try:
+            self._ensure_ready()
+            entries = self._claim_idle() if self.streams and time.monotonic() >= self._next_claim else []
+            if not entries:
+                entries = self._fetch()
+            self._handle_and_commit(entries)
+            self._housekeeping()
+            if self._redis_failures:
+                log.info("redis reachable again", extra={"after_failures": self._redis_failures})
+            self._redis_failures = 0
+            metrics.redis_up.set(1)
+        except REDIS_ERRORS as exc:
+            self._after_redis_error(exc)
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                log.warning("consumer group missing; recreating", extra={"error": str(exc)})
+                self._groups_ready = False
+                self._resync()
+            elif "NOSCRIPT" in str(exc):
+                self._resync()
+            else:
+                self._after_redis_error(exc)
+        except CommitAborted as exc:
+            log.warning("commit aborted; reloading and re-reading pending", extra={"error": str(exc)})
+            self._resync()
+
+    def _resync(self) -> None:
+        self._needs_load = True
+        self._recovering = True
+
+    def _after_redis_error(self, exc: Exception) -> None:
+        metrics.redis_errors.inc()
+        metrics.redis_up.set(0)
+        self._redis_failures += 1
+        delay = self._backoff.compute(self._redis_failures)
+        log.warning(
+            "redis error; backing off",
+            extra={"error": f"{type(exc).__name__}: {exc}", "failures": self._redis_failures, "retry_in_s": round(delay, 3)},
+        )
+        # Whatever was in flight may or may not have applied: rebuild from Redis.
+        self._resync()
+        self.stop_requested.wait(delay)
+
+    def _ensure_ready(self) -> None:
+        if not self._groups_ready:
+            for stream in self.streams:
+                self._create_group(stream)
+            self._groups_ready = True
+        if self._needs_load:
+            self.handler.load(self.redis)
+            self._needs_load = False
+
+    def _create_group(self, stream: str) -> None:
+        """MKSTREAM; BUSYGROUP is fine. On Redis 7 the group's read counter starts at
+        what the stream has already trimmed, so only later trims count as losses."""
+        entries_read = None
+        if self.config.group_start_id == "0" and self.redis.exists(stream):
+            info = self.redis.xinfo_stream(stream)
+            if info.get("entries-added") is not None:
+                entries_read = info["entries-added"] - info["length"]
+        try:
+            self.redis.xgroup_create(
+                stream, self.group, id=self.config.group_start_id, mkstream=True, entries_read=entries_read
+            )
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # -- reading -----------------------------------------------------------------------
+    def _block_ms(self) -> int:
+        block = self.config.block_ms
+        if self.handler.tick_interval_s is not None:
+            until_tick_ms = int((self._next_tick - time.monotonic()) * 1000)
+            block = min(block, until_tick_ms)
+        return max(block, 1)  # BLOCK 0 would mean "forever"
+
+    def _fetch(self) -> list[Entry]:
+        if not self.streams:
+            self.stop_requested.wait(self._block_ms() / 1000)
+            return []
+        if self._recovering:
+            entries = self._read_own_pending()
+            if entries:
+                return entries
+            self._recovering = False
+        reply = self.redis.xreadgroup(
+            self.group,
+            self.consumer,
+            {stream: ">" for stream in self.streams},
+            count=self.config.batch_size,
+            block=self._block_ms(),
+        )
+        return [
+            Entry(stream.decode(), entry_id.decode(), fields, 1)
+            for stream, items in reply or ()
+            for entry_id, fields in items
+        ]
+
+    def _read_own_pending(self) -> list[Entry]:
+        """One pending entry per stream at a time: a poison entry that crashes the
+        process then only raises its own delivery count, not its neighbours'."""
+        reply = self.redis.xreadgroup(self.group, self.consumer, {stream: "0" for stream in self.streams}, count=1)
+        entries = [
+            Entry(stream.decode(), entry_id.decode(), fields or None, 0)
+            for stream, items in reply or ()
+            for entry_id, fields in items
+        ]
+        self._fill_delivery_counts(entries)
+        return entries
+
+    def _fill_delivery_counts(self, entries: list[Entry]) -> None:
+        if not entries:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for entry in entries:
+            pipe.xpending_range(entry.stream, self.group, entry.entry_id, entry.entry_id, 1, self.consumer)
+        for entry, pending in zip(entries, pipe.execute()):
+            entry.deliveries = pending[0]["times_delivered"] if pending else 1
+
+    # -- handling ----------------------------------------------------------------------
+    def _handle_and_commit(self, entries: list[Entry]) -> None:
+        started = time.perf_counter()
+        effects = Effects(self.policy)
+        failed: tuple[Entry, BaseException] | None = None
+        consumed: Counter[str] = Counter()
+        for entry in entries:
+            if self._dead_letter_if_poison(entry, effects):
+                continue
+            try:
+                event = decode(entry.stream, entry.fields)  # type: ignore[arg-type]
+            except DecodeError as exc:
+                self._dead_letter(entry, effects, f"invalid payload: {exc.reason}", "invalid")
+                continue
+            mark = effects.mark()
+            effects.entry = entry
+            try:
+                self.handler.handle(event, effects)
+            except Exception as exc:  # noqa: BLE001 - any handler bug must not kill the loop
+                effects.rollback(mark)
+                failed = (entry, exc)
+                break
+            effects.ack(entry)
+            consumed[entry.stream] += 1
+            if self._handler_failures:
+                self._handler_failures.pop(entry.entry_id, None)
+                self._last_handler_error.pop(entry.entry_id, None)
+        effects.entry = None
+        if failed is None:
+            self._tick(effects)
+        commit(self.redis, self.script, effects, self.group, self.consumer)
+        for stream, count in consumed.items():
+            metrics.events_consumed.labels(stream).inc(count)
+        if entries:
+            metrics.batch_seconds.observe(time.perf_counter() - started)
+        if failed is not None:
+            self._after_handler_error(*failed)
+
+    def _dead_letter_if_poison(self, entry: Entry, effects: Effects) -> bool:
+        if entry.fields is None:
+            self._dead_letter(entry, effects, "payload trimmed from the stream before it was handled", "trimmed")
+            return True
+        if entry.deliveries > self.config.max_deliveries:
+            last_error = self._last_handler_error.get(entry.entry_id, "unknown (process restarted)")
+            self._dead_letter(
+                entry,
+                effects,
+                f"delivered {entry.deliveries} times (limit {self.config.max_deliveries}); last error: {last_error}",
+                "max_deliveries",
+            )
+            return True
+        return False
+
+    def _dead_letter(self, entry: Entry, effects: Effects, reason: str, label: str) -> None:
+        log.warning(
+            "dead-lettering entry",
+            extra={"stream": entry.stream, "entry_id": entry.entry_id, "reason": reason},
+        )
+        effects.dead_letter(entry, reason, label, self.consumer, self.group)
+        effects.ack(entry)
+        self._last_handler_error.pop(entry.entry_id, None)
+        self._handler_failures.pop(entry.entry_id, None)
+
+    def _after_handler_error(self, entry: Entry, exc: BaseException) -> None:
+        metrics.handler_errors.labels(entry.stream).inc()
+        self._handler_failures[entry.entry_id] += 1
+        self._last_handler_error[entry.entry_id] = f"{type(exc).__name__}: {exc}"[:500]
+        failures = self._handler_failures[entry.entry_id]
+        delay = min(self.config.handler_retry_cap_s, self.config.backoff_base_s * 2 ** (failures - 1))
+        log.error(
+            "handler raised; will retry from the pending list",
+            exc_info=exc,
+            extra={"stream": entry.stream, "entry_id": entry.entry_id, "failures": failures, "retry_in_s": delay},
+        )
+        self._resync()
+        self.stop_requested.wait(delay)
+
+    def _tick(self, effects: Effects) -> None:
+        interval = self.handler.tick_interval_s
+        now = time.monotonic()
+        if interval is None or now < self._next_tick:
+            return
+        mark = effects.mark()
+        try:
+            self.handler.tick(self.clock.now_ns(), effects)
+        except Exception:  # noqa: BLE001
+            effects.rollback(mark)
+            log.exception("tick raised; state reloaded")
+            self._needs_load = True
+        wall_interval = self.clock.wall_seconds(interval)
+        self._next_tick = max(self._next_tick + wall_interval, now) if self._next_tick else now + wall_interval
+
+    # -- housekeeping ---------------------------------------------------------------------
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        metrics.beat()
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + self.config.housekeeping_interval_s
+        self.redis.hset(
+            self.daemon_key,
+            mapping={
+                "ts_ns": time.time_ns(),
+                "pid": os.getpid(),
+                "consumer": self.consumer,
+                "host": socket.gethostname(),
+                "started_ns": self.started_ns,
+            },
+        )
+        if self.streams:
+            self._observe_groups()
+
+    def _claim_idle(self) -> list[Entry]:
+        """Take over entries a crashed or stuck peer left pending (rule 5), one per
+        stream at a time, so a poison entry among them cannot drag its neighbours'
+        delivery counts up with it."""
+        self._next_claim = time.monotonic() + self.config.claim_interval_s
+        min_idle_ms = int(self.config.claim_min_idle_s * 1000)
+        effects = Effects(self.policy)
+        claimed: list[Entry] = []
+        more = False
+        for stream in self.streams:
+            cursor, items, *rest = self.redis.xautoclaim(
+                stream, self.group, self.consumer, min_idle_ms, start_id="0-0", count=1
+            )
+            more = more or _text(cursor) != "0-0"
+            for entry_id, fields in items:
+                if entry_id is not None:
+                    claimed.append(Entry(stream, _text(entry_id), fields or None, 1))
+            for entry_id in rest[0] if rest else ():
+                # Redis already dropped these from the PEL; report them, nothing to ack.
+                effects.dead_letter(
+                    Entry(stream, _text(entry_id), None, 0),
+                    "payload trimmed while pending (seen by XAUTOCLAIM)",
+                    "trimmed",
+                    self.consumer,
+                    self.group,
+                )
+        commit(self.redis, self.script, effects)
+        if claimed:
+            self._fill_delivery_counts(claimed)
+            for entry in claimed:
+                metrics.entries_claimed.labels(entry.stream).inc()
+            log.warning("claimed idle entries", extra={"entries": [f"{e.stream}/{e.entry_id}" for e in claimed]})
+        if more or claimed:
+            self._next_claim = time.monotonic()  # keep claiming, one at a time, until none is idle
+        return claimed
+
+    def _observe_groups(self) -> None:
+        """Lag/pending gauges, and the report of entries trimmed before this group read them (rule 7)."""
+        pipe = self.redis.pipeline(transaction=True)
+        for stream in self.streams:
+            pipe.xinfo_groups(stream)
+            pipe.xinfo_stream(stream)
+        pipe.hgetall(self.daemon_key)
+        replies = pipe.execute()
+        reported = {_text(k): int(v) for k, v in replies[-1].items() if _text(k).startswith("trim_lost:")}
+        effects = Effects(self.policy)
+        for index, stream in enumerate(self.streams):
+            groups, info = replies[2 * index], replies[2 * index + 1]
+            mine = next((g for g in groups if _text(g.get("name")) == self.group), None)
+            if mine is None:
+                continue
+            lag = mine.get("lag")
+            if lag is not None:
+                metrics.consumer_lag.labels(stream, self.group).set(lag)
+            metrics.consumer_pending.labels(stream, self.group).set(mine.get("pending", 0))
+            lost = _trimmed_unread(mine, info)
+            already = reported.get(f"trim_lost:{stream}", 0)
+            if lost is not None and lost > already:
+                self._report_trimmed_unread(stream, lost - already, lost, effects)
+        commit(self.redis, self.script, effects)
+
+    def _report_trimmed_unread(self, stream: str, newly_lost: int, total: int, effects: Effects) -> None:
+        metrics.trimmed_unprocessed.labels(stream).inc(newly_lost)
+        reason = (
+            f"{newly_lost} entries of {stream} were trimmed before group {self.group} read them "
+            f"({total} in all); raise the retention of {stream} or find why the group lags"
+        )
+        log.error("entries trimmed before processing", extra={"stream": stream, "lost": newly_lost})
+        marker = Entry(stream, f"trimmed-unread-{total}", None, 0)
+        effects.dead_letter(marker, reason, "trimmed_unread", self.consumer, self.group)
+        effects.hset(self.daemon_key, {f"trim_lost:{stream}": total})
+
+
+def _trimmed_unread(group: dict[str, Any], info: dict[str, Any]) -> int | None:
+    """Entries of the stream this group will never see because retention trimmed them
+    first: added - read - still present and undelivered. None when Redis cannot tell
+    (Redis < 7, or the group is in the middle of the stream)."""
+    added, entries_read = info.get("entries-added"), group.get("entries-read")
+    if added is None or entries_read is None:
+        return None
+    last_delivered = _text(group.get("last-delivered-id")) or "0-0"
+    first = info.get("first-entry")
+    if last_delivered == _text(info.get("last-generated-id")):
+        undelivered_present = 0
+    elif first and _id_tuple(_text(first[0])) > _id_tuple(last_delivered):
+        undelivered_present = info.get("length", 0)
+    else:
+        return None
+    return max(added - entries_read - undelivered_present, 0)
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _id_tuple(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def stream_entries(reply: Iterable[Any]) -> list[tuple[str, str, dict[bytes, bytes]]]:
+    """Flatten an XREAD/XREADGROUP reply into (stream, id, fields)."""
+    return [
+        (_text(stream), _text(entry_id), fields)  # type: ignore[misc]
+        for stream, items in reply or ()
+        for entry_id, fields in items
+    ]

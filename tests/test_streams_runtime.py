@@ -1,0 +1,261 @@
+"""The stream runtime against a real redis-server (SPEC 5): in-process cases."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+
+from qe import config, streams
+from qe.clock import Clock
+from qe.contracts import L1, Alert, make_event, encode
+
+RULES = config.load_rules(config.Settings().rules_file)
+
+
+def l1_event(symbol: str, n: int):
+    return make_event(
+        L1(symbol=symbol, bid=24.0, ask=24.1, bid_size=100, ask_size=100),
+        idempotency_key=f"l1:{symbol}:{n}",
+        source="test",
+        ts_ns=time.time_ns(),
+    )
+
+
+class Recorder:
+    """Non-idempotent effects: a double application shows up as count 2."""
+
+    streams = ("ev.l1",)
+    tick_interval_s = None
+
+    def __init__(self, fail_times: dict[str, int] | None = None) -> None:
+        self.fail_times = dict(fail_times or {})
+        self.loads = 0
+
+    def load(self, r) -> None:
+        self.loads += 1
+
+    def handle(self, event, effects) -> None:
+        key = event.idempotency_key
+        if self.fail_times.get(key, 0) > 0:
+            self.fail_times[key] -= 1
+            raise RuntimeError(f"transient failure for {key}")
+        effects.command("HINCRBY", "test:count", key, 1)
+        effects.publish(
+            "ev.alerts",
+            make_event(
+                Alert(alert_type="echo", severity="info", message=key),
+                idempotency_key=f"echo:{key}",
+                source="test",
+                ts_ns=time.time_ns(),
+            ),
+        )
+
+    def tick(self, now_ns, effects) -> None:
+        pass
+
+
+def rules_with(**runtime) -> config.RiskRules:
+    return RULES.model_copy(update={"runtime": RULES.runtime.model_copy(update=runtime)})
+
+
+def make_consumer(r, handler, name="c1", **runtime) -> streams.Consumer:
+    fast = {"block_ms": 50, "backoff_base_s": 0.001, "backoff_cap_s": 0.01, "handler_retry_cap_s": 0.01}
+    return streams.Consumer(
+        r=r, daemon="test", group="test_group", handler=handler, rules=rules_with(**{**fast, **runtime}),
+        clock=Clock(), consumer_name=name,
+    )
+
+
+def publish(r, *events, stream="ev.l1") -> None:
+    publisher = streams.Publisher(r, RULES)
+    publisher.publish(stream, *events)
+
+
+def counts(r) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in r.hgetall("test:count").items()}
+
+
+def dlq(r) -> list[dict[str, str]]:
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _id, fields in r.xrange("ev.dlq")]
+
+
+def run_until(consumer, predicate, limit=200) -> None:
+    for _ in range(limit):
+        consumer.run_once()
+        if predicate():
+            return
+    raise AssertionError("condition not reached")
+
+
+def test_batch_effects_and_acks_commit_together(r):
+    publish(r, *(l1_event("CIM PRB", n) for n in range(10)))
+    consumer = make_consumer(r, Recorder())
+    run_until(consumer, lambda: len(counts(r)) == 10)
+    assert set(counts(r).values()) == {1}
+    assert r.xlen("ev.alerts") == 10
+    assert r.xpending("ev.l1", "test_group")["pending"] == 0
+
+
+def test_handler_that_raises_is_redelivered_and_applied_exactly_once(r):
+    publish(r, *(l1_event("AGNCN", n) for n in range(5)))
+    handler = Recorder(fail_times={"l1:AGNCN:2": 2})
+    consumer = make_consumer(r, handler)
+    run_until(consumer, lambda: len(counts(r)) == 5)
+    assert counts(r) == {f"l1:AGNCN:{n}": 1 for n in range(5)}
+    # The failing entry was retried from the pending list, not dead-lettered.
+    assert dlq(r) == []
+    assert handler.loads >= 3  # state reloaded after each failure
+    assert r.xpending("ev.l1", "test_group")["pending"] == 0
+
+
+def test_poison_entry_goes_to_dlq_and_neighbours_are_not_harmed(r):
+    publish(r, *(l1_event("PFF", n) for n in range(6)))
+    handler = Recorder(fail_times={"l1:PFF:1": 10**6})
+    consumer = make_consumer(r, handler, max_deliveries=3)
+    run_until(consumer, lambda: len(counts(r)) == 5 and dlq(r))
+    dead = dlq(r)
+    assert len(dead) == 1
+    assert dead[0]["origin_stream"] == "ev.l1"
+    assert dead[0]["label"] == "max_deliveries"
+    assert "delivered 4 times (limit 3)" in dead[0]["reason"]
+    assert "transient failure for l1:PFF:1" in dead[0]["reason"]
+    assert json.loads(json.loads(dead[0]["fields"])["event"])["idempotency_key"] == "l1:PFF:1"
+    assert counts(r) == {f"l1:PFF:{n}": 1 for n in range(6) if n != 1}
+    assert r.xpending("ev.l1", "test_group")["pending"] == 0
+
+
+def test_malformed_payloads_go_to_dlq_with_reason_and_loop_keeps_going(r):
+    good = l1_event("CIM PRA", 1)
+    wrong_type = make_event(Alert(alert_type="x", severity="info", message="m"), idempotency_key="a", source="t", ts_ns=1)
+    r.xadd("ev.l1", {"event": "{not json"})
+    r.xadd("ev.l1", {"something": "else"})
+    r.xadd("ev.l1", encode(wrong_type))
+    bad_price = json.loads(good.model_dump_json())
+    bad_price["payload"]["bid"] = -3
+    r.xadd("ev.l1", {"event": json.dumps(bad_price)})
+    publish(r, good)
+    consumer = make_consumer(r, Recorder())
+    run_until(consumer, lambda: counts(r) and len(dlq(r)) == 4)
+    reasons = [d["reason"] for d in dlq(r)]
+    assert reasons[0].startswith("invalid payload: ") and "JSON" in reasons[0]
+    assert reasons[1] == "invalid payload: entry has no 'event' field"
+    assert "type: Input should be 'l1'" in reasons[2]
+    assert "payload.bid: Input should be greater than 0" in reasons[3]
+    assert counts(r) == {"l1:CIM PRA:1": 1}
+    assert r.xpending("ev.l1", "test_group")["pending"] == 0
+
+
+def test_commit_whose_reply_is_lost_is_not_applied_twice(r, monkeypatch):
+    publish(r, *(l1_event("NLY PRF", n) for n in range(20)))
+    real_commit = streams.commit
+    lost = {"left": 1}
+
+    def commit_then_lose_reply(client, script, effects, group="", consumer=""):
+        real_commit(client, script, effects, group, consumer)
+        if effects.acks and lost["left"]:
+            lost["left"] -= 1
+            raise redis.ConnectionError("reply lost after the commit applied")
+
+    monkeypatch.setattr(streams, "commit", commit_then_lose_reply)
+    consumer = make_consumer(r, Recorder(), batch_size=7)
+    run_until(consumer, lambda: len(counts(r)) == 20)
+    for _ in range(5):
+        consumer.run_once()
+    assert lost["left"] == 0
+    assert set(counts(r).values()) == {1}
+    assert r.xlen("ev.alerts") == 20
+
+
+def test_entries_of_a_dead_consumer_are_claimed(r):
+    publish(r, *(l1_event("TWO PRA", n) for n in range(4)))
+    r.xgroup_create("ev.l1", "test_group", id="0", mkstream=True)
+    # A peer read them and died before acking.
+    r.xreadgroup("test_group", "dead-peer", {"ev.l1": ">"}, count=10)
+    assert r.xpending("ev.l1", "test_group")["consumers"][0]["name"] == b"dead-peer"
+    survivor = make_consumer(r, Recorder(), name="survivor", claim_min_idle_s=0.05, claim_interval_s=0.01)
+    time.sleep(0.1)
+    run_until(survivor, lambda: len(counts(r)) == 4)
+    assert set(counts(r).values()) == {1}
+    assert r.xpending("ev.l1", "test_group")["pending"] == 0
+
+
+def test_claimed_entry_cannot_be_committed_by_its_former_owner(r):
+    publish(r, l1_event("MFA PRB", 1))
+    slow = make_consumer(r, Recorder(), name="slow")
+    slow._ensure_ready()
+    entries = slow._fetch()
+    assert len(entries) == 1
+    # While "slow" is still handling, another consumer claims the entry.
+    r.xclaim("ev.l1", "test_group", "fast", 0, [entries[0].entry_id])
+    with pytest.raises(streams.CommitAborted):
+        effects = streams.Effects(slow.policy)
+        effects.command("HINCRBY", "test:count", "x", 1)
+        effects.ack(entries[0])
+        streams.commit(r, slow.script, effects, slow.group, slow.consumer)
+    assert counts(r) == {}  # nothing applied
+
+
+def test_pending_entry_whose_payload_was_trimmed_is_reported_and_acked(r):
+    publish(r, *(l1_event("ARR PRC", n) for n in range(3)))
+    r.xgroup_create("ev.l1", "test_group", id="0", mkstream=True)
+    r.xreadgroup("test_group", "c1", {"ev.l1": ">"}, count=10)  # our own, then we "crashed"
+    r.xtrim("ev.l1", maxlen=0, approximate=False)
+    consumer = make_consumer(r, Recorder())
+    run_until(consumer, lambda: len(dlq(r)) == 3)
+    assert {d["label"] for d in dlq(r)} == {"trimmed"}
+    assert r.xpending("ev.l1", "test_group")["pending"] == 0
+
+
+def test_entries_trimmed_before_the_group_read_them_are_reported(r):
+    consumer = make_consumer(r, Recorder(), housekeeping_interval_s=0.0)
+    publish(r, l1_event("DX PRC", 0))
+    run_until(consumer, lambda: counts(r))
+    # The producer races ahead and retention trims entries this group never read.
+    for n in range(1, 6):
+        publish(r, l1_event("DX PRC", n))
+    r.xtrim("ev.l1", maxlen=2, approximate=False)
+    consumer.run_once()
+    report = [d for d in dlq(r) if d["label"] == "trimmed_unread"]
+    assert len(report) == 1
+    assert report[0]["reason"].startswith("3 entries of ev.l1 were trimmed before group test_group read them")
+    run_until(consumer, lambda: len(counts(r)) == 3)
+    consumer.run_once()
+    assert len([d for d in dlq(r) if d["label"] == "trimmed_unread"]) == 1  # reported once
+
+
+def test_group_deleted_under_a_running_consumer_is_recreated(r):
+    consumer = make_consumer(r, Recorder())
+    publish(r, l1_event("PMT PRA", 1))
+    run_until(consumer, lambda: counts(r))
+    r.xgroup_destroy("ev.l1", "test_group")
+    publish(r, l1_event("PMT PRA", 2))
+    run_until(consumer, lambda: counts(r).get("l1:PMT PRA:2"))
+    assert r.xinfo_groups("ev.l1")[0]["name"] == b"test_group"
+
+
+def test_publisher_dedupes_on_idempotency_key_where_configured(r):
+    alert = make_event(Alert(alert_type="x", severity="info", message="m"), idempotency_key="alert:1", source="t", ts_ns=1)
+    publish(r, alert, stream="ev.alerts")
+    publish(r, alert, stream="ev.alerts")  # a producer's retry
+    assert r.xlen("ev.alerts") == 1
+    assert r.ttl("dedupe:ev.alerts:alert:1") > 0
+    # ev.l1 has no producer-side dedupe (consumers dedupe where it matters).
+    publish(r, l1_event("CIM PRB", 1), l1_event("CIM PRB", 1))
+    assert r.xlen("ev.l1") == 2
+
+
+def test_publisher_applies_retention(r):
+    small = RULES.model_copy(update={"streams": {**RULES.streams, "ev.l1": config.Retention(maxlen=50)}})
+    publisher = streams.Publisher(r, small)
+    for n in range(0, 1000, 100):
+        publisher.publish("ev.l1", *(l1_event("RITM PRA", n + i) for i in range(100)))
+    # Approximate trimming removes whole nodes (100 entries by default).
+    assert r.xlen("ev.l1") <= 50 + 100
+
+
+def test_event_on_the_wrong_stream_is_refused_at_publish(r):
+    with pytest.raises(ValueError, match="does not belong on stream 'ev.alerts'"):
+        publish(r, l1_event("CIM PRB", 1), stream="ev.alerts")
