@@ -28,6 +28,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 SCHEMA_VERSION = 1
@@ -205,7 +206,13 @@ class Session(Payload):
 
 
 class Intent(Payload):
+    """What the Brain wants done; execution turns a NEW intent into at most one broker
+    order, ever. MODIFY (new limit price) and CANCEL act on the order of the intent
+    named by `target_intent_key`; they never create an order."""
+
     intent_id: str
+    action: Literal["NEW", "MODIFY", "CANCEL"] = "NEW"
+    target_intent_key: str | None = None
     intent_type: str = Field(min_length=1, max_length=32)
     symbol: Symbol
     side: Side
@@ -229,6 +236,29 @@ class Intent(Payload):
         if value is not None and abs(value * 100 - round(value * 100)) > 1e-6:
             raise ValueError(f"limit_price {value} is not on the $0.01 grid")
         return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Intent":
+        if (self.action == "NEW") == (self.target_intent_key is not None):
+            raise ValueError("target_intent_key is required for MODIFY/CANCEL and forbidden for NEW")
+        if self.order_type == "LMT" and self.limit_price is None and self.action != "CANCEL":
+            raise ValueError("a LMT intent needs a limit_price")
+        # The classification's direction must agree with the side: a long is increased
+        # by a BUY and decreased by a SELL; a short the other way round.
+        _bucket, direction, effect = self.classification.split("_")
+        increases_long = direction == "LONG" and effect == "INC"
+        decreases_short = direction == "SHORT" and effect == "DEC"
+        expected_side = "BUY" if (increases_long or decreases_short) else "SELL"
+        if self.side != expected_side:
+            raise ValueError(f"classification {self.classification} needs side {expected_side}, got {self.side}")
+        expected_bucket = "LT" if self.classification.startswith("LT_") else "MM_PURE"
+        if self.bucket != expected_bucket:
+            raise ValueError(f"classification {self.classification} belongs to bucket {expected_bucket}, got {self.bucket}")
+        return self
+
+    @property
+    def is_risk_increasing(self) -> bool:
+        return self.action == "NEW" and self.classification.endswith("_INC")
 
 
 class Fill(Payload):
