@@ -18,11 +18,11 @@ $(STAMP): setup.cfg pyproject.toml
 
 ## make run: the demo (private Redis if QE_REDIS_URL is unreachable, the IB simulator, every daemon)
 run: $(STAMP)
-	$(BIN)/python -m qe.demo start
+	$(BIN)/python -m sim.demo start
 
 ## make stop: stop everything `make run` started
 stop:
-	@if [ -x $(BIN)/python ]; then $(BIN)/python -m qe.demo stop; fi
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m sim.demo stop; fi
 
 ## make test: the whole test suite against private redis-servers (never the machine's 6379)
 test: $(STAMP)
