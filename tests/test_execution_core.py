@@ -1,0 +1,270 @@
+"""Execution's pure core: state machine, pre-trade checks, TTL, modify rule, rate."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from daemons.execution import core
+from qe.contracts import Intent
+
+S = 1_000_000_000
+TTL = {"LT": 120, "MM": 60, "HARD_DERISK": 30, "CLOSE_EXIT": 15, "default": 90}
+LIMITS = core.Limits(hard_cap_pct=130, max_order_notional=250_000, min_order_qty=100, liquidity_adv_divisor=1000, liquidity_min_shares=200)
+OPEN = core.Gate(account_ok=True, account_reason="paper DU1", halted=False, mode="NORMAL")
+
+
+def intent(**overrides) -> Intent:
+    base = dict(
+        intent_id="i", intent_type="LT_BAND", symbol="CIM PRB", side="BUY", qty=200, order_type="LMT",
+        limit_price=24.80, bucket="LT", classification="LT_LONG_INC", priority=20, ttl_s=600,
+        created_ns=1_000 * S, risk_delta_gross_pct=0.5, reason="test",
+    )
+    base.update(overrides)
+    return Intent(**base)
+
+
+def record(**overrides) -> core.OrderRecord:
+    base = core.record_for_intent(intent(), "intent:k", "qe-ref", expires_ns=1_120 * S)
+    return dataclasses.replace(base, **overrides)
+
+
+def view(positions=None, buys=None, sells=None, marks=None, equity=1_000_000.0) -> core.RiskView:
+    positions, buys, sells = positions or {}, buys or {}, sells or {}
+    marks = marks or {"CIM PRB": 25.0, "AGNCN": 25.0}
+    total = sum(
+        core.potential_notional(positions.get(s, 0), buys.get(s, 0), sells.get(s, 0), marks[s])
+        for s in set(positions) | set(buys) | set(sells)
+    )
+    return core.RiskView(equity, positions, buys, sells, marks, total)
+
+
+# --- TTL ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "intent_type, bucket, regime, category, ttl_s",
+    [
+        ("LT_BAND", "LT", "MID", "LT", 120),
+        ("MM_QUOTE", "MM_PURE", "MID", "MM", 60),
+        ("HARD_DERISK", "LT", "CLOSE", "HARD_DERISK", 30),  # its own category wins over CLOSE
+        ("SOFT_DERISK", "LT", "CLOSE", "CLOSE_EXIT", 15),
+        ("SOFT_DERISK", "MM_PURE", "LATE", "MM", 60),
+    ],
+)
+def test_ttl_by_category(intent_type, bucket, regime, category, ttl_s):
+    assert core.ttl_category(intent_type, bucket, regime, TTL) == category
+    classification = "LT_LONG_DEC" if bucket == "LT" else "MM_LONG_DEC"
+    i = intent(intent_type=intent_type, bucket=bucket, classification=classification, side="SELL", ttl_s=600)
+    assert core.expires_at_ns(i, regime, TTL) == i.created_ns + ttl_s * S
+
+
+def test_intent_ttl_shorter_than_category_wins():
+    i = intent(ttl_s=10)
+    assert core.expires_at_ns(i, "MID", TTL) == i.created_ns + 10 * S
+
+
+def test_unknown_category_uses_default():
+    assert core.ttl_category("X", "LT", None, {"default": 90}) == "default"
+
+
+# --- broker status state machine ----------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "start, ib_status, filled, expected",
+    [
+        ({}, "PreSubmitted", 0, "SUBMITTED"),
+        ({}, "Submitted", 0, "SUBMITTED"),
+        ({"status": "SUBMITTED"}, "Submitted", 100, "PARTIALLY_FILLED"),
+        ({"status": "SUBMITTED"}, "PendingCancel", 0, "PENDING_CANCEL"),
+        ({"status": "PENDING_CANCEL"}, "Submitted", 0, "PENDING_CANCEL"),
+        ({"status": "SUBMITTED", "cancel_reason": "intent"}, "Cancelled", 0, "CANCELLED"),
+        ({"status": "SUBMITTED", "cancel_reason": "ttl"}, "Cancelled", 0, "EXPIRED"),
+        ({"last_error_code": 201, "last_error_text": "Order rejected"}, "Cancelled", 0, "REJECTED"),
+        ({"status": "SUBMITTED"}, "Inactive", 0, "REJECTED"),
+        ({"status": "SUBMITTED"}, "Filled", 200, "FILLED"),
+    ],
+)
+def test_broker_status_transitions(start, ib_status, filled, expected):
+    new = core.on_broker_status(record(**start), ib_status, filled)
+    assert new is not None and new.status == expected
+
+
+def test_rejection_carries_code_and_text():
+    new = core.on_broker_status(record(last_error_code=201, last_error_text="Order rejected - margin"), "Cancelled", 0)
+    assert (new.reject_code, new.reject_reason) == (201, "Order rejected - margin")
+
+
+@pytest.mark.parametrize("terminal", ["FILLED", "CANCELLED", "REJECTED", "EXPIRED"])
+def test_terminal_states_are_final(terminal):
+    assert core.on_broker_status(record(status=terminal), "Submitted", 0) is None
+
+
+def test_same_status_again_is_no_change():
+    submitted = core.on_broker_status(record(), "Submitted", 0)
+    assert core.on_broker_status(submitted, "Submitted", 0) is None
+    assert core.on_broker_status(submitted, "PreSubmitted", 0) is None
+
+
+def test_unknown_ib_status_is_ignored():
+    assert core.on_broker_status(record(), "SomethingNew", 0) is None
+
+
+def test_errors_alone_never_change_status():
+    # ib_async marks an order Cancelled locally on any error; we only remember the error.
+    errored = core.on_error(record(status="SUBMITTED"), 202, "Order Canceled - reason:")
+    assert errored.status == "SUBMITTED" and errored.last_error_code == 202
+
+
+def test_fills_accumulate_and_average():
+    r = core.on_fill(record(status="SUBMITTED", qty=300), 100, 24.80)
+    assert (r.status, r.filled_qty, r.remaining_qty) == ("PARTIALLY_FILLED", 100, 200)
+    r = core.on_fill(r, 200, 24.83)
+    assert (r.status, r.filled_qty, r.remaining_qty) == ("FILLED", 300, 0)
+    assert r.avg_fill_price == pytest.approx((100 * 24.80 + 200 * 24.83) / 300)
+
+
+def test_fill_after_terminal_filled_still_counts():
+    r = core.on_fill(record(status="FILLED", qty=200, filled_qty=100, avg_fill_price=24.8), 100, 24.9)
+    assert (r.status, r.filled_qty) == ("FILLED", 200)
+
+
+def test_fill_racing_a_cancel_wins_when_complete():
+    r = core.on_fill(record(status="CANCELLED", qty=200), 200, 24.9)
+    assert r.status == "FILLED"
+
+
+# --- modify rule ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "new_price, elapsed_s, expected",
+    [
+        (24.81, 3.0, "apply"),
+        (24.81, 2.0, "wait"),
+        (24.805, 3.0, "ignore"),  # less than a cent
+        (24.80, 9.0, "ignore"),
+        (24.70, 2.5, "apply"),
+    ],
+)
+def test_modify_needs_a_cent_and_2_5_seconds(new_price, elapsed_s, expected):
+    r = record(status="SUBMITTED", last_price_change_ns=1_000 * S)
+    now = 1_000 * S + int(elapsed_s * S)
+    assert core.modify_decision(r, new_price, now, 0.01, 2.5) == expected
+
+
+def test_modify_of_finished_or_cancelling_order_is_ignored():
+    for status in ("FILLED", "PENDING_CANCEL", "CANCELLED"):
+        assert core.modify_decision(record(status=status), 25.5, 10**12 * S, 0.01, 2.5) == "ignore"
+
+
+# --- pre-trade checks ------------------------------------------------------------------------------
+
+def test_clean_increase_passes():
+    assert core.check_new_order(intent(), view(positions={"CIM PRB": 1000}), LIMITS, OPEN, adv=61_000) is None
+
+
+@pytest.mark.parametrize(
+    "gate, rule",
+    [
+        (core.Gate(False, "configured for paper but connected to U123", False, "NORMAL"), "account_interlock"),
+        (core.Gate(True, "", True, "NORMAL"), "halted"),
+        (core.Gate(True, "", False, "SOFT_DERISK"), "reduce_only"),
+        (core.Gate(True, "", False, "HARD_DERISK"), "reduce_only"),
+        (core.Gate(True, "", False, "CAP_RECOVERY"), "reduce_only"),
+    ],
+)
+def test_gates_refuse_increases(gate, rule):
+    assert core.check_new_order(intent(), view(), LIMITS, gate, adv=61_000).rule == rule
+
+
+def test_decreases_pass_in_derisk_modes():
+    sell = intent(side="SELL", classification="LT_LONG_DEC", qty=500, intent_type="HARD_DERISK")
+    gate = core.Gate(True, "", False, "HARD_DERISK")
+    assert core.check_new_order(sell, view(positions={"CIM PRB": 1000}), LIMITS, gate, adv=1_000_000) is None
+
+
+def test_halted_refuses_even_decreases():
+    sell = intent(side="SELL", classification="LT_LONG_DEC", qty=500)
+    assert core.check_new_order(sell, view(positions={"CIM PRB": 1000}), LIMITS, core.Gate(True, "", True, "HALTED"), 61_000).rule == "halted"
+
+
+def test_decrease_never_crosses_zero_counting_working_orders():
+    sell = intent(side="SELL", classification="LT_LONG_DEC", qty=600)
+    rejection = core.check_new_order(sell, view(positions={"CIM PRB": 1000}, sells={"CIM PRB": 500}), LIMITS, OPEN, 61_000)
+    assert rejection.rule == "reduce_only" and "cross zero" in rejection.reason
+    cover = intent(side="BUY", classification="LT_SHORT_DEC", qty=300)
+    assert core.check_new_order(cover, view(positions={"CIM PRB": -300}), LIMITS, OPEN, 1_000_000) is None
+    assert core.check_new_order(cover, view(positions={"CIM PRB": 300}), LIMITS, OPEN, 61_000).rule == "reduce_only"
+
+
+def test_min_order_qty_except_closing_an_odd_lot():
+    assert core.check_new_order(intent(qty=50), view(), LIMITS, OPEN, 61_000).rule == "min_order_qty"
+    close = intent(side="SELL", classification="LT_LONG_DEC", qty=50)
+    assert core.check_new_order(close, view(positions={"CIM PRB": 50}), LIMITS, OPEN, 61_000) is None
+
+
+def test_liquidity_cap_is_adv_over_1000_with_floor_200():
+    assert core.check_new_order(intent(qty=300), view(), LIMITS, OPEN, adv=500_000) is None
+    assert core.check_new_order(intent(qty=300), view(), LIMITS, OPEN, adv=100_000).rule == "liquidity_cap"
+    assert core.check_new_order(intent(qty=200), view(), LIMITS, OPEN, adv=10_000) is None
+
+
+def test_max_order_notional():
+    big = intent(qty=20_000, limit_price=24.80)
+    assert core.check_new_order(big, view(), LIMITS, OPEN, adv=10**9).rule == "max_order_notional"
+
+
+def test_hard_cap_counts_positions_working_orders_and_this_order():
+    # 1,000,000 equity; 1,280,000 potential already (51,200 shares at 25).
+    positions = {"CIM PRB": 40_000}
+    buys = {"CIM PRB": 11_200}
+    ok = intent(qty=400, limit_price=25.0)  # +10,000 -> 129.0 %
+    too_much = intent(qty=2_000, limit_price=25.0)  # +50,000 -> 133.0 %
+    v = view(positions=positions, buys=buys)
+    assert core.check_new_order(ok, v, LIMITS, OPEN, adv=10**9) is None
+    rejection = core.check_new_order(too_much, v, LIMITS, OPEN, adv=10**9)
+    assert rejection.rule == "hard_cap" and "133.00% > hard cap 130%" in rejection.reason
+
+
+def test_hard_cap_lets_reducing_orders_through_above_the_cap():
+    sell = intent(side="SELL", classification="LT_LONG_DEC", qty=1000, limit_price=25.0)
+    v = view(positions={"CIM PRB": 60_000})  # 150 %
+    assert core.check_new_order(sell, v, LIMITS, OPEN, adv=10**9) is None
+
+
+def test_no_equity_means_no_added_exposure():
+    rejection = core.check_new_order(intent(), view(equity=None), LIMITS, OPEN, adv=10**9)
+    assert rejection.rule == "hard_cap" and "equity unknown" in rejection.reason
+
+
+def test_modify_gate():
+    assert core.check_modify(OPEN) is None
+    assert core.check_modify(core.Gate(True, "", True, "HALTED")).rule == "halted"
+
+
+# --- account interlock --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "account, mode, allow, ok",
+    [
+        ("DU1234567", "paper", frozenset(), True),
+        ("U1234567", "paper", frozenset(), False),
+        ("DU1234567", "live", frozenset({"DU1234567"}), False),
+        ("U1234567", "live", frozenset(), False),
+        ("U1234567", "live", frozenset({"U1234567"}), True),
+        (None, "paper", frozenset(), False),
+    ],
+)
+def test_account_interlock(account, mode, allow, ok):
+    assert core.account_interlock(account, mode, allow)[0] is ok
+
+
+# --- token bucket ---------------------------------------------------------------------------------------
+
+def test_token_bucket_holds_the_rate():
+    bucket = core.TokenBucket(rate_per_s=40, burst=5)
+    sent = sum(bucket.take(0.0) for _ in range(10))
+    assert sent == 5  # the burst
+    taken = [bucket.take(t / 1000) for t in range(1, 1001)]  # one try per ms for a second
+    assert 38 <= sum(taken) <= 41
+    assert bucket.wait_s() > 0 or bucket.tokens >= 1
