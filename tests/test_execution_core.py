@@ -117,20 +117,22 @@ def test_errors_alone_never_change_status():
 
 
 def test_fills_accumulate_and_average():
-    r = core.on_fill(record(status="SUBMITTED", qty=300), 100, 24.80)
+    r = core.on_fill(record(status="SUBMITTED", qty=300), "e1", 100, 24.80)
     assert (r.status, r.filled_qty, r.remaining_qty) == ("PARTIALLY_FILLED", 100, 200)
-    r = core.on_fill(r, 200, 24.83)
+    assert core.on_fill(r, "e1", 100, 24.80) is None  # the same execId again
+    r = core.on_fill(r, "e2", 200, 24.83)
     assert (r.status, r.filled_qty, r.remaining_qty) == ("FILLED", 300, 0)
     assert r.avg_fill_price == pytest.approx((100 * 24.80 + 200 * 24.83) / 300)
+    assert core.OrderRecord.from_json(r.to_json()) == r
 
 
 def test_fill_after_terminal_filled_still_counts():
-    r = core.on_fill(record(status="FILLED", qty=200, filled_qty=100, avg_fill_price=24.8), 100, 24.9)
+    r = core.on_fill(record(status="FILLED", qty=200, filled_qty=100, avg_fill_price=24.8, exec_ids=("e1",)), "e2", 100, 24.9)
     assert (r.status, r.filled_qty) == ("FILLED", 200)
 
 
 def test_fill_racing_a_cancel_wins_when_complete():
-    r = core.on_fill(record(status="CANCELLED", qty=200), 200, 24.9)
+    r = core.on_fill(record(status="CANCELLED", qty=200), "e1", 200, 24.9)
     assert r.status == "FILLED"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Protocol
 
 from qe.contracts import TERMINAL_ORDER_STATUSES, Intent
 from qe.exposure_math import potential_notional
@@ -64,6 +64,7 @@ class OrderRecord:
     last_error_text: str | None = None
     reject_code: int | None = None
     reject_reason: str | None = None
+    exec_ids: tuple[str, ...] = ()  # fills applied, deduplicated by IB execId
 
     @property
     def live(self) -> bool:
@@ -79,7 +80,9 @@ class OrderRecord:
     @classmethod
     def from_json(cls, data: Mapping) -> "OrderRecord":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        values = {k: v for k, v in data.items() if k in names}
+        values["exec_ids"] = tuple(values.get("exec_ids", ()))
+        return cls(**values)
 
 
 def record_for_intent(intent: Intent, intent_key: str, order_ref: str, expires_ns: int) -> OrderRecord:
@@ -152,9 +155,11 @@ def on_broker_status(record: OrderRecord, ib_status: str, broker_filled: float) 
     return dataclasses.replace(record, status=status, **changes)
 
 
-def on_fill(record: OrderRecord, qty: int, price: float) -> OrderRecord:
-    """Apply one execution (already deduplicated by execId). Fills can trail a
-    terminal status (IB may send Filled before the last execDetails)."""
+def on_fill(record: OrderRecord, exec_id: str, qty: int, price: float) -> OrderRecord | None:
+    """Apply one execution; None if this execId was applied already. Fills can trail
+    a terminal status (IB may send Filled before the last execDetails)."""
+    if exec_id in record.exec_ids:
+        return None
     filled = record.filled_qty + qty
     notional = (record.avg_fill_price or 0.0) * record.filled_qty + price * qty
     status = record.status
@@ -168,6 +173,7 @@ def on_fill(record: OrderRecord, qty: int, price: float) -> OrderRecord:
         avg_fill_price=round(notional / filled, 6),
         status=status,
         acknowledged=True,
+        exec_ids=(*record.exec_ids, exec_id),
     )
 
 
@@ -250,7 +256,17 @@ def symbol_potential(view: RiskView, symbol: str, extra_buy: int = 0, extra_sell
     )
 
 
-def check_new_order(intent: Intent, view: RiskView, limits: Limits, gate: Gate, adv: int | None) -> Rejection | None:
+class OrderRequest(Protocol):
+    """What the checks read of a new order: an Intent, or a record waiting to be sent."""
+
+    symbol: str
+    side: str
+    qty: int
+    limit_price: float | None
+    classification: str
+
+
+def check_new_order(intent: OrderRequest, view: RiskView, limits: Limits, gate: Gate, adv: int | None) -> Rejection | None:
     """Every check before a new order; the first that fails names its rule."""
     if not gate.account_ok:
         return Rejection("account_interlock", gate.account_reason)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from .contracts import DLQ_STREAM, STREAM_TYPES
 
@@ -73,12 +73,49 @@ class Runtime(Section):
         return self
 
 
+class ExecutionRules(Section):
+    """The execution service (SPEC 6, Execution)."""
+
+    # TTL by category; an intent's own ttl_s applies when shorter. "default" is required.
+    ttl_s_by_category: dict[str, float] = Field(
+        default_factory=lambda: {"LT": 120, "MM": 60, "HARD_DERISK": 30, "CLOSE_EXIT": 15, "default": 90}
+    )
+    modify_min_price_change: float = Field(default=0.01, gt=0)
+    modify_min_interval_s: float = Field(default=2.5, ge=0)
+    max_order_notional: float = Field(default=250_000, gt=0)
+    min_order_qty: int = Field(default=100, ge=1)
+    liquidity_adv_divisor: int = Field(default=1000, ge=1)
+    liquidity_min_shares: int = Field(default=200, ge=1)
+    max_messages_per_s: float = Field(default=40, gt=0, lt=50)  # IB allows 50 msg/s
+    message_burst: int = Field(default=10, ge=1)
+    hidden_buckets: list[Literal["LT", "MM_PURE"]] = Field(default_factory=lambda: ["LT"])
+    block_ms: int = Field(default=50, ge=1, le=200)  # short reads: broker callbacks wait at most this
+    connect_timeout_s: float = Field(default=5, gt=0)
+    reconnect_base_s: float = Field(default=1, gt=0)
+    reconnect_cap_s: float = Field(default=60, gt=0)
+    confirm_delay_s: float = Field(default=1.0, ge=0)
+    mode_poll_interval_s: float = Field(default=0.5, gt=0)
+    account_publish_interval_s: float = Field(default=5, gt=0)
+
+    @model_validator(mode="after")
+    def _valid_ttls(self) -> "ExecutionRules":
+        if "default" not in self.ttl_s_by_category:
+            raise ValueError("ttl_s_by_category needs a 'default' entry")
+        bad = {k: v for k, v in self.ttl_s_by_category.items() if v <= 0}
+        if bad:
+            raise ValueError(f"ttl_s_by_category values must be > 0, got {bad}")
+        if self.reconnect_cap_s < self.reconnect_base_s:
+            raise ValueError("reconnect_cap_s must be >= reconnect_base_s")
+        return self
+
+
 class RiskRules(Section):
     """The whole of etc/risk_rules.yaml."""
 
     schema_version: Literal[1] = 1
     streams: dict[str, Retention]
     runtime: Runtime = Runtime()
+    execution: ExecutionRules = ExecutionRules()
 
     @model_validator(mode="after")
     def _every_stream_has_retention(self) -> "RiskRules":
@@ -111,6 +148,17 @@ class Settings(BaseModel):
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    ib_host: str = "127.0.0.1"
+    ib_port: int = Field(default=4002, ge=1, le=65535)
+    ib_client_id_execution: int = Field(default=7, ge=0)
+    ib_account: str | None = None  # which managed account to trade; default: the first
+    ib_mode: Literal["paper", "live"] = "paper"
+    ib_live_accounts: list[str] = Field(default_factory=list)
+
+    @field_validator("ib_live_accounts", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
 
     @property
     def rules_file(self) -> Path:
@@ -132,6 +180,12 @@ ENV_FIELDS = {
     "QE_METRICS_HOST": "metrics_host",
     "QE_METRICS_PORT": "metrics_port",
     "QE_LOG_LEVEL": "log_level",
+    "QE_IB_HOST": "ib_host",
+    "QE_IB_PORT": "ib_port",
+    "QE_IB_CLIENT_ID_EXECUTION": "ib_client_id_execution",
+    "QE_IB_ACCOUNT": "ib_account",
+    "QE_IB_MODE": "ib_mode",
+    "QE_IB_LIVE_ACCOUNTS": "ib_live_accounts",
 }
 # Secrets come from files (mode 0600), never from the environment itself.
 SECRET_FILES = {"QE_REDIS_PASSWORD_FILE": "redis_password"}

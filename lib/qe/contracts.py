@@ -124,6 +124,7 @@ class Alert(Payload):
 
 class BrokerState(Payload):
     connected: bool
+    orders_allowed: bool = True  # False when e.g. the account interlock refuses the account
     account: str | None = None
     mode: Literal["paper", "live"] | None = None
     data_farm_ok: bool = True

@@ -84,6 +84,15 @@ exposure_potential_gross = Gauge(
     "qe_exposure_potential_gross_ratio", "Potential gross exposure (all open orders filled) / equity", registry=REGISTRY
 )
 orders_by_status = Gauge("qe_orders", "Orders known to execution, by status", ["status"], registry=REGISTRY)
+intents_received = Counter("qe_intents_received_total", "Intents read by execution", ["action"], registry=REGISTRY)
+intents_duplicate = Counter(
+    "qe_intents_duplicate_total", "Intents whose order already exists (redelivery or duplicate)", registry=REGISTRY
+)
+orders_sent = Counter("qe_orders_sent_total", "New orders sent to the broker", registry=REGISTRY)
+orders_rejected = Counter(
+    "qe_orders_rejected_total", "Orders refused before the broker, by pre-trade rule", ["rule"], registry=REGISTRY
+)
+fills = Counter("qe_fills_total", "Executions applied (deduplicated by execId)", registry=REGISTRY)
 
 
 def serve(daemon: str, host: str, port: int | None) -> int:

@@ -267,6 +267,9 @@ class Handler(Protocol):
     def tick(self, now_ns: int, effects: Effects) -> None:
         """Periodic work (publish on a cadence, expiries)."""
 
+    # Optional: `after_commit(self) -> None`, called once a batch's effects are durable
+    # (e.g. execution sends an order only after its PENDING_SUBMIT record is committed).
+
 
 def default_consumer_name(daemon: str) -> str:
     """Stable across restarts so a restarted process drains its own pending list."""
@@ -286,13 +289,16 @@ class Consumer:
         rules: RiskRules,
         clock: Clock,
         consumer_name: str | None = None,
+        block_ms: int | None = None,
     ) -> None:
         self.redis = r
         self.daemon = daemon
         self.group = group
         self.handler = handler
         self.streams = list(handler.streams)
-        self.config = rules.runtime
+        # A daemon that must also drive another event loop (ib_async) reads with a shorter BLOCK.
+        self.config = rules.runtime if block_ms is None else rules.runtime.model_copy(update={"block_ms": block_ms})
+        self._after_commit = getattr(handler, "after_commit", None)
         self.policy = StreamPolicy(rules.streams)
         self.clock = clock
         self.consumer = consumer_name or default_consumer_name(daemon)
@@ -480,6 +486,8 @@ class Consumer:
         if failed is None:
             self._tick(effects)
         commit(self.redis, self.script, effects, self.group, self.consumer)
+        if self._after_commit is not None:
+            self._after_commit()
         for stream, count in consumed.items():
             metrics.events_consumed.labels(stream).inc(count)
         if entries:

@@ -1,0 +1,235 @@
+"""The broker link: the one ib_async connection of the execution service.
+
+ib_async runs an asyncio loop inside its synchronous API. Its callbacks only
+append plain tuples to `inbox` (never a Redis call, never anything that blocks);
+the service's loop drains the inbox between short Redis reads, so a broker
+callback waits at most one read (execution.block_ms, 50 ms by default).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from datetime import datetime, timezone
+from typing import Any
+
+from qe.ib import ib, stock
+
+from .core import OrderRecord
+from .reconcile import BrokerFill, BrokerOrder
+
+log = logging.getLogger(__name__)
+
+ACCOUNT_TAGS = {"NetLiquidation", "BuyingPower"}
+
+
+def _ns(moment: Any) -> int:
+    if isinstance(moment, datetime):
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return int(moment.timestamp() * 1e9)
+    return 0
+
+
+class BrokerLink:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: int,
+        connect_timeout_s: float,
+        reconnect_base_s: float,
+        reconnect_cap_s: float,
+    ) -> None:
+        self.host, self.port, self.client_id = host, port, client_id
+        self.connect_timeout_s = connect_timeout_s
+        self.reconnect_base_s, self.reconnect_cap_s = reconnect_base_s, reconnect_cap_s
+        self.ib = ib.IB()
+        self.ib.RaiseRequestErrors = False
+        self.inbox: deque[tuple] = deque()
+        self.failures = 0
+        self.next_attempt_s = 0.0
+        self.last_error = ""
+        self._wire_events()
+
+    # -- callbacks: plain data into the inbox -------------------------------------------------
+    def _wire_events(self) -> None:
+        events = self.ib
+        events.orderStatusEvent += self._on_status
+        events.execDetailsEvent += self._on_exec
+        events.commissionReportEvent += self._on_commission
+        events.errorEvent += self._on_error
+        events.disconnectedEvent += lambda: self.inbox.append(("disconnected",))
+        events.positionEvent += self._on_position
+        events.accountValueEvent += self._on_account_value
+        events.openOrderEvent += self._on_open_order
+
+    def _on_status(self, trade: Any) -> None:
+        # ib_async also emits this event when it *locally* marks an order Cancelled
+        # after an error; such entries carry the error code in the trade log.
+        local_error = trade.log[-1].errorCode if trade.log else 0
+        status = trade.orderStatus
+        self.inbox.append(
+            ("status", trade.order.orderRef, trade.order.orderId, trade.order.permId, status.status, status.filled, local_error)
+        )
+
+    def _on_exec(self, trade: Any, fill: Any) -> None:
+        execution = fill.execution
+        self.inbox.append(
+            (
+                "fill",
+                BrokerFill(
+                    exec_id=execution.execId,
+                    order_ref=execution.orderRef or trade.order.orderRef,
+                    order_id=execution.orderId,
+                    perm_id=execution.permId,
+                    symbol=fill.contract.symbol,
+                    side="BUY" if execution.side in ("BOT", "BUY") else "SELL",
+                    qty=int(execution.shares),
+                    price=float(execution.price),
+                    ts_ns=_ns(execution.time),
+                ),
+            )
+        )
+
+    def _on_commission(self, trade: Any, fill: Any, report: Any) -> None:
+        self.inbox.append(("commission", report.execId, float(report.commission)))
+
+    def _on_error(self, req_id: int, code: int, text: str, contract: Any = None) -> None:
+        self.inbox.append(("error", req_id, code, text))
+
+    def _on_position(self, position: Any) -> None:
+        self.inbox.append(("position", position.account, position.contract.symbol, int(position.position), float(position.avgCost)))
+
+    def _on_account_value(self, value: Any) -> None:
+        if value.tag in ACCOUNT_TAGS and value.currency in ("USD", "BASE", ""):
+            try:
+                amount = float(value.value)
+            except ValueError:
+                return
+            self.inbox.append(("account_value", value.account, value.tag, amount))
+
+    def _on_open_order(self, trade: Any) -> None:
+        self.inbox.append(("open_order", self._broker_order(trade, open_=True)))
+
+    # -- connection -------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self.ib.isConnected()
+
+    def try_connect(self, now_s: float) -> bool:
+        """One attempt if its time has come; capped exponential backoff with full jitter."""
+        if self.connected or now_s < self.next_attempt_s:
+            return False
+        try:
+            self.ib.connect(self.host, self.port, clientId=self.client_id, timeout=self.connect_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - refused, timeout, 326 client id in use...
+            self.failures += 1
+            ceiling = min(self.reconnect_cap_s, self.reconnect_base_s * 2 ** (self.failures - 1))
+            self.next_attempt_s = now_s + random.uniform(ceiling / 2, ceiling)
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "broker connect failed",
+                extra={"error": self.last_error, "failures": self.failures, "retry_in_s": round(self.next_attempt_s - now_s, 2)},
+            )
+            self.ib.disconnect()
+            return False
+        self.failures = 0
+        return True
+
+    def disconnect(self) -> None:
+        self.ib.disconnect()
+
+    def pump(self) -> None:
+        """Let ib_async read the socket and run its callbacks."""
+        self.ib.sleep(0)
+
+    def account(self, configured: str | None) -> str | None:
+        accounts = self.ib.managedAccounts() if self.connected else []
+        if configured:
+            return configured if configured in accounts else None
+        return accounts[0] if accounts else None
+
+    def reserve_order_id(self, at_least: int) -> int:
+        self.ib.client.updateReqId(at_least)
+        return self.ib.client.getReqId()
+
+    # -- orders -------------------------------------------------------------------------------------
+    def place(self, record: OrderRecord, account: str, hidden: bool, price: float | None = None) -> None:
+        """Place (or, with the same order id, modify) the order of a record."""
+        assert record.broker_order_id is not None
+        limit = record.limit_price if price is None else price
+        if record.order_type == "MKT":
+            order = ib.MarketOrder(record.side, record.qty)
+        else:
+            order = ib.LimitOrder(record.side, record.qty, limit)
+        order.orderId = record.broker_order_id
+        order.orderRef = record.order_ref
+        order.tif = record.tif
+        order.hidden = hidden
+        order.account = account
+        self.ib.placeOrder(stock(record.symbol), order)
+
+    def cancel(self, order_id: int) -> None:
+        trade = next((t for t in self.ib.trades() if t.order.orderId == order_id), None)
+        if trade is not None:
+            self.ib.cancelOrder(trade.order)
+        else:  # an order of ours from an earlier session: cancel by id all the same
+            self.ib.client.cancelOrder(order_id, "")
+
+    # -- reconciliation snapshot ----------------------------------------------------------------------
+    def snapshot(self, session_start: datetime) -> tuple[list[BrokerOrder], list[BrokerFill]]:
+        """Open orders of all clients, completed orders, executions since the session start."""
+        open_trades = self.ib.reqAllOpenOrders()
+        completed = self.ib.reqCompletedOrders(apiOnly=True)
+        fills = self.ib.reqExecutions(ib.ExecutionFilter(time=session_start.astimezone(timezone.utc).strftime("%Y%m%d-%H:%M:%S")))
+        orders = [self._broker_order(t, open_=True) for t in open_trades]
+        orders += [self._broker_order(t, open_=False) for t in completed]
+        broker_fills = []
+        for fill in fills:
+            execution = fill.execution
+            broker_fills.append(
+                BrokerFill(
+                    exec_id=execution.execId,
+                    order_ref=execution.orderRef,
+                    order_id=execution.orderId,
+                    perm_id=execution.permId,
+                    symbol=fill.contract.symbol,
+                    side="BUY" if execution.side in ("BOT", "BUY") else "SELL",
+                    qty=int(execution.shares),
+                    price=float(execution.price),
+                    ts_ns=_ns(execution.time),
+                )
+            )
+        return orders, broker_fills
+
+    def positions(self) -> list[tuple[str, str, int, float]]:
+        return [(p.account, p.contract.symbol, int(p.position), float(p.avgCost)) for p in self.ib.reqPositions()]
+
+    def account_values(self) -> list[tuple[str, str, float]]:
+        values = []
+        for value in self.ib.accountValues():
+            if value.tag in ACCOUNT_TAGS and value.currency in ("USD", "BASE", ""):
+                try:
+                    values.append((value.account, value.tag, float(value.value)))
+                except ValueError:
+                    continue
+        return values
+
+    @staticmethod
+    def _broker_order(trade: Any, open_: bool) -> BrokerOrder:
+        order, status = trade.order, trade.orderStatus
+        return BrokerOrder(
+            order_ref=order.orderRef or "",
+            order_id=order.orderId,
+            perm_id=order.permId,
+            client_id=order.clientId,
+            status=status.status,
+            filled=float(status.filled or 0),
+            symbol=trade.contract.symbol,
+            side=order.action,
+            qty=float(order.totalQuantity),
+            limit_price=float(order.lmtPrice) if order.orderType == "LMT" else None,
+            open=open_,
+        )

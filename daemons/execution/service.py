@@ -1,0 +1,671 @@
+"""The execution service's handler: intents in, broker orders out, broker news back
+into Redis. Runs on the stream runtime (group `execution_service`).
+
+The one invariant: a record is durable before the broker hears of it. Every order
+message (place, modify, cancel) is decided during a batch, recorded in that batch's
+atomic commit, and sent from `after_commit`. After any commit whose outcome is
+unknown, `load()` rebuilds from Redis and the service reconciles with the broker
+before it sends anything again; orders are re-sent only with their recorded broker
+order id, so the broker itself treats a repeat as a modify, never a second order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import redis
+
+from qe import metrics, state
+from qe.contracts import (
+    Account,
+    Alert,
+    BrokerState,
+    Envelope,
+    Fill,
+    Order,
+    Position,
+    idempotency_key,
+    make_event,
+    order_ref_for,
+)
+from qe.daemon import Context
+from qe.streams import Effects
+from qe.universe import Instrument
+
+from . import core
+from .broker import BrokerLink
+from .reconcile import OUR_PREFIX, BrokerFill, BrokerOrder, reconcile
+
+log = logging.getLogger(__name__)
+
+NEW_YORK = ZoneInfo("America/New_York")
+SOURCE = "execution"
+STATE_EXECUTION = "state:execution"  # halted flag, equity, account: what load() needs
+CONNECTIVITY_LOST, RESTORED_DATA_LOST, RESTORED_DATA_KEPT = 1100, 1101, 1102
+FARM_BROKEN = {2103, 2105, 2110}
+FARM_OK = {2104, 2106, 2158}
+CLIENT_ID_IN_USE, PACING = 326, 162
+
+
+@dataclass
+class BrokerView:
+    socket_up: bool = False
+    connectivity_ok: bool = True  # 1100 clears it, 1101/1102 restore it
+    farm_ok: bool = True
+    account: str | None = None
+    account_ok: bool = False
+    account_reason: str = "not connected"
+    last_code: int | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.socket_up and self.connectivity_ok
+
+
+class ExecutionService:
+    streams = ("ev.intents", "ev.l1", "ev.control", "ev.session")
+    tick_interval_s = 0.0  # every loop iteration: the broker is pumped between reads
+
+    def __init__(self, context: Context, broker: BrokerLink) -> None:
+        self.clock = context.clock
+        self.settings = context.settings
+        self.rules = context.rules.execution
+        self.hard_cap_pct = context.rules.exposure.hard_cap_pct
+        self.default_bucket = context.rules.exposure.default_bucket
+        self.universe: dict[str, Instrument] = context.universe()
+        self.broker = broker
+        self.limits = core.Limits(
+            hard_cap_pct=self.hard_cap_pct,
+            max_order_notional=self.rules.max_order_notional,
+            min_order_qty=self.rules.min_order_qty,
+            liquidity_adv_divisor=self.rules.liquidity_adv_divisor,
+            liquidity_min_shares=self.rules.liquidity_min_shares,
+        )
+        self.rate = core.TokenBucket(self.rules.max_messages_per_s, self.rules.message_burst)
+        self.redis: redis.Redis | None = None
+        self._reset_memory()
+
+    def _reset_memory(self) -> None:
+        self.records: dict[str, core.OrderRecord] = {}
+        self.by_order_id: dict[int, str] = {}
+        self.positions: dict[str, int] = {}
+        self.position_buckets: dict[str, str] = {}
+        self.marks: dict[str, float] = {}
+        self.equity: float | None = None
+        self.halted = False
+        self.mode: str | None = None
+        self.regime: str | None = None
+        self.view = BrokerView()
+        self.reconciled = False
+        self.published_broker_state: tuple | None = None
+        self.outbox: list[tuple] = []  # broker messages, sent after the commit that recorded them
+        self.confirm_after_s: float | None = None
+        self.last_fill_bucket: dict[str, str] = {}
+        self.reported_external: set[tuple[int, str]] = set()
+        self.last_account_publish_s = 0.0
+        self.last_mode_poll_s = 0.0
+        self.last_equity_published: float | None = None
+
+    # -- runtime hooks -----------------------------------------------------------------------------
+    def load(self, r: redis.Redis) -> None:
+        """Rebuild from Redis; the broker's view is re-learnt by reconciliation."""
+        socket_up = self.view.socket_up
+        self._reset_memory()
+        self.redis = r
+        self.view.socket_up = socket_up and self.broker.connected
+        for ref, raw in r.hgetall(state.ORDERS).items():
+            record = core.OrderRecord.from_json(json.loads(raw))
+            self.records[ref.decode()] = record
+            if record.broker_order_id is not None:
+                self.by_order_id[record.broker_order_id] = record.order_ref
+        for symbol, raw in r.hgetall(state.POSITIONS).items():
+            position = json.loads(raw)
+            self.positions[symbol.decode()] = int(position["qty"])
+            self.position_buckets[symbol.decode()] = position["bucket"]
+        saved = state.read(r, STATE_EXECUTION)
+        self.halted = bool(saved.get("halted", False))
+        self.equity = saved.get("equity")
+        self.mode = _text(r.hget(state.DECISION, "mode"))
+        if self.view.socket_up:
+            self._check_account()
+        log.info("execution state loaded", extra={"orders": len(self.records), "positions": len(self.positions)})
+
+    def handle(self, event: Envelope, effects: Effects) -> None:
+        kind = event.type
+        if kind == "intent":
+            self._on_intent(event, effects)
+        elif kind == "l1":
+            quote = event.payload
+            if quote.bid and quote.ask:
+                self.marks[quote.symbol] = round((quote.bid + quote.ask) / 2, 4)
+            elif quote.last:
+                self.marks[quote.symbol] = quote.last
+        elif kind == "control":
+            self.halted = event.payload.command == "halt"
+            effects.hset(STATE_EXECUTION, state.encode_fields({"halted": self.halted}))
+            log.warning("operator control", extra={"command": event.payload.command, "operator": event.payload.operator})
+        elif kind == "session":
+            self.regime = event.payload.regime
+
+    def tick(self, now_ns: int, effects: Effects) -> None:
+        now_s = time.monotonic()
+        if not self.broker.connected:
+            if self.view.socket_up:
+                self._on_disconnected()
+            if self.broker.try_connect(now_s):
+                self._on_connected()
+        if self.broker.connected:
+            self.broker.pump()
+        self._drain_inbox(now_ns, effects)
+        if self.view.usable and not self.reconciled:
+            self._reconcile(now_ns, effects)
+        if self.confirm_after_s is not None and now_s >= self.confirm_after_s and self.view.usable:
+            self.confirm_after_s = None
+            self._reconcile(now_ns, effects)  # confirm local "Cancelled" guesses with the broker
+        if now_s - self.last_mode_poll_s >= self.rules.mode_poll_interval_s and self.redis is not None:
+            self.last_mode_poll_s = now_s
+            self.mode = _text(self.redis.hget(state.DECISION, "mode"))
+        self._expire_and_cancel(now_ns, effects)
+        self._apply_waiting_modifies(now_ns, effects)
+        self._send_waiting_orders(now_ns, effects)
+        self._publish_broker_state(now_ns, effects)
+        if now_s - self.last_account_publish_s >= self.rules.account_publish_interval_s:
+            self.last_account_publish_s = now_s
+            self._publish_account(now_ns, effects, force=False)
+            self._refresh_order_gauges()
+
+    def after_commit(self) -> None:
+        """The records behind these messages are durable now: tell the broker."""
+        outbox, self.outbox = self.outbox, []
+        for message in outbox:
+            kind = message[0]
+            try:
+                if kind == "place":
+                    _, record, account = message
+                    self.broker.place(record, account, hidden=record.bucket in self.rules.hidden_buckets)
+                elif kind == "modify":
+                    _, record, account = message
+                    self.broker.place(record, account, hidden=record.bucket in self.rules.hidden_buckets)
+                elif kind == "cancel":
+                    self.broker.cancel(message[1])
+            except Exception:  # noqa: BLE001 - the socket may have dropped; reconciliation repairs
+                log.exception("broker message failed", extra={"message": kind})
+                self.reconciled = False
+
+    # -- intents ---------------------------------------------------------------------------------------
+    def _on_intent(self, event: Envelope, effects: Effects) -> None:
+        intent = event.payload
+        metrics.intents_received.labels(intent.action).inc()
+        if intent.action == "NEW":
+            self._new_order(event, effects)
+            return
+        target = self.records.get(order_ref_for(intent.target_intent_key))
+        if target is None:
+            log.warning("intent for an unknown order", extra={"intent": event.idempotency_key, "target": intent.target_intent_key})
+            return
+        if intent.action == "CANCEL":
+            self._request_cancel(target, "intent", self.clock.now_ns(), effects)
+            return
+        rejection = core.check_modify(self._gate())
+        if rejection is not None:
+            metrics.orders_rejected.labels(rejection.rule).inc()
+            log.warning("modify refused", extra={"order_ref": target.order_ref, "rule": rejection.rule, "reason": rejection.reason})
+            return
+        if intent.limit_price is not None and target.live:
+            self._save(effects, dataclasses.replace(target, desired_price=intent.limit_price), publish=False)
+            self._apply_waiting_modifies(self.clock.now_ns(), effects)
+
+    def _new_order(self, event: Envelope, effects: Effects) -> None:
+        intent = event.payload
+        key = event.idempotency_key
+        ref = order_ref_for(key)
+        if ref in self.records:
+            metrics.intents_duplicate.inc()
+            log.info("duplicate intent ignored", extra={"intent": key, "order_ref": ref})
+            return
+        now_ns = self.clock.now_ns()
+        record = core.record_for_intent(intent, key, ref, core.expires_at_ns(intent, self.regime, self.rules.ttl_s_by_category))
+        if intent.symbol not in self.universe:
+            self._save(effects, core.rejected(record, None, f"unknown_symbol: {intent.symbol} is not in the universe"))
+            return
+        if record.expires_ns <= now_ns:
+            self._save(effects, dataclasses.replace(record, status="EXPIRED", reject_reason="ttl: expired before it could be sent"))
+            return
+        # Recorded first (PENDING_SUBMIT); checked and sent in this batch when possible.
+        self._save(effects, record)
+        self._send_waiting_orders(now_ns, effects, only=ref)
+
+    def _gate(self) -> core.Gate:
+        return core.Gate(
+            account_ok=self.view.account_ok,
+            account_reason=self.view.account_reason,
+            halted=self.halted or self.mode == "HALTED",
+            mode=self.mode,
+        )
+
+    def _risk_view(self) -> core.RiskView:
+        open_buy: dict[str, int] = {}
+        open_sell: dict[str, int] = {}
+        fallback: dict[str, float] = {}
+        for record in self.records.values():
+            if record.live and record.broker_order_id is not None:
+                side = open_buy if record.side == "BUY" else open_sell
+                side[record.symbol] = side.get(record.symbol, 0) + record.remaining_qty
+                if record.limit_price:
+                    fallback.setdefault(record.symbol, record.limit_price)
+        marks = {**{s: i.ref_price for s, i in self.universe.items()}, **fallback, **self.marks}
+        symbols = set(self.positions) | set(open_buy) | set(open_sell)
+        total = sum(
+            core.potential_notional(self.positions.get(s, 0), open_buy.get(s, 0), open_sell.get(s, 0), marks[s])
+            for s in symbols
+            if s in marks
+        )
+        return core.RiskView(self.equity, self.positions, open_buy, open_sell, marks, total)
+
+    def _send_waiting_orders(self, now_ns: int, effects: Effects, only: str | None = None) -> None:
+        """PENDING_SUBMIT records without a broker order id: check, number, queue for sending."""
+        if not (self.view.usable and self.reconciled):
+            return
+        waiting = [self.records[only]] if only else [r for r in self.records.values() if r.status == "PENDING_SUBMIT" and r.broker_order_id is None]
+        for record in sorted(waiting, key=lambda r: r.created_ns):
+            if record.status != "PENDING_SUBMIT" or record.broker_order_id is not None:
+                continue
+            intent_view = _IntentView.of(record)
+            rejection = core.check_new_order(intent_view, self._risk_view(), self.limits, self._gate(), self._adv(record.symbol))
+            if rejection is not None:
+                metrics.orders_rejected.labels(rejection.rule).inc()
+                log.warning("pre-trade check refused an order", extra={"order_ref": record.order_ref, "rule": rejection.rule, "reason": rejection.reason})
+                self._save(effects, core.rejected(record, None, f"{rejection.rule}: {rejection.reason}"))
+                continue
+            if not self.rate.take(time.monotonic()):
+                return  # the order-rate bucket is empty: the rest wait for the next loop
+            order_id = self.broker.reserve_order_id(self._max_order_id() + 1)
+            numbered = dataclasses.replace(record, broker_order_id=order_id)
+            self.by_order_id[order_id] = record.order_ref
+            self._save(effects, numbered, publish=False)
+            self.outbox.append(("place", numbered, self.view.account))
+            metrics.orders_sent.inc()
+
+    def _max_order_id(self) -> int:
+        return max((r.broker_order_id or 0 for r in self.records.values()), default=0)
+
+    def _adv(self, symbol: str) -> int | None:
+        instrument = self.universe.get(symbol)
+        return instrument.adv if instrument else None
+
+    # -- lifecycle: cancels, TTL, modifies ---------------------------------------------------------------
+    def _request_cancel(self, record: core.OrderRecord, reason: core.CancelReason, now_ns: int, effects: Effects) -> None:
+        if not record.live:
+            return
+        if record.broker_order_id is None:
+            # Never sent: nothing to cancel at the broker.
+            final = "EXPIRED" if reason == "ttl" else "CANCELLED"
+            self._save(effects, dataclasses.replace(record, status=final, cancel_reason=reason))
+            return
+        if record.status == "PENDING_CANCEL":
+            return
+        if not self.view.usable or not self.rate.take(time.monotonic()):
+            return  # retried from the TTL/cancel sweep
+        updated = dataclasses.replace(record, status="PENDING_CANCEL", cancel_reason=reason)
+        self._save(effects, updated)
+        self.outbox.append(("cancel", record.broker_order_id))
+
+    def _expire_and_cancel(self, now_ns: int, effects: Effects) -> None:
+        for record in list(self.records.values()):
+            if record.live and record.expires_ns <= now_ns and record.status != "PENDING_CANCEL":
+                self._request_cancel(record, "ttl", now_ns, effects)
+
+    def _apply_waiting_modifies(self, now_ns: int, effects: Effects) -> None:
+        if not (self.view.usable and self.reconciled):
+            return
+        for record in list(self.records.values()):
+            if record.desired_price is None:
+                continue
+            decision = core.modify_decision(
+                record, record.desired_price, now_ns, self.rules.modify_min_price_change, self.rules.modify_min_interval_s
+            )
+            if decision == "ignore":
+                self._save(effects, dataclasses.replace(record, desired_price=None), publish=False)
+            elif decision == "apply" and record.broker_order_id is not None and self.rate.take(time.monotonic()):
+                modified = dataclasses.replace(
+                    record, limit_price=record.desired_price, desired_price=None, last_price_change_ns=now_ns
+                )
+                self._save(effects, modified)
+                self.outbox.append(("modify", modified, self.view.account))
+
+    # -- broker news ------------------------------------------------------------------------------------------
+    def _drain_inbox(self, now_ns: int, effects: Effects) -> None:
+        inbox = self.broker.inbox
+        messages = [inbox.popleft() for _ in range(len(inbox))]
+        commissions = {m[1]: m[2] for m in messages if m[0] == "commission"}
+        for message in messages:
+            kind = message[0]
+            if kind == "status":
+                self._on_status(*message[1:], effects=effects)
+            elif kind == "fill":
+                self._on_fill(message[1], commissions.get(message[1].exec_id), effects)
+            elif kind == "error":
+                self._on_error(*message[1:], now_ns=now_ns, effects=effects)
+            elif kind == "position":
+                self._on_position(*message[1:], now_ns=now_ns, effects=effects)
+            elif kind == "account_value":
+                self._on_account_value(*message[1:], now_ns=now_ns, effects=effects)
+            elif kind == "open_order":
+                self._report_external(message[1], now_ns, effects)
+            elif kind == "disconnected":
+                self._on_disconnected()
+
+    def _record_for(self, order_ref: str, order_id: int) -> core.OrderRecord | None:
+        ref = order_ref if order_ref in self.records else self.by_order_id.get(order_id)
+        return self.records.get(ref) if ref else None
+
+    def _on_status(self, order_ref: str, order_id: int, perm_id: int, ib_status: str, filled: float, local_error: int, effects: Effects) -> None:
+        record = self._record_for(order_ref, order_id)
+        if record is None:
+            return
+        if local_error:
+            # ib_async's own guess after an error ("Cancelled"): confirm with the broker.
+            self.confirm_after_s = time.monotonic() + self.rules.confirm_delay_s
+            return
+        if perm_id and record.perm_id != perm_id:
+            record = dataclasses.replace(record, perm_id=perm_id)
+            self._save(effects, record, publish=False)
+        new = core.on_broker_status(record, ib_status, filled)
+        if new is not None:
+            self._save(effects, new)
+
+    def _on_fill(self, fill: BrokerFill, commission: float | None, effects: Effects) -> None:
+        record = self._record_for(fill.order_ref, fill.order_id)
+        if record is None:
+            return
+        new = core.on_fill(record, fill.exec_id, fill.qty, fill.price)
+        if new is None:
+            return  # execId seen before
+        self.last_fill_bucket[record.symbol] = record.bucket
+        last_fill = Fill(exec_id=fill.exec_id, qty=fill.qty, price=fill.price, ts_ns=fill.ts_ns, commission=commission)
+        self._save(effects, new, last_fill=last_fill)
+        metrics.fills.inc()
+
+    def _on_error(self, req_id: int, code: int, text: str, now_ns: int, effects: Effects) -> None:
+        self.view.last_code = code
+        if code == CONNECTIVITY_LOST:
+            self.view.connectivity_ok = False
+            log.error("broker lost connectivity to IB (1100)", extra={"text": text})
+        elif code in (RESTORED_DATA_LOST, RESTORED_DATA_KEPT):
+            self.view.connectivity_ok = True
+            self.reconciled = False  # orders may have changed while the link was down
+            log.warning("broker connectivity restored", extra={"code": code})
+        elif code in FARM_BROKEN:
+            self.view.farm_ok = False
+        elif code in FARM_OK:
+            self.view.farm_ok = True
+        elif code == PACING:
+            log.warning("IB pacing violation", extra={"text": text})
+        record_ref = self.by_order_id.get(req_id)
+        if record_ref is not None:
+            record = self.records[record_ref]
+            self._save(effects, core.on_error(record, code, text), publish=False)
+            log.warning("broker error on an order", extra={"order_ref": record_ref, "code": code, "text": text})
+            self.confirm_after_s = time.monotonic() + self.rules.confirm_delay_s
+
+    def _on_position(self, account: str, symbol: str, qty: int, avg_cost: float, now_ns: int, effects: Effects) -> None:
+        previous = self.positions.get(symbol, 0)
+        if qty == 0:
+            self.positions.pop(symbol, None)
+            bucket = self.position_buckets.pop(symbol, self._bucket_for(symbol))
+            effects.hdel(state.POSITIONS, symbol)
+        else:
+            self.positions[symbol] = qty
+            if previous == 0 or symbol not in self.position_buckets or (previous > 0) != (qty > 0):
+                # The intent that opened (or flipped) the position gives its bucket.
+                self.position_buckets[symbol] = self.last_fill_bucket.get(symbol) or self._bucket_for(symbol)
+            bucket = self.position_buckets[symbol]
+            effects.hset(state.POSITIONS, {symbol: json.dumps({"qty": qty, "avg_cost": avg_cost, "bucket": bucket, "account": account})})
+        payload = Position(account=account, symbol=symbol, qty=qty, avg_cost=round(avg_cost, 6), bucket=bucket)
+        effects.publish("ev.positions", self._event(payload, idempotency_key("position", account, symbol, qty, now_ns), now_ns))
+
+    def _bucket_for(self, symbol: str) -> str:
+        instrument = self.universe.get(symbol)
+        return instrument.bucket_hint if instrument else self.default_bucket
+
+    def _on_account_value(self, account: str, tag: str, value: float, now_ns: int, effects: Effects) -> None:
+        if tag == "NetLiquidation":
+            self.equity = value
+            self._publish_account(now_ns, effects, force=False)
+
+    def _publish_account(self, now_ns: int, effects: Effects, force: bool) -> None:
+        if self.equity is None or not self.view.account:
+            return
+        moved = self.last_equity_published is None or abs(self.equity - self.last_equity_published) >= max(1.0, abs(self.equity) * 1e-4)
+        if not (force or moved):
+            return
+        self.last_equity_published = self.equity
+        effects.hset(STATE_EXECUTION, state.encode_fields({"equity": self.equity, "account": self.view.account}))
+        payload = Account(account=self.view.account, net_liquidation=self.equity)
+        effects.publish("ev.positions", self._event(payload, idempotency_key("account", self.view.account, now_ns), now_ns))
+
+    def _report_external(self, order: BrokerOrder, now_ns: int, effects: Effects) -> None:
+        ours = order.order_ref.startswith(OUR_PREFIX)
+        if ours and order.order_ref in self.records:
+            return
+        if (order.perm_id, order.status) in self.reported_external:
+            return
+        self.reported_external.add((order.perm_id, order.status))
+        status = core.IB_STATUS.get(order.status, "SUBMITTED")
+        payload = Order(
+            order_ref=order.order_ref or f"ext-{order.perm_id}",
+            broker_order_id=order.order_id,
+            perm_id=order.perm_id,
+            symbol=order.symbol,
+            side="BUY" if order.side == "BUY" else "SELL",
+            qty=int(order.qty),
+            limit_price=order.limit_price or None,
+            bucket=self._bucket_for(order.symbol),
+            status=status,
+            filled_qty=int(order.filled),
+            remaining_qty=max(int(order.qty - order.filled), 0),
+            external=True,
+        )
+        key = idempotency_key("order", "external", order.perm_id, status)
+        effects.publish("ev.orders", self._event(payload, key, now_ns))
+        kind = "orphan_order" if ours else "external_order"
+        self._alert(effects, now_ns, kind, "warning",
+                    f"{'our orderRef without a record' if ours else 'order not placed by quant-engine'}: "
+                    f"{order.side} {order.qty:g} {order.symbol} (permId {order.perm_id}, client {order.client_id}); left alone",
+                    symbol=order.symbol, data={"perm_id": order.perm_id, "status": order.status},
+                    key=idempotency_key("alert", kind, order.perm_id))
+
+    # -- connection and reconciliation ---------------------------------------------------------------------
+    def _on_connected(self) -> None:
+        self.view.socket_up = True
+        self.view.connectivity_ok = True
+        self.reconciled = False
+        self._check_account()
+        log.info("broker connected", extra={"account": self.view.account, "account_ok": self.view.account_ok})
+
+    def _check_account(self) -> None:
+        account = self.broker.account(self.settings.ib_account)
+        ok, reason = core.account_interlock(account, self.settings.ib_mode, frozenset(self.settings.ib_live_accounts))
+        self.view.account, self.view.account_ok, self.view.account_reason = account, ok, reason
+        if not ok:
+            log.error("account interlock: orders refused", extra={"reason": reason})
+
+    def _on_disconnected(self) -> None:
+        if self.view.socket_up:
+            log.warning("broker disconnected")
+        self.view.socket_up = False
+        self.reconciled = False
+
+    def _reconcile(self, now_ns: int, effects: Effects) -> None:
+        session_start = datetime.fromtimestamp(now_ns / 1e9, tz=NEW_YORK).replace(hour=0, minute=0, second=0, microsecond=0)
+        try:
+            broker_orders, broker_fills = self.broker.snapshot(session_start)
+            positions = self.broker.positions()
+            values = self.broker.account_values()
+        except Exception:  # noqa: BLE001 - the link dropped mid-way: try again once reconnected
+            log.exception("reconciliation failed")
+            return
+        result = reconcile(self.records, broker_orders, broker_fills, now_ns)
+        fills_by_ref = {ref: fill for ref, fill in result.fills}
+        for ref, record in result.records.items():
+            if record.broker_order_id is not None:
+                self.by_order_id[record.broker_order_id] = ref
+            fill = fills_by_ref.get(ref)
+            last_fill = Fill(exec_id=fill.exec_id, qty=fill.qty, price=fill.price, ts_ns=fill.ts_ns) if fill else None
+            self._save(effects, record, last_fill=last_fill)
+        for ref, fill in result.fills:
+            self.last_fill_bucket[fill.symbol] = self.records[ref].bucket
+        for ref in result.expired:
+            self._save(effects, dataclasses.replace(self.records[ref], status="EXPIRED", reject_reason="ttl: expired before the broker had it"))
+        for ref in result.rejected:
+            record = self.records[ref]
+            self._save(effects, core.rejected(record, record.last_error_code, record.last_error_text or "rejected by the broker"))
+        for ref in result.vanished:
+            record = self.records[ref]
+            self._save(effects, dataclasses.replace(record, status="CANCELLED", reject_reason="not found at the broker on reconciliation"))
+            self._alert(effects, now_ns, "order_vanished", "warning", f"{ref} was live but the broker no longer knows it", symbol=record.symbol)
+        for ref in result.resubmit:
+            record = self.records[ref]
+            if record.broker_order_id is not None:
+                # Same broker order id: if the first send did reach the broker after all,
+                # this is a modify of that order, never a second one.
+                self.outbox.append(("place", record, self.view.account))
+                log.warning("resubmitting an order the broker does not have", extra={"order_ref": ref})
+        for order in result.external + result.orphans:
+            self._report_external(order, now_ns, effects)
+        broker_symbols = set()
+        for account, symbol, qty, avg_cost in positions:
+            broker_symbols.add(symbol)
+            self._on_position(account, symbol, qty, avg_cost, now_ns, effects)
+        for symbol in set(self.positions) - broker_symbols:
+            self._on_position(self.view.account or "", symbol, 0, 0.0, now_ns, effects)
+        for account, tag, value in values:
+            if tag == "NetLiquidation":
+                self.equity = value
+        self._publish_account(now_ns, effects, force=True)
+        self.reconciled = True
+        log.info(
+            "reconciled with the broker",
+            extra={
+                "orders_changed": len(result.records), "fills_recovered": len(result.fills), "resubmitted": len(result.resubmit),
+                "expired": len(result.expired), "rejected": len(result.rejected), "vanished": len(result.vanished),
+                "external": len(result.external), "positions": len(positions),
+            },
+        )
+
+    def _publish_broker_state(self, now_ns: int, effects: Effects) -> None:
+        view = self.view
+        snapshot = (view.usable, view.account_ok, view.farm_ok, view.account)
+        if snapshot == self.published_broker_state:
+            return
+        was_up = self.published_broker_state[0] if self.published_broker_state else None
+        self.published_broker_state = snapshot
+        if not view.socket_up:
+            reason = f"disconnected ({self.broker.last_error or 'connecting'})"
+        elif not view.connectivity_ok:
+            reason = "IB lost connectivity (1100)"
+        elif not view.account_ok:
+            reason = f"account interlock: {view.account_reason}"
+        else:
+            reason = "connected" + ("" if view.farm_ok else "; a market data farm is broken")
+        payload = BrokerState(
+            connected=view.usable,
+            orders_allowed=view.usable and view.account_ok,
+            account=view.account,
+            mode=self.settings.ib_mode,
+            data_farm_ok=view.farm_ok,
+            last_code=view.last_code,
+            reason=reason,
+        )
+        event = self._event(payload, idempotency_key("broker", SOURCE, now_ns), now_ns)
+        effects.publish("ev.broker", event)
+        effects.hset(state.BROKER, state.snapshot_fields(event))
+        metrics.broker_connected.set(1 if view.usable else 0)
+        if was_up is not None and was_up != view.usable:
+            severity, kind = ("info", "broker_up") if view.usable else ("critical", "broker_down")
+            self._alert(effects, now_ns, kind, severity, reason, data={"account": view.account, "last_code": view.last_code})
+        elif was_up is None and not view.usable:
+            self._alert(effects, now_ns, "broker_down", "critical", reason, data={"last_code": view.last_code})
+
+    # -- records and events ------------------------------------------------------------------------------------
+    def _save(self, effects: Effects, record: core.OrderRecord, publish: bool = True, last_fill: Fill | None = None) -> None:
+        previous = self.records.get(record.order_ref)
+        self.records[record.order_ref] = record
+        effects.hset(state.ORDERS, {record.order_ref: json.dumps(record.to_json(), separators=(",", ":"))})
+        if not publish:
+            return
+        if previous is not None and last_fill is None and _same_public_state(previous, record):
+            return
+        payload = Order(
+            order_ref=record.order_ref,
+            broker_order_id=record.broker_order_id,
+            perm_id=record.perm_id,
+            intent_key=record.intent_key,
+            symbol=record.symbol,
+            side=record.side,
+            qty=record.qty,
+            limit_price=record.limit_price,
+            bucket=record.bucket,
+            status=record.status,
+            filled_qty=record.filled_qty,
+            remaining_qty=record.remaining_qty,
+            avg_fill_price=record.avg_fill_price,
+            last_fill=last_fill,
+            reject_code=record.reject_code,
+            reject_reason=record.reject_reason,
+        )
+        if last_fill is not None:
+            key = idempotency_key("fill", last_fill.exec_id)
+        else:
+            key = idempotency_key("order", record.order_ref, record.status, record.filled_qty, record.limit_price)
+        now_ns = self.clock.now_ns()
+        effects.publish("ev.orders", self._event(payload, key, now_ns))
+        if record.status == "REJECTED":
+            self._alert(effects, now_ns, "order_rejected", "warning", f"{record.order_ref} {record.side} {record.qty} {record.symbol}: {record.reject_reason}",
+                        symbol=record.symbol, data={"code": record.reject_code, "intent_key": record.intent_key},
+                        key=idempotency_key("alert", "order_rejected", record.order_ref))
+
+    def _alert(self, effects: Effects, now_ns: int, alert_type: str, severity: str, message: str,
+               symbol: str | None = None, data: dict | None = None, key: str | None = None) -> None:
+        payload = Alert(alert_type=alert_type, severity=severity, symbol=symbol, message=message, data=data or {})
+        effects.publish("ev.alerts", self._event(payload, key or idempotency_key("alert", alert_type, now_ns), now_ns))
+
+    def _event(self, payload: Any, key: str, now_ns: int) -> Envelope:
+        return make_event(payload, idempotency_key=key, source=SOURCE, ts_ns=now_ns)
+
+    def _refresh_order_gauges(self) -> None:
+        counts: dict[str, int] = {}
+        for record in self.records.values():
+            counts[record.status] = counts.get(record.status, 0) + 1
+        for status in ("PENDING_SUBMIT", "SUBMITTED", "PARTIALLY_FILLED", "FILLED", "PENDING_CANCEL", "CANCELLED", "REJECTED", "EXPIRED"):
+            metrics.orders_by_status.labels(status).set(counts.get(status, 0))
+
+
+def _same_public_state(a: core.OrderRecord, b: core.OrderRecord) -> bool:
+    return (a.status, a.filled_qty, a.limit_price, a.broker_order_id) == (b.status, b.filled_qty, b.limit_price, b.broker_order_id)
+
+
+@dataclass(frozen=True)
+class _IntentView:
+    """The fields of an intent the pre-trade checks read, rebuilt from a record."""
+
+    symbol: str
+    side: str
+    qty: int
+    limit_price: float | None
+    classification: str
+
+    @classmethod
+    def of(cls, record: core.OrderRecord) -> "_IntentView":
+        return cls(record.symbol, record.side, record.qty, record.limit_price, record.classification)
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
