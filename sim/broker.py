@@ -690,8 +690,9 @@ class Broker:
         return events
 
     def _match_passive(self, order: Order) -> list[BrokerEvent]:
-        """A resting order the market has come to: fills at its own limit."""
-        slices, quote = self.market.consume(order.symbol, order.is_buy, order.remaining, order.lmt)
+        """A resting order the market has come to: fills at its own limit, against the
+        displayed size of the one level that crossed it (the rest waits for the next change)."""
+        slices, quote = self.market.consume(order.symbol, order.is_buy, order.remaining, order.lmt, max_levels=1)
         if not slices:
             return []
         events: list[BrokerEvent] = []

@@ -271,7 +271,9 @@ class Market:
     def book(self, symbol: str) -> SymbolBook:
         return self.books[symbol]
 
-    def consume(self, symbol: str, buy: bool, qty: int, limit: int | None) -> tuple[list[tuple[int, int]], QuoteEvent | None]:
+    def consume(
+        self, symbol: str, buy: bool, qty: int, limit: int | None, max_levels: int | None = None
+    ) -> tuple[list[tuple[int, int]], QuoteEvent | None]:
         """Take displayed liquidity on the far side up to ``limit`` (None: any price).
 
         Returns the (price, qty) slices taken, level by level, and the new quote if
@@ -281,7 +283,8 @@ class Market:
         book = self.books[symbol]
         slices: list[tuple[int, int]] = []
         levels = 0
-        while qty > 0 and levels < self.config.max_sweep_levels:
+        max_levels = self.config.max_sweep_levels if max_levels is None else max_levels
+        while qty > 0 and levels < max_levels:
             if buy:
                 if limit is not None and book.ask > limit:
                     break
