@@ -149,4 +149,8 @@ def wait_until(ib: Any, predicate: Callable[[], Any], timeout: float = 5.0, step
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
-        ib.sleep(step)
+        try:
+            ib.sleep(step)
+        except ConnectionError:
+            # ib_async aborts a running sleep when the socket drops; the predicate decides.
+            pass
