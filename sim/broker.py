@@ -385,6 +385,8 @@ class Broker:
         self.rejected: list[Order] = []  # placeOrder requests refused outright
         self.executions: list[Execution] = []
         self.live_by_symbol: dict[str, list[Order]] = {}
+        # Referee log: every order-path request in arrival order, with its outcome.
+        self.requests: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------- queries
 
@@ -452,8 +454,24 @@ class Broker:
         key = (client_id, req.order_id)
         existing = self.orders.get(key)
         if existing is not None:
-            return self._modify(existing, req, info, now)
-        return self._new_order(client_id, req, info, now)
+            events = self._modify(existing, req, info, now)
+        else:
+            events = self._new_order(client_id, req, info, now)
+        record = self._request_record("modify" if existing is not None else "place", req, now)
+        self._log_request(record, client_id, req.order_id, events)
+        return events
+
+    def _log_request(self, record: dict[str, Any], client_id: int, order_id: int, events: list[BrokerEvent]) -> None:
+        record = dict(record, client_id=client_id, order_id=order_id)
+        errors = [(e.code, e.text) for e in events if isinstance(e, OrderError) and e.order_id == order_id and e.code != 202]
+        record["result"] = "error" if errors else "ok"
+        if errors:
+            record["code"], record["text"] = errors[0]
+        order = self.orders.get((client_id, order_id))
+        if order is not None:
+            record.setdefault("order_ref", order.order_ref)
+            record["perm_id"] = order.perm_id
+        self.requests.append(record)
 
     def _request_record(self, event: str, req: PlaceOrder, now: int) -> dict[str, Any]:
         return {
@@ -466,6 +484,7 @@ class Broker:
             "tif": req.tif,
             "hidden": req.hidden,
             "order_ref": req.order_ref,
+            "symbol": req.contract.symbol,
         }
 
     def _reject(self, client_id: int, req: PlaceOrder, info: ContractInfo | None, code: int, text: str, now: int) -> list[BrokerEvent]:
@@ -621,6 +640,11 @@ class Broker:
         return events
 
     def cancel(self, client_id: int, order_id: int, reason: str = "cancel") -> list[BrokerEvent]:
+        events = self._cancel(client_id, order_id, reason)
+        self._log_request({"ts_ns": self.now_ns(), "event": reason}, client_id, order_id, events)
+        return events
+
+    def _cancel(self, client_id: int, order_id: int, reason: str) -> list[BrokerEvent]:
         now = self.now_ns()
         order = self.orders.get((client_id, order_id))
         if order is None:
@@ -642,9 +666,11 @@ class Broker:
             self._update(order, open_order=False, ack=ack),
         ]
 
-    def global_cancel(self) -> list[BrokerEvent]:
+    def global_cancel(self, client_id: int = -1) -> list[BrokerEvent]:
         events: list[BrokerEvent] = []
         now = self.now_ns()
+        self.requests.append({"ts_ns": now, "event": "global_cancel", "client_id": client_id,
+                              "cancelled": [o.perm_id for o in self.open_orders()], "result": "ok"})
         for order in self.open_orders():
             order.history.append({"ts_ns": now, "event": "global_cancel"})
             events += self._cancelled(order, now, ack=True)

@@ -6,6 +6,7 @@ Deliberately tiny (stdlib only): one request per connection, JSON in and out.
     GET  /state                      summary: clients, account, positions, faults, market
     GET  /orders[?order_ref=X]       every order received, with its full history
     GET  /fills[?order_ref=X]        every execution
+    GET  /requests[?order_ref=X]     every place/modify/cancel/global-cancel request, with its outcome
     GET  /quote?symbol=S             the simulated top of book
     POST /drop_connections           {"client_id": optional}
     POST /refuse_connections         {"seconds": 5}
@@ -128,6 +129,9 @@ class ControlServer:
             if path == "/orders":
                 ref = query.get("order_ref")
                 return [o.describe() for o in broker.all_orders() if ref is None or o.order_ref == ref]
+            if path == "/requests":
+                ref = query.get("order_ref")
+                return [r for r in broker.requests if ref is None or r.get("order_ref") == ref]
             if path == "/fills":
                 ref = query.get("order_ref")
                 return [e.describe() for e in broker.executions if ref is None or e.order_ref == ref]
@@ -277,6 +281,9 @@ class SimControl:
 
     def orders(self, order_ref: str | None = None) -> list[dict]:
         return self._request("GET", "/orders", query={"order_ref": order_ref})
+
+    def requests(self, order_ref: str | None = None) -> list[dict]:
+        return self._request("GET", "/requests", query={"order_ref": order_ref})
 
     def fills(self, order_ref: str | None = None) -> list[dict]:
         return self._request("GET", "/fills", query={"order_ref": order_ref})

@@ -524,7 +524,7 @@ class SimServer:
         self.dispatch(self.broker.cancel(s.client_id, r.order_id), origin=s, ack_fault=ack)
 
     def on_ReqGlobalCancel(self, s: Session, r: P.ReqGlobalCancel) -> None:
-        self.dispatch(self.broker.global_cancel(), origin=s, ack_fault=None)
+        self.dispatch(self.broker.global_cancel(s.client_id if s.client_id is not None else -1), origin=s, ack_fault=None)
 
     def _take_ack_fault(self) -> tuple[str, float] | None:
         faults = self.broker.faults

@@ -271,3 +271,23 @@ def test_demo_account_file_is_valid_and_over_100_pct_gross():
 def test_account_file_errors_name_the_problem(raw, message):
     with pytest.raises(SimConfigError, match=message):
         parse_account(raw, {i.symbol: i for i in INSTRUMENTS})
+
+
+def test_request_log_records_every_order_request_with_its_outcome(broker):
+    place(broker, order_id=1, price=24.70, ref="r1")
+    place(broker, order_id=1, price=24.71, ref="r1")
+    broker.cancel(1, 1)
+    broker.cancel(1, 42)
+    broker.faults.reject_next = 1
+    place(broker, order_id=2, ref="r2")
+    broker.global_cancel(client_id=3)
+    log = [(r["event"], r["order_id"] if "order_id" in r else None, r["result"], r.get("code")) for r in broker.requests]
+    assert log == [
+        ("place", 1, "ok", None),
+        ("modify", 1, "ok", None),
+        ("cancel", 1, "ok", None),
+        ("cancel", 42, "error", 10147),
+        ("place", 2, "error", 201),
+        ("global_cancel", None, "ok", None),
+    ]
+    assert broker.requests[0]["order_ref"] == "r1" and broker.requests[0]["symbol"] == "CIM PRB"

@@ -163,6 +163,8 @@ def test_modify_with_same_order_id_then_cancel(sim_control, ib_connect):
     wait_until(ib, lambda: trade.orderStatus.status == "Cancelled")
     assert (trade.order.orderId, 202) in [(r, c) for r, c, _ in errors]
     assert sim_control.orders("mm-quote-7")[0]["status"] == "Cancelled"
+    assert [(r["event"], r["result"]) for r in sim_control.requests("mm-quote-7")] == [
+        ("place", "ok"), ("modify", "ok"), ("cancel", "ok")]
     assert ib.openTrades() == []
 
 
