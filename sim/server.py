@@ -346,14 +346,14 @@ class SimServer:
 
     def forget_session(self, session: Session) -> None:
         self.sessions.discard(session)
-        for req_id, sub in list(session.mkt_subs.items()):
-            self._remove_sub(self.mkt_by_symbol, sub, req_id, session)
-        for req_id, sub in list(session.tbt_subs.items()):
-            self._remove_sub(self.tbt_by_symbol, sub, req_id, session)
+        for sub in list(session.mkt_subs.values()):
+            self._remove_sub(self.mkt_by_symbol, sub)
+        for sub in list(session.tbt_subs.values()):
+            self._remove_sub(self.tbt_by_symbol, sub)
         session.mkt_subs.clear()
         session.tbt_subs.clear()
 
-    def _remove_sub(self, index: dict[str, list[MarketSub]], sub: MarketSub, req_id: int, session: Session) -> None:
+    def _remove_sub(self, index: dict[str, list[MarketSub]], sub: MarketSub) -> None:
         for subs in index.values():
             if sub in subs:
                 subs.remove(sub)
@@ -471,7 +471,7 @@ class SimServer:
         if sub is None:
             s.error(r.req_id, 300, f"Can't find EId with tickerId:{r.req_id}")
             return
-        self._remove_sub(self.mkt_by_symbol, sub, r.req_id, s)
+        self._remove_sub(self.mkt_by_symbol, sub)
 
     def on_ReqTickByTick(self, s: Session, r: P.ReqTickByTick) -> None:
         info = self.catalogue.resolve(r.contract)
@@ -504,7 +504,7 @@ class SimServer:
         if sub is None:
             log.info("cancel of unknown tick-by-tick request", extra={"req_id": r.req_id, "client_id": s.client_id})
             return
-        self._remove_sub(self.tbt_by_symbol, sub, r.req_id, s)
+        self._remove_sub(self.tbt_by_symbol, sub)
 
     # ---- orders
 
@@ -567,13 +567,12 @@ class SimServer:
         s.send(P.completed_orders_end())
 
     def on_ReqExecutions(self, s: Session, r: P.ReqExecutions) -> None:
-        for e in self.broker.find_executions(r.filter):
-            info = self.catalogue.get(e.symbol)
-            if info is None:  # pragma: no cover - executions only exist for known symbols
-                continue
-            s.send(P.exec_details(r.req_id, info, exec_fields(e)))
+        # Any client sees the account's executions (narrowed by the filter, clientId 0 = all).
+        executions = [e for e in self.broker.find_executions(r.filter) if self.catalogue.get(e.symbol)]
+        for e in executions:
+            s.send(P.exec_details(r.req_id, self.catalogue.by_symbol[e.symbol], exec_fields(e)))
         s.send(P.exec_details_end(r.req_id))
-        for e in self.broker.find_executions(r.filter):
+        for e in executions:
             s.send(P.commission_report(e.exec_id, e.commission, "USD", e.realized_pnl))
 
     # ---- account
@@ -979,10 +978,10 @@ class SimServer:
             session.error(-1, code, text)
             if code == 1101:
                 # "data lost": market data subscriptions are gone; clients must resubscribe.
-                for req_id, sub in list(session.mkt_subs.items()):
-                    self._remove_sub(self.mkt_by_symbol, sub, req_id, session)
-                for req_id, sub in list(session.tbt_subs.items()):
-                    self._remove_sub(self.tbt_by_symbol, sub, req_id, session)
+                for sub in list(session.mkt_subs.values()):
+                    self._remove_sub(self.mkt_by_symbol, sub)
+                for sub in list(session.tbt_subs.values()):
+                    self._remove_sub(self.tbt_by_symbol, sub)
                 session.mkt_subs.clear()
                 session.tbt_subs.clear()
         if code in (1101, 1102, 2104):

@@ -127,17 +127,17 @@ def start_process(
         except json.JSONDecodeError:
             continue
         if entry.get("msg") == "listening":
-            stream = proc.stdout
-
-            def drain() -> None:  # keep the pipe empty; remember what the child said
-                for rest in stream:
-                    output.append(rest)
-
-            threading.Thread(target=drain, daemon=True).start()
+            threading.Thread(target=_drain, args=(proc.stdout, output), daemon=True).start()
             return RunningSim(int(entry["port"]), int(entry["control_port"]), process=proc, output=output)
     proc.kill()
     proc.wait(5)
     raise RuntimeError("simulator process did not start:\n" + "".join(output))
+
+
+def _drain(stream, output: list[str]) -> None:
+    """Keep a child's pipe empty (it would block on a full pipe); remember what it said."""
+    for line in stream:
+        output.append(line)
 
 
 def wait_until(ib: Any, predicate: Callable[[], Any], timeout: float = 5.0, step: float = 0.02) -> Any:
