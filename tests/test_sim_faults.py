@@ -196,6 +196,16 @@ def test_tick_by_tick_subscription_limit_gives_10190(sim_control, ib_connect):
     assert sim_control.state()["clients"][0]["tbt_subscriptions"] == 2
 
 
+def test_market_data_line_limit_gives_101(sim_control, ib_connect):
+    sim_control.configure(max_market_data_lines=1)
+    ib = ib_connect()
+    errors = errors_of(ib)
+    ib.reqMktData(qualified(ib, "CIM PRA"))
+    ib.reqMktData(qualified(ib, "CIM PRB"))
+    wait_until(ib, lambda: 101 in [c for _, c, _ in errors])
+    assert sim_control.state()["clients"][0]["mkt_subscriptions"] == 1
+
+
 def test_unsupported_requests_answer_with_an_error_not_a_hang(ib_connect):
     ib = ib_connect()
     errors = errors_of(ib)
@@ -282,6 +292,11 @@ def test_malformed_and_unknown_requests_get_errors_and_never_crash(sim, ib_conne
     raw.send_raw(struct.pack(">I", 6) + b"\xff\xfe\x00\x01\x00\x00")  # not UTF-8
     raw.send(["49", "1"])  # still answers: reqCurrentTime
     raw.read_until(lambda m: m[0] == "49")
+    raw.send(["2", "2", "12345"])  # cancelMktData for a ticker id never requested
+    raw.read_until(lambda m: is_error(300)(m) and m[2] == "12345")
+    raw.send(["74", "1", "500", "DU7654321", ""])  # reqPositionsMulti: rows, then the end marker
+    seen = raw.read_until(lambda m: m[0] == "72" and m[2] == "500")
+    assert len([m for m in seen if m[0] == "71" and m[2] == "500"]) == 23
     raw.close()
     ib = ib_connect()  # the server is fine for everyone else
     assert ib.reqCurrentTime()

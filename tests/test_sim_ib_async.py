@@ -117,7 +117,13 @@ def test_tick_by_tick_prints_with_lit_and_dark_venues_and_bid_ask(sim, sim_contr
     wait_until(ib, lambda: any(type(t).__name__ == "TickByTickBidAsk" for t in quotes.tickByTicks))
     tick = [t for t in quotes.tickByTicks if type(t).__name__ == "TickByTickBidAsk"][-1]
     assert 0 < tick.bidPrice < tick.askPrice and tick.bidSize % 100 == 0
-    assert sim_control.state()["clients"][0]["tbt_subscriptions"] == 2
+    last = ib.reqTickByTickData(qualified(ib, "PFF"), "Last")
+    mids = ib.reqTickByTickData(qualified(ib, "AGNCN"), "MidPoint")
+    wait_until(ib, lambda: any(type(t).__name__ == "TickByTickAllLast" and t.tickType == 1 for t in last.tickByTicks))
+    wait_until(ib, lambda: any(type(t).__name__ == "TickByTickMidPoint" for t in mids.tickByTicks))
+    assert sim_control.state()["clients"][0]["tbt_subscriptions"] == 4
+    ib.cancelTickByTickData(last.contract, "Last")
+    ib.cancelTickByTickData(mids.contract, "MidPoint")
     ib.cancelTickByTickData(contract, "AllLast")
     ib.cancelTickByTickData(contract, "BidAsk")
     wait_until(ib, lambda: sim_control.state()["clients"][0]["tbt_subscriptions"] == 0)
