@@ -14,17 +14,14 @@ Ends with one line: RESULT ticks_per_s=... symbols=... seconds=... offered_event
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from ib_async import IB, Stock
 
-ROOT = Path(__file__).resolve().parent.parent
+from sim.testing import start_process
 
 
 def write_universe(path: Path, count: int) -> list[str]:
@@ -36,31 +33,6 @@ def write_universe(path: Path, count: int) -> list[str]:
         lines.append(f"{symbol},LT,50000,B{i // 26:03d},{18 + (i * 37 % 1200) / 100:.2f}")
     path.write_text("\n".join(lines) + "\n")
     return symbols
-
-
-def start_sim(universe: Path, quote_rate: float, print_rate: float, symbols: int) -> tuple[subprocess.Popen, int]:
-    cmd = [
-        sys.executable, "-m", "sim", "--port", "0", "--control-port", "0", "--universe", str(universe),
-        "--account-file", "none", "--quote-rate", str(quote_rate), "--print-rate", str(print_rate),
-        "--max-lines", str(symbols + 10), "--log-level", "INFO",
-    ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 20
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if entry.get("msg") == "listening":
-            # Keep draining the child's output so it never blocks on a full pipe.
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-            return proc, int(entry["port"])
-    proc.kill()
-    raise RuntimeError("simulator did not start")
 
 
 def main() -> int:
@@ -75,10 +47,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         universe = Path(tmp) / "universe.csv"
         symbols = write_universe(universe, args.symbols)
-        proc, port = start_sim(universe, args.quote_rate, args.print_rate, args.symbols)
+        sim = start_process(
+            [
+                "--universe", str(universe), "--account-file", "none", "--quote-rate", str(args.quote_rate),
+                "--print-rate", str(args.print_rate), "--max-lines", str(args.symbols + 10),
+            ]
+        )
         ib = IB()
         try:
-            ib.connect("127.0.0.1", port, clientId=1, timeout=20)
+            ib.connect("127.0.0.1", sim.port, clientId=1, timeout=20)
             # Client-side request pacing is not what is measured: subscribe at once.
             ib.client.MaxRequests = 0
             contracts = [Stock(symbol, "SMART", "USD") for symbol in symbols]
@@ -99,20 +76,19 @@ def main() -> int:
             ib.sleep(args.seconds)
             elapsed = time.perf_counter() - start
             ticks = counter["ticks"]
+            clients = sim.control.state()["clients"]
+            shed = sum(c["dropped_market_msgs"] for c in clients)
         finally:
             ib.disconnect()
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            sim.stop()
     rate = ticks / elapsed
     offered = args.symbols * (args.quote_rate + args.print_rate)
     print(f"symbols subscribed with live quotes: {live}/{args.symbols}")
     print(f"ticks received: {ticks} in {elapsed:.2f} s -> {rate:,.0f} ticks/s (sim offered {offered:,.0f} market events/s)")
+    print(f"market data messages shed by the simulator for a slow client: {shed}")
     print(
         f"RESULT ticks_per_s={rate:.0f} symbols={args.symbols} seconds={elapsed:.2f} "
-        f"offered_events_per_s={offered:.0f} ticks={ticks} subscribed={live}"
+        f"offered_events_per_s={offered:.0f} ticks={ticks} subscribed={live} shed_messages={shed}"
     )
     return 0 if live == args.symbols else 1
 

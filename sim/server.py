@@ -321,6 +321,8 @@ class SimServer:
     async def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
         self._close_listener()
         if self.control is not None:
             await self.control.stop()
