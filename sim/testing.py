@@ -54,6 +54,7 @@ class RunningSim:
     thread: SimThread | None = None
     process: subprocess.Popen | None = None
     output: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
 
     @property
     def control_url(self) -> str:
@@ -77,14 +78,20 @@ class RunningSim:
         if self.thread is not None:
             self.thread.stop(timeout)
             return None
-        if self.process is not None and self.process.poll() is None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                return self.process.wait(timeout)
+                self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-                return self.process.wait(timeout)
-        return None if self.process is None else self.process.returncode
+                self.process.wait(timeout)
+        if self.reader is not None:
+            self.reader.join(timeout)  # ends at EOF, once the child has exited
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return self.process.returncode
 
 
 def start_in_thread(config: SimConfig | None = None, clock=None, **overrides: Any) -> RunningSim:
@@ -127,10 +134,12 @@ def start_process(
         except json.JSONDecodeError:
             continue
         if entry.get("msg") == "listening":
-            threading.Thread(target=_drain, args=(proc.stdout, output), daemon=True).start()
-            return RunningSim(int(entry["port"]), int(entry["control_port"]), process=proc, output=output)
+            reader = threading.Thread(target=_drain, args=(proc.stdout, output), daemon=True)
+            reader.start()
+            return RunningSim(int(entry["port"]), int(entry["control_port"]), process=proc, output=output, reader=reader)
     proc.kill()
     proc.wait(5)
+    proc.stdout.close()
     raise RuntimeError("simulator process did not start:\n" + "".join(output))
 
 

@@ -40,6 +40,7 @@ def test_cli_serves_clients_on_the_shared_clock_and_stops_on_sigterm(sim_process
         ib.disconnect()
     running.process.send_signal(signal.SIGTERM)
     assert running.process.wait(10) == 0
+    running.stop()  # joins the output reader
     lines = [line for line in running.output if line.strip()]
     entries = [json.loads(line) for line in lines]  # every line is one JSON object
     assert {e["daemon"] for e in entries} == {"ib-sim"}

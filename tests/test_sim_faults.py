@@ -308,8 +308,10 @@ def test_broken_stream_closes_only_that_client(sim, ib_connect):
     bad.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     bad.settimeout(3)
     assert bad.recv(100) == b""  # server hung up on the non-API client
+    bad.close()
     huge = RawClient(sim.port, client_id=78)
     huge.read_until(lambda m: m[0] == "9")
     huge.send_raw(struct.pack(">I", P.MAX_FRAME_BYTES + 1) + b"x")
     assert huge.closed_by_server()
+    huge.close()
     assert ib.isConnected() and ib.reqCurrentTime()
