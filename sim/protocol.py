@@ -16,7 +16,7 @@ accept, and at 176 their decoders read identical layouts.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 SERVER_VERSION = 176
@@ -44,10 +44,6 @@ class MalformedRequest(Exception):
 
 
 # --------------------------------------------------------------------------- framing
-
-
-def frame(payload: bytes) -> bytes:
-    return _LEN.pack(len(payload)) + payload
 
 
 def encode(fields: Iterable[Any]) -> bytes:
@@ -509,7 +505,7 @@ def _place_order(r: FieldReader) -> PlaceOrder:
     except MalformedRequest:
         what_if = False  # the tail is only read to spot what-if previews
     if what_if:
-        return PlaceOrder(**{**order.__dict__, "what_if": True})
+        return replace(order, what_if=True)
     return order
 
 
