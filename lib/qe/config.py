@@ -9,14 +9,17 @@ systemd are configured to treat as fatal (no restart loop).
 from __future__ import annotations
 
 import os
+import re
 import sys
+from datetime import time
 from pathlib import Path
 from typing import Any, Literal, NoReturn
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from .contracts import DLQ_STREAM, STREAM_TYPES
+from .contracts import DLQ_STREAM, STREAM_TYPES, Bucket
 
 EX_CONFIG = 78
 # Streams that must keep at least a whole trading day (SPEC 3): by age, not by count.
@@ -73,6 +76,157 @@ class Runtime(Section):
         return self
 
 
+# --- session (SPEC 6, Session) ------------------------------------------------------
+
+REGIME_NAMES = ("OPEN", "EARLY", "MID", "LATE", "CLOSE")
+_HHMM = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
+
+
+def _parse_hhmm(value: Any) -> time:
+    if isinstance(value, time):
+        return value
+    # YAML 1.1 reads an unquoted 12:00 as the base-60 integer 720: insist on text.
+    if not isinstance(value, str):
+        raise ValueError(f"must be a quoted 'HH:MM' local time (an unquoted 12:00 reads as the number 720), got {value!r}")
+    match = _HHMM.match(value.strip())
+    if match is None:
+        raise ValueError(f"must be 'HH:MM' (24 h), got {value!r}")
+    return time(int(match.group(1)), int(match.group(2)))
+
+
+class RegimeRules(Section):
+    """What the Brain may do in one regime."""
+
+    gross_tolerance_pct: float = Field(gt=0, le=1000)
+    derisk_allowed: bool
+
+
+DEFAULT_REGIMES: dict[str, RegimeRules] = {
+    "OPEN": RegimeRules(gross_tolerance_pct=125, derisk_allowed=False),
+    "EARLY": RegimeRules(gross_tolerance_pct=125, derisk_allowed=False),
+    "MID": RegimeRules(gross_tolerance_pct=120, derisk_allowed=True),
+    "LATE": RegimeRules(gross_tolerance_pct=115, derisk_allowed=True),
+    "CLOSE": RegimeRules(gross_tolerance_pct=100, derisk_allowed=True),
+}
+
+
+class SessionRules(Section):
+    """Trading session boundaries. Every boundary after the open is anchored to the
+    day's actual close from the exchange calendar (13:00 on early-close days)."""
+
+    calendar: str = Field(default="XNYS", min_length=1)
+    timezone: str = "America/New_York"
+    open_regime_minutes: int = Field(default=30, gt=0, le=390)
+    early_regime_end: time = time(12, 0)
+    mid_regime_end: time = time(15, 0)
+    close_regime_minutes: int = Field(default=15, gt=0, le=390)
+    soft_derisk_minutes_before_close: float = Field(default=15, gt=0, le=390)
+    hard_derisk_minutes_before_close: float = Field(default=2, gt=0, le=390)
+    publish_interval_s: float = Field(default=1.0, gt=0, le=60)
+    regimes: dict[str, RegimeRules] = Field(default_factory=lambda: dict(DEFAULT_REGIMES))
+
+    @field_validator("early_regime_end", "mid_regime_end", mode="before")
+    @classmethod
+    def _hhmm(cls, value: Any) -> time:
+        return _parse_hhmm(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @field_validator("regimes")
+    @classmethod
+    def _all_regimes(cls, value: dict[str, RegimeRules]) -> dict[str, RegimeRules]:
+        unknown = sorted(set(value) - set(REGIME_NAMES))
+        if unknown:
+            raise ValueError(f"unknown regime(s) {unknown}; known: {list(REGIME_NAMES)}")
+        missing = [name for name in REGIME_NAMES if name not in value]
+        if missing:
+            raise ValueError(f"missing regime(s) {missing}")
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SessionRules":
+        if self.early_regime_end >= self.mid_regime_end:
+            raise ValueError(
+                f"early_regime_end ({self.early_regime_end:%H:%M}) must be before mid_regime_end ({self.mid_regime_end:%H:%M})"
+            )
+        if self.hard_derisk_minutes_before_close >= self.soft_derisk_minutes_before_close:
+            raise ValueError(
+                f"hard_derisk_minutes_before_close ({self.hard_derisk_minutes_before_close:g}) must be below "
+                f"soft_derisk_minutes_before_close ({self.soft_derisk_minutes_before_close:g})"
+            )
+        return self
+
+
+# --- exposure (SPEC 6, Marks / Exposure / HARD CAP) ------------------------------------
+
+
+class BucketLimits(Section):
+    target_pct: float = Field(ge=0, le=1000)
+    max_pct: float = Field(gt=0, le=1000)
+
+    @model_validator(mode="after")
+    def _target_within_max(self) -> "BucketLimits":
+        if self.target_pct > self.max_pct:
+            raise ValueError(f"target_pct ({self.target_pct:g}) must not exceed max_pct ({self.max_pct:g})")
+        return self
+
+
+BUCKET_NAMES: tuple[str, ...] = ("LT", "MM_PURE")
+DEFAULT_BUCKETS: dict[str, BucketLimits] = {
+    "LT": BucketLimits(target_pct=80, max_pct=90),
+    "MM_PURE": BucketLimits(target_pct=20, max_pct=30),
+}
+
+
+class ExposureRules(Section):
+    """Exposure limits and the exposure worker's marks and publication cadence."""
+
+    hard_cap_pct: float = Field(default=130, gt=0, le=1000)
+    cap_recovery_target_pct: float = Field(default=123, gt=0, le=1000)
+    buckets: dict[Bucket, BucketLimits] = Field(default_factory=lambda: dict(DEFAULT_BUCKETS))
+    default_bucket: Bucket = "LT"
+    l1_max_age_s: float = Field(default=60, gt=0)
+    truth_tick_max_age_s: float = Field(default=300, gt=0)
+    publish_interval_s: float = Field(default=15, gt=0, le=3600)
+    # A change of this many percentage points of gross or potential gross since the
+    # last publication is material (position, order and equity changes always are).
+    material_change_pct: float = Field(default=0.5, gt=0)
+    min_publish_gap_s: float = Field(default=0.25, gt=0, le=60)
+    mark_check_interval_s: float = Field(default=1.0, gt=0, le=3600)
+    # How long a terminal order is remembered so a late update cannot reopen it;
+    # no shorter than the retention of ev.orders.
+    terminal_order_memory_s: int = Field(default=259_200, ge=3600)
+
+    @field_validator("buckets")
+    @classmethod
+    def _all_buckets(cls, value: dict[str, BucketLimits]) -> dict[str, BucketLimits]:
+        missing = [name for name in BUCKET_NAMES if name not in value]
+        if missing:
+            raise ValueError(f"missing bucket(s) {missing}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExposureRules":
+        if self.cap_recovery_target_pct >= self.hard_cap_pct:
+            raise ValueError(
+                f"cap_recovery_target_pct ({self.cap_recovery_target_pct:g}) must be below hard_cap_pct ({self.hard_cap_pct:g})"
+            )
+        if self.min_publish_gap_s > self.publish_interval_s:
+            raise ValueError(f"min_publish_gap_s ({self.min_publish_gap_s:g}) must not exceed publish_interval_s ({self.publish_interval_s:g})")
+        if self.mark_check_interval_s > self.publish_interval_s:
+            raise ValueError(
+                f"mark_check_interval_s ({self.mark_check_interval_s:g}) must not exceed publish_interval_s ({self.publish_interval_s:g})"
+            )
+        return self
+
+
 class ExecutionRules(Section):
     """The execution service (SPEC 6, Execution)."""
 
@@ -115,7 +269,19 @@ class RiskRules(Section):
     schema_version: Literal[1] = 1
     streams: dict[str, Retention]
     runtime: Runtime = Runtime()
+    session: SessionRules = SessionRules()
+    exposure: ExposureRules = ExposureRules()
     execution: ExecutionRules = ExecutionRules()
+
+    @model_validator(mode="after")
+    def _regime_tolerances_within_hard_cap(self) -> "RiskRules":
+        for name, regime in self.session.regimes.items():
+            if regime.gross_tolerance_pct > self.exposure.hard_cap_pct:
+                raise ValueError(
+                    f"session.regimes.{name}.gross_tolerance_pct ({regime.gross_tolerance_pct:g}) is above "
+                    f"exposure.hard_cap_pct ({self.exposure.hard_cap_pct:g})"
+                )
+        return self
 
     @model_validator(mode="after")
     def _every_stream_has_retention(self) -> "RiskRules":

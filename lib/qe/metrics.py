@@ -83,6 +83,20 @@ exposure_gross = Gauge("qe_exposure_gross_ratio", "Current gross exposure / equi
 exposure_potential_gross = Gauge(
     "qe_exposure_potential_gross_ratio", "Potential gross exposure (all open orders filled) / equity", registry=REGISTRY
 )
+exposure_marks_stale = Gauge(
+    "qe_exposure_marks_stale", "Symbols with a position or open order whose mark is stale or missing", registry=REGISTRY
+)
+exposure_publications = Counter(
+    "qe_exposure_publications_total", "ev.exposure publications, by detail (full or changed)", ["detail"], registry=REGISTRY
+)
+exposure_events_ignored = Counter(
+    "qe_exposure_events_ignored_total", "Input events the exposure worker could not use, by reason", ["reason"], registry=REGISTRY
+)
+session_regime = Gauge("qe_session_regime", "1 for the current session regime", ["regime"], registry=REGISTRY)
+session_market_open = Gauge("qe_session_market_open", "1 while the exchange session is open", registry=REGISTRY)
+session_minutes_to_close = Gauge(
+    "qe_session_minutes_to_close", "Minutes to today's close while open (NaN while closed)", registry=REGISTRY
+)
 orders_by_status = Gauge("qe_orders", "Orders known to execution, by status", ["status"], registry=REGISTRY)
 intents_received = Counter("qe_intents_received_total", "Intents read by execution", ["action"], registry=REGISTRY)
 intents_duplicate = Counter(
