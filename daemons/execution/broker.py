@@ -171,6 +171,10 @@ class BrokerLink:
         order.account = account
         self.ib.placeOrder(stock(record.symbol), order)
 
+    def flush(self) -> None:
+        """Hand what ib_async queued to the socket now (it writes from its event loop)."""
+        self.ib.sleep(0)
+
     def cancel(self, order_id: int) -> None:
         trade = next((t for t in self.ib.trades() if t.order.orderId == order_id), None)
         if trade is not None:

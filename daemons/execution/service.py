@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 
 import redis
 
-from qe import metrics, state
+from qe import failpoints, metrics, state
 from qe.contracts import (
     Account,
     Alert,
@@ -97,6 +97,7 @@ class ExecutionService:
         self.by_order_id: dict[int, str] = {}
         self.positions: dict[str, int] = {}
         self.position_buckets: dict[str, str] = {}
+        self.position_costs: dict[str, tuple[int, float]] = {}  # last published (qty, avg_cost)
         self.marks: dict[str, float] = {}
         self.equity: float | None = None
         self.halted = False
@@ -129,6 +130,7 @@ class ExecutionService:
             position = json.loads(raw)
             self.positions[symbol.decode()] = int(position["qty"])
             self.position_buckets[symbol.decode()] = position["bucket"]
+            self.position_costs[symbol.decode()] = (int(position["qty"]), round(float(position["avg_cost"]), 6))
         saved = state.read(r, STATE_EXECUTION)
         self.halted = bool(saved.get("halted", False))
         self.equity = saved.get("equity")
@@ -184,12 +186,16 @@ class ExecutionService:
     def after_commit(self) -> None:
         """The records behind these messages are durable now: tell the broker."""
         outbox, self.outbox = self.outbox, []
+        if outbox:
+            failpoints.hit("execution.before_send")
         for message in outbox:
             kind = message[0]
             try:
                 if kind == "place":
                     _, record, account = message
                     self.broker.place(record, account, hidden=record.bucket in self.rules.hidden_buckets)
+                    self.broker.flush()
+                    failpoints.hit("execution.after_send")
                 elif kind == "modify":
                     _, record, account = message
                     self.broker.place(record, account, hidden=record.bucket in self.rules.hidden_buckets)
@@ -388,6 +394,7 @@ class ExecutionService:
         new = core.on_fill(record, fill.exec_id, fill.qty, fill.price)
         if new is None:
             return  # execId seen before
+        failpoints.hit("execution.before_fill_commit")
         self.last_fill_bucket[record.symbol] = record.bucket
         last_fill = Fill(exec_id=fill.exec_id, qty=fill.qty, price=fill.price, ts_ns=fill.ts_ns, commission=commission)
         self._save(effects, new, last_fill=last_fill)
@@ -417,6 +424,10 @@ class ExecutionService:
 
     def _on_position(self, account: str, symbol: str, qty: int, avg_cost: float, now_ns: int, effects: Effects) -> None:
         previous = self.positions.get(symbol, 0)
+        known = self.position_costs.get(symbol)
+        if known is not None and known == (qty, round(avg_cost, 6)) or (qty == 0 and symbol not in self.positions and known is None):
+            return  # the broker repeats positions (connect, reconcile): publish changes only
+        self.position_costs[symbol] = (qty, round(avg_cost, 6))
         if qty == 0:
             self.positions.pop(symbol, None)
             bucket = self.position_buckets.pop(symbol, self._bucket_for(symbol))

@@ -1,0 +1,315 @@
+"""The execution service as a real subprocess, against the IB gateway simulator
+through the real ib_async client, and a real Redis. Every test asserts the
+simulator's own record of what it received (the referee) as well as Redis."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from qe import config, streams
+from qe.contracts import Control, Intent, intent_id_for, make_event, order_ref_for
+from sim.testing import start_in_thread
+from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until
+
+RULES = config.load_rules(REPO / "etc" / "risk_rules.yaml")
+SYMBOL = "CIM PRB"  # the demo account is long 3,200 CIM PRB (LT)
+
+
+@pytest.fixture
+def sim():
+    running = start_in_thread(quote_rate=0.0, print_rate=0.0)  # a still market: tests set quotes
+    yield running
+    running.stop()
+
+
+class Execution:
+    """One execution daemon (restartable) and helpers to talk to it."""
+
+    def __init__(self, redis_url: str, r, sim, tmp_path: Path, **env: str) -> None:
+        self.r, self.sim, self.tmp_path = r, sim, tmp_path
+        self.env = daemon_env(redis_url, QE_IB_PORT=str(sim.port), QE_CONSUMER_NAME="execution-1", **env)
+        self.process = DaemonProcess(console_script("qe-execution"), self.env, tmp_path / "execution.log")
+        self.publisher = streams.Publisher(r, RULES)
+
+    def start(self, **env: str) -> "Execution":
+        self.process.env = {**self.env, **env}
+        self.process.start()
+        return self
+
+    def wait_connected(self) -> None:
+        wait_until(lambda: self.r.hget("state:broker", "connected") == b"true", timeout=30, message="broker connected")
+
+    def intent(self, key: str, **fields) -> Intent:
+        base = dict(
+            intent_id=intent_id_for(key), intent_type="SOFT_DERISK", symbol=SYMBOL, side="SELL", qty=200,
+            order_type="LMT", limit_price=24.80, bucket="LT", classification="LT_LONG_DEC", priority=60,
+            ttl_s=600, created_ns=time.time_ns(), risk_delta_gross_pct=-0.5, reason="test",
+        )
+        base.update(fields)
+        intent = Intent(**base)
+        self.publisher.publish("ev.intents", make_event(intent, idempotency_key=key, source="test", ts_ns=time.time_ns()))
+        return intent
+
+    def orders(self, key: str | None = None) -> list[dict]:
+        events = [json.loads(fields[b"event"])["payload"] for _id, fields in self.r.xrange("ev.orders")]
+        return [e for e in events if key is None or e["order_ref"] == order_ref_for(key)]
+
+    def statuses(self, key: str) -> list[str]:
+        return [e["status"] for e in self.orders(key)]
+
+    def wait_status(self, key: str, status: str, timeout: float = 20) -> None:
+        wait_until(lambda: status in self.statuses(key), timeout=timeout, message=f"{key} {status}: {self.statuses(key)}")
+
+    def fills(self, key: str) -> list[dict]:
+        return [e["last_fill"] for e in self.orders(key) if e.get("last_fill")]
+
+    def referee(self, key: str) -> list[dict]:
+        """The simulator's record of place/modify/cancel requests for this intent's orderRef."""
+        return self.sim.control.requests(order_ref_for(key))
+
+    def placed(self, key: str) -> int:
+        return sum(1 for request in self.referee(key) if request["event"] == "place")
+
+    def alerts(self, alert_type: str) -> list[dict]:
+        events = [json.loads(fields[b"event"])["payload"] for _id, fields in self.r.xrange("ev.alerts")]
+        return [e for e in events if e["alert_type"] == alert_type]
+
+
+@pytest.fixture
+def execution(redis_url, r, sim, tmp_path):
+    harness = Execution(redis_url, r, sim, tmp_path)
+    yield harness
+    if harness.process.alive():
+        assert harness.process.terminate() == 0
+
+
+def freeze(sim, bid: float, ask: float, size: int = 1000, symbol: str = SYMBOL) -> None:
+    sim.control.set_quote(symbol, bid=bid, ask=ask, bid_size=size, ask_size=size)
+
+
+# --- one intent, one order, ever --------------------------------------------------------------------
+
+def test_duplicate_and_redelivered_intents_make_one_broker_order(execution, sim, r):
+    freeze(sim, 24.80, 24.82)
+    execution.start().wait_connected()
+    intent = execution.intent("intent:dup:1", limit_price=24.80)
+    execution.intent("intent:dup:1", limit_price=24.80)  # the same key again
+    # A redelivery at stream level: the very same entry appended once more.
+    raw = r.xrange("ev.intents")[0][1]
+    r.xadd("ev.intents", raw)
+    execution.wait_status("intent:dup:1", "FILLED")
+    time.sleep(1.0)
+    assert execution.placed("intent:dup:1") == 1
+    assert len(sim.control.orders(order_ref_for("intent:dup:1"))) == 1
+    fills = execution.fills("intent:dup:1")
+    assert [f["qty"] for f in fills] == [intent.qty]
+    assert len(sim.control.fills(order_ref_for("intent:dup:1"))) == 1
+
+
+@pytest.mark.parametrize("failpoint", ["execution.before_send", "execution.after_send"])
+def test_sigkill_around_the_send_never_makes_a_second_order(execution, sim, r, failpoint):
+    freeze(sim, 24.80, 24.82)
+    execution.start(QE_FAILPOINT=failpoint).wait_connected()
+    execution.intent("intent:crash:1", limit_price=24.80)
+    assert execution.process.wait(timeout=20) == -9  # SIGKILL at the failpoint
+    record = json.loads(r.hget("state:orders", order_ref_for("intent:crash:1")))
+    assert record["status"] == "PENDING_SUBMIT" and record["broker_order_id"] is not None
+    placed_before_restart = execution.placed("intent:crash:1")
+    assert placed_before_restart == (0 if failpoint == "execution.before_send" else 1)
+    execution.start(QE_FAILPOINT="")
+    execution.wait_status("intent:crash:1", "FILLED")
+    time.sleep(1.0)
+    # Exactly one order at the broker: resubmitted if it never arrived, adopted if it did.
+    assert execution.placed("intent:crash:1") == 1
+    assert len(sim.control.orders(order_ref_for("intent:crash:1"))) == 1
+    assert len(execution.fills("intent:crash:1")) == 1
+
+
+def test_sigkill_after_a_fill_before_its_event_publishes_it_once(execution, sim, r):
+    freeze(sim, 24.80, 24.82)
+    execution.start(QE_FAILPOINT="execution.before_fill_commit").wait_connected()
+    execution.intent("intent:fillcrash:1", limit_price=24.80)
+    assert execution.process.wait(timeout=20) == -9
+    assert len(sim.control.fills(order_ref_for("intent:fillcrash:1"))) == 1  # the broker filled it
+    assert execution.fills("intent:fillcrash:1") == []  # ... and we had not published it
+    execution.start(QE_FAILPOINT="")
+    execution.wait_status("intent:fillcrash:1", "FILLED")
+    time.sleep(1.0)
+    execution.process.restart()  # a third start must not publish it again
+    execution.wait_connected()
+    time.sleep(2.0)
+    fills = execution.fills("intent:fillcrash:1")
+    assert len(fills) == 1 and fills[0]["exec_id"] == sim.control.fills(order_ref_for("intent:fillcrash:1"))[0]["exec_id"]
+    assert execution.placed("intent:fillcrash:1") == 1
+
+
+# --- broker faults ------------------------------------------------------------------------------------
+
+def test_connection_dropped_mid_order_and_fill_while_down(execution, sim, r):
+    freeze(sim, 24.80, 24.82)
+    execution.start().wait_connected()
+    execution.intent("intent:drop:1", limit_price=25.00)  # rests above the ask
+    execution.wait_status("intent:drop:1", "SUBMITTED")
+    sim.control.restart(down_seconds=3.0)  # gateway gone; the order lives on at the "broker"
+    wait_until(lambda: r.hget("state:broker", "connected") == b"false", timeout=10, message="broker down seen")
+    freeze(sim, 25.00, 25.02)  # the market crosses our limit while we are away: it fills
+    wait_until(lambda: sim.control.fills(order_ref_for("intent:drop:1")), timeout=10, message="filled at the broker")
+    execution.wait_status("intent:drop:1", "FILLED", timeout=40)
+    time.sleep(1.0)
+    assert len(execution.fills("intent:drop:1")) == 1
+    assert execution.placed("intent:drop:1") == 1
+    assert execution.alerts("broker_down") and execution.alerts("broker_up")
+    position = json.loads(r.hget("state:positions", SYMBOL))
+    assert position["qty"] == 3000 and position["bucket"] == "LT"
+
+
+def test_refused_connections_then_orders_flow_after_reconnect(execution, sim, r):
+    freeze(sim, 24.80, 24.82)
+    execution.start().wait_connected()
+    sim.control.refuse_connections(4)
+    sim.control.drop_connections()
+    wait_until(lambda: r.hget("state:broker", "connected") == b"false", timeout=10, message="broker down")
+    execution.intent("intent:refused:1", limit_price=24.80)
+    time.sleep(1.0)
+    assert execution.statuses("intent:refused:1") == ["PENDING_SUBMIT"]  # waits; not rejected
+    assert execution.placed("intent:refused:1") == 0
+    execution.wait_status("intent:refused:1", "FILLED", timeout=40)
+    assert execution.placed("intent:refused:1") == 1
+    log = [line.get("msg") for line in execution.process.log_lines()]
+    assert "broker connect failed" in log
+
+
+def test_broker_reject_201_is_published_with_code_and_not_retried(execution, sim, r):
+    freeze(sim, 24.80, 24.82)
+    execution.start().wait_connected()
+    sim.control.reject_next(1, code=201, text="Order rejected - reason: test margin")
+    execution.intent("intent:reject:1", limit_price=24.80)
+    execution.wait_status("intent:reject:1", "REJECTED")
+    rejected = [o for o in execution.orders("intent:reject:1") if o["status"] == "REJECTED"][0]
+    assert rejected["reject_code"] == 201 and "test margin" in rejected["reject_reason"]
+    time.sleep(2.5)  # reconciliation after the error must not resubmit
+    assert execution.placed("intent:reject:1") == 1
+    assert execution.alerts("order_rejected")
+
+
+def test_delayed_acks_make_no_duplicate(execution, sim, r):
+    freeze(sim, 24.80, 24.82)
+    execution.start().wait_connected()
+    sim.control.delay_acks(1, seconds=3.0)
+    execution.intent("intent:slowack:1", limit_price=25.00)
+    time.sleep(1.5)
+    assert execution.statuses("intent:slowack:1") == ["PENDING_SUBMIT"]
+    execution.wait_status("intent:slowack:1", "SUBMITTED", timeout=15)
+    assert execution.placed("intent:slowack:1") == 1
+
+
+# --- lifecycle -------------------------------------------------------------------------------------------
+
+def test_modify_keeps_the_order_id_and_waits_2_5_seconds_then_ttl_cancels(execution, sim, r, tmp_path):
+    freeze(sim, 24.80, 24.82)
+    execution.start().wait_connected()
+    execution.intent("intent:mod:1", limit_price=25.10, ttl_s=8)
+    execution.wait_status("intent:mod:1", "SUBMITTED")
+    execution.intent("intent:mod:1:modify", action="MODIFY", target_intent_key="intent:mod:1", limit_price=25.05)
+    time.sleep(1.0)
+    assert [r_["event"] for r_ in execution.referee("intent:mod:1")] == ["place"]  # too early: waiting
+    wait_until(lambda: [q["event"] for q in execution.referee("intent:mod:1")] == ["place", "modify"], timeout=10, message="modify sent")
+    requests = execution.referee("intent:mod:1")
+    assert requests[0]["order_id"] == requests[1]["order_id"]
+    assert requests[1]["lmt_price"] == 25.05
+    # The same price again: not a change, nothing sent.
+    execution.intent("intent:mod:1:same", action="MODIFY", target_intent_key="intent:mod:1", limit_price=25.05)
+    execution.wait_status("intent:mod:1", "EXPIRED", timeout=20)  # ttl_s=8
+    assert [q["event"] for q in execution.referee("intent:mod:1")] == ["place", "modify", "cancel"]
+    assert sim.control.orders(order_ref_for("intent:mod:1"))[0]["status"] == "Cancelled"
+
+
+def test_reduce_only_in_derisk_modes_and_cancels_only_when_halted(execution, sim, r):
+    freeze(sim, 24.80, 24.82)
+    execution.start().wait_connected()
+    r.hset("state:decision", "mode", "SOFT_DERISK")
+    time.sleep(1.0)  # execution re-reads the Brain's mode twice a second
+    execution.intent("intent:ro:inc", side="BUY", classification="LT_LONG_INC", limit_price=24.70, risk_delta_gross_pct=0.5)
+    execution.intent("intent:ro:dec", limit_price=25.20)
+    execution.wait_status("intent:ro:inc", "REJECTED")
+    execution.wait_status("intent:ro:dec", "SUBMITTED")
+    assert "reduce_only" in execution.orders("intent:ro:inc")[-1]["reject_reason"]
+    assert execution.placed("intent:ro:inc") == 0
+    # The operator halts: nothing new, but cancels still go out.
+    control = Control(command="halt", reason="test", operator="tester")
+    execution.publisher.publish("ev.control", make_event(control, idempotency_key="control:halt:1", source="qe", ts_ns=time.time_ns()))
+    time.sleep(0.5)
+    execution.intent("intent:ro:dec2", qty=100, limit_price=25.30)
+    execution.wait_status("intent:ro:dec2", "REJECTED")
+    assert "halted" in execution.orders("intent:ro:dec2")[-1]["reject_reason"]
+    execution.intent("intent:ro:cancel", action="CANCEL", target_intent_key="intent:ro:dec", limit_price=None, order_type="LMT")
+    execution.wait_status("intent:ro:dec", "CANCELLED")
+    assert [q["event"] for q in execution.referee("intent:ro:dec")] == ["place", "cancel"]
+    assert execution.placed("intent:ro:dec2") == 0
+
+
+def test_hard_cap_rejects_an_order_that_would_break_130_percent(execution, sim, r):
+    execution.start().wait_connected()
+    # Demo portfolio: ~125 % potential gross of ~$1M, short 5,700 PFF. Shorting 4,000 more
+    # (~$126k) would take it past 130 %. (Buying 4,000 would not: it only covers the short.)
+    execution.intent("intent:cap:1", symbol="PFF", side="SELL", qty=4000, limit_price=31.45,
+                     classification="LT_SHORT_INC", intent_type="LT_BAND", risk_delta_gross_pct=12.6)
+    execution.wait_status("intent:cap:1", "REJECTED")
+    reason = execution.orders("intent:cap:1")[-1]["reject_reason"]
+    assert reason.startswith("hard_cap: potential gross would be") and "> hard cap 130%" in reason
+    assert execution.placed("intent:cap:1") == 0
+
+
+def test_live_mode_refuses_a_paper_account(redis_url, r, sim, tmp_path):
+    harness = Execution(redis_url, r, sim, tmp_path, QE_IB_MODE="live", QE_IB_LIVE_ACCOUNTS="U1111111")
+    harness.start()
+    wait_until(lambda: r.hget("state:broker", "orders_allowed") == b"false", timeout=30, message="interlock published")
+    assert "account interlock" in json.loads(r.hget("state:broker", "reason"))
+    harness.intent("intent:live:1", limit_price=24.80)
+    harness.wait_status("intent:live:1", "REJECTED")
+    assert "account_interlock" in harness.orders("intent:live:1")[-1]["reject_reason"]
+    assert sim.control.orders() == []
+    assert harness.process.terminate() == 0
+
+
+# --- bad input -----------------------------------------------------------------------------------------------
+
+def test_bad_intents_never_reach_the_broker(execution, sim, r):
+    execution.start().wait_connected()
+    good = execution.intent("intent:template", limit_price=25.50).model_dump(mode="json")
+    envelope = json.loads(r.xrange("ev.intents")[0][1][b"event"])
+
+    def raw(key: str, **changes) -> None:
+        payload = {**good, **changes}
+        payload = {k: v for k, v in payload.items() if v is not ...}
+        r.xadd("ev.intents", {"event": json.dumps({**envelope, "idempotency_key": key, "payload": payload})})
+
+    raw("bad:missing", qty=...)
+    raw("bad:zero", qty=0)
+    raw("bad:fraction", qty=200.5)
+    raw("bad:grid", limit_price=24.805)
+    raw("bad:side", side="BUY")  # LT_LONG_DEC must be a SELL
+    execution.intent("bad:symbol", symbol="ZZZ PRA")
+    wait_until(lambda: r.xlen("ev.dlq") >= 5, timeout=15, message="dead letters")
+    reasons = Counter()
+    for _id, fields in r.xrange("ev.dlq"):
+        reason = fields[b"reason"].decode()
+        assert fields[b"origin_stream"] == b"ev.intents"
+        reasons[reason.split(":")[1].strip() if ":" in reason else reason] += 1
+    dead = " | ".join(fields[b"reason"].decode() for _id, fields in r.xrange("ev.dlq"))
+    assert "payload.qty: Field required" in dead
+    assert "payload.qty: Input should be greater than 0" in dead
+    assert "payload.qty: Input should be a valid integer, got a number with a fractional part" in dead
+    assert "limit_price 24.805 is not on the $0.01 grid" in dead
+    assert "classification LT_LONG_DEC needs side SELL, got BUY" in dead
+    execution.wait_status("bad:symbol", "REJECTED")
+    assert "unknown_symbol" in execution.orders("bad:symbol")[-1]["reject_reason"]
+    time.sleep(0.5)
+    refs = {o["order_ref"] for o in sim.control.orders()}
+    assert refs == {order_ref_for("intent:template")}  # only the good one reached the broker
+    assert execution.process.alive()
