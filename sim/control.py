@@ -15,7 +15,7 @@ Deliberately tiny (stdlib only): one request per connection, JSON in and out.
     POST /delay_acks                 {"n": 1, "seconds": 3}
     POST /drop_acks                  {"n": 1}
     POST /partial_fills              {"n": 1, "max_qty": 100} or {"n": 1, "fraction": 0.5}
-    POST /send_code                  {"code": 1100, "text": optional, "client_id": optional}
+    POST /send_code                  {"code": 1100, "text": optional, "client_id": optional, "req_id": optional (-1)}
     POST /shock                      {"symbol": "CIM PRB" or "all", "pct": -5}
     POST /set_quote                  {"symbol", "bid", "ask", "bid_size", "ask_size", "freeze": true}
     POST /unfreeze                   {"symbol": optional}
@@ -178,7 +178,7 @@ class ControlServer:
             return faults.describe()
         if path == "/send_code":
             code = _num(body, "code", int, required=True)
-            sent = sim.send_code(code, body.get("text"), _num(body, "client_id", int))
+            sent = sim.send_code(code, body.get("text"), _num(body, "client_id", int), _num(body, "req_id", int, default=-1))
             return {"code": code, "clients": sent}
         if path == "/shock":
             pct = _num(body, "pct", float, required=True)
@@ -313,8 +313,9 @@ class SimControl:
     def partial_fills(self, n: int = 1, fraction: float | None = None, max_qty: int | None = None) -> dict:
         return self._post("/partial_fills", n=n, fraction=fraction, max_qty=max_qty)
 
-    def send_code(self, code: int, msg: str | None = None, client_id: int | None = None) -> dict:
-        return self._post("/send_code", code=code, text=msg, client_id=client_id)
+    def send_code(self, code: int, msg: str | None = None, client_id: int | None = None, req_id: int = -1) -> dict:
+        """An error message to clients; with req_id, tied to that request or order id."""
+        return self._post("/send_code", code=code, text=msg, client_id=client_id, req_id=req_id)
 
     # market
     def shock(self, symbol: str | None, pct: float) -> dict:

@@ -965,7 +965,7 @@ class SimServer:
         self.drop_connections()
         self.refuse_connections(down_seconds)
 
-    def send_code(self, code: int, text: str | None = None, client_id: int | None = None) -> int:
+    def send_code(self, code: int, text: str | None = None, client_id: int | None = None, req_id: int = -1) -> int:
         text = text or CODE_TEXT.get(code, f"Simulated status code {code}")
         if code in (1100, 2110):
             self.ib_connected = False
@@ -977,7 +977,7 @@ class SimServer:
             self.data_farm_ok = True
         targets = [s for s in self.api_sessions() if client_id is None or s.client_id == client_id]
         for session in targets:
-            session.error(-1, code, text)
+            session.error(req_id, code, text)
             if code == 1101:
                 # "data lost": market data subscriptions are gone; clients must resubscribe.
                 for sub in list(session.mkt_subs.values()):

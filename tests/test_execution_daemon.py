@@ -184,6 +184,23 @@ def test_refused_connections_then_orders_flow_after_reconnect(execution, sim, r)
     assert "broker connect failed" in log
 
 
+def test_a_local_cancelled_after_an_error_is_confirmed_with_the_broker(execution, sim, r):
+    freeze(sim, 24.80, 24.82)
+    execution.start().wait_connected()
+    execution.intent("intent:localcancel:1", limit_price=25.00)
+    execution.wait_status("intent:localcancel:1", "SUBMITTED")
+    order_id = sim.control.orders(order_ref_for("intent:localcancel:1"))[0]["order_id"]
+    # A non-fatal error about the live order: ib_async marks it Cancelled on its own.
+    sim.control.send_code(161, "Cancel attempted when order is not in a cancellable state", client_id=7, req_id=order_id)
+    time.sleep(3.0)  # execution confirms with the broker (reconciliation) instead of trusting it
+    assert "CANCELLED" not in execution.statuses("intent:localcancel:1")
+    record = json.loads(r.hget("state:orders", order_ref_for("intent:localcancel:1")))
+    assert record["status"] == "SUBMITTED" and record["last_error_code"] == 161
+    freeze(sim, 25.00, 25.02)  # it really was live: it fills
+    execution.wait_status("intent:localcancel:1", "FILLED")
+    assert execution.placed("intent:localcancel:1") == 1
+
+
 def test_broker_reject_201_is_published_with_code_and_not_retried(execution, sim, r):
     freeze(sim, 24.80, 24.82)
     execution.start().wait_connected()
