@@ -30,6 +30,8 @@ BIN = Path(sys.executable).parent
 CONF = REPO / "etc" / "supervisord.conf"
 NEW_YORK = ZoneInfo("America/New_York")
 DEFAULT_PRIVATE_PORT = 6390
+DEFAULT_IB_PORT = 4002
+DEFAULT_SIM_CONTROL_PORT = 4012
 
 
 def redis_server_binary() -> str:
@@ -103,6 +105,8 @@ def start(args: argparse.Namespace) -> int:
         why = f"{user_url} unreachable" if user_url else "QE_REDIS_URL not set"
         redis_note = f"Redis: private redis-server on 127.0.0.1:{port} (AOF on; {why})"
     env["QE_DEMO_REDIS_SERVER"] = redis_server_binary()
+    env["QE_IB_PORT"] = str(free_port(DEFAULT_IB_PORT))
+    env["QE_SIM_CONTROL_PORT"] = str(free_port(DEFAULT_SIM_CONTROL_PORT))
 
     day = date.fromisoformat(args.day) if args.day else recent_full_trading_day(datetime.now(NEW_YORK).date())
     hour, minute = (int(part) for part in args.start_time.split(":"))
