@@ -1,0 +1,488 @@
+"""The exposure book: positions, open orders, marks and equity -> exposure
+(SPEC 6, Marks / Exposure), kept up to date incrementally.
+
+Each symbol caches its contribution to the running totals (long, short and
+potential notional; current and potential notional per bucket). An event for one
+symbol subtracts that symbol's old contribution and adds the new one, so the
+cost of an event does not depend on how many symbols the book holds. Staleness
+changes with time only: `refresh_marks` re-resolves every symbol's mark and is
+called on a periodic tick, never per event.
+
+Marks are kept as integers in units of $0.0001 (`MARK_SCALE`): quotes and prints
+are on the cent grid and a mid is on the half-cent grid, so nothing is lost, and
+every notional and running sum is an exact integer. The totals therefore never
+drift however many updates they absorb, and a book rebuilt from Redis after a
+restart has bit-identical totals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from qe.config import BUCKET_NAMES, ExposureRules
+from qe.contracts import TERMINAL_ORDER_STATUSES
+from qe.exposure_math import potential_notional
+
+MARK_SCALE = 10_000  # mark units per dollar
+NS_PER_S = 1_000_000_000
+OPEN_ORDER_STATUSES = frozenset({"PENDING_SUBMIT", "SUBMITTED", "PARTIALLY_FILLED", "PENDING_CANCEL"})
+
+L1_MID, TRUTH_TICK, LAST_KNOWN, NO_PRICE = "l1_mid", "truth_tick", "last_known", "none"
+
+
+def to_units(price: float) -> int:
+    return round(price * MARK_SCALE)
+
+
+def to_dollars(units: int) -> float:
+    return units / MARK_SCALE
+
+
+# --- marks ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class MarkInputs:
+    """The prices a mark can come from, with the time each was observed."""
+
+    mid: int | None = None  # L1 mid, mark units
+    mid_ts_ns: int = 0
+    tick: int | None = None  # last truth tick price, mark units
+    tick_ts_ns: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mid": self.mid, "mid_ts_ns": self.mid_ts_ns, "tick": self.tick, "tick_ts_ns": self.tick_ts_ns}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "MarkInputs":
+        mid, tick = data["mid"], data["tick"]
+        return cls(
+            mid=None if mid is None else int(mid),
+            mid_ts_ns=int(data["mid_ts_ns"]),
+            tick=None if tick is None else int(tick),
+            tick_ts_ns=int(data["tick_ts_ns"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    units: int | None
+    source: str  # l1_mid | truth_tick | last_known | none
+
+    @property
+    def stale(self) -> bool:
+        return self.source == LAST_KNOWN or self.source == NO_PRICE
+
+
+NO_MARK = Mark(None, NO_PRICE)
+
+
+def resolve_mark(inputs: MarkInputs | None, now_ns: int, l1_max_age_ns: int, tick_max_age_ns: int) -> Mark:
+    """L1 mid if fresh, else the last truth tick if fresh, else the most recent of the
+    two, flagged stale (SPEC 6, Marks); no price at all: no mark."""
+    if inputs is None:
+        return NO_MARK
+    mid, tick = inputs.mid, inputs.tick
+    if mid is not None and now_ns - inputs.mid_ts_ns <= l1_max_age_ns:
+        return Mark(mid, L1_MID)
+    if tick is not None and now_ns - inputs.tick_ts_ns <= tick_max_age_ns:
+        return Mark(tick, TRUTH_TICK)
+    if mid is None and tick is None:
+        return NO_MARK
+    if tick is None or (mid is not None and inputs.mid_ts_ns >= inputs.tick_ts_ns):
+        return Mark(mid, LAST_KNOWN)
+    return Mark(tick, LAST_KNOWN)
+
+
+# --- orders ----------------------------------------------------------------------------------
+
+
+def open_quantity(qty: int, filled_qty: int, remaining_qty: int) -> int:
+    """Shares of an open order that may still fill. Worst case: a producer that left
+    remaining_qty at its default 0 on a new order must not hide the order's risk."""
+    return max(remaining_qty, qty - filled_qty, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenOrder:
+    order_ref: str
+    symbol: str
+    side: str  # BUY | SELL
+    bucket: str
+    open_qty: int
+    filled_qty: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "symbol": self.symbol,
+            "side": self.side,
+            "bucket": self.bucket,
+            "open_qty": self.open_qty,
+            "filled_qty": self.filled_qty,
+        }
+
+    @classmethod
+    def from_json(cls, order_ref: str, data: dict[str, Any]) -> "OpenOrder":
+        return cls(order_ref, str(data["symbol"]), str(data["side"]), str(data["bucket"]), int(data["open_qty"]), int(data["filled_qty"]))
+
+
+# What apply_order did; the shell persists and publishes accordingly.
+OPENED, UPDATED, CLOSED, UNCHANGED = "opened", "updated", "closed", "unchanged"
+IGNORED_AFTER_TERMINAL, IGNORED_STALE = "ignored_after_terminal", "ignored_stale_update"
+
+
+# --- the book ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SymbolState:
+    """A symbol with a position or open orders."""
+
+    qty: int = 0
+    bucket: str | None = None  # the position's bucket
+    avg_cost: float = 0.0
+    buy: list[int] = field(default_factory=list)  # open buy qty per bucket index
+    sell: list[int] = field(default_factory=list)
+    mark: Mark = NO_MARK
+    contribution: tuple[int, ...] = ()
+
+    def exposed(self) -> bool:
+        return self.qty != 0 or any(self.buy) or any(self.sell)
+
+
+@dataclass(frozen=True)
+class SymbolDetail:
+    symbol: str
+    qty: int
+    bucket: str
+    mark: float | None
+    mark_source: str
+    notional: float  # signed: qty * mark
+    open_buy_qty: int
+    open_sell_qty: int
+    potential_notional: float
+
+
+@dataclass(frozen=True)
+class BucketView:
+    current_notional: float
+    potential_notional: float
+    current_pct: float | None
+    potential_pct: float | None
+    target_pct: float
+    max_pct: float
+
+
+@dataclass(frozen=True)
+class Totals:
+    status: str  # ok | error
+    error: str | None
+    equity: float | None
+    long_notional: float
+    short_notional: float
+    potential_notional: float
+    gross_pct: float | None
+    net_pct: float | None
+    potential_gross_pct: float | None
+    buckets: dict[str, BucketView]
+
+
+def _pct(units: int, equity: float) -> float:
+    return round(units / MARK_SCALE / equity * 100, 6)
+
+
+def equity_error(equity: float | None) -> str | None:
+    """Why no percentage can be computed, or None when equity is usable."""
+    if equity is None:
+        return "no account equity (NetLiquidation) received yet: percentages are undefined"
+    if not math.isfinite(equity):
+        return f"equity {equity!r} is not a finite number: percentages are undefined"
+    if equity <= 0:
+        return f"equity is {equity:.2f} (NetLiquidation <= 0): percentages are undefined"
+    return None
+
+
+class ExposureBook:
+    # contribution layout: long, short, potential, then (current, potential) per bucket
+    LONG, SHORT, POTENTIAL = 0, 1, 2
+
+    def __init__(self, rules: ExposureRules) -> None:
+        self.rules = rules
+        self.bucket_names: tuple[str, ...] = BUCKET_NAMES
+        self.bucket_index = {name: index for index, name in enumerate(self.bucket_names)}
+        self.width = 3 + 2 * len(self.bucket_names)
+        self.zero = (0,) * self.width
+        self.l1_max_age_ns = int(rules.l1_max_age_s * NS_PER_S)
+        self.tick_max_age_ns = int(rules.truth_tick_max_age_s * NS_PER_S)
+        self.totals_units = [0] * self.width
+        self.symbols: dict[str, SymbolState] = {}
+        self.marks: dict[str, MarkInputs] = {}
+        self.orders: dict[str, OpenOrder] = {}
+        self.terminal: dict[str, int] = {}  # order_ref -> clock ns it was seen terminal
+        self.equity: float | None = None
+        self.stale: set[str] = set()  # exposed symbols whose mark is stale or missing
+        self.changed: set[str] = set()  # symbols whose detail changed since take_changed()
+        self.stale_changed = False
+
+    # -- inputs -----------------------------------------------------------------------------
+    def set_equity(self, equity: float | None) -> bool:
+        if equity == self.equity:
+            return False
+        self.equity = equity
+        return True
+
+    def set_position(self, symbol: str, qty: int, bucket: str, avg_cost: float, now_ns: int) -> bool:
+        """Absolute position of a symbol (0 removes it). True if anything changed."""
+        self._check_bucket(bucket)
+        state = self.symbols.get(symbol)
+        if state is None:
+            if qty == 0:
+                return False
+            state = self._new_state(symbol, now_ns)
+        new_bucket = bucket if qty != 0 else None
+        if state.qty == qty and state.bucket == new_bucket and state.avg_cost == avg_cost:
+            return False
+        state.qty, state.bucket, state.avg_cost = qty, new_bucket, avg_cost
+        self._apply(symbol, state)
+        return True
+
+    def apply_order(
+        self,
+        order_ref: str,
+        symbol: str,
+        side: str,
+        bucket: str,
+        status: str,
+        open_qty: int,
+        filled_qty: int,
+        now_ns: int,
+    ) -> str:
+        """One order update. Terminal statuses remove the order for good; a later
+        non-terminal update of it (late or replayed) is ignored, and so is an update
+        that reports fewer fills than one already seen (fills only grow)."""
+        self._check_bucket(bucket)
+        if side not in ("BUY", "SELL"):
+            raise ValueError(f"order side must be BUY or SELL, got {side!r}")
+        if order_ref in self.terminal:
+            return UNCHANGED if status in TERMINAL_ORDER_STATUSES else IGNORED_AFTER_TERMINAL
+        old = self.orders.get(order_ref)
+        if status in TERMINAL_ORDER_STATUSES:
+            self.terminal[order_ref] = now_ns
+            if old is not None:
+                del self.orders[order_ref]
+                self._add_open(old, -1, now_ns)
+            return CLOSED
+        if status not in OPEN_ORDER_STATUSES:
+            raise ValueError(f"unknown order status {status!r}")
+        if old is not None and filled_qty < old.filled_qty:
+            return IGNORED_STALE
+        new = OpenOrder(order_ref, symbol, side, bucket, open_qty, filled_qty)
+        if new == old:
+            return UNCHANGED
+        self.orders[order_ref] = new
+        if old is not None:
+            self._add_open(old, -1, now_ns)
+        self._add_open(new, +1, now_ns)
+        return OPENED if old is None else UPDATED
+
+    def forget_terminal(self, before_ns: int) -> list[str]:
+        """Drop terminal-order markers older than `before_ns` (periodic housekeeping)."""
+        old = [ref for ref, seen_ns in self.terminal.items() if seen_ns < before_ns]
+        for ref in old:
+            del self.terminal[ref]
+        return old
+
+    def set_quote(self, symbol: str, bid: float, ask: float, ts_ns: int, now_ns: int) -> bool:
+        """A two-sided quote observed at ts_ns: its mid becomes the L1 mark input."""
+        mid = round((to_units(bid) + to_units(ask)) / 2)
+        inputs = self.marks.get(symbol)
+        if inputs is None:
+            inputs = self.marks[symbol] = MarkInputs()
+        elif inputs.mid == mid and inputs.mid_ts_ns == ts_ns:
+            return False
+        inputs.mid, inputs.mid_ts_ns = mid, ts_ns
+        self._mark_inputs_changed(symbol, inputs, now_ns)
+        return True
+
+    def set_truth_tick(self, symbol: str, price: float, ts_ns: int, now_ns: int) -> bool:
+        units = to_units(price)
+        inputs = self.marks.get(symbol)
+        if inputs is None:
+            inputs = self.marks[symbol] = MarkInputs()
+        elif inputs.tick == units and inputs.tick_ts_ns == ts_ns:
+            return False
+        inputs.tick, inputs.tick_ts_ns = units, ts_ns
+        self._mark_inputs_changed(symbol, inputs, now_ns)
+        return True
+
+    def restore_mark(self, symbol: str, inputs: MarkInputs, now_ns: int) -> None:
+        self.marks[symbol] = inputs
+        self._mark_inputs_changed(symbol, inputs, now_ns)
+
+    def refresh_marks(self, now_ns: int) -> None:
+        """Re-resolve every exposed symbol's mark at now_ns (marks age with time)."""
+        l1_age, tick_age, marks = self.l1_max_age_ns, self.tick_max_age_ns, self.marks
+        for symbol, state in self.symbols.items():
+            mark = resolve_mark(marks.get(symbol), now_ns, l1_age, tick_age)
+            if mark != state.mark:
+                state.mark = mark
+                self._apply(symbol, state, may_remove=False)
+
+    # -- outputs --------------------------------------------------------------------------------
+    def ratios(self) -> tuple[float, float] | None:
+        """(gross %, potential gross %) in O(1), or None without usable equity."""
+        equity = self.equity
+        if equity is None or not equity > 0 or not math.isfinite(equity):
+            return None
+        units = self.totals_units
+        return (units[0] + units[1]) / MARK_SCALE / equity * 100, units[2] / MARK_SCALE / equity * 100
+
+    def totals(self) -> Totals:
+        units = self.totals_units
+        error = equity_error(self.equity)
+        equity = self.equity if error is None else None
+        buckets: dict[str, BucketView] = {}
+        for index, name in enumerate(self.bucket_names):
+            limits = self.rules.buckets[name]  # type: ignore[index]
+            current, potential = units[3 + 2 * index], units[4 + 2 * index]
+            buckets[name] = BucketView(
+                current_notional=to_dollars(current),
+                potential_notional=to_dollars(potential),
+                current_pct=None if equity is None else _pct(current, equity),
+                potential_pct=None if equity is None else _pct(potential, equity),
+                target_pct=limits.target_pct,
+                max_pct=limits.max_pct,
+            )
+        return Totals(
+            status="ok" if error is None else "error",
+            error=error,
+            equity=self.equity,
+            long_notional=to_dollars(units[0]),
+            short_notional=to_dollars(units[1]),
+            potential_notional=to_dollars(units[2]),
+            gross_pct=None if equity is None else _pct(units[0] + units[1], equity),
+            net_pct=None if equity is None else _pct(units[0] - units[1], equity),
+            potential_gross_pct=None if equity is None else _pct(units[2], equity),
+            buckets=buckets,
+        )
+
+    def stale_symbols(self) -> list[str]:
+        return sorted(self.stale)
+
+    def detail(self, symbol: str) -> SymbolDetail:
+        """A symbol's line; a symbol that went flat (no position, no orders) reads as zeros."""
+        state = self.symbols.get(symbol)
+        if state is None:
+            return SymbolDetail(symbol, 0, self.rules.default_bucket, None, NO_PRICE, 0.0, 0, 0, 0.0)
+        units = state.mark.units
+        contribution = state.contribution
+        return SymbolDetail(
+            symbol=symbol,
+            qty=state.qty,
+            bucket=state.bucket or self._order_bucket(state),
+            mark=None if units is None else to_dollars(units),
+            mark_source=state.mark.source,
+            notional=0.0 if units is None else to_dollars(state.qty * units),
+            open_buy_qty=sum(state.buy),
+            open_sell_qty=sum(state.sell),
+            potential_notional=to_dollars(contribution[self.POTENTIAL]),
+        )
+
+    def details(self, symbols: Iterable[str] | None = None) -> list[SymbolDetail]:
+        return [self.detail(symbol) for symbol in (self.symbols if symbols is None else symbols)]
+
+    def take_changed(self) -> set[str]:
+        changed, self.changed = self.changed, set()
+        return changed
+
+    def take_stale_changed(self) -> bool:
+        changed, self.stale_changed = self.stale_changed, False
+        return changed
+
+    def recount(self) -> list[int]:
+        """Totals recomputed from scratch (to check the running totals)."""
+        totals = [0] * self.width
+        for state in self.symbols.values():
+            for index, value in enumerate(self._contribution(state)):
+                totals[index] += value
+        return totals
+
+    # -- internals --------------------------------------------------------------------------------
+    def _check_bucket(self, bucket: str) -> None:
+        if bucket not in self.bucket_index:
+            raise ValueError(f"unknown bucket {bucket!r}")
+
+    def _order_bucket(self, state: SymbolState) -> str:
+        for index, name in enumerate(self.bucket_names):
+            if state.buy[index] or state.sell[index]:
+                return name
+        return self.rules.default_bucket
+
+    def _new_state(self, symbol: str, now_ns: int) -> SymbolState:
+        buckets = len(self.bucket_names)
+        state = SymbolState(
+            buy=[0] * buckets,
+            sell=[0] * buckets,
+            mark=resolve_mark(self.marks.get(symbol), now_ns, self.l1_max_age_ns, self.tick_max_age_ns),
+            contribution=self.zero,
+        )
+        self.symbols[symbol] = state
+        return state
+
+    def _add_open(self, order: OpenOrder, sign: int, now_ns: int) -> None:
+        state = self.symbols.get(order.symbol)
+        if state is None:
+            state = self._new_state(order.symbol, now_ns)
+        side = state.buy if order.side == "BUY" else state.sell
+        side[self.bucket_index[order.bucket]] += sign * order.open_qty
+        self._apply(order.symbol, state)
+
+    def _mark_inputs_changed(self, symbol: str, inputs: MarkInputs, now_ns: int) -> None:
+        state = self.symbols.get(symbol)
+        if state is None:
+            return  # not exposed: nothing depends on this mark yet
+        mark = resolve_mark(inputs, now_ns, self.l1_max_age_ns, self.tick_max_age_ns)
+        if mark != state.mark:
+            state.mark = mark
+            self._apply(symbol, state, may_remove=False)
+
+    def _contribution(self, state: SymbolState) -> tuple[int, ...]:
+        mark = state.mark.units
+        if mark is None:
+            return self.zero
+        qty = state.qty
+        notional = qty * mark
+        parts = [
+            notional if qty > 0 else 0,
+            -notional if qty < 0 else 0,
+            potential_notional(qty, sum(state.buy), sum(state.sell), mark),
+        ]
+        position_bucket = state.bucket
+        for index, name in enumerate(self.bucket_names):
+            bucket_qty = qty if position_bucket == name else 0
+            parts.append(abs(bucket_qty) * mark)
+            parts.append(potential_notional(bucket_qty, state.buy[index], state.sell[index], mark))
+        return tuple(parts)
+
+    def _apply(self, symbol: str, state: SymbolState, may_remove: bool = True) -> None:
+        """Replace the symbol's cached contribution in the running totals: O(1)."""
+        new = self._contribution(state)
+        old = state.contribution
+        if new != old:
+            totals = self.totals_units
+            for index in range(self.width):
+                totals[index] += new[index] - old[index]
+            state.contribution = new
+        self.changed.add(symbol)
+        exposed = state.exposed() if may_remove else True
+        if exposed and state.mark.stale:
+            if symbol not in self.stale:
+                self.stale.add(symbol)
+                self.stale_changed = True
+        elif symbol in self.stale:
+            self.stale.discard(symbol)
+            self.stale_changed = True
+        if not exposed:
+            del self.symbols[symbol]
