@@ -241,12 +241,16 @@ def test_a_new_quote_with_the_same_mid_does_not_dirty_the_symbol():
     assert book.take_changed() == {"AGNCN"}
 
 
-def test_unknown_bucket_or_side_is_refused():
+def test_unknown_bucket_side_or_huge_quantity_is_refused():
     book = book_with()
     with pytest.raises(ValueError, match="unknown bucket 'HF'"):
         book.set_position("AGNCN", 1, "HF", 1.0, NOW)
     with pytest.raises(ValueError, match="order side must be BUY or SELL"):
         order(book, "x", "AGNCN", "HOLD", 1)
+    with pytest.raises(ValueError, match="beyond the 10,000,000 shares"):
+        book.set_position("AGNCN", -10_000_001, "LT", 1.0, NOW)
+    with pytest.raises(ValueError, match="beyond the 10,000,000 shares"):
+        order(book, "x", "AGNCN", "BUY", 10_000_001)
 
 
 def test_marks_and_orders_round_trip_through_json():
@@ -301,7 +305,7 @@ def run_operations(ops) -> core.ExposureBook:
 def test_running_totals_always_equal_a_recount(ops):
     book = run_operations(ops)
     assert book.totals_units == book.recount()
-    assert all(state.exposed() for state in book.symbols.values())
+    assert all(book.exposed(state) for state in book.symbols.values())
     assert book.stale == {symbol for symbol, state in book.symbols.items() if state.mark.stale}
     assert {o.symbol for o in book.orders.values() if o.open_qty} <= set(book.symbols)
 

@@ -13,12 +13,20 @@ are on the cent grid and a mid is on the half-cent grid, so nothing is lost, and
 every notional and running sum is an exact integer. The totals therefore never
 drift however many updates they absorb, and a book rebuilt from Redis after a
 restart has bit-identical totals.
+
+Per-symbol numbers (the cached contribution and the open quantity per side and
+bucket) live in one flat int64 array, a row per symbol: an update then touches a
+cache line or two wherever the symbol is, instead of a dozen boxed Python ints
+scattered over the heap, which is what keeps the cost of an event at 5,000
+symbols close to its cost at 100. Quantities are bounded (MAX_QTY) so that no
+row value can overflow int64.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from array import array
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from qe.config import BUCKET_NAMES, ExposureRules
@@ -26,6 +34,9 @@ from qe.contracts import TERMINAL_ORDER_STATUSES
 from qe.exposure_math import potential_notional
 
 MARK_SCALE = 10_000  # mark units per dollar
+# Largest position or order quantity accepted (shares). With prices below $1,000,000
+# (the contract's limit) a row value stays far inside int64.
+MAX_QTY = 10_000_000
 NS_PER_S = 1_000_000_000
 OPEN_ORDER_STATUSES = frozenset({"PENDING_SUBMIT", "SUBMITTED", "PARTIALLY_FILLED", "PENDING_CANCEL"})
 
@@ -138,18 +149,13 @@ IGNORED_AFTER_TERMINAL, IGNORED_STALE = "ignored_after_terminal", "ignored_stale
 
 @dataclass(slots=True)
 class SymbolState:
-    """A symbol with a position or open orders."""
+    """A symbol with a position or open orders; its numbers are in row `slot`."""
 
+    slot: int
+    mark: Mark = NO_MARK
     qty: int = 0
     bucket: str | None = None  # the position's bucket
     avg_cost: float = 0.0
-    buy: list[int] = field(default_factory=list)  # open buy qty per bucket index
-    sell: list[int] = field(default_factory=list)
-    mark: Mark = NO_MARK
-    contribution: tuple[int, ...] = ()
-
-    def exposed(self) -> bool:
-        return self.qty != 0 or any(self.buy) or any(self.sell)
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,11 @@ class Totals:
     buckets: dict[str, BucketView]
 
 
+def _check_qty(qty: int) -> None:
+    if not -MAX_QTY <= qty <= MAX_QTY:
+        raise ValueError(f"quantity {qty} is beyond the {MAX_QTY:,} shares this book accepts")
+
+
 def _pct(units: int, equity: float) -> float:
     return round(units / MARK_SCALE / equity * 100, 6)
 
@@ -205,15 +216,22 @@ def equity_error(equity: float | None) -> str | None:
 
 
 class ExposureBook:
-    # contribution layout: long, short, potential, then (current, potential) per bucket
+    # A row: the contribution (long, short, potential, then current and potential per
+    # bucket: `width` values), then open buy qty per bucket, then open sell qty per bucket.
     LONG, SHORT, POTENTIAL = 0, 1, 2
 
     def __init__(self, rules: ExposureRules) -> None:
         self.rules = rules
         self.bucket_names: tuple[str, ...] = BUCKET_NAMES
         self.bucket_index = {name: index for index, name in enumerate(self.bucket_names)}
-        self.width = 3 + 2 * len(self.bucket_names)
+        buckets = len(self.bucket_names)
+        self.width = 3 + 2 * buckets
         self.zero = (0,) * self.width
+        self.buy_at = self.width  # row offsets
+        self.sell_at = self.width + buckets
+        self.row_width = self.width + 2 * buckets
+        self.rows = array("q")
+        self.free_slots: list[int] = []
         self.l1_max_age_ns = int(rules.l1_max_age_s * NS_PER_S)
         self.tick_max_age_ns = int(rules.truth_tick_max_age_s * NS_PER_S)
         self.totals_units = [0] * self.width
@@ -236,6 +254,7 @@ class ExposureBook:
     def set_position(self, symbol: str, qty: int, bucket: str, avg_cost: float, now_ns: int) -> bool:
         """Absolute position of a symbol (0 removes it). True if anything changed."""
         self._check_bucket(bucket)
+        _check_qty(qty)
         state = self.symbols.get(symbol)
         if state is None:
             if qty == 0:
@@ -263,6 +282,7 @@ class ExposureBook:
         non-terminal update of it (late or replayed) is ignored, and so is an update
         that reports fewer fills than one already seen (fills only grow)."""
         self._check_bucket(bucket)
+        _check_qty(open_qty)
         if side not in ("BUY", "SELL"):
             raise ValueError(f"order side must be BUY or SELL, got {side!r}")
         if order_ref in self.terminal:
@@ -377,7 +397,8 @@ class ExposureBook:
         if state is None:
             return SymbolDetail(symbol, 0, self.rules.default_bucket, None, NO_PRICE, 0.0, 0, 0, 0.0)
         units = state.mark.units
-        contribution = state.contribution
+        base = state.slot * self.row_width
+        buckets = len(self.bucket_names)
         return SymbolDetail(
             symbol=symbol,
             qty=state.qty,
@@ -385,9 +406,9 @@ class ExposureBook:
             mark=None if units is None else to_dollars(units),
             mark_source=state.mark.source,
             notional=0.0 if units is None else to_dollars(state.qty * units),
-            open_buy_qty=sum(state.buy),
-            open_sell_qty=sum(state.sell),
-            potential_notional=to_dollars(contribution[self.POTENTIAL]),
+            open_buy_qty=sum(self.rows[base + self.buy_at : base + self.buy_at + buckets]),
+            open_sell_qty=sum(self.rows[base + self.sell_at : base + self.sell_at + buckets]),
+            potential_notional=to_dollars(self.rows[base + self.POTENTIAL]),
         )
 
     def details(self, symbols: Iterable[str] | None = None) -> list[SymbolDetail]:
@@ -415,28 +436,34 @@ class ExposureBook:
             raise ValueError(f"unknown bucket {bucket!r}")
 
     def _order_bucket(self, state: SymbolState) -> str:
+        base = state.slot * self.row_width
         for index, name in enumerate(self.bucket_names):
-            if state.buy[index] or state.sell[index]:
+            if self.rows[base + self.buy_at + index] or self.rows[base + self.sell_at + index]:
                 return name
         return self.rules.default_bucket
 
     def _new_state(self, symbol: str, now_ns: int) -> SymbolState:
-        buckets = len(self.bucket_names)
-        state = SymbolState(
-            buy=[0] * buckets,
-            sell=[0] * buckets,
-            mark=resolve_mark(self.marks.get(symbol), now_ns, self.l1_max_age_ns, self.tick_max_age_ns),
-            contribution=self.zero,
-        )
-        self.symbols[symbol] = state
+        if self.free_slots:
+            slot = self.free_slots.pop()
+        else:
+            slot = len(self.rows) // self.row_width
+            self.rows.extend((0,) * self.row_width)
+        mark = resolve_mark(self.marks.get(symbol), now_ns, self.l1_max_age_ns, self.tick_max_age_ns)
+        state = self.symbols[symbol] = SymbolState(slot, mark)
         return state
+
+    def exposed(self, state: SymbolState) -> bool:
+        if state.qty:
+            return True
+        base = state.slot * self.row_width + self.buy_at
+        return any(self.rows[base : base + 2 * len(self.bucket_names)])
 
     def _add_open(self, order: OpenOrder, sign: int, now_ns: int) -> None:
         state = self.symbols.get(order.symbol)
         if state is None:
             state = self._new_state(order.symbol, now_ns)
-        side = state.buy if order.side == "BUY" else state.sell
-        side[self.bucket_index[order.bucket]] += sign * order.open_qty
+        offset = self.buy_at if order.side == "BUY" else self.sell_at
+        self.rows[state.slot * self.row_width + offset + self.bucket_index[order.bucket]] += sign * order.open_qty
         self._apply(order.symbol, state)
 
     def _mark_inputs_changed(self, symbol: str, inputs: MarkInputs, now_ns: int) -> None:
@@ -452,31 +479,36 @@ class ExposureBook:
         mark = state.mark.units
         if mark is None:
             return self.zero
+        buckets = len(self.bucket_names)
+        base = state.slot * self.row_width
+        buy = self.rows[base + self.buy_at : base + self.buy_at + buckets]
+        sell = self.rows[base + self.sell_at : base + self.sell_at + buckets]
         qty = state.qty
         notional = qty * mark
         parts = [
             notional if qty > 0 else 0,
             -notional if qty < 0 else 0,
-            potential_notional(qty, sum(state.buy), sum(state.sell), mark),
+            potential_notional(qty, sum(buy), sum(sell), mark),
         ]
         position_bucket = state.bucket
         for index, name in enumerate(self.bucket_names):
             bucket_qty = qty if position_bucket == name else 0
             parts.append(abs(bucket_qty) * mark)
-            parts.append(potential_notional(bucket_qty, state.buy[index], state.sell[index], mark))
+            parts.append(potential_notional(bucket_qty, buy[index], sell[index], mark))
         return tuple(parts)
 
     def _apply(self, symbol: str, state: SymbolState, may_remove: bool = True) -> None:
         """Replace the symbol's cached contribution in the running totals: O(1)."""
         new = self._contribution(state)
-        old = state.contribution
-        if new != old:
-            totals = self.totals_units
-            for index in range(self.width):
-                totals[index] += new[index] - old[index]
-            state.contribution = new
+        rows, totals = self.rows, self.totals_units
+        base = state.slot * self.row_width
+        for index in range(self.width):
+            old = rows[base + index]
+            if old != new[index]:
+                totals[index] += new[index] - old
+                rows[base + index] = new[index]
         self.changed.add(symbol)
-        exposed = state.exposed() if may_remove else True
+        exposed = self.exposed(state) if may_remove else True
         if exposed and state.mark.stale:
             if symbol not in self.stale:
                 self.stale.add(symbol)
@@ -485,4 +517,6 @@ class ExposureBook:
             self.stale.discard(symbol)
             self.stale_changed = True
         if not exposed:
+            # Its contribution and open quantities are all zero now: the row is clean.
             del self.symbols[symbol]
+            self.free_slots.append(state.slot)

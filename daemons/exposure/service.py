@@ -163,6 +163,9 @@ class ExposureHandler:
                 effects.hset(MARKS_KEY, {payload.symbol: _dumps(book.marks[payload.symbol].to_json())})
                 self._changed(event, always_material=False)
         elif kind == "position":
+            if abs(payload.qty) > core.MAX_QTY:
+                self._ignore(event, "qty_out_of_range", qty=payload.qty)
+                return
             if book.set_position(payload.symbol, payload.qty, payload.bucket, payload.avg_cost, now_ns):
                 if payload.qty == 0:
                     effects.hdel(POSITIONS_KEY, payload.symbol)
@@ -182,6 +185,9 @@ class ExposureHandler:
 
     def _handle_order(self, event: Envelope, order: Any, effects: Effects, now_ns: int) -> None:
         open_qty = core.open_quantity(order.qty, order.filled_qty, order.remaining_qty)
+        if open_qty > core.MAX_QTY:
+            self._ignore(event, "qty_out_of_range", qty=open_qty)
+            return
         outcome = self.book.apply_order(
             order.order_ref, order.symbol, order.side, order.bucket, order.status, open_qty, order.filled_qty, now_ns
         )
@@ -193,11 +199,12 @@ class ExposureHandler:
             effects.hset(TERMINAL_KEY, {order.order_ref: now_ns})
             self._changed(event, always_material=True)
         elif outcome in (core.IGNORED_AFTER_TERMINAL, core.IGNORED_STALE):
-            metrics.exposure_events_ignored.labels(outcome).inc()
-            self.log.warning(
-                "order update ignored",
-                extra={"reason": outcome, "order_ref": order.order_ref, "status": order.status, "event_id": str(event.event_id)},
-            )
+            self._ignore(event, outcome, order_ref=order.order_ref, status=order.status)
+
+    def _ignore(self, event: Envelope, reason: str, **details: Any) -> None:
+        """Input we cannot use and a retry would not fix: say so, count it, move on."""
+        metrics.exposure_events_ignored.labels(reason).inc()
+        self.log.warning("event ignored", extra={"reason": reason, "event_id": str(event.event_id), "type": event.type, **details})
 
     def _changed(self, event: Envelope, always_material: bool) -> None:
         self._change_key = idempotency_key("exposure", "change", event.event_id)
