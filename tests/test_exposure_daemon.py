@@ -185,11 +185,12 @@ def test_a_burst_is_rate_limited_but_the_last_change_is_never_dropped(redis_url,
 
 def test_marks_go_stale_as_simulated_time_passes(redis_url, r, tmp_path, cleanup):
     start_at = datetime(2026, 11, 20, 15, 0, tzinfo=timezone.utc)
-    clock_env = clock_module.sim_env(start_at, speed=30)  # l1_max_age 60 s = 2 wall seconds
+    clock_env = clock_module.sim_env(start_at, speed=20)  # l1_max_age 60 s = 3 wall seconds
     # A mark changing source without moving gross by material_change_pct shows up in the next
-    # full publication (every 15 simulated seconds = 0.5 s here); turning stale is material.
+    # full publication (every 15 simulated seconds = 0.75 s here); turning stale is material.
     daemon, rules = start(redis_url, tmp_path, clock_env=clock_env)
     cleanup.append(daemon)
+    wait_until(lambda: r.exists("state:exposure"), message="start-up publication")  # up before the clock matters
     feed = Feed(r, rules, clock_module.from_env(clock_env))
     feed.equity(100_000.0)
     feed.quote("AGNCN", 25.00, 25.10)

@@ -90,7 +90,7 @@ class Mark:
 NO_MARK = Mark(None, NO_PRICE)
 
 
-def resolve_mark(inputs: MarkInputs | None, now_ns: int, l1_max_age_ns: int, tick_max_age_ns: int) -> Mark:
+def resolve_mark(inputs: "MarkInputs | SymbolState | None", now_ns: int, l1_max_age_ns: int, tick_max_age_ns: int) -> Mark:
     """L1 mid if fresh, else the last truth tick if fresh, else the most recent of the
     two, flagged stale (SPEC 6, Marks); no price at all: no mark."""
     if inputs is None:
@@ -149,13 +149,23 @@ IGNORED_AFTER_TERMINAL, IGNORED_STALE = "ignored_after_terminal", "ignored_stale
 
 @dataclass(slots=True)
 class SymbolState:
-    """A symbol with a position or open orders; its numbers are in row `slot`."""
+    """Everything the book knows about one symbol, in one object (one lookup per event):
+    its price inputs (as MarkInputs), and while it has a position or open orders its
+    resolved mark, position and row `slot` in the book's array (-1 while not exposed)."""
 
-    slot: int
+    mid: int | None = None
+    mid_ts_ns: int = 0
+    tick: int | None = None
+    tick_ts_ns: int = 0
     mark: Mark = NO_MARK
+    slot: int = -1
     qty: int = 0
     bucket: str | None = None  # the position's bucket
     avg_cost: float = 0.0
+    dirty: bool = False  # changed since the last take_changed()
+
+    def mark_inputs(self) -> MarkInputs:
+        return MarkInputs(self.mid, self.mid_ts_ns, self.tick, self.tick_ts_ns)
 
 
 @dataclass(frozen=True)
@@ -235,13 +245,13 @@ class ExposureBook:
         self.l1_max_age_ns = int(rules.l1_max_age_s * NS_PER_S)
         self.tick_max_age_ns = int(rules.truth_tick_max_age_s * NS_PER_S)
         self.totals_units = [0] * self.width
-        self.symbols: dict[str, SymbolState] = {}
-        self.marks: dict[str, MarkInputs] = {}
+        self.known: dict[str, SymbolState] = {}  # every symbol seen (prices, positions, orders)
+        self.symbols: dict[str, SymbolState] = {}  # the exposed ones: a position or open orders
         self.orders: dict[str, OpenOrder] = {}
         self.terminal: dict[str, int] = {}  # order_ref -> clock ns it was seen terminal
         self.equity: float | None = None
         self.stale: set[str] = set()  # exposed symbols whose mark is stale or missing
-        self.changed: set[str] = set()  # symbols whose detail changed since take_changed()
+        self.changed: list[str] = []  # symbols whose line changed since take_changed()
         self.stale_changed = False
 
     # -- inputs -----------------------------------------------------------------------------
@@ -255,14 +265,19 @@ class ExposureBook:
         """Absolute position of a symbol (0 removes it). True if anything changed."""
         self._check_bucket(bucket)
         _check_qty(qty)
-        state = self.symbols.get(symbol)
+        state = self.known.get(symbol)
         if state is None:
             if qty == 0:
                 return False
-            state = self._new_state(symbol, now_ns)
+            state = self.known[symbol] = SymbolState()
         new_bucket = bucket if qty != 0 else None
         if state.qty == qty and state.bucket == new_bucket and state.avg_cost == avg_cost:
             return False
+        if qty == 0 and state.slot < 0:
+            state.avg_cost = avg_cost  # flat and not exposed: nothing to count
+            return False
+        if state.slot < 0:
+            self._expose(symbol, state, now_ns)
         state.qty, state.bucket, state.avg_cost = qty, new_bucket, avg_cost
         self._apply(symbol, state)
         return True
@@ -315,37 +330,45 @@ class ExposureBook:
         return old
 
     def set_quote(self, symbol: str, bid: float, ask: float, ts_ns: int, now_ns: int) -> bool:
-        """A two-sided quote observed at ts_ns: its mid becomes the L1 mark input."""
+        """A two-sided quote observed at ts_ns: its mid becomes the L1 mark input.
+        True if the inputs changed (they then need persisting)."""
         mid = round((to_units(bid) + to_units(ask)) / 2)
-        inputs = self.marks.get(symbol)
-        if inputs is None:
-            inputs = self.marks[symbol] = MarkInputs()
-        elif inputs.mid == mid and inputs.mid_ts_ns == ts_ns:
+        state = self.known.get(symbol)
+        if state is None:
+            state = self.known[symbol] = SymbolState()
+        elif state.mid == mid and state.mid_ts_ns == ts_ns:
             return False
-        inputs.mid, inputs.mid_ts_ns = mid, ts_ns
-        self._mark_inputs_changed(symbol, inputs, now_ns)
+        state.mid, state.mid_ts_ns = mid, ts_ns
+        self._inputs_changed(symbol, state, now_ns)
         return True
 
     def set_truth_tick(self, symbol: str, price: float, ts_ns: int, now_ns: int) -> bool:
         units = to_units(price)
-        inputs = self.marks.get(symbol)
-        if inputs is None:
-            inputs = self.marks[symbol] = MarkInputs()
-        elif inputs.tick == units and inputs.tick_ts_ns == ts_ns:
+        state = self.known.get(symbol)
+        if state is None:
+            state = self.known[symbol] = SymbolState()
+        elif state.tick == units and state.tick_ts_ns == ts_ns:
             return False
-        inputs.tick, inputs.tick_ts_ns = units, ts_ns
-        self._mark_inputs_changed(symbol, inputs, now_ns)
+        state.tick, state.tick_ts_ns = units, ts_ns
+        self._inputs_changed(symbol, state, now_ns)
         return True
 
+    def mark_inputs(self, symbol: str) -> MarkInputs | None:
+        state = self.known.get(symbol)
+        return None if state is None else state.mark_inputs()
+
     def restore_mark(self, symbol: str, inputs: MarkInputs, now_ns: int) -> None:
-        self.marks[symbol] = inputs
-        self._mark_inputs_changed(symbol, inputs, now_ns)
+        state = self.known.get(symbol)
+        if state is None:
+            state = self.known[symbol] = SymbolState()
+        state.mid, state.mid_ts_ns, state.tick, state.tick_ts_ns = inputs.mid, inputs.mid_ts_ns, inputs.tick, inputs.tick_ts_ns
+        self._inputs_changed(symbol, state, now_ns)
 
     def refresh_marks(self, now_ns: int) -> None:
         """Re-resolve every exposed symbol's mark at now_ns (marks age with time)."""
-        l1_age, tick_age, marks = self.l1_max_age_ns, self.tick_max_age_ns, self.marks
+        l1_age, tick_age = self.l1_max_age_ns, self.tick_max_age_ns
         for symbol, state in self.symbols.items():
-            mark = resolve_mark(marks.get(symbol), now_ns, l1_age, tick_age)
+            mark = resolve_mark(state, now_ns, l1_age, tick_age)
             if mark != state.mark:
                 state.mark = mark
                 self._apply(symbol, state, may_remove=False)
@@ -415,8 +438,11 @@ class ExposureBook:
         return [self.detail(symbol) for symbol in (self.symbols if symbols is None else symbols)]
 
     def take_changed(self) -> set[str]:
-        changed, self.changed = self.changed, set()
-        return changed
+        changed, self.changed = self.changed, []
+        known = self.known
+        for symbol in changed:
+            known[symbol].dirty = False
+        return set(changed)
 
     def take_stale_changed(self) -> bool:
         changed, self.stale_changed = self.stale_changed, False
@@ -442,15 +468,15 @@ class ExposureBook:
                 return name
         return self.rules.default_bucket
 
-    def _new_state(self, symbol: str, now_ns: int) -> SymbolState:
+    def _expose(self, symbol: str, state: SymbolState, now_ns: int) -> None:
+        """The symbol gets a position or an open order: give it a row and a mark."""
         if self.free_slots:
-            slot = self.free_slots.pop()
+            state.slot = self.free_slots.pop()
         else:
-            slot = len(self.rows) // self.row_width
+            state.slot = len(self.rows) // self.row_width
             self.rows.extend((0,) * self.row_width)
-        mark = resolve_mark(self.marks.get(symbol), now_ns, self.l1_max_age_ns, self.tick_max_age_ns)
-        state = self.symbols[symbol] = SymbolState(slot, mark)
-        return state
+        state.mark = resolve_mark(state, now_ns, self.l1_max_age_ns, self.tick_max_age_ns)
+        self.symbols[symbol] = state
 
     def exposed(self, state: SymbolState) -> bool:
         if state.qty:
@@ -459,18 +485,19 @@ class ExposureBook:
         return any(self.rows[base : base + 2 * len(self.bucket_names)])
 
     def _add_open(self, order: OpenOrder, sign: int, now_ns: int) -> None:
-        state = self.symbols.get(order.symbol)
+        state = self.known.get(order.symbol)
         if state is None:
-            state = self._new_state(order.symbol, now_ns)
+            state = self.known[order.symbol] = SymbolState()
+        if state.slot < 0:
+            self._expose(order.symbol, state, now_ns)
         offset = self.buy_at if order.side == "BUY" else self.sell_at
         self.rows[state.slot * self.row_width + offset + self.bucket_index[order.bucket]] += sign * order.open_qty
         self._apply(order.symbol, state)
 
-    def _mark_inputs_changed(self, symbol: str, inputs: MarkInputs, now_ns: int) -> None:
-        state = self.symbols.get(symbol)
-        if state is None:
+    def _inputs_changed(self, symbol: str, state: SymbolState, now_ns: int) -> None:
+        if state.slot < 0:
             return  # not exposed: nothing depends on this mark yet
-        mark = resolve_mark(inputs, now_ns, self.l1_max_age_ns, self.tick_max_age_ns)
+        mark = resolve_mark(state, now_ns, self.l1_max_age_ns, self.tick_max_age_ns)
         if mark != state.mark:
             state.mark = mark
             self._apply(symbol, state, may_remove=False)
@@ -507,7 +534,9 @@ class ExposureBook:
             if old != new[index]:
                 totals[index] += new[index] - old
                 rows[base + index] = new[index]
-        self.changed.add(symbol)
+        if not state.dirty:
+            state.dirty = True
+            self.changed.append(symbol)
         exposed = self.exposed(state) if may_remove else True
         if exposed and state.mark.stale:
             if symbol not in self.stale:
@@ -520,3 +549,4 @@ class ExposureBook:
             # Its contribution and open quantities are all zero now: the row is clean.
             del self.symbols[symbol]
             self.free_slots.append(state.slot)
+            state.slot, state.mark = -1, NO_MARK

@@ -125,7 +125,7 @@ class ExposureHandler:
         self._reset_publication()
         self.log.info(
             "exposure book loaded",
-            extra={"positions": len(positions), "open_orders": len(book.orders), "marks": len(book.marks),
+            extra={"positions": len(positions), "open_orders": len(book.orders), "known_symbols": len(book.known),
                    "equity": book.equity, "symbols": len(book.symbols)},
         )
 
@@ -153,14 +153,14 @@ class ExposureHandler:
                 metrics.exposure_events_ignored.labels("l1_crossed").inc()
                 return
             if book.set_quote(payload.symbol, payload.bid, payload.ask, event.ts_ns, now_ns):
-                effects.hset(MARKS_KEY, {payload.symbol: _dumps(book.marks[payload.symbol].to_json())})
+                effects.hset(MARKS_KEY, {payload.symbol: _dumps(book.known[payload.symbol].mark_inputs().to_json())})
                 self._changed(event, always_material=False)
         elif kind == "feature":
             tick = payload.truth_tick
             if tick is None:
                 return
             if book.set_truth_tick(payload.symbol, tick.price, tick.ts_ns, now_ns):
-                effects.hset(MARKS_KEY, {payload.symbol: _dumps(book.marks[payload.symbol].to_json())})
+                effects.hset(MARKS_KEY, {payload.symbol: _dumps(book.known[payload.symbol].mark_inputs().to_json())})
                 self._changed(event, always_material=False)
         elif kind == "position":
             if abs(payload.qty) > core.MAX_QTY:
