@@ -249,8 +249,15 @@ def test_unknown_bucket_side_or_huge_quantity_is_refused():
         order(book, "x", "AGNCN", "HOLD", 1)
     with pytest.raises(ValueError, match="beyond the 10,000,000 shares"):
         book.set_position("AGNCN", -10_000_001, "LT", 1.0, NOW)
-    with pytest.raises(ValueError, match="beyond the 10,000,000 shares"):
+    with pytest.raises(core.QuantityOutOfRange, match="beyond the 10,000,000 shares"):
         order(book, "x", "AGNCN", "BUY", 10_000_001)
+    for n in range(10):
+        order(book, f"big{n}", "AGNCN", "BUY", 10_000_000)
+    units, orders = list(book.totals_units), dict(book.orders)
+    with pytest.raises(core.QuantityOutOfRange, match="would have 100,000,001 shares open to BUY in LT"):
+        order(book, "big10", "AGNCN", "BUY", 1)
+    assert (book.totals_units, book.orders) == (units, orders)  # refused before anything changed
+    assert order(book, "big9", "AGNCN", "BUY", 9_999_999, status="PARTIALLY_FILLED", filled=1) == core.UPDATED  # replaces, fits
 
 
 def test_marks_and_orders_round_trip_through_json():

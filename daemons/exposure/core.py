@@ -34,9 +34,11 @@ from qe.contracts import TERMINAL_ORDER_STATUSES
 from qe.exposure_math import potential_notional
 
 MARK_SCALE = 10_000  # mark units per dollar
-# Largest position or order quantity accepted (shares). With prices below $1,000,000
-# (the contract's limit) a row value stays far inside int64.
+# Largest position or order quantity accepted (shares), and largest total open quantity
+# per symbol, side and bucket. With prices below $1,000,000 (the contract's limit, 1e10
+# mark units) every row value stays below (MAX_QTY + 2 * MAX_OPEN_QTY) * 1e10 < 2**63.
 MAX_QTY = 10_000_000
+MAX_OPEN_QTY = 10 * MAX_QTY
 NS_PER_S = 1_000_000_000
 OPEN_ORDER_STATUSES = frozenset({"PENDING_SUBMIT", "SUBMITTED", "PARTIALLY_FILLED", "PENDING_CANCEL"})
 
@@ -205,9 +207,13 @@ class Totals:
     buckets: dict[str, BucketView]
 
 
+class QuantityOutOfRange(ValueError):
+    """A quantity beyond what the book accepts; raised before anything is changed."""
+
+
 def _check_qty(qty: int) -> None:
     if not -MAX_QTY <= qty <= MAX_QTY:
-        raise ValueError(f"quantity {qty} is beyond the {MAX_QTY:,} shares this book accepts")
+        raise QuantityOutOfRange(f"quantity {qty} is beyond the {MAX_QTY:,} shares this book accepts")
 
 
 def _pct(units: int, equity: float) -> float:
@@ -316,6 +322,11 @@ class ExposureBook:
         new = OpenOrder(order_ref, symbol, side, bucket, open_qty, filled_qty)
         if new == old:
             return UNCHANGED
+        open_after = self._open_qty(symbol, side, bucket) + open_qty
+        if old is not None and (old.symbol, old.side, old.bucket) == (symbol, side, bucket):
+            open_after -= old.open_qty
+        if open_after > MAX_OPEN_QTY:
+            raise QuantityOutOfRange(f"{symbol} would have {open_after:,} shares open to {side} in {bucket}; at most {MAX_OPEN_QTY:,}")
         self.orders[order_ref] = new
         if old is not None:
             self._add_open(old, -1, now_ns)
@@ -483,6 +494,13 @@ class ExposureBook:
             return True
         base = state.slot * self.row_width + self.buy_at
         return any(self.rows[base : base + 2 * len(self.bucket_names)])
+
+    def _open_qty(self, symbol: str, side: str, bucket: str) -> int:
+        state = self.known.get(symbol)
+        if state is None or state.slot < 0:
+            return 0
+        offset = self.buy_at if side == "BUY" else self.sell_at
+        return self.rows[state.slot * self.row_width + offset + self.bucket_index[bucket]]
 
     def _add_open(self, order: OpenOrder, sign: int, now_ns: int) -> None:
         state = self.known.get(order.symbol)

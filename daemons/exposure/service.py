@@ -163,10 +163,12 @@ class ExposureHandler:
                 effects.hset(MARKS_KEY, {payload.symbol: _dumps(book.known[payload.symbol].mark_inputs().to_json())})
                 self._changed(event, always_material=False)
         elif kind == "position":
-            if abs(payload.qty) > core.MAX_QTY:
-                self._ignore(event, "qty_out_of_range", qty=payload.qty)
+            try:
+                changed = book.set_position(payload.symbol, payload.qty, payload.bucket, payload.avg_cost, now_ns)
+            except core.QuantityOutOfRange as exc:
+                self._ignore(event, "qty_out_of_range", error=str(exc))
                 return
-            if book.set_position(payload.symbol, payload.qty, payload.bucket, payload.avg_cost, now_ns):
+            if changed:
                 if payload.qty == 0:
                     effects.hdel(POSITIONS_KEY, payload.symbol)
                 else:
@@ -185,12 +187,13 @@ class ExposureHandler:
 
     def _handle_order(self, event: Envelope, order: Any, effects: Effects, now_ns: int) -> None:
         open_qty = core.open_quantity(order.qty, order.filled_qty, order.remaining_qty)
-        if open_qty > core.MAX_QTY:
-            self._ignore(event, "qty_out_of_range", qty=open_qty)
+        try:
+            outcome = self.book.apply_order(
+                order.order_ref, order.symbol, order.side, order.bucket, order.status, open_qty, order.filled_qty, now_ns
+            )
+        except core.QuantityOutOfRange as exc:
+            self._ignore(event, "qty_out_of_range", order_ref=order.order_ref, error=str(exc))
             return
-        outcome = self.book.apply_order(
-            order.order_ref, order.symbol, order.side, order.bucket, order.status, open_qty, order.filled_qty, now_ns
-        )
         if outcome in (core.OPENED, core.UPDATED):
             effects.hset(ORDERS_KEY, {order.order_ref: _dumps(self.book.orders[order.order_ref].to_json())})
             self._changed(event, always_material=True)
