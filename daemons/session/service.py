@@ -50,6 +50,8 @@ class SessionHandler:
             self.calendar = ExchangeCalendarAdapter(self.rules.calendar)
         except UnknownCalendar as exc:
             config.exit_config_error("qe-session", f"{context.settings.rules_file}:\n  session.calendar: {exc}")
+        # Build the calendar now (slow once), not in the first tick.
+        self.calendar.day(local_date(utc_from_ns(context.clock.now_ns()), self.rules))
         self._last_second: int | None = None
         self._last_regime: str | None = None
 

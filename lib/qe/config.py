@@ -275,7 +275,8 @@ class RiskRules(Section):
 
     @model_validator(mode="after")
     def _regime_tolerances_within_hard_cap(self) -> "RiskRules":
-        for name, regime in self.session.regimes.items():
+        for name in REGIME_NAMES:
+            regime = self.session.regimes[name]
             if regime.gross_tolerance_pct > self.exposure.hard_cap_pct:
                 raise ValueError(
                     f"session.regimes.{name}.gross_tolerance_pct ({regime.gross_tolerance_pct:g}) is above "

@@ -176,7 +176,11 @@ class SymbolExposure(Payload):
 
 class Exposure(Payload):
     status: Literal["ok", "error"] = "ok"
-    error: str | None = None  # e.g. equity <= 0: no percentages can be given
+    error: str | None = None  # e.g. equity <= 0: no percentages can be given (and buckets is empty)
+    # "full": `symbols` holds every symbol with a position or open order (periodic).
+    # "changed": only the entries changed since the previous publication; a symbol
+    # that went flat appears once with qty 0 and no open orders.
+    detail: Literal["full", "changed"] = "full"
     equity: float
     long_notional: NonNegativeFloat
     short_notional: NonNegativeFloat

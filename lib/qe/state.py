@@ -12,6 +12,7 @@ import redis
 from .contracts import Envelope
 
 EXPOSURE = "state:exposure"
+EXPOSURE_SYMBOLS = "state:exposure:symbols"  # field per symbol: its SymbolExposure JSON
 POSITIONS = "state:positions"
 SESSION = "state:session"
 ORDERS = "state:orders"
