@@ -72,14 +72,27 @@ def feature_events(r: redis.Redis) -> list[tuple[str, dict]]:
     return [(f[b"idk"].decode(), json.loads(f[b"event"])) for _id, f in r.xrange("ev.features")]
 
 
+SPAWNED: list[DaemonProcess] = []
+
+
 @pytest.fixture
 def rules_path(tmp_path: Path) -> Path:
     return write_rules(tmp_path, runtime={"block_ms": 200, "batch_size": 50, "backoff_base_s": 0.05, "backoff_cap_s": 0.5})
 
 
+@pytest.fixture(autouse=True)
+def spawned():
+    """Every daemon a test starts is killed at teardown, even when the test fails."""
+    yield SPAWNED
+    while SPAWNED:
+        SPAWNED.pop().kill()
+
+
 def start_worker(redis_url: str, rules_path: Path, tmp_path: Path, name: str = "prints.log") -> DaemonProcess:
     env = daemon_env(redis_url, QE_CONFIG=rules_path, QE_CONSUMER_NAME="prints-1")
-    return DaemonProcess(console_script("qe-prints"), env, tmp_path / name).start()
+    process = DaemonProcess(console_script("qe-prints"), env, tmp_path / name).start()
+    SPAWNED.append(process)
+    return process
 
 
 def processed(r: redis.Redis) -> int:

@@ -18,7 +18,6 @@ import logging
 from typing import Any
 
 import redis
-from prometheus_client import Counter
 
 from qe import daemon as qe_daemon
 from qe import metrics
@@ -35,19 +34,6 @@ GROUP = "prints"
 SOURCE = "prints"
 BUFFER_KEY = "state:prints:buffer:{symbol}"
 FEATURES_KEY = "state:features:{symbol}"
-
-prints_duplicate = Counter(
-    "qe_prints_duplicate_total", "Prints skipped because their idempotency key was already seen", registry=metrics.REGISTRY
-)
-prints_too_old = Counter(
-    "qe_prints_too_old_total", "Prints older than everything a full buffer holds (cannot change a window)",
-    registry=metrics.REGISTRY,
-)
-prints_unknown_venue = Counter(
-    "qe_prints_unknown_venue_total", "Prints on a venue in neither venue list", ["venue"], registry=metrics.REGISTRY
-)
-truth_ticks = Counter("qe_truth_ticks_total", "Prints classified as truth ticks", registry=metrics.REGISTRY)
-
 
 def _window(result: WindowResult) -> GrpanWindow:
     return GrpanWindow(
@@ -130,19 +116,19 @@ class PrintsHandler:
             prints = self.symbols[symbol] = SymbolPrints(self.rules)
         record = prints.record(event.idempotency_key, payload.price, payload.size, payload.venue, payload.trade_ts_ns)
         if not self.rules.is_known_venue(record.venue):
-            prints_unknown_venue.labels(record.venue).inc()
+            metrics.prints_unknown_venue.labels(record.venue).inc()
             if record.venue not in self.warned_venues:
                 self.warned_venues.add(record.venue)
                 log.warning("print on an unknown venue", extra={"venue": record.venue, "symbol": symbol})
         added, evicted = prints.add(record)
         if not added:
             if record.key in prints.keys:
-                prints_duplicate.inc()
+                metrics.prints_duplicate.inc()
             else:
-                prints_too_old.inc()
+                metrics.prints_too_old.inc()
             return
         if record.truth:
-            truth_ticks.inc()
+            metrics.truth_ticks.inc()
         buffer_key = BUFFER_KEY.format(symbol=symbol)
         effects.command("RPUSH", buffer_key, _encode_print(record))
         if evicted is not None:
