@@ -1,0 +1,845 @@
+"""The "broker": account, orders and matching against the simulated market.
+
+Plain state machine, no I/O. Every request returns a list of events (order
+updates, fills, errors, position and market changes) that the server turns into
+TWS API messages for the right sessions. Orders live here, not in a session, so
+they survive client disconnects and simulated gateway restarts, exactly like
+orders that are live "at the broker".
+
+Statuses are IB's: PreSubmitted, Submitted, Filled, Cancelled, Inactive (rejected).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+from zoneinfo import ZoneInfo
+
+from .contracts import Catalogue
+from .market import Market, PrintEvent, QuoteEvent
+from .protocol import ContractInfo, ExecFields, ExecFilter, OrderFields, PlaceOrder
+
+NEW_YORK = ZoneInfo("America/New_York")
+LIVE_STATUSES = frozenset({"PreSubmitted", "Submitted"})
+SUPPORTED_TIFS = frozenset({"DAY", "GTC", "IOC"})
+
+
+# ----------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class OrderUpdate:
+    """openOrder (when ``open_order``) and orderStatus for one order, as of now."""
+
+    client_id: int
+    order_id: int
+    perm_id: int
+    snapshot: OrderFields
+    open_order: bool
+    ack: bool  # synchronous answer to the client's own request (subject to ack faults)
+
+
+@dataclass(frozen=True)
+class FillReport:
+    client_id: int
+    order_id: int
+    perm_id: int
+    contract: ContractInfo
+    execution: ExecFields
+    commission: float
+    realized_pnl: float | None
+
+
+@dataclass(frozen=True)
+class OrderError:
+    client_id: int
+    order_id: int
+    perm_id: int
+    code: int
+    text: str
+    ack: bool
+
+
+@dataclass(frozen=True)
+class PositionChange:
+    symbol: str
+
+
+@dataclass(frozen=True)
+class MarketChange:
+    event: QuoteEvent | PrintEvent
+
+
+BrokerEvent = OrderUpdate | FillReport | OrderError | PositionChange | MarketChange
+
+
+# ---------------------------------------------------------------- domain records
+
+
+@dataclass
+class Order:
+    client_id: int
+    order_id: int
+    perm_id: int
+    contract: ContractInfo
+    action: str  # BUY / SELL
+    total_qty: int
+    order_type: str  # LMT / MKT
+    lmt: int | None  # cents
+    tif: str
+    hidden: bool
+    order_ref: str
+    account: str
+    outside_rth: bool
+    display_size: int
+    parent_id: int
+    status: str = "PendingSubmit"
+    filled: int = 0
+    notional_filled: float = 0.0
+    last_fill_price: float = 0.0
+    created_ns: int = 0
+    updated_ns: int = 0
+    held: bool = False  # forced partial fill: wait for the next market change
+    reject_reason: str = ""
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def symbol(self) -> str:
+        return self.contract.symbol
+
+    @property
+    def is_buy(self) -> bool:
+        return self.action == "BUY"
+
+    @property
+    def remaining(self) -> int:
+        return self.total_qty - self.filled
+
+    @property
+    def is_live(self) -> bool:
+        return self.status in LIVE_STATUSES
+
+    @property
+    def avg_fill_price(self) -> float:
+        return self.notional_filled / self.filled if self.filled else 0.0
+
+    def fields(self, completed_time: str = "", completed_status: str = "") -> OrderFields:
+        return OrderFields(
+            order_id=self.order_id,
+            client_id=self.client_id,
+            perm_id=self.perm_id,
+            contract=self.contract,
+            action=self.action,
+            total_quantity=float(self.total_qty),
+            order_type=self.order_type,
+            lmt_price=None if self.lmt is None else self.lmt / 100,
+            aux_price=0.0,
+            tif=self.tif,
+            account=self.account,
+            order_ref=self.order_ref,
+            outside_rth=self.outside_rth,
+            hidden=self.hidden,
+            display_size=self.display_size,
+            parent_id=self.parent_id,
+            status=self.status,
+            filled=float(self.filled),
+            remaining=float(self.remaining),
+            avg_fill_price=round(self.avg_fill_price, 8),
+            last_fill_price=self.last_fill_price,
+            completed_time=completed_time,
+            completed_status=completed_status,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Referee view: everything about the order, including its history."""
+        return {
+            "order_ref": self.order_ref,
+            "client_id": self.client_id,
+            "order_id": self.order_id,
+            "perm_id": self.perm_id,
+            "symbol": self.symbol,
+            "action": self.action,
+            "total_qty": self.total_qty,
+            "order_type": self.order_type,
+            "lmt_price": None if self.lmt is None else self.lmt / 100,
+            "tif": self.tif,
+            "hidden": self.hidden,
+            "account": self.account,
+            "status": self.status,
+            "filled": self.filled,
+            "remaining": self.remaining,
+            "avg_fill_price": round(self.avg_fill_price, 6),
+            "reject_reason": self.reject_reason,
+            "created_ns": self.created_ns,
+            "updated_ns": self.updated_ns,
+            "history": list(self.history),
+        }
+
+
+@dataclass
+class Execution:
+    exec_id: str
+    perm_id: int
+    client_id: int
+    order_id: int
+    order_ref: str
+    symbol: str
+    side: str  # BOT / SLD
+    shares: int
+    price: float
+    ts_ns: int
+    cum_qty: int
+    avg_price: float
+    exchange: str
+    liquidity: int  # 1 added, 2 removed
+    commission: float
+    realized_pnl: float | None
+    account: str
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "exec_id": self.exec_id,
+            "perm_id": self.perm_id,
+            "client_id": self.client_id,
+            "order_id": self.order_id,
+            "order_ref": self.order_ref,
+            "symbol": self.symbol,
+            "side": self.side,
+            "shares": self.shares,
+            "price": self.price,
+            "ts_ns": self.ts_ns,
+            "cum_qty": self.cum_qty,
+            "avg_price": round(self.avg_price, 6),
+            "exchange": self.exchange,
+            "liquidity": "added" if self.liquidity == 1 else "removed",
+            "commission": self.commission,
+            "realized_pnl": self.realized_pnl,
+            "account": self.account,
+        }
+
+
+@dataclass
+class Position:
+    symbol: str
+    qty: int = 0
+    avg_cost: float = 0.0  # per share, commissions included (as IB reports it)
+    realized_pnl: float = 0.0
+    bucket: str = "LT"
+
+
+@dataclass
+class Faults:
+    """Order-path faults armed through the control API."""
+
+    reject_next: int = 0
+    reject_code: int = 201
+    reject_text: str = "Order rejected - reason:Simulated rejection"
+    partial_next: int = 0
+    partial_max_qty: int | None = None
+    partial_fraction: float | None = None
+    delay_acks_next: int = 0
+    delay_acks_seconds: float = 0.0
+    drop_acks_next: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class CommissionModel:
+    """IB fixed-rate style: per share, with a per-execution minimum and a 1 % cap."""
+
+    per_share: float = 0.005
+    minimum: float = 1.0
+    max_pct_of_value: float = 0.01
+
+    def commission(self, shares: int, price: float) -> float:
+        fee = max(self.minimum, self.per_share * shares)
+        fee = min(fee, self.max_pct_of_value * shares * price) if shares * price > 0 else fee
+        return round(fee, 4)
+
+
+class Account:
+    """Cash, positions and P&L of the one simulated account."""
+
+    def __init__(self, account_id: str, cash: float, currency: str = "USD") -> None:
+        self.account_id = account_id
+        self.currency = currency
+        self.cash = cash
+        self.positions: dict[str, Position] = {}
+        self.realized_pnl = 0.0
+        self.commissions = 0.0
+
+    def set_position(self, symbol: str, qty: int, avg_cost: float, bucket: str) -> None:
+        self.positions[symbol] = Position(symbol, qty, avg_cost, 0.0, bucket)
+
+    def apply_fill(self, symbol: str, buy: bool, qty: int, price: float, commission: float, bucket: str) -> float | None:
+        """Book one execution; returns the realized P&L it produced (None if it only opened)."""
+        pos = self.positions.get(symbol)
+        if pos is None:
+            pos = self.positions[symbol] = Position(symbol, bucket=bucket)
+        signed = qty if buy else -qty
+        self.cash -= signed * price + commission
+        self.commissions += commission
+        realized: float | None = None
+        closing = 0
+        if pos.qty and (pos.qty > 0) != buy:
+            closing = min(qty, abs(pos.qty))
+        opening = qty - closing
+        if closing:
+            closing_fee = commission * closing / qty
+            if pos.qty > 0:
+                realized = (price - pos.avg_cost) * closing - closing_fee
+            else:
+                realized = (pos.avg_cost - price) * closing - closing_fee
+            pos.qty += closing if buy else -closing
+            pos.realized_pnl += realized
+            self.realized_pnl += realized
+            if pos.qty == 0:
+                pos.avg_cost = 0.0
+        if opening:
+            opening_fee = commission * opening / qty
+            # Long cost includes fees; short "cost" is proceeds net of fees (IB convention).
+            unit = price + opening_fee / opening if buy else price - opening_fee / opening
+            held = abs(pos.qty)
+            pos.avg_cost = (pos.avg_cost * held + unit * opening) / (held + opening)
+            pos.qty += opening if buy else -opening
+        return None if realized is None else round(realized, 4)
+
+    def values(self, marks: dict[str, float]) -> dict[str, float]:
+        long_mv = short_mv = unrealized = 0.0
+        for symbol, pos in self.positions.items():
+            if not pos.qty:
+                continue
+            mark = marks.get(symbol, pos.avg_cost)
+            value = pos.qty * mark
+            if pos.qty > 0:
+                long_mv += value
+            else:
+                short_mv += -value
+            unrealized += pos.qty * (mark - pos.avg_cost)
+        net_liq = self.cash + long_mv - short_mv
+        gross = long_mv + short_mv
+        # Reg T style: 50 % initial on both sides; 25 % / 30 % maintenance long / short.
+        init_margin = 0.5 * gross
+        maint_margin = 0.25 * long_mv + 0.30 * short_mv
+        available = net_liq - init_margin
+        excess = net_liq - maint_margin
+        return {
+            "NetLiquidation": net_liq,
+            "EquityWithLoanValue": net_liq,
+            "TotalCashValue": self.cash,
+            "CashBalance": self.cash,
+            "GrossPositionValue": gross,
+            "StockMarketValue": long_mv - short_mv,
+            "LongMarketValue": long_mv,
+            "ShortMarketValue": -short_mv,
+            "InitMarginReq": init_margin,
+            "MaintMarginReq": maint_margin,
+            "FullInitMarginReq": init_margin,
+            "FullMaintMarginReq": maint_margin,
+            "AvailableFunds": available,
+            "FullAvailableFunds": available,
+            "ExcessLiquidity": excess,
+            "FullExcessLiquidity": excess,
+            "BuyingPower": max(0.0, 4 * available),
+            "Cushion": excess / net_liq if net_liq else 0.0,
+            "Leverage": gross / net_liq if net_liq else 0.0,
+            "UnrealizedPnL": unrealized,
+            "RealizedPnL": self.realized_pnl,
+        }
+
+
+# ------------------------------------------------------------------------ broker
+
+
+class Broker:
+    def __init__(
+        self,
+        account: Account,
+        market: Market,
+        catalogue: Catalogue,
+        *,
+        buckets: dict[str, str] | None = None,
+        now_ns: Callable[[], int],
+        exec_id_prefix: str,
+        perm_id_base: int,
+        commission: CommissionModel | None = None,
+        fill_on_prints: bool = True,
+    ) -> None:
+        self.account = account
+        self.market = market
+        self.catalogue = catalogue
+        self.buckets = buckets or {}
+        self.now_ns = now_ns
+        self.exec_id_prefix = exec_id_prefix
+        self.next_perm_id = perm_id_base
+        self.exec_seq = 0
+        self.commission_model = commission or CommissionModel()
+        self.fill_on_prints = fill_on_prints
+        self.faults = Faults()
+        self.orders: dict[tuple[int, int], Order] = {}  # (client_id, order_id)
+        self.by_perm_id: dict[int, Order] = {}
+        self.rejected: list[Order] = []  # placeOrder requests refused outright
+        self.executions: list[Execution] = []
+        self.live_by_symbol: dict[str, list[Order]] = {}
+        # Referee log: every order-path request in arrival order, with its outcome.
+        self.requests: list[dict[str, Any]] = []
+
+    # ---------------------------------------------------------------- queries
+
+    def next_order_id(self, client_id: int) -> int:
+        used = [oid for (cid, oid) in self.orders if cid == client_id]
+        used += [o.order_id for o in self.rejected if o.client_id == client_id]
+        return max(used, default=0) + 1
+
+    def marks(self) -> dict[str, float]:
+        return {symbol: book.mid / 100 for symbol, book in self.market.books.items()}
+
+    def mark(self, symbol: str) -> float:
+        return self.market.books[symbol].mid / 100
+
+    def open_orders(self, client_id: int | None = None) -> list[Order]:
+        return [
+            o
+            for o in sorted(self.orders.values(), key=lambda o: o.perm_id)
+            if o.is_live and (client_id is None or o.client_id == client_id)
+        ]
+
+    def completed_orders(self) -> list[Order]:
+        done = [o for o in self.orders.values() if not o.is_live]
+        return sorted(done + self.rejected, key=lambda o: (o.updated_ns, o.perm_id))
+
+    def all_orders(self) -> list[Order]:
+        return sorted(list(self.orders.values()) + self.rejected, key=lambda o: (o.created_ns, o.perm_id))
+
+    def find_executions(self, flt: ExecFilter) -> list[Execution]:
+        since_ns = parse_exec_filter_time(flt.time) if flt.time else None
+        result = []
+        for e in self.executions:
+            if flt.client_id and e.client_id != flt.client_id:
+                continue
+            if flt.account and flt.account != e.account:
+                continue
+            if flt.symbol and flt.symbol.upper() != e.symbol:
+                continue
+            if flt.sec_type and flt.sec_type.upper() != "STK":
+                continue
+            if flt.exchange and flt.exchange.upper() not in (e.exchange, "SMART"):
+                continue
+            if flt.side and flt.side.upper()[0] != ("B" if e.side == "BOT" else "S"):
+                continue
+            if since_ns is not None and e.ts_ns < since_ns:
+                continue
+            result.append(e)
+        return result
+
+    def portfolio(self) -> list[tuple[ContractInfo, Position, float]]:
+        rows = []
+        for symbol, pos in self.account.positions.items():
+            info = self.catalogue.get(symbol)
+            if info is not None:
+                rows.append((info, pos, self.mark(symbol)))
+        return rows
+
+    def account_values(self) -> dict[str, float]:
+        return self.account.values(self.marks())
+
+    # --------------------------------------------------------------- requests
+
+    def place(self, client_id: int, req: PlaceOrder, info: ContractInfo | None) -> list[BrokerEvent]:
+        now = self.now_ns()
+        key = (client_id, req.order_id)
+        existing = self.orders.get(key)
+        if existing is not None:
+            events = self._modify(existing, req, info, now)
+        else:
+            events = self._new_order(client_id, req, info, now)
+        record = self._request_record("modify" if existing is not None else "place", req, now)
+        self._log_request(record, client_id, req.order_id, events)
+        return events
+
+    def _log_request(self, record: dict[str, Any], client_id: int, order_id: int, events: list[BrokerEvent]) -> None:
+        record = dict(record, client_id=client_id, order_id=order_id)
+        errors = [(e.code, e.text) for e in events if isinstance(e, OrderError) and e.order_id == order_id and e.code != 202]
+        record["result"] = "error" if errors else "ok"
+        if errors:
+            record["code"], record["text"] = errors[0]
+        order = self.orders.get((client_id, order_id))
+        if order is not None:
+            record.setdefault("order_ref", order.order_ref)
+            record["perm_id"] = order.perm_id
+        self.requests.append(record)
+
+    def _request_record(self, event: str, req: PlaceOrder, now: int) -> dict[str, Any]:
+        return {
+            "ts_ns": now,
+            "event": event,
+            "action": req.action,
+            "qty": req.total_quantity,
+            "order_type": req.order_type,
+            "lmt_price": None if req.lmt_price >= 1e300 else req.lmt_price,
+            "tif": req.tif,
+            "hidden": req.hidden,
+            "order_ref": req.order_ref,
+            "symbol": req.contract.symbol,
+        }
+
+    def _reject(self, client_id: int, req: PlaceOrder, info: ContractInfo | None, code: int, text: str, now: int) -> list[BrokerEvent]:
+        placeholder = info or ContractInfo(con_id=0, symbol=req.contract.symbol or "?")
+        order = Order(
+            client_id=client_id,
+            order_id=req.order_id,
+            perm_id=0,
+            contract=placeholder,
+            action=req.action,
+            total_qty=int(req.total_quantity) if math.isfinite(req.total_quantity) else 0,
+            order_type=req.order_type,
+            lmt=None,
+            tif=req.tif,
+            hidden=req.hidden,
+            order_ref=req.order_ref,
+            account=req.account or self.account.account_id,
+            outside_rth=req.outside_rth,
+            display_size=req.display_size,
+            parent_id=req.parent_id,
+            status="Inactive",
+            created_ns=now,
+            updated_ns=now,
+            reject_reason=f"{code} {text}",
+        )
+        order.history.append(self._request_record("place", req, now))
+        order.history.append({"ts_ns": now, "event": "rejected", "code": code, "text": text})
+        self.rejected.append(order)
+        return [OrderError(client_id, req.order_id, 0, code, text, ack=True)]
+
+    def _validate(self, req: PlaceOrder, info: ContractInfo | None) -> tuple[int, str] | None:
+        if info is None:
+            return 200, "No security definition has been found for the request"
+        if req.action not in ("BUY", "SELL", "SSHORT"):
+            return 321, f"Error validating request.-'bN' : cause - Invalid side: {req.action!r}"
+        qty = req.total_quantity
+        if not math.isfinite(qty) or qty == 0:
+            return 434, "The order size cannot be zero."
+        if qty < 0 or not float(qty).is_integer():
+            return 321, f"Error validating request.-'bO' : cause - Invalid order size: {qty}"
+        if req.order_type not in ("LMT", "MKT"):
+            return 387, f"Unsupported order type for this exchange and security type: {req.order_type!r}"
+        if req.order_type == "LMT":
+            if req.lmt_price >= 1e300 or req.lmt_price <= 0:
+                return 201, "Order rejected - reason:The limit price is missing or not positive"
+            cents = req.lmt_price * 100
+            if abs(cents - round(cents)) > 1e-6:
+                return 110, "The price does not conform to the minimum price variation for this contract."
+        tif = req.tif or "DAY"
+        if tif not in SUPPORTED_TIFS:
+            return 201, f"Order rejected - reason:Time in force {tif!r} is not supported"
+        if req.account and req.account != self.account.account_id:
+            return 201, f"Order rejected - reason:Invalid account code {req.account!r}"
+        return None
+
+    def _new_order(self, client_id: int, req: PlaceOrder, info: ContractInfo | None, now: int) -> list[BrokerEvent]:
+        if req.order_id <= 0:
+            return self._reject(client_id, req, info, 321, "Error validating request.-'bO' : cause - Invalid order id", now)
+        problem = self._validate(req, info)
+        if problem is not None:
+            return self._reject(client_id, req, info, *problem, now)
+        if self.faults.reject_next > 0:
+            self.faults.reject_next -= 1
+            return self._reject(client_id, req, info, self.faults.reject_code, self.faults.reject_text, now)
+        assert info is not None
+        order = Order(
+            client_id=client_id,
+            order_id=req.order_id,
+            perm_id=self.next_perm_id,
+            contract=info,
+            action="SELL" if req.action == "SSHORT" else req.action,
+            total_qty=int(req.total_quantity),
+            order_type=req.order_type,
+            lmt=round(req.lmt_price * 100) if req.order_type == "LMT" else None,
+            tif=req.tif or "DAY",
+            hidden=req.hidden,
+            order_ref=req.order_ref,
+            account=self.account.account_id,
+            outside_rth=req.outside_rth,
+            display_size=req.display_size,
+            parent_id=req.parent_id,
+            created_ns=now,
+            updated_ns=now,
+        )
+        self.next_perm_id += 1
+        order.history.append(self._request_record("place", req, now))
+        self.orders[(client_id, req.order_id)] = order
+        self.by_perm_id[order.perm_id] = order
+        self.live_by_symbol.setdefault(order.symbol, []).append(order)
+
+        events: list[BrokerEvent] = []
+        # Like the real gateway: PreSubmitted first, then Submitted once "at the exchange".
+        order.status = "PreSubmitted"
+        events.append(self._update(order, open_order=True, ack=True))
+        order.status = "Submitted"
+        events.append(self._update(order, open_order=True, ack=True))
+
+        partial_cap = None
+        if self.faults.partial_next > 0:
+            self.faults.partial_next -= 1
+            partial_cap = self._partial_cap(order.total_qty)
+        events += self._match_aggressive(order, cap=partial_cap)
+        if partial_cap is not None and order.is_live and order.filled:
+            order.held = True
+            order.history.append({"ts_ns": now, "event": "forced_partial", "filled": order.filled})
+        events += self._expire_ioc(order)
+        return events
+
+    def _partial_cap(self, qty: int) -> int:
+        cap = qty
+        if self.faults.partial_max_qty is not None:
+            cap = min(cap, int(self.faults.partial_max_qty))
+        if self.faults.partial_fraction is not None:
+            cap = min(cap, int(qty * float(self.faults.partial_fraction)))
+        return max(1, min(cap, qty - 1)) if qty > 1 else qty
+
+    def _modify(self, order: Order, req: PlaceOrder, info: ContractInfo | None, now: int) -> list[BrokerEvent]:
+        order.history.append(self._request_record("modify", req, now))
+        if not order.is_live:
+            if order.status == "Filled":
+                code, text = 104, "Can't modify a filled order."
+            else:
+                code, text = 103, f"Duplicate order id {req.order_id} (order is {order.status})"
+            order.history.append({"ts_ns": now, "event": "modify_rejected", "code": code, "text": text})
+            return [OrderError(order.client_id, order.order_id, order.perm_id, code, text, ack=True)]
+        problem = self._validate(req, info)
+        if problem is None and info is not None and info.con_id != order.contract.con_id:
+            problem = (105, "Order being modified does not match original order.")
+        action = "SELL" if req.action == "SSHORT" else req.action
+        if problem is None and action != order.action:
+            problem = (105, "Order being modified does not match original order.")
+        if problem is None and int(req.total_quantity) <= order.filled:
+            problem = (105, f"Order being modified does not match original order: quantity {req.total_quantity} is not above filled {order.filled}")
+        if problem is not None:
+            code, text = problem
+            order.history.append({"ts_ns": now, "event": "modify_rejected", "code": code, "text": text})
+            return [OrderError(order.client_id, order.order_id, order.perm_id, code, text, ack=True)]
+        order.total_qty = int(req.total_quantity)
+        order.order_type = req.order_type
+        order.lmt = round(req.lmt_price * 100) if req.order_type == "LMT" else None
+        order.tif = req.tif or order.tif
+        order.hidden = req.hidden
+        order.display_size = req.display_size
+        order.outside_rth = req.outside_rth
+        if req.order_ref:
+            order.order_ref = req.order_ref
+        order.updated_ns = now
+        order.status = "Submitted"
+        events: list[BrokerEvent] = [self._update(order, open_order=True, ack=True)]
+        if not order.held:
+            events += self._match_aggressive(order)
+        events += self._expire_ioc(order)
+        return events
+
+    def cancel(self, client_id: int, order_id: int, reason: str = "cancel") -> list[BrokerEvent]:
+        events = self._cancel(client_id, order_id, reason)
+        self._log_request({"ts_ns": self.now_ns(), "event": reason}, client_id, order_id, events)
+        return events
+
+    def _cancel(self, client_id: int, order_id: int, reason: str) -> list[BrokerEvent]:
+        now = self.now_ns()
+        order = self.orders.get((client_id, order_id))
+        if order is None:
+            return [OrderError(client_id, order_id, 0, 10147, f"OrderId {order_id} that needs to be cancelled is not found.", ack=True)]
+        order.history.append({"ts_ns": now, "event": reason})
+        if not order.is_live:
+            text = f"OrderId {order_id} that needs to be cancelled cannot be cancelled, state: {order.status}."
+            return [OrderError(client_id, order_id, order.perm_id, 10148, text, ack=True)]
+        return self._cancelled(order, now, ack=True)
+
+    def _cancelled(self, order: Order, now: int, ack: bool, text: str = "Order Canceled - reason:") -> list[BrokerEvent]:
+        order.status = "Cancelled"
+        order.updated_ns = now
+        order.held = False
+        self._drop_live(order)
+        order.history.append({"ts_ns": now, "event": "cancelled", "filled": order.filled})
+        return [
+            OrderError(order.client_id, order.order_id, order.perm_id, 202, text, ack=ack),
+            self._update(order, open_order=False, ack=ack),
+        ]
+
+    def global_cancel(self, client_id: int = -1) -> list[BrokerEvent]:
+        events: list[BrokerEvent] = []
+        now = self.now_ns()
+        self.requests.append({"ts_ns": now, "event": "global_cancel", "client_id": client_id,
+                              "cancelled": [o.perm_id for o in self.open_orders()], "result": "ok"})
+        for order in self.open_orders():
+            order.history.append({"ts_ns": now, "event": "global_cancel"})
+            events += self._cancelled(order, now, ack=True)
+        return events
+
+    # ----------------------------------------------------------------- market
+
+    def on_market(self, event: QuoteEvent | PrintEvent) -> list[BrokerEvent]:
+        """A market change from outside the broker: resting orders may now trade."""
+        resting = self.live_by_symbol.get(event.symbol)
+        if not resting:
+            return []
+        events: list[BrokerEvent] = []
+        if isinstance(event, QuoteEvent):
+            for order in list(resting):
+                if not order.is_live:
+                    continue
+                if order.held:
+                    order.held = False  # the market moved: the forced partial is over
+                events += self._match_passive(order)
+        elif self.fill_on_prints and not event.own_fill:
+            for order in list(resting):
+                if not order.is_live or order.held or order.lmt is None:
+                    continue
+                through = event.price <= order.lmt if order.is_buy else event.price >= order.lmt
+                if through:
+                    qty = min(order.remaining, event.size)
+                    events += self._execute(order, [(order.lmt, qty)], liquidity=1, exchange=event.venue)
+        return events
+
+    def _match_aggressive(self, order: Order, cap: int | None = None) -> list[BrokerEvent]:
+        """A new or modified order takes what the displayed book offers up to its limit."""
+        if not order.is_live:
+            return []
+        qty = order.remaining if cap is None else min(cap, order.remaining)
+        slices, quote = self.market.consume(order.symbol, order.is_buy, qty, order.lmt)
+        if not slices:
+            return []
+        events: list[BrokerEvent] = []
+        if quote is not None:
+            events.append(MarketChange(quote))
+        events += self._execute(order, slices, liquidity=2)
+        return events
+
+    def _match_passive(self, order: Order) -> list[BrokerEvent]:
+        """A resting order the market has come to: fills at its own limit, against the
+        displayed size of the one level that crossed it (the rest waits for the next change)."""
+        slices, quote = self.market.consume(order.symbol, order.is_buy, order.remaining, order.lmt, max_levels=1)
+        if not slices:
+            return []
+        events: list[BrokerEvent] = []
+        if quote is not None:
+            events.append(MarketChange(quote))
+        if order.lmt is not None:
+            slices = [(order.lmt, qty) for _, qty in slices]
+            liquidity = 1
+        else:
+            liquidity = 2
+        events += self._execute(order, slices, liquidity=liquidity)
+        return events
+
+    def _expire_ioc(self, order: Order) -> list[BrokerEvent]:
+        if order.tif == "IOC" and order.is_live:
+            return self._cancelled(order, self.now_ns(), ack=False, text="Order Canceled - reason:IOC remainder")
+        return []
+
+    def _execute(self, order: Order, slices: list[tuple[int, int]], liquidity: int, exchange: str | None = None) -> list[BrokerEvent]:
+        events: list[BrokerEvent] = []
+        for price_c, qty in slices:
+            if qty <= 0 or not order.is_live:
+                continue
+            qty = min(qty, order.remaining)
+            now = self.now_ns()
+            price = price_c / 100
+            tape = self.market.fill_print(order.symbol, price_c, qty)
+            venue = exchange or tape.venue
+            if exchange:
+                tape = None  # the print that filled us is already on the tape
+            commission = self.commission_model.commission(qty, price)
+            bucket = self.buckets.get(order.symbol, "LT")
+            realized = self.account.apply_fill(order.symbol, order.is_buy, qty, price, commission, bucket)
+            order.filled += qty
+            order.notional_filled += qty * price
+            order.last_fill_price = price
+            order.updated_ns = now
+            self.exec_seq += 1
+            execution = Execution(
+                exec_id=f"{self.exec_id_prefix}.{self.exec_seq:08x}.01.01",
+                perm_id=order.perm_id,
+                client_id=order.client_id,
+                order_id=order.order_id,
+                order_ref=order.order_ref,
+                symbol=order.symbol,
+                side="BOT" if order.is_buy else "SLD",
+                shares=qty,
+                price=price,
+                ts_ns=now,
+                cum_qty=order.filled,
+                avg_price=order.avg_fill_price,
+                exchange=venue,
+                liquidity=liquidity,
+                commission=commission,
+                realized_pnl=realized,
+                account=self.account.account_id,
+            )
+            self.executions.append(execution)
+            order.history.append(
+                {"ts_ns": now, "event": "fill", "exec_id": execution.exec_id, "qty": qty, "price": price, "venue": venue}
+            )
+            if order.remaining == 0:
+                order.status = "Filled"
+                self._drop_live(order)
+            events.append(
+                FillReport(order.client_id, order.order_id, order.perm_id, order.contract, exec_fields(execution), commission, realized)
+            )
+            events.append(self._update(order, open_order=order.status == "Filled", ack=False))
+            events.append(PositionChange(order.symbol))
+            if tape is not None:
+                events.append(MarketChange(tape))
+        return events
+
+    def _drop_live(self, order: Order) -> None:
+        resting = self.live_by_symbol.get(order.symbol)
+        if resting and order in resting:
+            resting.remove(order)
+
+    def _update(self, order: Order, open_order: bool, ack: bool) -> OrderUpdate:
+        return OrderUpdate(order.client_id, order.order_id, order.perm_id, order.fields(), open_order, ack)
+
+
+def exec_time_text(ts_ns: int) -> str:
+    moment = datetime.fromtimestamp(ts_ns / 1e9, tz=timezone.utc).astimezone(NEW_YORK)
+    return moment.strftime("%Y%m%d %H:%M:%S") + " America/New_York"
+
+
+def exec_fields(e: Execution) -> ExecFields:
+    return ExecFields(
+        exec_id=e.exec_id,
+        time_text=exec_time_text(e.ts_ns),
+        account=e.account,
+        exchange=e.exchange,
+        side=e.side,
+        shares=float(e.shares),
+        price=e.price,
+        perm_id=e.perm_id,
+        client_id=e.client_id,
+        order_id=e.order_id,
+        cum_qty=float(e.cum_qty),
+        avg_price=round(e.avg_price, 8),
+        order_ref=e.order_ref,
+        last_liquidity=e.liquidity,
+    )
+
+
+def parse_exec_filter_time(text: str) -> int | None:
+    """ExecutionFilter.time: "yyyymmdd hh:mm:ss [zone]" or "yyyymmdd-hh:mm:ss" (UTC).
+
+    Without a zone the time is New York time (the gateway's zone here).
+    Returns epoch ns, or None when the text is not a time (filter ignored).
+    """
+    text = text.strip()
+    try:
+        if "-" in text[:9] and len(text) >= 17 and text[8] == "-":
+            moment = datetime.strptime(text[:17], "%Y%m%d-%H:%M:%S").replace(tzinfo=timezone.utc)
+        else:
+            parts = text.split()
+            moment = datetime.strptime(parts[0] + parts[1], "%Y%m%d%H:%M:%S")
+            zone = ZoneInfo(parts[2]) if len(parts) > 2 else NEW_YORK
+            moment = moment.replace(tzinfo=zone)
+    except (ValueError, IndexError, KeyError):
+        return None
+    return int(moment.timestamp() * 1e9)

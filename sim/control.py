@@ -1,0 +1,338 @@
+"""Control interface: referee reports and fault injection over HTTP/JSON on 127.0.0.1.
+
+Deliberately tiny (stdlib only): one request per connection, JSON in and out.
+``SimControl`` is the client used by tests, benchmarks and the demo.
+
+    GET  /state                      summary: clients, account, positions, faults, market
+    GET  /orders[?order_ref=X]       every order received, with its full history
+    GET  /fills[?order_ref=X]        every execution
+    GET  /requests[?order_ref=X]     every place/modify/cancel/global-cancel request, with its outcome
+    GET  /quote?symbol=S             the simulated top of book
+    POST /drop_connections           {"client_id": optional}
+    POST /refuse_connections         {"seconds": 5}
+    POST /restart                    {"down_seconds": 5}
+    POST /reject_next                {"n": 1, "code": 201, "text": "..."}
+    POST /delay_acks                 {"n": 1, "seconds": 3}
+    POST /drop_acks                  {"n": 1}
+    POST /partial_fills              {"n": 1, "max_qty": 100} or {"n": 1, "fraction": 0.5}
+    POST /send_code                  {"code": 1100, "text": optional, "client_id": optional}
+    POST /shock                      {"symbol": "CIM PRB" or "all", "pct": -5}
+    POST /set_quote                  {"symbol", "bid", "ask", "bid_size", "ask_size", "freeze": true}
+    POST /unfreeze                   {"symbol": optional}
+    POST /print                      {"symbol", "price", "size", "venue", "conditions"}
+    POST /config                     {"quote_rate", "print_rate", "max_tick_by_tick", ...}
+    POST /reset                      clear faults, unfreeze quotes, reconnect data/IB
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .server import SimServer
+
+log = logging.getLogger("sim.control")
+
+MAX_BODY = 1024 * 1024
+
+
+class ControlError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _num(body: dict, key: str, kind: type = float, default: Any = None, required: bool = False) -> Any:
+    if key not in body or body[key] is None:
+        if required:
+            raise ControlError(400, f"missing '{key}'")
+        return default
+    try:
+        return kind(body[key])
+    except (TypeError, ValueError):
+        raise ControlError(400, f"'{key}' must be a {kind.__name__}") from None
+
+
+class ControlServer:
+    def __init__(self, sim: "SimServer") -> None:
+        self.sim = sim
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self.server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        status, payload = 500, {"error": "internal error"}
+        try:
+            request_line = (await asyncio.wait_for(reader.readline(), 10)).decode("latin-1").strip()
+            method, target, _ = (request_line.split(" ") + ["", "", ""])[:3]
+            length = 0
+            while True:
+                line = (await asyncio.wait_for(reader.readline(), 10)).decode("latin-1").strip()
+                if not line:
+                    break
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value.strip() or 0)
+            if length > MAX_BODY:
+                raise ControlError(413, "body too large")
+            raw = await reader.readexactly(length) if length else b""
+            body = json.loads(raw) if raw.strip() else {}
+            if not isinstance(body, dict):
+                raise ControlError(400, "body must be a JSON object")
+            url = urllib.parse.urlsplit(target)
+            query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
+            status, payload = 200, self.route(method.upper(), url.path.rstrip("/") or "/", query, body)
+        except ControlError as exc:
+            status, payload = exc.status, {"error": exc.message}
+        except (json.JSONDecodeError, ValueError) as exc:
+            status, payload = 400, {"error": f"bad request: {exc}"}
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+            return
+        except Exception as exc:  # the control port must never take the simulator down
+            log.exception("control request failed")
+            status, payload = 500, {"error": str(exc)}
+        data = json.dumps(payload, default=str).encode()
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Too Large"}.get(status, "Error")
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        try:
+            writer.write(head + data)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    def route(self, method: str, path: str, query: dict[str, str], body: dict) -> Any:
+        sim = self.sim
+        broker = sim.broker
+        if method == "GET":
+            if path == "/state":
+                return sim.state()
+            if path == "/orders":
+                ref = query.get("order_ref")
+                return [o.describe() for o in broker.all_orders() if ref is None or o.order_ref == ref]
+            if path == "/requests":
+                ref = query.get("order_ref")
+                return [r for r in broker.requests if ref is None or r.get("order_ref") == ref]
+            if path == "/fills":
+                ref = query.get("order_ref")
+                return [e.describe() for e in broker.executions if ref is None or e.order_ref == ref]
+            if path == "/quote":
+                symbol = query.get("symbol", "")
+                if symbol not in sim.market.books:
+                    raise ControlError(404, f"unknown symbol {symbol!r}")
+                return sim.market.book(symbol).snapshot()
+            raise ControlError(404, f"no such resource {path}")
+        if method != "POST":
+            raise ControlError(405, f"{method} not allowed")
+        faults = broker.faults
+        if path == "/drop_connections":
+            return {"dropped": sim.drop_connections(_num(body, "client_id", int))}
+        if path == "/refuse_connections":
+            seconds = _num(body, "seconds", float, required=True)
+            sim.refuse_connections(seconds)
+            return {"refusing_seconds": seconds}
+        if path == "/restart":
+            seconds = _num(body, "down_seconds", float, default=3.0)
+            sim.restart(seconds)
+            return {"down_seconds": seconds, "open_orders": len(broker.open_orders())}
+        if path == "/reject_next":
+            faults.reject_next = _num(body, "n", int, default=1)
+            faults.reject_code = _num(body, "code", int, default=201)
+            faults.reject_text = str(body.get("text") or "Order rejected - reason:Simulated rejection")
+            return faults.describe()
+        if path == "/delay_acks":
+            faults.delay_acks_next = _num(body, "n", int, default=1)
+            faults.delay_acks_seconds = _num(body, "seconds", float, default=3.0)
+            return faults.describe()
+        if path == "/drop_acks":
+            faults.drop_acks_next = _num(body, "n", int, default=1)
+            return faults.describe()
+        if path == "/partial_fills":
+            max_qty = _num(body, "max_qty", int)
+            fraction = _num(body, "fraction", float)
+            if max_qty is None and fraction is None:
+                fraction = 0.5
+            if fraction is not None and not 0 < fraction < 1:
+                raise ControlError(400, "'fraction' must be between 0 and 1")
+            faults.partial_next = _num(body, "n", int, default=1)
+            faults.partial_max_qty, faults.partial_fraction = max_qty, fraction
+            return faults.describe()
+        if path == "/send_code":
+            code = _num(body, "code", int, required=True)
+            sent = sim.send_code(code, body.get("text"), _num(body, "client_id", int))
+            return {"code": code, "clients": sent}
+        if path == "/shock":
+            pct = _num(body, "pct", float, required=True)
+            try:
+                return {"symbols": sim.shock(body.get("symbol"), pct), "pct": pct}
+            except KeyError as exc:
+                raise ControlError(404, f"unknown symbol {exc}") from None
+        if path == "/set_quote":
+            symbol = str(body.get("symbol", ""))
+            if symbol not in sim.market.books:
+                raise ControlError(404, f"unknown symbol {symbol!r}")
+            event = sim.set_quote(
+                symbol,
+                _num(body, "bid", float, required=True),
+                _num(body, "ask", float, required=True),
+                _num(body, "bid_size", int),
+                _num(body, "ask_size", int),
+                bool(body.get("freeze", True)),
+            )
+            return sim.market.book(event.symbol).snapshot()
+        if path == "/unfreeze":
+            symbol = body.get("symbol")
+            if symbol is not None and symbol not in sim.market.books:
+                raise ControlError(404, f"unknown symbol {symbol!r}")
+            sim.market.unfreeze(None if symbol is None else [symbol])
+            return {"unfrozen": symbol or "all"}
+        if path == "/print":
+            symbol = str(body.get("symbol", ""))
+            if symbol not in sim.market.books:
+                raise ControlError(404, f"unknown symbol {symbol!r}")
+            event = sim.inject_print(
+                symbol,
+                _num(body, "price", float, required=True),
+                _num(body, "size", int, required=True),
+                str(body.get("venue") or "NYSE"),
+                str(body.get("conditions") or ""),
+            )
+            return {"symbol": event.symbol, "price": event.price / 100, "size": event.size, "venue": event.venue}
+        if path == "/config":
+            return self._configure(body)
+        if path == "/reset":
+            faults.__init__()  # type: ignore[misc]
+            sim.market.unfreeze()
+            sim.ib_connected = True
+            sim.data_farm_ok = True
+            return {"reset": True}
+        raise ControlError(404, f"no such command {path}")
+
+    def _configure(self, body: dict) -> dict:
+        sim = self.sim
+        market = sim.market.config
+        if "quote_rate" in body:
+            market.quote_rate = max(0.0, _num(body, "quote_rate"))
+        if "print_rate" in body:
+            market.print_rate = max(0.0, _num(body, "print_rate"))
+        if "max_tick_by_tick" in body:
+            sim.config.max_tick_by_tick = _num(body, "max_tick_by_tick", int)
+        if "max_market_data_lines" in body:
+            sim.config.max_market_data_lines = _num(body, "max_market_data_lines", int)
+        if "account_update_s" in body:
+            sim.config.account_update_s = _num(body, "account_update_s")
+        if "fill_on_prints" in body:
+            sim.broker.fill_on_prints = bool(body["fill_on_prints"])
+        return {
+            "quote_rate": market.quote_rate,
+            "print_rate": market.print_rate,
+            "max_tick_by_tick": sim.config.max_tick_by_tick,
+            "max_market_data_lines": sim.config.max_market_data_lines,
+            "account_update_s": sim.config.account_update_s,
+            "fill_on_prints": sim.broker.fill_on_prints,
+        }
+
+
+class SimControl:
+    """Blocking client for the control interface (stdlib only; safe to use from tests)."""
+
+    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def _request(self, method: str, path: str, body: dict | None = None, query: dict | None = None) -> Any:
+        url = self.base_url + path
+        if query:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            raise RuntimeError(f"sim control {method} {path}: HTTP {exc.code}: {detail}") from None
+
+    def _post(self, path: str, **body: Any) -> Any:
+        return self._request("POST", path, {k: v for k, v in body.items() if v is not None})
+
+    # referee
+    def state(self) -> dict:
+        return self._request("GET", "/state")
+
+    def orders(self, order_ref: str | None = None) -> list[dict]:
+        return self._request("GET", "/orders", query={"order_ref": order_ref})
+
+    def requests(self, order_ref: str | None = None) -> list[dict]:
+        return self._request("GET", "/requests", query={"order_ref": order_ref})
+
+    def fills(self, order_ref: str | None = None) -> list[dict]:
+        return self._request("GET", "/fills", query={"order_ref": order_ref})
+
+    def quote(self, symbol: str) -> dict:
+        return self._request("GET", "/quote", query={"symbol": symbol})
+
+    # faults
+    def drop_connections(self, client_id: int | None = None) -> dict:
+        return self._post("/drop_connections", client_id=client_id)
+
+    def refuse_connections(self, seconds: float) -> dict:
+        return self._post("/refuse_connections", seconds=seconds)
+
+    def restart(self, down_seconds: float = 3.0) -> dict:
+        return self._post("/restart", down_seconds=down_seconds)
+
+    def reject_next(self, n: int = 1, code: int = 201, text: str | None = None) -> dict:
+        return self._post("/reject_next", n=n, code=code, text=text)
+
+    def delay_acks(self, n: int = 1, seconds: float = 3.0) -> dict:
+        return self._post("/delay_acks", n=n, seconds=seconds)
+
+    def drop_acks(self, n: int = 1) -> dict:
+        return self._post("/drop_acks", n=n)
+
+    def partial_fills(self, n: int = 1, fraction: float | None = None, max_qty: int | None = None) -> dict:
+        return self._post("/partial_fills", n=n, fraction=fraction, max_qty=max_qty)
+
+    def send_code(self, code: int, msg: str | None = None, client_id: int | None = None) -> dict:
+        return self._post("/send_code", code=code, text=msg, client_id=client_id)
+
+    # market
+    def shock(self, symbol: str | None, pct: float) -> dict:
+        return self._post("/shock", symbol=symbol or "all", pct=pct)
+
+    def set_quote(
+        self, symbol: str, bid: float, ask: float, bid_size: int | None = None, ask_size: int | None = None, freeze: bool = True
+    ) -> dict:
+        return self._post("/set_quote", symbol=symbol, bid=bid, ask=ask, bid_size=bid_size, ask_size=ask_size, freeze=freeze)
+
+    def unfreeze(self, symbol: str | None = None) -> dict:
+        return self._post("/unfreeze", symbol=symbol)
+
+    def inject_print(self, symbol: str, price: float, size: int, venue: str = "NYSE", conditions: str = "") -> dict:
+        return self._post("/print", symbol=symbol, price=price, size=size, venue=venue, conditions=conditions)
+
+    def configure(self, **settings: Any) -> dict:
+        return self._post("/config", **settings)
+
+    def reset(self) -> dict:
+        return self._post("/reset")
