@@ -251,7 +251,7 @@ class MarketDataService:
             )
 
     def on_notice(self, notice: Notice) -> None:
-        log.info("feed notice", extra={"source": self.source, "code": notice.code, "message": notice.message})
+        log.info("feed notice", extra={"source": self.source, "code": notice.code, "text": notice.message})
         self.health.on_ib_code(notice.code, notice.message)
         if notice.code in (1101, 1102):
             self.resubscribe(f"IB {notice.code}: connectivity restored")
