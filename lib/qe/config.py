@@ -139,7 +139,7 @@ class IbkrFeed(Section):
 
     market_data_type: Literal[1, 2, 3, 4] = 1  # 1 live, 2 frozen, 3 delayed, 4 delayed-frozen
     # IB allows only a few simultaneous tick-by-tick subscriptions per client.
-    max_tick_by_tick: int = Field(default=3, ge=0, le=100)
+    max_tick_by_tick: int = Field(default=3, ge=0, le=10_000)
     # Symbols beyond the cap take turns: every rotation_s the non-priority slots
     # move on to the next symbols of the universe.
     tick_by_tick_rotation_s: float = Field(default=60.0, gt=0)
