@@ -226,3 +226,14 @@ def test_hammer_source_without_password_file_exits_78(redis_url, tmp_path):
     md = DaemonProcess(console_script("qe-market-data"), env, tmp_path / "md.log").start()
     assert md.wait(timeout=30) == config.EX_CONFIG
     assert "QE_HAMMER_PASSWORD_FILE: required when market_data.source is hammer" in md.output()
+
+
+def test_invalid_market_data_config_exits_78_naming_the_field(redis_url, tmp_path):
+    rules = write_rules(tmp_path, market_data={"ibkr": {"max_tick_by_tick": -1}})
+    md = DaemonProcess(console_script("qe-market-data"), daemon_env(redis_url, QE_CONFIG=rules), tmp_path / "md.log").start()
+    assert md.wait(timeout=30) == config.EX_CONFIG
+    output = md.output()
+    assert "market_data.ibkr.max_tick_by_tick: Input should be greater than or equal to 0 (got -1)" in output
+    bad_backoff = write_rules(tmp_path, market_data={"reconnect_cap_s": 1, "reconnect_base_s": 3})
+    with pytest.raises(config.ConfigError, match="market_data: reconnect_cap_s must be >= reconnect_base_s"):
+        config.load_rules(bad_backoff)

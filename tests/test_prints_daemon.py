@@ -223,3 +223,10 @@ def test_windows_going_stale_are_republished_on_the_clock(redis_url, r, tmp_path
     keys = [key for key, _ in feature_events(r)]
     assert keys == ["feature:DX PRC:print:DX PRC:1", "feature:DX PRC:print:DX PRC:1:stale:2s"]
     assert worker.terminate() == 0
+
+
+def test_invalid_prints_config_exits_78_naming_the_field(redis_url, tmp_path):
+    rules = write_rules(tmp_path, prints={"dark_venues": ["FNRA", "NYSE"], "weight_dark_other": 0.25})
+    worker = DaemonProcess(console_script("qe-prints"), daemon_env(redis_url, QE_CONFIG=rules), tmp_path / "p.log").start()
+    assert worker.wait(timeout=30) == config.EX_CONFIG
+    assert "prints: venues listed as both lit and dark: ['NYSE']" in worker.output()

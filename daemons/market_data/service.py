@@ -192,7 +192,8 @@ class MarketDataService:
 
     def maintain_feed(self) -> None:
         try:
-            self.feed.maintain(self.clock.now_ns(), self.priority_symbols)
+            priority = self.priority_symbols if self.source == "ibkr" else set()  # only IB has scarce slots
+            self.feed.maintain(self.clock.now_ns(), priority)
         except FeedDisconnected as exc:
             self.on_disconnect(str(exc))
 
