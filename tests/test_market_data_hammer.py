@@ -237,3 +237,33 @@ def test_invalid_market_data_config_exits_78_naming_the_field(redis_url, tmp_pat
     bad_backoff = write_rules(tmp_path, market_data={"reconnect_cap_s": 1, "reconnect_base_s": 3})
     with pytest.raises(config.ConfigError, match="market_data: reconnect_cap_s must be >= reconnect_base_s"):
         config.load_rules(bad_backoff)
+
+
+def test_redis_outage_keeps_the_feed_and_loses_no_print(own_redis, tmp_path, hammer):
+    r = own_redis.client()
+    md = start_market_data(own_redis.url, tmp_path, hammer)
+    wait_until(lambda: hammer.authenticated_clients() and sum(hammer.authenticated_clients()[0].subscribe_batches) == 120,
+               message="subscribed")
+    hammer.add_trade("AGNCN", T0_MS, 25.30, 100, "NYSE")
+    wait_until(lambda: r.xlen("ev.prints") == 1, message="first print")
+    hammer.push_l1("AGNCN", bid=25.30, ask=25.35, volume=600)
+    wait_until(lambda: r.xlen("ev.l1") == 1, message="first quote")
+    own_redis.kill()
+    polls = hammer.ticks_requests("AGNCN")
+    for n in range(1, 6):
+        hammer.add_trade("AGNCN", T0_MS + n * 1000, 25.30 + n / 100, 100, "ARCA")
+    client = hammer.authenticated_clients()[0]
+    hammer.push_l1("AGNCN", bid=25.30, ask=25.36, volume=700)  # new volume: polled at once
+    wait_until(lambda: hammer.ticks_requests("AGNCN") >= polls + 1, message="polled while Redis is down")
+    time.sleep(1.0)
+    assert md.alive() and hammer.authenticated_clients()[0] is client  # the feed was not dropped
+    own_redis.start()
+    r = own_redis.client()
+    wait_until(lambda: r.xlen("ev.prints") == 6, timeout=20, message="buffered prints appended")
+    time.sleep(0.5)
+    assert r.xlen("ev.prints") == 6
+    assert r.xlen("ev.l1") == 2  # the quote received during the outage too
+    logs = md.log_lines()
+    assert any(line.get("msg") == "redis error; keeping the backlog and backing off" for line in logs)
+    assert any(line.get("msg") == "redis reachable again" for line in logs)
+    assert md.terminate() == 0

@@ -98,7 +98,9 @@ class HammerFeed:
     def _choose_streamer(self) -> str:
         reply = self._request({"cmd": "enumDataStreamers"}, "enumDataStreamers")
         result = reply.get("result")
-        streamers = result if isinstance(result, list) else (result or {}).get("streamers", []) if isinstance(result, dict) else []
+        if isinstance(result, dict):
+            result = result.get("streamers", [])
+        streamers = result if isinstance(result, list) else []
         ids = [s.get("streamerID") if isinstance(s, dict) else s for s in streamers]
         ids = [str(i) for i in ids if i]
         wanted = self.config.streamer_id
