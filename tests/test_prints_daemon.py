@@ -159,33 +159,36 @@ def test_malformed_entries_go_to_the_dlq_and_the_worker_goes_on(redis_url, r, tm
 def test_sigkill_and_restart_give_the_same_features_as_an_uninterrupted_run(redis_url, r, tmp_path, rules_path):
     symbols = [f"SYM{i} PRA" for i in range(12)]
     base = time.time_ns() - 120 * 1_000_000_000
-    events = random_prints(symbols, 1200, seed=5, base_ns=base)
+    total, chunk = 1800, 300
+    events = random_prints(symbols, total, seed=5, base_ns=base)
     small_batches = write_rules(tmp_path, runtime={"block_ms": 200, "batch_size": 5})
     worker = start_worker(redis_url, small_batches, tmp_path)
     rng = random.Random(3)
     killed_at = []
-    for start in range(0, 1200, 150):
-        publish(r, events[start:start + 150])
+    for start in range(0, total, chunk):
+        publish(r, events[start:start + chunk])
         # Kill once the worker is busy with this chunk: inside a batch, between
         # effects and ack, or in a commit.
-        part = start + rng.randint(1, 120)
-        wait_until(lambda: processed(r) >= part, timeout=30, message="worker busy")
+        part = start + rng.randint(1, chunk // 2)
+        deadline = time.monotonic() + 30
+        while processed(r) < part and time.monotonic() < deadline:
+            time.sleep(0.001)
         worker.kill()
         killed_at.append(processed(r))
         worker.start()
-    wait_until(lambda: processed(r) == 1200, timeout=60, message="all prints handled")
+    wait_until(lambda: processed(r) == total, timeout=60, message="all prints handled")
     before = {symbol: stored_feature(r, symbol) for symbol in symbols}
     expected = reference_features(events, time.time_ns())
     assert before == expected
     # Most kills landed with part of a chunk still to do.
-    assert sum(1 for n, start in zip(killed_at, range(0, 1200, 150)) if n < start + 150) >= 4, killed_at
+    assert sum(1 for n, start in zip(killed_at, range(0, total, chunk)) if n < start + chunk) >= 4, killed_at
 
     # Each feature event is published once: no key twice.
     keys = Counter(key for key, _ in feature_events(r))
     assert [key for key, n in keys.items() if n > 1] == []
     # The buffers in Redis hold every print exactly once.
     buffered = sum(r.llen(f"state:prints:buffer:{symbol}") for symbol in symbols)
-    assert buffered == 1200
+    assert buffered == total
 
     # A restart with nothing new publishes nothing and changes nothing ...
     worker.kill()
@@ -199,7 +202,7 @@ def test_sigkill_and_restart_give_the_same_features_as_an_uninterrupted_run(redi
     # ... and the next print after the restart gives what an uninterrupted worker gives.
     more = [make_print(symbol, 5000 + i, 24.47, 100, "NYSE", base + 10**11 + i) for i, symbol in enumerate(symbols)]
     publish(r, more)
-    wait_until(lambda: processed(r) == 1200 + len(symbols), message="new prints handled")
+    wait_until(lambda: processed(r) == total + len(symbols), message="new prints handled")
     assert {symbol: stored_feature(r, symbol) for symbol in symbols} == reference_features(events + more, time.time_ns())
     assert worker.terminate() == 0
     assert r.xpending("ev.prints", "prints")["pending"] == 0
