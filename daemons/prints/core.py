@@ -185,7 +185,11 @@ def _finish(
 ) -> WindowResult:
     if best_key is None or total == 0:
         return EMPTY
-    near = sum(count for key, count in counts_by_key if abs(key - best_key) <= band_key)
+    low, high = best_key - band_key, best_key + band_key
+    near = 0
+    for key, count in counts_by_key:
+        if low <= key <= high:
+            near += count
     grpan_price = key_price(best_key)
     deviation = None if last_price is None else round(last_price - grpan_price, 4)
     return WindowResult(
@@ -276,17 +280,15 @@ class TimeWindow:
 
     def result(self, last_price: float | None, band_key: int) -> WindowResult:
         best: int | None = None
-        best_group: _PriceGroup | None = None
+        best_weight, best_first = -1, (0, 0)
+        counts = []
         for key, group in self.groups.items():
-            if (
-                best_group is None
-                or group.weight > best_group.weight
-                or (group.weight == best_group.weight and group.members[0] < best_group.members[0])
-            ):
-                best, best_group = key, group
-        return _finish(
-            best, ((key, len(group.members)) for key, group in self.groups.items()), self.count, last_price, band_key
-        )
+            members = group.members
+            counts.append((key, len(members)))
+            weight = group.weight
+            if weight > best_weight or (weight == best_weight and members[0] < best_first):
+                best, best_weight, best_first = key, weight, members[0]
+        return _finish(best, counts, self.count, last_price, band_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,18 +415,27 @@ class SymbolPrints:
         windows: dict[str, WindowResult] = {
             rules.last_n_name: grpan(self.last_eligible(rules.last_n), last_price, rules),
         }
-        for name, window in self.windows.items():
+        # Windows nest (same end, growing length): one holding as many prints as
+        # the next shorter one holds the same prints, so it has the same result.
+        previous: tuple[int, WindowResult] | None = None
+        for name, window in sorted(self.windows.items(), key=lambda item: item[1].length_ns):
             if newest_eligible is None or newest_eligible <= now_ns - window.length_ns:
                 windows[name] = WindowResult(None, 0.0, 0, None, stale=True)
                 continue
-            result = window.result(last_price, rules.band_key)
+            if previous is not None and previous[0] == window.count:
+                result = previous[1]
+            else:
+                result = window.result(last_price, rules.band_key)
+                previous = (window.count, result)
             truncated = full and oldest is not None and window.start_ns is not None and oldest > window.start_ns
             if truncated:
                 result = WindowResult(
                     result.grpan_price, result.concentration_pct, result.print_count, result.deviation, truncated=True
                 )
             windows[name] = result
-        return FeatureValues(last_price, windows, self.truth_tick, rules.last_n_name)
+        ordered = {rules.last_n_name: windows[rules.last_n_name]}
+        ordered.update((name, windows[name]) for name in self.windows)  # config order
+        return FeatureValues(last_price, ordered, self.truth_tick, rules.last_n_name)
 
     def window_prints(self, name: str) -> list[PrintRecord]:
         """The eligible prints of a time window as of the newest print (for tests)."""
