@@ -77,7 +77,7 @@ SPAWNED: list[DaemonProcess] = []
 
 @pytest.fixture
 def rules_path(tmp_path: Path) -> Path:
-    return write_rules(tmp_path, runtime={"block_ms": 200, "batch_size": 50, "backoff_base_s": 0.05, "backoff_cap_s": 0.5})
+    return write_rules(tmp_path, runtime={"block_ms": 200, "backoff_base_s": 0.05, "backoff_cap_s": 0.5}, prints={"batch_size": 50})
 
 
 @pytest.fixture(autouse=True)
@@ -161,7 +161,7 @@ def test_sigkill_and_restart_give_the_same_features_as_an_uninterrupted_run(redi
     base = time.time_ns() - 120 * 1_000_000_000
     total, chunk = 1800, 300
     events = random_prints(symbols, total, seed=5, base_ns=base)
-    small_batches = write_rules(tmp_path, runtime={"block_ms": 200, "batch_size": 5})
+    small_batches = write_rules(tmp_path, runtime={"block_ms": 200}, prints={"batch_size": 5})
     worker = start_worker(redis_url, small_batches, tmp_path)
     rng = random.Random(3)
     killed_at = []

@@ -212,25 +212,22 @@ def grpan(window: Sequence[PrintRecord], last_price: float | None, rules: Rules)
     """
     weights: dict[int, int] = {}
     counts: dict[int, int] = {}
-    first: dict[int, tuple[int, int]] = {}
-    for record in window:
+    # In time order, dict insertion order is the order of each price's first print.
+    for record in sorted(window, key=_order):
         if record.weight <= 0:
             continue
         key = record.price_key
         weights[key] = weights.get(key, 0) + record.weight
         counts[key] = counts.get(key, 0) + 1
-        if key not in first or record.order < first[key]:
-            first[key] = record.order
-    best = _argmax(weights, first)
+    best: int | None = None
+    for key, weight in weights.items():
+        if best is None or weight > weights[best]:  # strictly greater: a tie keeps the earlier price
+            best = key
     return _finish(best, counts.items(), sum(counts.values()), last_price, rules.band_key)
 
 
-def _argmax(weights: dict[int, int], first: dict[int, tuple[int, int]]) -> int | None:
-    best: int | None = None
-    for key, weight in weights.items():
-        if best is None or weight > weights[best] or (weight == weights[best] and first[key] < first[best]):
-            best = key
-    return best
+def _order(record: "PrintRecord") -> tuple[int, int]:
+    return (record.ts_ns, record.seq)
 
 
 # --- one symbol: bounded buffer + incremental time windows ------------------------------------

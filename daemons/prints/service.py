@@ -23,7 +23,7 @@ from qe import daemon as qe_daemon
 from qe import metrics
 from qe.contracts import Envelope, Feature, GrpanWindow, Print, TruthTick, idempotency_key, make_event
 from qe.state import snapshot_fields
-from qe.streams import Effects
+from qe.streams import Consumer, Effects
 
 from .core import FeatureValues, PrintRecord, Rules, SymbolPrints, WindowResult, make_record
 
@@ -169,4 +169,20 @@ class PrintsHandler:
 
 
 def main() -> int:
-    return qe_daemon.run_consumer(DAEMON, GROUP, PrintsHandler)
+    context = qe_daemon.start(DAEMON)
+    rules = context.rules
+    # This worker reads prints.batch_size entries per batch (see PrintsRules.batch_size).
+    context.rules = rules.model_copy(
+        update={"runtime": rules.runtime.model_copy(update={"batch_size": rules.prints.batch_size})}
+    )
+    consumer = Consumer(
+        r=context.redis,
+        daemon=DAEMON,
+        group=GROUP,
+        handler=PrintsHandler(context),
+        rules=context.rules,
+        clock=context.clock,
+        consumer_name=context.settings.consumer_name,
+    )
+    consumer.install_signal_handlers()
+    return consumer.run()

@@ -113,6 +113,9 @@ class PrintsRules(Section):
     # dropped first). Also the memory of idempotency keys for dedupe.
     buffer_cap: int = Field(default=5000, ge=20, le=1_000_000)
     stale_check_interval_s: float = Field(default=10.0, gt=0)
+    # Entries read per batch (instead of runtime.batch_size): under a backlog a
+    # bigger batch coalesces more prints into one feature per symbol.
+    batch_size: int = Field(default=500, ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _consistent(self) -> "PrintsRules":
