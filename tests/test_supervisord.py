@@ -100,7 +100,7 @@ def test_every_program_runs_a_killed_daemon_is_restarted_and_all_stop_cleanly(su
         status = supervisor.status()
         return all(status.get(name, ("",))[0] == "RUNNING" for name in names)
 
-    wait_until(all_running, timeout=60, interval=0.5, message=f"all RUNNING: {supervisor.status()}")
+    wait_until(all_running, timeout=120, interval=0.5, message=f"all RUNNING: {supervisor.status()}")
     r = redis.Redis.from_url(supervisor.env["QE_REDIS_URL"])
     wait_until(lambda: r.hget("state:broker", "connected") == b"true", timeout=30, message="execution connected to the simulator")
     wait_until(lambda: r.xlen("ev.session") > 3, timeout=30, message="session publishing")
@@ -121,7 +121,7 @@ def test_every_program_runs_a_killed_daemon_is_restarted_and_all_stop_cleanly(su
     assert all(status[f"demo:{p}"][0] == "RUNNING" for p, g in expected.items() if g == "demo")
     started = supervisor.ctl("start", "qe:*")
     assert started.returncode == 0, started.stdout + started.stderr
-    wait_until(all_running, timeout=60, interval=0.5, message="all RUNNING again")
+    wait_until(all_running, timeout=120, interval=0.5, message="all RUNNING again")
 
     # Clean stop: every daemon exits 0 on SIGTERM (supervisord logs "stopped: ... (exit status 0)").
     assert supervisor.ctl("stop", "all").returncode == 0
@@ -145,7 +145,7 @@ def test_exit_78_is_final_not_a_restart_loop(supervisor, tmp_path):
     log_file = supervisor.root / "run" / "log" / "supervisord.log"
     before = len(log_file.read_text())
     subprocess.run([str(VENV_BIN / "supervisord"), "-c", str(supervisor.conf)], env=supervisor.env, check=True, timeout=30)
-    wait_until(lambda: supervisor.status().get("qe:session", ("",))[0] == "FATAL", timeout=30, interval=0.5,
+    wait_until(lambda: supervisor.status().get("qe:session", ("",))[0] == "FATAL", timeout=90, interval=0.5,
                message=f"FATAL: {supervisor.status()}")
     time.sleep(3)
     log = log_file.read_text()[before:]

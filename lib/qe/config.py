@@ -263,6 +263,126 @@ class ExecutionRules(Section):
         return self
 
 
+LIT_VENUES = (
+    "NYSE", "ARCA", "NSDQ", "NASDAQ", "ISLAND", "BATS", "BYX", "EDGX", "EDGA", "DRCTEDGE", "EDGEA",
+    "IEX", "AMEX", "NYSEAMER", "NYSENAT", "PHLX", "PSX", "BEX", "CHX", "MEMX", "PEARL", "LTSE", "CBOE",
+)
+DARK_VENUES = ("FNRA", "ADFN", "FINRA", "TRF", "OTC", "DARK", "D")
+
+
+def _hundredths(value: float) -> bool:
+    return abs(value * 100 - round(value * 100)) < 1e-9
+
+
+class PrintsRules(Section):
+    """Truth ticks and GRPAN (SPEC 6) for the prints/features worker."""
+
+    # Venue classes. A venue in neither list is treated as `unknown_venue_class`
+    # (dark by default: a mislabelled dark print must not pass as a lit one).
+    lit_venues: tuple[str, ...] = LIT_VENUES
+    dark_venues: tuple[str, ...] = DARK_VENUES
+    unknown_venue_class: Literal["dark", "lit"] = "dark"
+    # Truth tick: size >= truth_min_size on a lit venue; exactly one of
+    # dark_truth_sizes on a dark venue.
+    truth_min_size: int = Field(default=15, ge=1)
+    dark_truth_sizes: tuple[int, ...] = (100, 200)
+    # GRPAN weights (multiples of 0.01). Prints under grpan_min_size weigh 0 and
+    # are not part of any window.
+    grpan_min_size: int = Field(default=20, ge=1)
+    weight_lit: float = Field(default=1.0, gt=0)
+    weight_dark_truth_size: float = Field(default=1.0, gt=0)
+    weight_dark_round_lot: float = Field(default=0.4, gt=0)
+    dark_round_lot_min: int = Field(default=300, ge=100)
+    weight_dark_other: float = Field(default=0.2, gt=0)
+    concentration_band: float = Field(default=0.04, ge=0)
+    last_n: int = Field(default=15, ge=1, le=1000)
+    windows_s: dict[str, int] = Field(
+        default_factory=lambda: {"10m": 600, "30m": 1800, "1h": 3600, "3h": 10800, "1d": 86400}
+    )
+    # Prints kept per symbol (all sizes, in arrival order; the oldest arrival is
+    # dropped first). Also the memory of idempotency keys for dedupe.
+    buffer_cap: int = Field(default=5000, ge=20, le=1_000_000)
+    stale_check_interval_s: float = Field(default=10.0, gt=0)
+    # Entries read per batch (instead of runtime.batch_size): under a backlog a
+    # bigger batch coalesces more prints into one feature per symbol.
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PrintsRules":
+        both = sorted(set(self.lit_venues) & set(self.dark_venues))
+        if both:
+            raise ValueError(f"venues listed as both lit and dark: {both}")
+        for name in ("weight_lit", "weight_dark_truth_size", "weight_dark_round_lot", "weight_dark_other"):
+            if not _hundredths(getattr(self, name)):
+                raise ValueError(f"{name} must be a multiple of 0.01")
+        if not _hundredths(self.concentration_band):
+            raise ValueError("concentration_band must be a multiple of 0.01")
+        if not self.windows_s:
+            raise ValueError("windows_s: at least one time window")
+        for name, seconds in self.windows_s.items():
+            if seconds <= 0:
+                raise ValueError(f"windows_s.{name} must be > 0")
+            if name == f"last{self.last_n}":
+                raise ValueError(f"windows_s: {name!r} is the name of the last-{self.last_n} window")
+        return self
+
+
+class IbkrFeed(Section):
+    """IB (ib_async) as the market data source."""
+
+    market_data_type: Literal[1, 2, 3, 4] = 1  # 1 live, 2 frozen, 3 delayed, 4 delayed-frozen
+    # IB allows only a few simultaneous tick-by-tick subscriptions per client.
+    max_tick_by_tick: int = Field(default=3, ge=0, le=10_000)
+    # Symbols beyond the cap take turns: every rotation_s the non-priority slots
+    # move on to the next symbols of the universe.
+    tick_by_tick_rotation_s: float = Field(default=60.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class HammerFeed(Section):
+    """Hammer Pro WebSocket as the market data source."""
+
+    streamer_id: str | None = None  # None: the first streamer enumDataStreamers lists
+    l1_batch_size: int = Field(default=50, ge=1, le=50)
+    ticks_last_few: int = Field(default=20, ge=1, le=1000)
+    # getTicks is polled for a symbol when its L1 shows new volume, and every
+    # symbol is swept at least every ticks_sweep_interval_s; at most
+    # ticks_max_requests_per_s requests in all.
+    ticks_sweep_interval_s: float = Field(default=30.0, gt=0)
+    ticks_max_requests_per_s: float = Field(default=50.0, gt=0)
+    request_timeout_s: float = Field(default=10.0, gt=0)
+    # Hammer times without a UTC offset are read in this zone.
+    naive_time_zone: str = "America/New_York"
+
+
+class MarketDataRules(Section):
+    source: Literal["ibkr", "hammer"] = "ibkr"
+    # Events wait in memory at most flush_interval_ms (or until flush_max_events)
+    # and are then appended in one atomic Redis call.
+    flush_interval_ms: int = Field(default=50, ge=1, le=5000)
+    flush_max_events: int = Field(default=2000, ge=1)
+    # Backlog bounds while Redis is unreachable: L1 collapses to the latest quote
+    # per symbol beyond max_pending_l1; prints beyond max_pending_prints are
+    # dropped oldest first (counted and logged).
+    max_pending_l1: int = Field(default=20_000, ge=100)
+    max_pending_prints: int = Field(default=500_000, ge=100)
+    # Print idempotency keys remembered to drop re-sent prints before publishing.
+    seen_prints_memory: int = Field(default=200_000, ge=1000)
+    # No update for this long while the market is open: the feed is stale.
+    stale_after_s: float = Field(default=90.0, gt=0)
+    # Reconnect: capped exponential backoff with full jitter (SPEC: 3 s doubling to 60 s).
+    reconnect_base_s: float = Field(default=3.0, gt=0)
+    reconnect_cap_s: float = Field(default=60.0, gt=0)
+    ibkr: IbkrFeed = IbkrFeed()
+    hammer: HammerFeed = HammerFeed()
+
+    @model_validator(mode="after")
+    def _backoff(self) -> "MarketDataRules":
+        if self.reconnect_cap_s < self.reconnect_base_s:
+            raise ValueError("reconnect_cap_s must be >= reconnect_base_s")
+        return self
+
+
 class RiskRules(Section):
     """The whole of etc/risk_rules.yaml."""
 
@@ -272,6 +392,8 @@ class RiskRules(Section):
     session: SessionRules = SessionRules()
     exposure: ExposureRules = ExposureRules()
     execution: ExecutionRules = ExecutionRules()
+    prints: PrintsRules = PrintsRules()
+    market_data: MarketDataRules = MarketDataRules()
 
     @model_validator(mode="after")
     def _regime_tolerances_within_hard_cap(self) -> "RiskRules":
@@ -321,6 +443,9 @@ class Settings(BaseModel):
     ib_account: str | None = None  # which managed account to trade; default: the first
     ib_mode: Literal["paper", "live"] = "paper"
     ib_live_accounts: list[str] = Field(default_factory=list)
+    ib_client_id_market_data: int = Field(default=12, ge=0)
+    hammer_url: str = Field(default="ws://127.0.0.1:16400", pattern=r"^wss?://")
+    hammer_password: SecretStr | None = None
 
     @field_validator("ib_live_accounts", mode="before")
     @classmethod
@@ -353,9 +478,11 @@ ENV_FIELDS = {
     "QE_IB_ACCOUNT": "ib_account",
     "QE_IB_MODE": "ib_mode",
     "QE_IB_LIVE_ACCOUNTS": "ib_live_accounts",
+    "QE_IB_CLIENT_ID_MARKET_DATA": "ib_client_id_market_data",
+    "QE_HAMMER_URL": "hammer_url",
 }
 # Secrets come from files (mode 0600), never from the environment itself.
-SECRET_FILES = {"QE_REDIS_PASSWORD_FILE": "redis_password"}
+SECRET_FILES = {"QE_REDIS_PASSWORD_FILE": "redis_password", "QE_HAMMER_PASSWORD_FILE": "hammer_password"}
 
 
 def _describe(exc: ValidationError, names: dict[str, str] | None = None) -> str:

@@ -98,6 +98,10 @@ class GrpanWindow(Payload):
     concentration_pct: NonNegativeFloat
     print_count: NonNegativeInt
     deviation: float | None  # last price - grpan_price
+    # A time window with no print within its length of now: reported empty.
+    stale: bool = False
+    # The per-symbol buffer cap cut this window short (it covers less time than its name says).
+    truncated: bool = False
 
 
 class Feature(Payload):

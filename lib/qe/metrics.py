@@ -120,3 +120,39 @@ def serve(daemon: str, host: str, port: int | None) -> int:
 
 def beat() -> None:
     heartbeat_timestamp.set(time.time())
+
+# --- prints/features worker ------------------------------------------------------------
+prints_duplicate = Counter(
+    "qe_prints_duplicate_total", "Prints skipped because their idempotency key was already seen", registry=REGISTRY
+)
+prints_too_old = Counter(
+    "qe_prints_too_old_total", "Prints older than everything a full buffer holds (cannot change a window)",
+    registry=REGISTRY,
+)
+prints_unknown_venue = Counter(
+    "qe_prints_unknown_venue_total", "Prints on a venue in neither venue list", ["venue"], registry=REGISTRY
+)
+truth_ticks = Counter("qe_truth_ticks_total", "Prints classified as truth ticks", registry=REGISTRY)
+
+# --- market data feed ---------------------------------------------------------------------
+feed_connected = Gauge("qe_feed_connected", "1 while the market data feed is connected", ["source"], registry=REGISTRY)
+feed_stale = Gauge("qe_feed_stale", "1 while the feed is stale (farm broken or silent in market hours)", ["source"], registry=REGISTRY)
+feed_messages = Counter("qe_feed_messages_total", "Quotes and trades received from the feed", ["source", "kind"], registry=REGISTRY)
+feed_malformed = Counter(
+    "qe_feed_malformed_total", "Feed messages skipped as unusable", ["source", "reason"], registry=REGISTRY
+)
+feed_reconnects = Counter("qe_feed_reconnects_total", "Feed connection attempts after the first", ["source"], registry=REGISTRY)
+feed_duplicate_prints = Counter(
+    "qe_feed_duplicate_prints_total", "Trades not published again because their key was already published",
+    ["source"], registry=REGISTRY,
+)
+feed_dropped = Counter(
+    "qe_feed_dropped_total", "Events dropped or collapsed while Redis was unreachable", ["kind"], registry=REGISTRY
+)
+feed_backlog = Gauge("qe_feed_backlog_events", "Events waiting to be appended to Redis", registry=REGISTRY)
+feed_last_update = Gauge(
+    "qe_feed_last_update_timestamp_seconds", "Clock time of the last quote or trade", ["source"], registry=REGISTRY
+)
+feed_tick_by_tick = Gauge(
+    "qe_feed_tick_by_tick_subscriptions", "Symbols holding an IB tick-by-tick slot", registry=REGISTRY
+)

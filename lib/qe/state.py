@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import redis
+from pydantic_core import to_json
 
 from .contracts import Envelope
 
@@ -20,9 +21,14 @@ DECISION = "state:decision"
 BROKER = "state:broker"
 
 
+def _compact(value: Any) -> str:
+    # pydantic-core's encoder: compact JSON, several times faster than json.dumps.
+    return to_json(value).decode()
+
+
 def snapshot_fields(event: Envelope) -> dict[str, str]:
     """Hash fields for an event's payload, plus where it came from."""
-    fields = {name: json.dumps(value, separators=(",", ":")) for name, value in event.payload.model_dump(mode="json").items()}
+    fields = {name: _compact(value) for name, value in event.payload.model_dump(mode="json").items()}
     fields["_event_id"] = json.dumps(str(event.event_id))
     fields["_ts_ns"] = json.dumps(event.ts_ns)
     fields["_idempotency_key"] = json.dumps(event.idempotency_key)

@@ -269,6 +269,24 @@ class Handler(Protocol):
 
     # Optional: `after_commit(self) -> None`, called once a batch's effects are durable
     # (e.g. execution sends an order only after its PENDING_SUBMIT record is committed).
+    # Optional: `end_batch(effects)`, called once after a batch's events were
+    # handled and before its commit (e.g. to publish one coalesced result per
+    # key). If it raises, nothing of the batch is committed and it is retried.
+
+
+def write_heartbeat(r: redis.Redis, daemon: str, consumer: str, started_ns: int, **extra: Any) -> None:
+    """The daemon's liveness record in `state:daemon:{daemon}` (read by `qe status`)."""
+    r.hset(
+        DAEMON_KEY.format(daemon=daemon),
+        mapping={
+            "ts_ns": time.time_ns(),
+            "pid": os.getpid(),
+            "consumer": consumer,
+            "host": socket.gethostname(),
+            "started_ns": started_ns,
+            **extra,
+        },
+    )
 
 
 def default_consumer_name(daemon: str) -> str:
@@ -483,6 +501,14 @@ class Consumer:
                 self._handler_failures.pop(entry.entry_id, None)
                 self._last_handler_error.pop(entry.entry_id, None)
         effects.entry = None
+        end_batch = getattr(self.handler, "end_batch", None)
+        if end_batch is not None and effects.acks:
+            try:
+                end_batch(effects)
+            except Exception as exc:  # noqa: BLE001 - retried from the pending list like a handler error
+                effects = Effects(self.policy)
+                consumed.clear()
+                failed = (entries[0], exc)
         if failed is None:
             self._tick(effects)
         commit(self.redis, self.script, effects, self.group, self.consumer)
@@ -556,16 +582,7 @@ class Consumer:
         if now < self._next_housekeeping:
             return
         self._next_housekeeping = now + self.config.housekeeping_interval_s
-        self.redis.hset(
-            self.daemon_key,
-            mapping={
-                "ts_ns": time.time_ns(),
-                "pid": os.getpid(),
-                "consumer": self.consumer,
-                "host": socket.gethostname(),
-                "started_ns": self.started_ns,
-            },
-        )
+        write_heartbeat(self.redis, self.daemon, self.consumer, self.started_ns)
         if self.streams:
             self._observe_groups()
 

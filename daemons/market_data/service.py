@@ -1,0 +1,423 @@
+"""qe-market-data: a producer. One synchronous loop drives the feed (Hammer Pro
+or IB), turns quotes and trades into `ev.l1` / `ev.prints` events, and appends
+them in batches (one atomic Redis call per flush). Feed callbacks never touch
+Redis: they only fill an in-memory backlog that the loop flushes.
+
+Never stuck: a dead feed is reconnected with capped, jittered backoff and
+everything is re-subscribed; a dead Redis keeps the feed running with a bounded
+backlog; a malformed message is logged, counted and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import signal
+import threading
+import time
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+
+from qe import config as qe_config
+from qe import daemon as qe_daemon
+from qe import metrics
+from qe.contracts import Alert, Envelope, Severity, idempotency_key, make_event
+from qe.streams import REDIS_ERRORS, Publisher, default_consumer_name, write_heartbeat
+
+from .core import NS_PER_S, Backlog, FeedHealth, ReconnectBackoff, SeenKeys, l1_key, print_payload
+from .feed import Feed, FeedAuthError, FeedDisconnected, FeedError, Item, Malformed, Notice, Quote, Trade
+
+log = logging.getLogger(__name__)
+
+DAEMON = "market-data"
+SOURCE = "market-data"
+SESSION_KEY = "state:session"
+SEED_SEEN_MAX = 50_000
+HEALTH_INTERVAL_S = 1.0
+SESSION_FRESH_NS = 30 * NS_PER_S
+_SYMBOL = re.compile(r"^[A-Z][A-Z0-9.]*( PR[A-Z])?$")
+
+
+class MarketOpen:
+    """Is the market open now? `state:session` (written by the session daemon) when
+    it is fresh, otherwise the XNYS calendar (exchange_calendars)."""
+
+    def __init__(self) -> None:
+        import exchange_calendars
+
+        self.calendar = exchange_calendars.get_calendar("XNYS")
+
+    def __call__(self, r: redis.Redis, now_ns: int) -> bool:
+        try:
+            market_open, session_now = r.hmget(SESSION_KEY, "market_open", "now_ns")
+            if market_open is not None and session_now is not None:
+                if abs(now_ns - int(json.loads(session_now))) <= SESSION_FRESH_NS:
+                    return bool(json.loads(market_open))
+        except (*REDIS_ERRORS, ValueError, TypeError):
+            pass
+        import pandas as pd
+
+        try:
+            return bool(self.calendar.is_open_on_minute(pd.Timestamp(now_ns, unit="ns", tz="UTC")))
+        except ValueError:  # outside the calendar's range: assume open (stale detection stays on)
+            return True
+
+
+class MarketDataService:
+    def __init__(self, context: qe_daemon.Context, feed: Feed, market_open: Any = None) -> None:
+        self.context = context
+        self.r = context.redis
+        self.clock = context.clock
+        self.config = context.rules.market_data
+        self.runtime = context.rules.runtime
+        self.feed = feed
+        self.source = feed.name
+        self.publisher = Publisher(self.r, context.rules)
+        self.backlog = Backlog(self.config.max_pending_l1, self.config.max_pending_prints)
+        self.seen = SeenKeys(self.config.seen_prints_memory)
+        self.health = FeedHealth(stale_after_ns=int(self.config.stale_after_s * NS_PER_S))
+        self.reconnect = ReconnectBackoff(self.config.reconnect_base_s, self.config.reconnect_cap_s)
+        self.redis_backoff = ExponentialWithJitterBackoff(cap=self.runtime.backoff_cap_s, base=self.runtime.backoff_base_s)
+        self.redis_failures = 0
+        self.redis_retry_at = 0.0
+        self.market_open = market_open or MarketOpen()
+        self.stop = threading.Event()
+        self.connected = False
+        self.ever_connected = False
+        self.next_connect_at = 0.0
+        self.down_since_ns = self.clock.now_ns()
+        self.next_flush_at = 0.0
+        self.next_health_at = 0.0
+        self.next_heartbeat_at = 0.0
+        self.last_resubscribe_at = 0.0
+        self.consumer = context.settings.consumer_name or default_consumer_name(DAEMON)
+        self.started_ns = time.time_ns()
+        self.malformed_logged = 0
+        self.flush_interval_s = self.config.flush_interval_ms / 1000
+        self.pending_alerts: list[Envelope] = []
+        metrics.feed_connected.labels(self.source).set(0)
+        metrics.feed_stale.labels(self.source).set(0)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        def request_stop(signum: int, _frame: Any) -> None:
+            log.info("stop requested", extra={"signal": signal.Signals(signum).name})
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    def run(self) -> int:
+        log.info("market data starting", extra={"source": self.source})
+        self.seed_seen()
+        while not self.stop.is_set():
+            self.step()
+        self.flush(force=True)
+        self.feed.close()
+        log.info("market data stopped", extra={"backlog": len(self.backlog)})
+        return 0
+
+    def step(self) -> None:
+        now = time.monotonic()
+        if not self.connected and now >= self.next_connect_at:
+            self.connect_feed()
+        wait = min(max(self.next_flush_at - now, 0.0), self.flush_interval_s)
+        if self.connected:
+            try:
+                items = self.feed.pump(wait)
+            except FeedDisconnected as exc:
+                self.on_disconnect(str(exc))
+                items = []
+            self.take(items)
+        else:
+            self.stop.wait(max(min(wait, self.next_connect_at - time.monotonic()), 0.001))
+        now = time.monotonic()
+        if now >= self.next_flush_at or len(self.backlog) >= self.config.flush_max_events:
+            self.flush()
+            self.next_flush_at = now + self.flush_interval_s
+        if now >= self.next_health_at:
+            self.next_health_at = now + HEALTH_INTERVAL_S
+            self.check_health()
+            if self.connected:
+                self.maintain_feed()
+        if now >= self.next_heartbeat_at:
+            self.next_heartbeat_at = now + self.runtime.housekeeping_interval_s
+            self.heartbeat()
+        metrics.beat()
+
+    # -- feed connection --------------------------------------------------------------------------------
+    def connect_feed(self) -> None:
+        if self.ever_connected:
+            metrics.feed_reconnects.labels(self.source).inc()
+        try:
+            self.feed.connect()
+        except FeedAuthError as exc:
+            self.retry_later(str(exc), level=logging.ERROR)
+            self.alert("feed_auth_failed", "error", str(exc), episode=self.down_since_ns)
+            return
+        except FeedError as exc:
+            self.retry_later(str(exc), level=logging.WARNING)
+            return
+        now_ns = self.clock.now_ns()
+        self.connected = True
+        self.reconnect.reset()
+        self.health.on_connected(now_ns)
+        metrics.feed_connected.labels(self.source).set(1)
+        log.info("feed connected", extra={"source": self.source, "reconnect": self.ever_connected})
+        if self.ever_connected:
+            self.alert(
+                "feed_reconnected", "info", f"{self.source} feed reconnected and re-subscribed", episode=self.down_since_ns
+            )
+        self.ever_connected = True
+
+    def retry_later(self, reason: str, level: int) -> None:
+        delay = self.reconnect.next_delay()
+        self.next_connect_at = time.monotonic() + delay
+        log.log(
+            level,
+            "feed connection failed; retrying",
+            extra={"source": self.source, "error": reason, "failures": self.reconnect.failures, "retry_in_s": round(delay, 2)},
+        )
+
+    def on_disconnect(self, reason: str) -> None:
+        self.feed.close()
+        self.connected = False
+        self.down_since_ns = self.clock.now_ns()
+        metrics.feed_connected.labels(self.source).set(0)
+        self.alert("feed_disconnected", "warning", f"{self.source} feed disconnected: {reason}", episode=self.down_since_ns)
+        self.retry_later(reason, level=logging.WARNING)
+
+    def maintain_feed(self) -> None:
+        try:
+            priority = self.priority_symbols if self.source == "ibkr" else set()  # only IB has scarce slots
+            self.feed.maintain(self.clock.now_ns(), priority)
+        except FeedDisconnected as exc:
+            self.on_disconnect(str(exc))
+
+    @property
+    def priority_symbols(self) -> set[str]:
+        """Symbols with open positions or orders (from `state:positions` /
+        `state:orders` if their owners write them): first in line for scarce
+        IB tick-by-tick slots. Fields named by symbol, or JSON values with a
+        `symbol` (and a non-zero `qty` for positions), are recognised."""
+        found: set[str] = set()
+        try:
+            for key in ("state:positions", "state:orders"):
+                for name, value in self.r.hgetall(key).items():
+                    found |= _symbols_in(name.decode(errors="replace"), value)
+        except REDIS_ERRORS:
+            pass
+        return found
+
+    # -- items -> events ------------------------------------------------------------------------------------
+    def take(self, items: list[Item]) -> None:
+        if not items:
+            return
+        now_ns = self.clock.now_ns()
+        for item in items:
+            if isinstance(item, Quote):
+                metrics.feed_messages.labels(self.source, "l1").inc()
+                self.health.on_update(now_ns)
+                event = make_event(item.l1, idempotency_key=l1_key(item.l1), source=SOURCE, ts_ns=now_ns)
+                self.backlog.add_l1(item.l1.symbol, event)
+            elif isinstance(item, Trade):
+                metrics.feed_messages.labels(self.source, "print").inc()
+                self.health.on_update(now_ns)
+                if not self.seen.add(item.key):
+                    metrics.feed_duplicate_prints.labels(self.source).inc()
+                    continue
+                try:
+                    event = make_event(print_payload(item.tick), idempotency_key=item.key, source=SOURCE, ts_ns=now_ns)
+                except ValueError as exc:
+                    self.malformed(Malformed("bad_print", str(exc).splitlines()[0]))
+                    continue
+                self.backlog.add_print(event)
+            elif isinstance(item, Notice):
+                self.on_notice(item)
+            elif isinstance(item, Malformed):
+                self.malformed(item)
+        metrics.feed_last_update.labels(self.source).set(now_ns / NS_PER_S)
+        metrics.feed_backlog.set(len(self.backlog))
+
+    def malformed(self, item: Malformed) -> None:
+        metrics.feed_malformed.labels(self.source, item.reason).inc()
+        self.malformed_logged += 1
+        if self.malformed_logged <= 20 or self.malformed_logged % 1000 == 0:
+            log.warning(
+                "malformed feed message skipped",
+                extra={"source": self.source, "reason": item.reason, "detail": item.detail[:200], "count": self.malformed_logged},
+            )
+
+    def on_notice(self, notice: Notice) -> None:
+        log.info("feed notice", extra={"source": self.source, "code": notice.code, "text": notice.message})
+        self.health.on_ib_code(notice.code, notice.message)
+        if notice.code in (1101, 1102):
+            self.resubscribe(f"IB {notice.code}: connectivity restored")
+        self.check_health()
+
+    def resubscribe(self, why: str) -> None:
+        log.warning("re-subscribing everything", extra={"source": self.source, "why": why})
+        self.last_resubscribe_at = time.monotonic()
+        try:
+            self.feed.resubscribe()
+        except FeedDisconnected as exc:
+            self.on_disconnect(str(exc))
+
+    # -- health -------------------------------------------------------------------------------------------------
+    def check_health(self) -> None:
+        now_ns = self.clock.now_ns()
+        market_open = self.market_open(self.r, now_ns)
+        change = self.health.evaluate(now_ns, market_open)
+        if change is not None:
+            metrics.feed_stale.labels(self.source).set(1 if self.health.stale else 0)
+            if self.health.stale:
+                log.warning("feed stale", extra={"source": self.source, "reason": change})
+                self.alert("feed_stale", "warning", f"{self.source} feed stale: {change}", episode=now_ns)
+            else:
+                log.info("feed ok again", extra={"source": self.source})
+                self.alert("feed_recovered", "info", f"{self.source} feed delivering again", episode=now_ns)
+        silent = self.health.stale and not self.health.broken
+        if silent and self.connected and time.monotonic() - self.last_resubscribe_at >= self.config.stale_after_s:
+            self.resubscribe(self.health.reason)
+
+    def alert(self, alert_type: str, severity: Severity, message: str, episode: int) -> None:
+        """Alerts go out with the next flush; the key names the episode, so a
+        retried append is recognised (ev.alerts dedupes on it)."""
+        payload = Alert(alert_type=alert_type, severity=severity, message=message, data={"source": self.source})
+        key = idempotency_key("alert", DAEMON, alert_type, self.source, episode // 1_000_000)
+        self.pending_alerts.append(make_event(payload, idempotency_key=key, source=SOURCE, ts_ns=self.clock.now_ns()))
+
+    # -- Redis ---------------------------------------------------------------------------------------------------
+    def flush(self, force: bool = False) -> None:
+        if not (self.backlog or self.pending_alerts):
+            return
+        if not force and time.monotonic() < self.redis_retry_at:
+            return
+        limit = self.config.flush_max_events
+        l1 = self.backlog.l1[:limit]
+        prints = [self.backlog.prints[i] for i in range(min(limit, len(self.backlog.prints)))]
+        alerts = list(self.pending_alerts)
+        effects = self.publisher.effects()
+        for _symbol, event in l1:
+            effects.publish("ev.l1", event)
+        for event in prints:
+            effects.publish("ev.prints", event)
+        for event in alerts:
+            effects.publish("ev.alerts", event)
+        try:
+            self.publisher.commit(effects)
+        except (*REDIS_ERRORS, redis.ResponseError) as exc:
+            self.redis_failed(exc)
+            return
+        del self.backlog.l1[: len(l1)]
+        for _ in prints:
+            self.backlog.prints.popleft()
+        del self.pending_alerts[: len(alerts)]
+        if self.redis_failures:
+            log.info("redis reachable again", extra={"after_failures": self.redis_failures, "backlog": len(self.backlog)})
+        self.redis_failures = 0
+        metrics.redis_up.set(1)
+        self._report_drops()
+        metrics.feed_backlog.set(len(self.backlog))
+
+    def _report_drops(self) -> None:
+        if self.backlog.dropped_prints:
+            metrics.feed_dropped.labels("print").inc(self.backlog.dropped_prints)
+            log.error("prints dropped while Redis was unreachable", extra={"dropped": self.backlog.dropped_prints})
+            self.backlog.dropped_prints = 0
+        if self.backlog.collapsed_l1:
+            metrics.feed_dropped.labels("l1").inc(self.backlog.collapsed_l1)
+            self.backlog.collapsed_l1 = 0
+
+    def redis_failed(self, exc: Exception) -> None:
+        metrics.redis_errors.inc()
+        metrics.redis_up.set(0)
+        self.redis_failures += 1
+        delay = self.redis_backoff.compute(self.redis_failures)
+        self.redis_retry_at = time.monotonic() + delay
+        log.warning(
+            "redis error; keeping the backlog and backing off",
+            extra={"error": f"{type(exc).__name__}: {exc}", "failures": self.redis_failures, "backlog": len(self.backlog)},
+        )
+
+    def heartbeat(self) -> None:
+        try:
+            write_heartbeat(
+                self.r,
+                DAEMON,
+                self.consumer,
+                self.started_ns,
+                feed_source=self.source,
+                feed_connected=int(self.connected),
+                feed_stale=int(self.health.stale),
+                feed_stale_reason=self.health.reason,
+                backlog=len(self.backlog),
+            )
+        except REDIS_ERRORS as exc:
+            self.redis_failed(exc)
+
+    def seed_seen(self) -> None:
+        """Remember the keys of the newest prints already on `ev.prints`, so a
+        restarted daemon does not publish again what a getTicks overlap re-sends."""
+        limit = min(self.config.seen_prints_memory, SEED_SEEN_MAX)
+        keys: list[str] = []
+        upper = "+"
+        try:
+            while len(keys) < limit:
+                entries = self.r.xrevrange("ev.prints", max=upper, min="-", count=min(5000, limit - len(keys)))
+                if not entries:
+                    break
+                keys.extend(fields.get(b"idk", b"").decode() for _id, fields in entries)
+                upper = "(" + entries[-1][0].decode()
+        except REDIS_ERRORS as exc:
+            log.warning("could not read recent prints to seed dedupe", extra={"error": str(exc)})
+        for key in reversed(keys):
+            if key:
+                self.seen.add(key)
+        log.info("dedupe memory seeded", extra={"keys": len(self.seen)})
+
+
+def _symbols_in(name: str, raw: bytes) -> set[str]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if isinstance(value, dict):
+        if "qty" in value and not value.get("qty"):
+            return set()
+        symbol = value.get("symbol")
+        if isinstance(symbol, str):
+            return {symbol}
+    return {name} if _SYMBOL.match(name) else set()
+
+
+def build_feed(context: qe_daemon.Context, symbols: list[str]) -> Feed:
+    settings, config = context.settings, context.rules.market_data
+    program = f"qe-{DAEMON}"
+    if config.source == "hammer":
+        from .hammer import HammerFeed
+
+        if settings.hammer_password is None:
+            qe_config.exit_config_error(
+                program, "QE_HAMMER_PASSWORD_FILE: required when market_data.source is hammer"
+            )
+        return HammerFeed(
+            settings.hammer_url, settings.hammer_password.get_secret_value(), symbols, config.hammer, context.clock
+        )
+    from .ibkr import IbkrFeed
+
+    return IbkrFeed(
+        settings.ib_host, settings.ib_port, settings.ib_client_id_market_data, symbols, config.ibkr, context.clock
+    )
+
+
+def main() -> int:
+    context = qe_daemon.start(DAEMON)
+    symbols = list(context.universe())
+    feed = build_feed(context, symbols)
+    service = MarketDataService(context, feed)
+    service.install_signal_handlers()
+    return service.run()

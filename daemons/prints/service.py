@@ -1,0 +1,188 @@
+"""The prints/features worker on the stream runtime (group `prints`).
+
+Shell only: maps `ev.prints` events to `core.SymbolPrints`, and records the
+effects of each batch, committed atomically with its acks:
+
+* every new print is appended to `state:prints:buffer:{symbol}` (a Redis list
+  capped like the in-memory buffer), so `load()` rebuilds exactly the buffers
+  that were committed: restart-safe without replaying the stream;
+* one `ev.features` event per symbol per batch (and only when the feature
+  changed), key `feature:<symbol>:<key of the last print added>` (+ `:stale:<windows>`
+  when time windows went stale), and `state:features:{symbol}` kept current.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import redis
+
+from qe import daemon as qe_daemon
+from qe import metrics
+from qe.contracts import Envelope, Feature, GrpanWindow, Print, TruthTick, idempotency_key, make_event
+from qe.state import snapshot_fields
+from qe.streams import Consumer, Effects
+
+from .core import FeatureValues, PrintRecord, Rules, SymbolPrints, WindowResult, make_record
+
+log = logging.getLogger(__name__)
+
+DAEMON = "prints"
+GROUP = "prints"
+SOURCE = "prints"
+BUFFER_KEY = "state:prints:buffer:{symbol}"
+FEATURES_KEY = "state:features:{symbol}"
+
+def _window(result: WindowResult) -> GrpanWindow:
+    return GrpanWindow(
+        grpan_price=result.grpan_price,
+        concentration_pct=result.concentration_pct,
+        print_count=result.print_count,
+        deviation=result.deviation,
+        stale=result.stale,
+        truncated=result.truncated,
+    )
+
+
+def feature_payload(symbol: str, values: FeatureValues) -> Feature:
+    headline = values.headline
+    truth = values.truth_tick
+    return Feature(
+        symbol=symbol,
+        grpan_price=headline.grpan_price,
+        concentration_pct=headline.concentration_pct,
+        print_count=headline.print_count,
+        last_price=values.last_price,
+        deviation=headline.deviation,
+        windows={name: _window(result) for name, result in values.windows.items()},
+        truth_tick=None if truth is None else TruthTick(price=truth.price, size=truth.size, venue=truth.venue, ts_ns=truth.ts_ns),
+    )
+
+
+def _encode_print(record: PrintRecord) -> str:
+    return json.dumps([record.key, record.price, record.size, record.venue, record.ts_ns], separators=(",", ":"))
+
+
+class PrintsHandler:
+    streams = ("ev.prints",)
+
+    def __init__(self, context: qe_daemon.Context) -> None:
+        self.clock = context.clock
+        self.config = context.rules.prints
+        self.rules = Rules.from_config(self.config)
+        self.tick_interval_s = self.config.stale_check_interval_s
+        self.symbols: dict[str, SymbolPrints] = {}
+        self.published: dict[str, Feature] = {}
+        self.dirty: dict[str, str | None] = {}  # symbol -> event_id of the last print handled
+        self.warned_venues: set[str] = set()
+
+    # -- state ---------------------------------------------------------------------------
+    def load(self, r: redis.Redis) -> None:
+        self.symbols, self.published, self.dirty = {}, {}, {}
+        prefix = BUFFER_KEY.format(symbol="")
+        for raw_key in r.scan_iter(match=prefix + "*", count=1000):
+            symbol = raw_key.decode()[len(prefix):]
+            prints = SymbolPrints(self.rules)
+            for seq, item in enumerate(r.lrange(raw_key, 0, -1)):
+                key, price, size, venue, ts_ns = json.loads(item)
+                prints.add(make_record(key, price, size, venue, ts_ns, seq, self.rules))
+            self.symbols[symbol] = prints
+        features_prefix = FEATURES_KEY.format(symbol="")
+        for raw_key in r.scan_iter(match=features_prefix + "*", count=1000):
+            symbol = raw_key.decode()[len(features_prefix):]
+            fields = {k.decode(): json.loads(v) for k, v in r.hgetall(raw_key).items()}
+            payload = Feature.model_validate({name: fields[name] for name in Feature.model_fields if name in fields})
+            self.published[symbol] = payload
+            prints = self.symbols.get(symbol)
+            truth = payload.truth_tick
+            if prints is not None and truth is not None and (
+                prints.truth_tick is None or truth.ts_ns > prints.truth_tick.ts_ns
+            ):
+                # The truth tick outlives its print's place in the buffer.
+                prints.truth_tick = make_record("", truth.price, truth.size, truth.venue, truth.ts_ns, -1, self.rules)
+        log.info(
+            "state loaded",
+            extra={"symbols": len(self.symbols), "prints": sum(len(p) for p in self.symbols.values())},
+        )
+
+    # -- events ----------------------------------------------------------------------------
+    def handle(self, event: Envelope, effects: Effects) -> None:
+        payload: Print = event.payload  # type: ignore[assignment]
+        symbol = payload.symbol
+        prints = self.symbols.get(symbol)
+        if prints is None:
+            prints = self.symbols[symbol] = SymbolPrints(self.rules)
+        record = prints.record(event.idempotency_key, payload.price, payload.size, payload.venue, payload.trade_ts_ns)
+        if not self.rules.is_known_venue(record.venue):
+            metrics.prints_unknown_venue.labels(record.venue).inc()
+            if record.venue not in self.warned_venues:
+                self.warned_venues.add(record.venue)
+                log.warning("print on an unknown venue", extra={"venue": record.venue, "symbol": symbol})
+        added, evicted = prints.add(record)
+        if not added:
+            if record.key in prints.keys:
+                metrics.prints_duplicate.inc()
+            else:
+                metrics.prints_too_old.inc()
+            return
+        if record.truth:
+            metrics.truth_ticks.inc()
+        buffer_key = BUFFER_KEY.format(symbol=symbol)
+        effects.command("RPUSH", buffer_key, _encode_print(record))
+        if evicted is not None:
+            effects.command("LTRIM", buffer_key, -self.rules.buffer_cap, -1)
+        self.dirty[symbol] = str(event.event_id)
+
+    def end_batch(self, effects: Effects) -> None:
+        now_ns = self.clock.now_ns()
+        for symbol, causation_id in self.dirty.items():
+            self._publish_if_changed(symbol, now_ns, effects, causation_id)
+        self.dirty.clear()
+
+    def tick(self, now_ns: int, effects: Effects) -> None:
+        """Windows go stale with the clock, not only with prints."""
+        for symbol in self.symbols:
+            self._publish_if_changed(symbol, now_ns, effects, None)
+
+    def _publish_if_changed(self, symbol: str, now_ns: int, effects: Effects, causation_id: str | None) -> None:
+        prints = self.symbols[symbol]
+        values = prints.evaluate(now_ns)
+        payload = feature_payload(symbol, values)
+        if payload == self.published.get(symbol):
+            return
+        stale = sorted(name for name, result in values.windows.items() if result.stale)
+        parts: list[Any] = [symbol, prints.last_key]
+        if stale:
+            parts += ["stale", ",".join(stale)]
+        event = make_event(
+            payload,
+            idempotency_key=idempotency_key("feature", *parts),
+            source=SOURCE,
+            ts_ns=now_ns,
+            causation_id=causation_id,
+        )
+        effects.publish("ev.features", event)
+        effects.hset(FEATURES_KEY.format(symbol=symbol), snapshot_fields(event))
+        self.published[symbol] = payload
+
+
+def main() -> int:
+    context = qe_daemon.start(DAEMON)
+    rules = context.rules
+    # This worker reads prints.batch_size entries per batch (see PrintsRules.batch_size).
+    context.rules = rules.model_copy(
+        update={"runtime": rules.runtime.model_copy(update={"batch_size": rules.prints.batch_size})}
+    )
+    consumer = Consumer(
+        r=context.redis,
+        daemon=DAEMON,
+        group=GROUP,
+        handler=PrintsHandler(context),
+        rules=context.rules,
+        clock=context.clock,
+        consumer_name=context.settings.consumer_name,
+    )
+    consumer.install_signal_handlers()
+    return consumer.run()

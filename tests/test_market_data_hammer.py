@@ -1,0 +1,269 @@
+"""qe-market-data (Hammer source) as a real subprocess against the fake Hammer Pro
+server (tests/support/fake_hammer.py) and a real Redis."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import redis
+
+from qe import config
+from tests.support.fake_hammer import FakeHammer
+from tests.support.processes import DaemonProcess, console_script, daemon_env, wait_until, write_rules
+
+SYMBOLS = ["CIM PRB", "AGNCN", "NYCB PRU"] + [f"ZZ{chr(65 + i // 26)}{chr(65 + i % 26)} PRA" for i in range(117)]  # 120
+T0_MS = 1_790_000_000_000
+
+
+SPAWNED: list[DaemonProcess] = []
+
+
+@pytest.fixture
+def hammer():
+    server = FakeHammer(password="right-password").start()
+    yield server
+    server.stop()
+
+
+def write_universe(directory: Path, symbols=SYMBOLS) -> Path:
+    path = directory / "universe.csv"
+    rows = ["symbol,bucket_hint,adv,group,ref_price"] + [f"{s},LT,50000,G,24.50" for s in symbols]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def write_password(directory: Path, password: str) -> Path:
+    path = directory / "hammer.pass"
+    path.write_text(password + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def spawned():
+    """Every daemon a test starts is killed at teardown, even when the test fails."""
+    yield SPAWNED
+    while SPAWNED:
+        SPAWNED.pop().kill()
+
+
+def start_market_data(redis_url, tmp_path, hammer: FakeHammer, password="right-password", **market_data) -> DaemonProcess:
+    section = {
+        "source": "hammer",
+        "reconnect_base_s": 0.2,
+        "reconnect_cap_s": 1.0,
+        "hammer": {"ticks_sweep_interval_s": 0.3, "ticks_last_few": 20, "request_timeout_s": 3},
+        **market_data,
+    }
+    rules = write_rules(tmp_path, market_data=section)
+    env = daemon_env(
+        redis_url,
+        QE_CONFIG=rules,
+        QE_UNIVERSE=write_universe(tmp_path),
+        QE_HAMMER_URL=hammer.url,
+        QE_HAMMER_PASSWORD_FILE=write_password(tmp_path, password),
+    )
+    process = DaemonProcess(console_script("qe-market-data"), env, tmp_path / "market-data.log").start()
+    SPAWNED.append(process)
+    return process
+
+
+def stream_events(r: redis.Redis, stream: str) -> list[dict]:
+    return [json.loads(fields[b"event"]) for _id, fields in r.xrange(stream)]
+
+
+def prints_of(r: redis.Redis, symbol: str) -> list[dict]:
+    return [e for e in stream_events(r, "ev.prints") if e["payload"]["symbol"] == symbol]
+
+
+def alerts(r: redis.Redis) -> list[str]:
+    return [e["payload"]["alert_type"] for e in stream_events(r, "ev.alerts")]
+
+
+def test_quotes_and_prints_flow_subscribed_in_batches_of_50_without_duplicate_prints(redis_url, r, tmp_path, hammer):
+    for n in range(5):
+        hammer.add_trade("CIM-B", T0_MS + n * 1000, 24.80 + n / 100, 100, "NYSE")
+    # Two genuinely identical prints (same ms, price, size, venue): both are real.
+    hammer.add_trade("CIM-B", T0_MS + 9000, 24.90, 100, "FNRA")
+    hammer.add_trade("CIM-B", T0_MS + 9000, 24.90, 100, "FNRA")
+    hammer.add_trade("AGNCN", "2026-09-21T10:15:02.250-04:00", 25.31, 300, "ARCA")
+    hammer.add_trade("AGNCN", "2026-09-21T10:15:03", 25.32, 100, "ARCA")  # no offset: New York time
+    md = start_market_data(redis_url, tmp_path, hammer)
+    wait_until(lambda: hammer.authenticated_clients() and sum(hammer.authenticated_clients()[0].subscribe_batches) == 120,
+               timeout=20, message="subscribed")
+    assert hammer.authenticated_clients()[0].subscribe_batches == [50, 50, 20]
+
+    for n in range(3):
+        hammer.push_l1("CIM-B", bid=24.84, ask=24.88 + n / 100, last=24.86, size=100, venue="NYSE", volume=1000 + n)
+    hammer.push_l1("NYCB-U", bid=18.40, ask=18.47, last=18.45, size=200, venue="ARCA", volume=5000)
+    wait_until(lambda: r.xlen("ev.l1") >= 4, message="4 quotes")
+    quotes = stream_events(r, "ev.l1")
+    assert {q["payload"]["symbol"] for q in quotes} == {"CIM PRB", "NYCB PRU"}
+    last_cim = [q for q in quotes if q["payload"]["symbol"] == "CIM PRB"][-1]["payload"]
+    assert (last_cim["bid"], last_cim["ask"], last_cim["last"], last_cim["last_size"]) == (24.84, 24.90, 24.86, 100)
+
+    wait_until(lambda: len(prints_of(r, "CIM PRB")) == 7 and len(prints_of(r, "AGNCN")) == 2, message="first prints")
+    # Keep polling (overlapping getTicks replies), then add two more trades.
+    polls = hammer.ticks_requests("CIM-B")
+    wait_until(lambda: hammer.ticks_requests("CIM-B") >= polls + 3, message="more overlapping polls")
+    hammer.add_trade("CIM-B", T0_MS + 10_000, 24.91, 200, "ADFN")
+    hammer.add_trade("CIM-B", T0_MS + 11_000, 24.92, 20, "NSDQ")
+    wait_until(lambda: len(prints_of(r, "CIM PRB")) == 9, message="new prints")
+    time.sleep(1.0)  # several more overlapping polls
+    cim = prints_of(r, "CIM PRB")
+    assert len(cim) == 9, "an overlapping getTicks reply must not publish a print twice"
+    keys = Counter(e["idempotency_key"] for e in stream_events(r, "ev.prints"))
+    assert max(keys.values()) == 1
+    twins = [e for e in cim if e["payload"]["price"] == 24.90]
+    assert len(twins) == 2 and twins[0]["idempotency_key"] != twins[1]["idempotency_key"]
+    assert twins[0]["payload"]["trade_ts_ns"] == (T0_MS + 9000) * 1_000_000
+    assert twins[0]["payload"]["venue"] == "FNRA"
+    agncn = [e["payload"]["trade_ts_ns"] for e in prints_of(r, "AGNCN")]
+    utc_ns = lambda *parts: int(datetime(*parts, tzinfo=timezone.utc).timestamp()) * 1_000_000_000
+    assert sorted(agncn) == [utc_ns(2026, 9, 21, 14, 15, 2) + 250_000_000, utc_ns(2026, 9, 21, 14, 15, 3)]
+    assert md.terminate() == 0
+
+
+def test_malformed_messages_are_skipped_and_counted(redis_url, r, tmp_path, hammer):
+    md = start_market_data(redis_url, tmp_path, hammer)
+    wait_until(lambda: hammer.authenticated_clients() and hammer.authenticated_clients()[0].subscribe_batches, message="subscribed")
+    time.sleep(0.3)
+    hammer.send_raw("{this is not json")
+    hammer.send_raw("[1, 2, 3]")
+    hammer.push_l1("CIM-B", bid="abc", ask=24.9)
+    hammer.send_raw(json.dumps({"cmd": "L1Update", "result": {"sym": "NOT A SYMBOL!", "bid": 1.0}}))
+    hammer.send_raw(json.dumps({"cmd": "L1Update", "result": {"sym": "QQQQ", "bid": 1.0}}))  # not in the universe
+    hammer.send_raw(json.dumps({"cmd": "L1Update", "result": ["no", "object"]}))
+    hammer.push_l1("AGNCN", bid=25.30, ask=25.35, last=25.32, size=100, volume=10)
+    wait_until(lambda: r.xlen("ev.l1") == 1, message="the good quote")
+    assert stream_events(r, "ev.l1")[0]["payload"]["symbol"] == "AGNCN"
+    logs = [line for line in md.log_lines() if line.get("msg") == "malformed feed message skipped"]
+    assert {line["reason"] for line in logs} == {"bad_json", "not_an_object", "bad_bid", "bad_l1", "unknown_symbol"}
+    assert md.alive()
+    assert md.terminate() == 0
+
+
+def test_auth_failure_gives_a_clear_error_and_retries(redis_url, r, tmp_path, hammer):
+    md = start_market_data(redis_url, tmp_path, hammer, password="wrong-password")
+    wait_until(lambda: len(hammer.auth_attempts) >= 3, timeout=20, message="three attempts")
+    assert all(not ok for _pwd, ok in hammer.auth_attempts)
+    errors = [line for line in md.log_lines() if line.get("msg") == "feed connection failed; retrying"]
+    assert errors and "Hammer Pro refused the password from QE_HAMMER_PASSWORD_FILE" in errors[0]["error"]
+    assert errors[0]["level"] == "error"
+    assert md.alive()
+    wait_until(lambda: "feed_auth_failed" in alerts(r), message="auth alert")
+    # The operator fixes the password on the Hammer side: the next retry gets in.
+    hammer.password = "wrong-password"
+    wait_until(lambda: hammer.authenticated_clients(), timeout=20, message="authenticated")
+    wait_until(lambda: hammer.authenticated_clients()[0].subscribe_batches == [50, 50, 20], message="subscribed")
+    hammer.push_l1("AGNCN", bid=25.30, ask=25.35)
+    wait_until(lambda: r.xlen("ev.l1") == 1, message="quote after auth")
+    assert md.terminate() == 0
+
+
+def test_server_drop_reconnects_resubscribes_and_publishes_no_duplicate_prints(redis_url, r, tmp_path, hammer):
+    for n in range(10):
+        hammer.add_trade("NYCB-U", T0_MS + n * 500, 18.40 + n / 100, 100 * (n % 3 + 1), "NYSE")
+    md = start_market_data(redis_url, tmp_path, hammer)
+    wait_until(lambda: len(prints_of(r, "NYCB PRU")) == 10, message="first prints")
+    first = hammer.authenticated_clients()[0]
+    hammer.drop_connections()
+    wait_until(
+        lambda: [c for c in hammer.authenticated_clients() if c is not first and sum(c.subscribe_batches) == 120],
+        timeout=20, message="reconnected and re-subscribed",
+    )
+    second = [c for c in hammer.authenticated_clients() if c is not first][0]
+    assert second.subscribe_batches == [50, 50, 20]
+    wait_until(lambda: hammer.ticks_requests("NYCB-U") >= 3, message="polling after reconnect")
+    hammer.add_trade("NYCB-U", T0_MS + 20_000, 18.55, 200, "FNRA")
+    wait_until(lambda: len(prints_of(r, "NYCB PRU")) == 11, message="the new print")
+    hammer.push_l1("NYCB-U", bid=18.50, ask=18.56, volume=99)
+    wait_until(lambda: r.xlen("ev.l1") >= 1, message="quotes after reconnect")
+    time.sleep(0.8)
+    assert len(prints_of(r, "NYCB PRU")) == 11
+    wait_until(lambda: {"feed_disconnected", "feed_reconnected"} <= set(alerts(r)), message="alerts")
+    assert md.terminate() == 0
+
+    # A restarted daemon re-reads the same tape: still nothing twice.
+    polls = hammer.ticks_requests("NYCB-U")
+    md2 = start_market_data(redis_url, tmp_path, hammer)
+    wait_until(lambda: hammer.ticks_requests("NYCB-U") >= polls + 3, message="polls by the new process")
+    time.sleep(0.5)
+    assert len(prints_of(r, "NYCB PRU")) == 11
+    assert md2.terminate() == 0
+
+
+def test_silent_feed_in_market_hours_goes_stale_alerts_and_resubscribes(redis_url, r, tmp_path, hammer):
+    # The session daemon says the market is open (kept fresh by the test).
+    def session_open():
+        r.hset("state:session", mapping={"market_open": "true", "now_ns": json.dumps(time.time_ns())})
+
+    session_open()
+    md = start_market_data(redis_url, tmp_path, hammer, stale_after_s=1.5)
+    wait_until(lambda: hammer.authenticated_clients(), message="connected")
+    client = hammer.authenticated_clients()[0]
+    wait_until(lambda: (session_open(), "feed_stale" in alerts(r))[1], timeout=15, message="stale alert")
+    wait_until(lambda: (session_open(), sum(client.subscribe_batches) >= 240)[1], timeout=15, message="re-subscribed")
+    assert client.subscribe_batches[:6] == [50, 50, 20, 50, 50, 20]
+    heartbeat = r.hgetall("state:daemon:market-data")
+    wait_until(lambda: r.hget("state:daemon:market-data", "feed_stale") == b"1", message="stale in heartbeat")
+    hammer.push_l1("AGNCN", bid=25.30, ask=25.35)
+    wait_until(lambda: "feed_recovered" in alerts(r), timeout=10, message="recovered")
+    assert heartbeat[b"feed_source"] == b"hammer"
+    stale = [e for e in stream_events(r, "ev.alerts") if e["payload"]["alert_type"] == "feed_stale"][0]
+    assert stale["payload"]["severity"] == "warning" and "no update" in stale["payload"]["message"]
+    assert md.terminate() == 0
+
+
+def test_hammer_source_without_password_file_exits_78(redis_url, tmp_path):
+    rules = write_rules(tmp_path, market_data={"source": "hammer"})
+    env = daemon_env(redis_url, QE_CONFIG=rules)
+    md = DaemonProcess(console_script("qe-market-data"), env, tmp_path / "md.log").start()
+    assert md.wait(timeout=30) == config.EX_CONFIG
+    assert "QE_HAMMER_PASSWORD_FILE: required when market_data.source is hammer" in md.output()
+
+
+def test_invalid_market_data_config_exits_78_naming_the_field(redis_url, tmp_path):
+    rules = write_rules(tmp_path, market_data={"ibkr": {"max_tick_by_tick": -1}})
+    md = DaemonProcess(console_script("qe-market-data"), daemon_env(redis_url, QE_CONFIG=rules), tmp_path / "md.log").start()
+    assert md.wait(timeout=30) == config.EX_CONFIG
+    output = md.output()
+    assert "market_data.ibkr.max_tick_by_tick: Input should be greater than or equal to 0 (got -1)" in output
+    bad_backoff = write_rules(tmp_path, market_data={"reconnect_cap_s": 1, "reconnect_base_s": 3})
+    with pytest.raises(config.ConfigError, match="market_data: reconnect_cap_s must be >= reconnect_base_s"):
+        config.load_rules(bad_backoff)
+
+
+def test_redis_outage_keeps_the_feed_and_loses_no_print(own_redis, tmp_path, hammer):
+    r = own_redis.client()
+    md = start_market_data(own_redis.url, tmp_path, hammer)
+    wait_until(lambda: hammer.authenticated_clients() and sum(hammer.authenticated_clients()[0].subscribe_batches) == 120,
+               message="subscribed")
+    hammer.add_trade("AGNCN", T0_MS, 25.30, 100, "NYSE")
+    wait_until(lambda: r.xlen("ev.prints") == 1, message="first print")
+    hammer.push_l1("AGNCN", bid=25.30, ask=25.35, volume=600)
+    wait_until(lambda: r.xlen("ev.l1") == 1, message="first quote")
+    own_redis.kill()
+    polls = hammer.ticks_requests("AGNCN")
+    for n in range(1, 6):
+        hammer.add_trade("AGNCN", T0_MS + n * 1000, 25.30 + n / 100, 100, "ARCA")
+    client = hammer.authenticated_clients()[0]
+    hammer.push_l1("AGNCN", bid=25.30, ask=25.36, volume=700)  # new volume: polled at once
+    wait_until(lambda: hammer.ticks_requests("AGNCN") >= polls + 1, message="polled while Redis is down")
+    time.sleep(1.0)
+    assert md.alive() and hammer.authenticated_clients()[0] is client  # the feed was not dropped
+    own_redis.start()
+    r = own_redis.client()
+    wait_until(lambda: r.xlen("ev.prints") == 6, timeout=20, message="buffered prints appended")
+    time.sleep(0.5)
+    assert r.xlen("ev.prints") == 6
+    assert r.xlen("ev.l1") == 2  # the quote received during the outage too
+    logs = md.log_lines()
+    assert any(line.get("msg") == "redis error; keeping the backlog and backing off" for line in logs)
+    assert any(line.get("msg") == "redis reachable again" for line in logs)
+    assert md.terminate() == 0

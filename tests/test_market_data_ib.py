@@ -1,0 +1,188 @@
+"""qe-market-data (IB source) as a real subprocess with the real ib_async client
+against the IB gateway simulator (sim/, in a thread of the test process), and a
+real Redis. The simulator is the referee: it reports the subscriptions it holds."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until, write_rules
+
+try:
+    from conftest_sim import sim, sim_control  # noqa: F401
+except ImportError:  # pragma: no cover
+    from tests.conftest_sim import sim, sim_control  # noqa: F401
+
+UNIVERSE = [line.split(",")[0] for line in (REPO / "etc" / "universe.csv").read_text().splitlines()
+            if line and not line.startswith(("#", "symbol"))]
+SPAWNED: list[DaemonProcess] = []
+
+
+@pytest.fixture(autouse=True)
+def spawned():
+    """Every daemon a test starts is killed at teardown, even when the test fails."""
+    yield SPAWNED
+    while SPAWNED:
+        SPAWNED.pop().kill()
+
+
+def start(command: str, redis_url: str, tmp_path: Path, sim, name: str, **market_data) -> DaemonProcess:
+    section = {
+        "source": "ibkr",
+        "reconnect_base_s": 0.2,
+        "reconnect_cap_s": 1.0,
+        "ibkr": {"max_tick_by_tick": 3, "tick_by_tick_rotation_s": 600, "connect_timeout_s": 5},
+        **market_data,
+    }
+    rules = write_rules(tmp_path, market_data=section, runtime={"block_ms": 200})
+    env = daemon_env(redis_url, QE_CONFIG=rules, QE_IB_PORT=sim.port, QE_IB_CLIENT_ID_MARKET_DATA=12)
+    process = DaemonProcess(console_script(command), env, tmp_path / f"{name}.log").start()
+    SPAWNED.append(process)
+    return process
+
+
+def stream_events(r: redis.Redis, stream: str) -> list[dict]:
+    return [json.loads(fields[b"event"]) for _id, fields in r.xrange(stream)]
+
+
+def alerts(r: redis.Redis) -> list[str]:
+    return [e["payload"]["alert_type"] for e in stream_events(r, "ev.alerts")]
+
+
+def our_client(sim) -> dict | None:
+    return next((c for c in sim.control.state()["clients"] if c["client_id"] == 12), None)
+
+
+def subscriptions(sim) -> tuple[int, int] | None:
+    client = our_client(sim)
+    return None if client is None else (client["mkt_subscriptions"], client["tbt_subscriptions"])
+
+
+def injected(r: redis.Redis, size: int) -> list[dict]:
+    return [e for e in stream_events(r, "ev.prints") if e["payload"]["size"] == size]
+
+
+def assert_no_duplicate_prints(r: redis.Redis) -> None:
+    keys = Counter(fields[b"idk"] for _id, fields in r.xrange("ev.prints"))
+    assert [key for key, n in keys.items() if n > 1] == []
+
+
+def test_quotes_and_prints_flow_into_redis(redis_url, r, tmp_path, sim):
+    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data")
+    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    wait_until(lambda: r.xlen("ev.l1") >= 50 and r.xlen("ev.prints") >= 5, timeout=20, message="quotes and prints")
+    quotes = stream_events(r, "ev.l1")
+    assert len({q["payload"]["symbol"] for q in quotes}) >= 10
+    sample = quotes[-1]["payload"]
+    assert sample["bid"] is not None and sample["ask"] is not None and sample["bid"] < sample["ask"]
+    # Prints come from the 3 tick-by-tick slots: the first 3 symbols of the universe.
+    tbt = set(UNIVERSE[:3])
+    assert {p["payload"]["symbol"] for p in stream_events(r, "ev.prints")} <= tbt
+    sim.control.inject_print("CIM PRB", 24.77, 777, "IEX", "F")
+    wait_until(lambda: injected(r, 777), message="injected print")
+    time.sleep(0.3)
+    [event] = injected(r, 777)
+    assert event["payload"]["venue"] == "IEX" and event["payload"]["conditions"] == ["F"]
+    assert event["payload"]["price"] == 24.77 and event["payload"]["symbol"] == "CIM PRB"
+    assert event["idempotency_key"].startswith("print:CIM PRB:")
+    assert_no_duplicate_prints(r)
+    assert md.terminate() == 0
+
+
+def test_forced_disconnect_reconnects_resubscribes_and_duplicates_nothing_downstream(redis_url, r, tmp_path, sim):
+    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data")
+    worker = start("qe-prints", redis_url, tmp_path, sim, "prints")
+    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    wait_until(lambda: r.xlen("ev.prints") >= 5, timeout=20, message="prints before")
+    first_peer = our_client(sim)["peer"]
+
+    sim.control.restart(1.5)  # drop every client and refuse connections for 1.5 s
+    wait_until(lambda: our_client(sim) is None, timeout=10, message="dropped")
+    wait_until(lambda: our_client(sim) is not None and our_client(sim)["peer"] != first_peer,
+               timeout=30, message="reconnected")
+    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="re-subscribed")
+    sim.control.inject_print("CIM PRA", 24.09, 555, "ARCA")
+    wait_until(lambda: injected(r, 555), timeout=10, message="print after reconnect")
+    wait_until(lambda: {"feed_disconnected", "feed_reconnected"} <= set(alerts(r)), message="alerts")
+    time.sleep(1.0)
+    assert len(injected(r, 555)) == 1
+    assert_no_duplicate_prints(r)
+    logs = md.log_lines()
+    assert any(line.get("msg") == "feed connection failed; retrying" for line in logs), "refused while down: retried"
+
+    # Downstream: the prints worker holds every print exactly once.
+    total = Counter(e["payload"]["symbol"] for e in stream_events(r, "ev.prints"))
+    wait_until(
+        lambda: all(r.llen(f"state:prints:buffer:{symbol}") >= n for symbol, n in total.items()),
+        timeout=20, message="worker caught up",
+    )
+    assert md.terminate() == 0
+    time.sleep(0.5)
+    total = Counter(e["payload"]["symbol"] for e in stream_events(r, "ev.prints"))
+    wait_until(lambda: r.xpending("ev.prints", "prints")["pending"] == 0 and
+               r.xinfo_groups("ev.prints")[0]["lag"] == 0, message="worker drained")
+    assert {symbol: r.llen(f"state:prints:buffer:{symbol}") for symbol in total} == dict(total)
+    assert worker.terminate() == 0
+
+
+def test_1101_and_1102_resubscribe_without_doubling(redis_url, r, tmp_path, sim):
+    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data")
+    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    sim.control.send_code(1101)  # restored, data lost: the simulator forgot every subscription
+    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=15, message="re-subscribed after 1101")
+    sim.control.inject_print("CIM PRC", 23.41, 333, "NYSE")
+    wait_until(lambda: injected(r, 333), timeout=10, message="print after 1101")
+    sim.control.send_code(1102)  # restored, data kept: cancel + request, not doubled
+    wait_until(lambda: any(line.get("why", "").startswith("IB 1102") for line in md.log_lines()), message="1102 handled")
+    # Cancel + request is paced by ib_async (45 requests/s): watch it settle, never doubled.
+    seen = []
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        seen.append(subscriptions(sim))
+        time.sleep(0.05)
+    assert max(mkt for mkt, _ in seen) == len(UNIVERSE) and max(tbt for _, tbt in seen) == 3
+    assert seen[-1] == (len(UNIVERSE), 3)
+    sim.control.inject_print("CIM PRC", 23.42, 444, "NYSE")
+    wait_until(lambda: injected(r, 444), timeout=10, message="print after 1102")
+    time.sleep(0.5)
+    assert len(injected(r, 333)) == 1 and len(injected(r, 444)) == 1
+    assert_no_duplicate_prints(r)
+    assert md.terminate() == 0
+
+
+def test_data_farm_broken_publishes_a_stale_feed_alert(redis_url, r, tmp_path, sim):
+    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data")
+    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    wait_until(lambda: r.xlen("ev.l1") > 0, message="quotes")
+    sim.control.send_code(2103)
+    wait_until(lambda: "feed_stale" in alerts(r), timeout=10, message="stale alert")
+    stale = [e for e in stream_events(r, "ev.alerts") if e["payload"]["alert_type"] == "feed_stale"][0]["payload"]
+    assert stale["severity"] == "warning" and "2103" in stale["message"] and "usfarm" in stale["message"]
+    wait_until(lambda: r.hget("state:daemon:market-data", "feed_stale") == b"1", timeout=10, message="heartbeat")
+    sim.control.send_code(2104)
+    wait_until(lambda: "feed_recovered" in alerts(r), timeout=10, message="recovered")
+    assert md.terminate() == 0
+
+
+def test_tick_by_tick_slots_go_to_positions_first_and_rotate_the_rest(redis_url, r, tmp_path, sim):
+    r.hset("state:positions", "NLY PRF", json.dumps({"symbol": "NLY PRF", "qty": 1500}))
+    r.hset("state:positions", "PFF", json.dumps({"symbol": "PFF", "qty": 0}))  # flat: no priority
+    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data",
+               ibkr={"max_tick_by_tick": 2, "tick_by_tick_rotation_s": 1.0})
+    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 2), timeout=30, message="subscribed")
+    seen_tbt_counts = set()
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        seen_tbt_counts.add(subscriptions(sim)[1])
+        time.sleep(0.1)
+    assert seen_tbt_counts <= {1, 2}  # never above the cap (1 for an instant while a slot moves)
+    symbols = Counter(e["payload"]["symbol"] for e in stream_events(r, "ev.prints"))
+    assert symbols["NLY PRF"] >= 3, symbols  # the position keeps its slot
+    assert len(set(symbols) - {"NLY PRF"}) >= 3, symbols  # the other slot rotated
+    assert md.terminate() == 0
