@@ -108,6 +108,18 @@ orders_rejected = Counter(
 )
 fills = Counter("qe_fills_total", "Executions applied (deduplicated by execId)", registry=REGISTRY)
 
+alerts_emitted = Counter(
+    "qe_alerts_emitted_total", "Alerts published by qe-alerts, by type, severity and state (firing|resolved|event)",
+    ["alert_type", "severity", "state"], registry=REGISTRY,
+)
+alerts_suppressed = Counter(
+    "qe_alerts_suppressed_total", "Alerts held back by the rate limit", ["alert_type"], registry=REGISTRY
+)
+alerts_active = Gauge("qe_alerts_active", "Alert conditions firing now, by type", ["alert_type"], registry=REGISTRY)
+alerts_inputs_ignored = Counter(
+    "qe_alerts_inputs_ignored_total", "Input events or state the alerts worker could not use, by reason", ["reason"],
+    registry=REGISTRY,
+)
 
 def serve(daemon: str, host: str, port: int | None) -> int:
     """Start the metrics endpoint on localhost (by default); returns the bound port."""
