@@ -331,7 +331,7 @@ class AlertsHandler:
             metrics.alerts_emitted.labels(out.alert_type, out.severity, state).inc()
             level = self.log.info if out.severity == "info" else self.log.warning
             level("alert", extra={"alert_type": out.alert_type, "severity": out.severity, "symbol": out.symbol,
-                                  "state": state, "message": out.message, "idempotency_key": out.idempotency_key})
+                                  "state": state, "alert_message": out.message, "idempotency_key": out.idempotency_key})
 
     def _flush(self, effects: Effects, now_ns: int) -> None:
         cond_set, cond_del, rate_set, rate_del = self.book.take_changes()
