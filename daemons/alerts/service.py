@@ -172,6 +172,9 @@ class AlertsHandler:
                 self._ignored("exposure_without_percentages", f"exposure {event.idempotency_key} has status ok but no percentages")
             else:
                 outs += self.book.apply(exposure_findings(payload, self.hard_cap_pct, self.rules, event.ts_ns), now_ns)
+            for bucket, numbers in payload.buckets.items():
+                for measure in ("current", "potential", "max", "target"):
+                    metrics.exposure_bucket.labels(bucket, measure).set(getattr(numbers, f"{measure}_pct") / 100)
         elif event.type == "broker":
             self.broker.update(payload.connected, payload.orders_allowed, payload.reason, payload.account,
                                payload.last_code, event.ts_ns)
