@@ -5,6 +5,7 @@ pass `promtool check metrics`."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -12,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
@@ -27,18 +27,23 @@ METRIC_NAME = re.compile(r"\b(qe_[a-z0-9_]+)")
 DEFINED_ON_OTHER_BRANCHES = {"qe_feed_stale"}
 
 
-def promtool() -> str:
+@functools.lru_cache(maxsize=1)
+def _find_or_install_promtool() -> str | None:
     found = shutil.which("promtool")
-    if found:
-        return found
-    if os.geteuid() == 0 and shutil.which("apt-get"):
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
                        env=env, capture_output=True, timeout=600)
         found = shutil.which("promtool")
-        if found:
-            return found
-    pytest.skip("promtool is not installed and `apt-get install prometheus` was not possible here")
+    return found
+
+
+def promtool() -> str:
+    found = _find_or_install_promtool()
+    if found is None:
+        pytest.skip("promtool is not installed and `apt-get install prometheus` was not possible here")
+    return found
 
 
 def run_promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -14,6 +14,7 @@ units are checked exactly as installed (the /opt path), without touching the hos
 from __future__ import annotations
 
 import configparser
+import functools
 import os
 import re
 import shutil
@@ -31,17 +32,22 @@ UNITS = [f"qe-{name}.service" for name in DAEMONS]
 INSTALL_BIN = "/opt/quant-engine/.venv/bin"
 
 
-def systemd_analyze() -> str:
+@functools.lru_cache(maxsize=1)
+def _find_or_install_systemd_analyze() -> str | None:
     found = shutil.which("systemd-analyze")
-    if found:
-        return found
-    if os.geteuid() == 0 and shutil.which("apt-get"):
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
         subprocess.run(["apt-get", "install", "-y", "-qq", "systemd"], env=env, capture_output=True, timeout=600)
         found = shutil.which("systemd-analyze")
-        if found:
-            return found
-    pytest.skip("systemd-analyze is not installed and `apt-get install systemd` was not possible here")
+    return found
+
+
+def systemd_analyze() -> str:
+    found = _find_or_install_systemd_analyze()
+    if found is None:
+        pytest.skip("systemd-analyze is not installed and `apt-get install systemd` was not possible here")
+    return found
 
 
 def system_unit_dir() -> Path:
