@@ -163,7 +163,8 @@ def test_connection_dropped_mid_order_and_fill_while_down(execution, sim, r):
     time.sleep(1.0)
     assert len(execution.fills("intent:drop:1")) == 1
     assert execution.placed("intent:drop:1") == 1
-    assert execution.alerts("broker_down") and execution.alerts("broker_up")
+    broker = [json.loads(fields[b"event"])["payload"]["connected"] for _id, fields in r.xrange("ev.broker")]
+    assert broker[0] is True and False in broker and broker[-1] is True  # down, then up again, on ev.broker
     position = json.loads(r.hget("state:positions", SYMBOL))
     assert position["qty"] == 3000 and position["bucket"] == "LT"
 

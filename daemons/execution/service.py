@@ -576,7 +576,6 @@ class ExecutionService:
         snapshot = (view.usable, view.account_ok, view.farm_ok, view.account)
         if snapshot == self.published_broker_state:
             return
-        was_up = self.published_broker_state[0] if self.published_broker_state else None
         self.published_broker_state = snapshot
         if not view.socket_up:
             reason = f"disconnected ({self.broker.last_error or 'connecting'})"
@@ -599,11 +598,7 @@ class ExecutionService:
         effects.publish("ev.broker", event)
         effects.hset(state.BROKER, state.snapshot_fields(event))
         metrics.broker_connected.set(1 if view.usable else 0)
-        if was_up is not None and was_up != view.usable:
-            severity, kind = ("info", "broker_up") if view.usable else ("critical", "broker_down")
-            self._alert(effects, now_ns, kind, severity, reason, data={"account": view.account, "last_code": view.last_code})
-        elif was_up is None and not view.usable:
-            self._alert(effects, now_ns, "broker_down", "critical", reason, data={"last_code": view.last_code})
+        # broker_down / broker_up alerts are qe-alerts' (hold-off, rate limit, resolution).
 
     # -- records and events ------------------------------------------------------------------------------------
     def _save(self, effects: Effects, record: core.OrderRecord, publish: bool = True, last_fill: Fill | None = None) -> None:

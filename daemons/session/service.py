@@ -95,7 +95,7 @@ class SessionHandler:
         for name in REGIMES:
             metrics.session_regime.labels(name).set(1 if name == payload.regime else 0)
         metrics.session_market_open.set(1 if payload.market_open else 0)
-        metrics.session_minutes_to_close.set(payload.minutes_to_close if payload.minutes_to_close is not None else float("nan"))
+        metrics.session_seconds_to_close.set(payload.minutes_to_close * 60 if payload.minutes_to_close is not None else float("nan"))
 
 
 def run() -> int:

@@ -381,6 +381,114 @@ class MarketDataRules(Section):
         if self.reconnect_cap_s < self.reconnect_base_s:
             raise ValueError("reconnect_cap_s must be >= reconnect_base_s")
         return self
+# --- alerts (SPEC 6, Alerts) -----------------------------------------------------------
+
+
+class RateLimit(Section):
+    """At most `max_alerts` alerts of one alert type for one subject per `window_s`."""
+
+    max_alerts: int = Field(ge=1, le=10_000)
+    window_s: float = Field(gt=0, le=86_400)
+
+
+class EtfGuardRules(Section):
+    """ETF guard: alert when an ETF (PFF) moves `move_vs_close_cents` from the previous
+    close, or `move_window_cents` within `move_window_s`. A condition clears only once
+    the move is `hysteresis_cents` back inside its threshold."""
+
+    symbols: list[str] = Field(default_factory=lambda: ["PFF"])
+    move_vs_close_cents: float = Field(default=20, gt=0)
+    move_window_cents: float = Field(default=10, gt=0)
+    move_window_s: float = Field(default=300, gt=0, le=86_400)
+    hysteresis_cents: float = Field(default=3, ge=0)
+    max_window_prints: int = Field(default=2000, ge=10, le=100_000)
+
+    @model_validator(mode="after")
+    def _hysteresis_below_thresholds(self) -> "EtfGuardRules":
+        smallest = min(self.move_vs_close_cents, self.move_window_cents)
+        if self.hysteresis_cents >= smallest:
+            raise ValueError(f"hysteresis_cents ({self.hysteresis_cents:g}) must be below both move thresholds ({smallest:g})")
+        return self
+
+
+DEFAULT_RATE_LIMITS: dict[str, RateLimit] = {
+    "default": RateLimit(max_alerts=3, window_s=300),
+    "new_daily_high": RateLimit(max_alerts=2, window_s=900),
+    "new_daily_low": RateLimit(max_alerts=2, window_s=900),
+}
+
+
+class AlertsRules(Section):
+    """The alerts worker (qe-alerts): thresholds, hysteresis and rate limits."""
+
+    check_interval_s: float = Field(default=1.0, gt=0, le=60)
+    # Per alert type (and one subject: a symbol, a bucket, a stream/group); "default"
+    # applies to every type not listed. Resolved alerts are not limited: they pair
+    # one-to-one with firing alerts that were let through.
+    rate_limits: dict[str, RateLimit] = Field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
+    # Hard cap and bucket max: a breach clears only this many points below the limit.
+    cap_hysteresis_pct: float = Field(default=1.0, ge=0, le=50)
+    bucket_hysteresis_pct: float = Field(default=1.0, ge=0, le=50)
+    # Broker disconnected for this long (clock seconds) before it is alerted.
+    broker_down_for_s: float = Field(default=5, ge=0)
+    # Stale market data while the market is open (from ev.session): no L1 / print for a
+    # symbol, or on the whole stream, for this long. Silence counts from the open at the
+    # earliest. Per-symbol checks cover the symbols held or with open orders (from
+    # ev.exposure) or the whole universe.
+    l1_stale_after_s: float = Field(default=120, gt=0)
+    prints_stale_after_s: float = Field(default=1800, gt=0)
+    l1_feed_stale_after_s: float = Field(default=30, gt=0)
+    prints_feed_stale_after_s: float = Field(default=300, gt=0)
+    stale_symbols: Literal["held", "universe"] = "held"
+    # Staleness is not judged while this worker itself is further behind on ev.l1 /
+    # ev.prints than this (it would be measuring its own lag).
+    self_lag_tolerance_entries: int = Field(default=1000, ge=0)
+    # New daily high/low: prints of at least this size (odd lots do not set the
+    # consolidated high/low), alerts only once the symbol has this many such prints today.
+    daily_range_min_size: int = Field(default=100, ge=1)
+    daily_range_min_prints: int = Field(default=3, ge=1)
+    etf_guard: EtfGuardRules = EtfGuardRules()
+    # ev.dlq growth: fires when entries were added since the previous check, clears after
+    # dlq_quiet_s without growth; error once this many arrived in one episode.
+    dlq_quiet_s: float = Field(default=60, gt=0)
+    dlq_error_entries: int = Field(default=50, ge=1)
+    # Consumer lag (XINFO GROUPS `lag`) per stream (or "default"), held for lag_for_s;
+    # clears at or below limit * clear_ratio; error at limit * error_factor.
+    consumer_lag_limits: dict[str, int] = Field(
+        default_factory=lambda: {"default": 1000, "ev.l1": 20_000, "ev.prints": 20_000}
+    )
+    consumer_lag_for_s: float = Field(default=10, ge=0)
+    consumer_lag_clear_ratio: float = Field(default=0.5, ge=0, lt=1)
+    consumer_lag_error_factor: float = Field(default=10, gt=1)
+    # Groups that only read for monitoring/debugging (SPEC 3): never alerted on.
+    consumer_lag_ignore_groups: list[str] = Field(default_factory=lambda: ["workers"])
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _default_rate_limit(cls, value: dict[str, RateLimit]) -> dict[str, RateLimit]:
+        if "default" not in value:
+            raise ValueError("rate_limits needs a 'default' entry")
+        return value
+
+    @field_validator("consumer_lag_limits")
+    @classmethod
+    def _known_lag_streams(cls, value: dict[str, int]) -> dict[str, int]:
+        if "default" not in value:
+            raise ValueError("consumer_lag_limits needs a 'default' entry")
+        known = set(STREAM_TYPES) | {DLQ_STREAM, "default"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown stream(s) {unknown}")
+        bad = {k: v for k, v in value.items() if v < 1}
+        if bad:
+            raise ValueError(f"limits must be >= 1, got {bad}")
+        return value
+
+    def rate_limit(self, alert_type: str) -> RateLimit:
+        return self.rate_limits.get(alert_type, self.rate_limits["default"])
+
+    def lag_limit(self, stream: str) -> int:
+        return self.consumer_lag_limits.get(stream, self.consumer_lag_limits["default"])
 
 
 class RiskRules(Section):
@@ -394,6 +502,7 @@ class RiskRules(Section):
     execution: ExecutionRules = ExecutionRules()
     prints: PrintsRules = PrintsRules()
     market_data: MarketDataRules = MarketDataRules()
+    alerts: AlertsRules = AlertsRules()
 
     @model_validator(mode="after")
     def _regime_tolerances_within_hard_cap(self) -> "RiskRules":

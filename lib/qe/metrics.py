@@ -94,8 +94,8 @@ exposure_events_ignored = Counter(
 )
 session_regime = Gauge("qe_session_regime", "1 for the current session regime", ["regime"], registry=REGISTRY)
 session_market_open = Gauge("qe_session_market_open", "1 while the exchange session is open", registry=REGISTRY)
-session_minutes_to_close = Gauge(
-    "qe_session_minutes_to_close", "Minutes to today's close while open (NaN while closed)", registry=REGISTRY
+session_seconds_to_close = Gauge(
+    "qe_session_seconds_to_close", "Seconds to today's close while open (NaN while closed)", registry=REGISTRY
 )
 orders_by_status = Gauge("qe_orders", "Orders known to execution, by status", ["status"], registry=REGISTRY)
 intents_received = Counter("qe_intents_received_total", "Intents read by execution", ["action"], registry=REGISTRY)
@@ -108,6 +108,23 @@ orders_rejected = Counter(
 )
 fills = Counter("qe_fills_total", "Executions applied (deduplicated by execId)", registry=REGISTRY)
 
+alerts_emitted = Counter(
+    "qe_alerts_emitted_total", "Alerts published by qe-alerts, by type, severity and state (firing|resolved|event)",
+    ["alert_type", "severity", "state"], registry=REGISTRY,
+)
+alerts_suppressed = Counter(
+    "qe_alerts_suppressed_total", "Alerts held back by the rate limit", ["alert_type"], registry=REGISTRY
+)
+alerts_active = Gauge("qe_alerts_active", "Alert conditions firing now, by type", ["alert_type"], registry=REGISTRY)
+exposure_bucket = Gauge(
+    "qe_exposure_bucket_ratio",
+    "Bucket exposure / equity from ev.exposure (exported by qe-alerts), by bucket and measure (current, potential, max, target)",
+    ["bucket", "measure"], registry=REGISTRY,
+)
+alerts_inputs_ignored = Counter(
+    "qe_alerts_inputs_ignored_total", "Input events or state the alerts worker could not use, by reason", ["reason"],
+    registry=REGISTRY,
+)
 
 def serve(daemon: str, host: str, port: int | None) -> int:
     """Start the metrics endpoint on localhost (by default); returns the bound port."""
