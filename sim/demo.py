@@ -24,6 +24,8 @@ from zoneinfo import ZoneInfo
 
 import redis
 
+from qe import acl
+
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "run"
 BIN = Path(sys.executable).parent
@@ -84,26 +86,30 @@ def start(args: argparse.Namespace) -> int:
     if (RUN / "supervisord.pid").exists() and supervisorctl("pid").returncode == 0:
         print("the demo is already running: `make stop` first (status: supervisorctl -c etc/supervisord.conf status)")
         return 1
-    for sub in ("log", "redis", "secrets"):
+    for sub in ("log", "redis"):
         (RUN / sub).mkdir(parents=True, exist_ok=True)
 
     env: dict[str, str] = {"QE_HOME": str(REPO)}
     user_url = os.environ.get("QE_REDIS_URL", "")
     if user_url and reachable(user_url):
-        env.update(QE_REDIS_URL=user_url, QE_DEMO_PRIVATE_REDIS="false", QE_DEMO_REDIS_PORT="0")
-        redis_note = f"Redis: using {user_url} (QE_REDIS_URL)"
+        env.update(QE_REDIS_URL=user_url, QE_DEMO_PRIVATE_REDIS="false", QE_DEMO_REDIS_PORT="0", QE_DEMO_ACL_FILE="")
+        redis_note = f"Redis: using {user_url} (QE_REDIS_URL; its own users and ACLs apply)"
     else:
         port = free_port(DEFAULT_PRIVATE_PORT)
         # A fresh demo each time: the private Redis starts empty (AOF on, in run/redis).
         for stale in (RUN / "redis").glob("*"):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        # Least privilege: one ACL user per daemon, passwords in run/secrets (0600).
+        acl_file = acl.write_acl_file(RUN / "redis" / "users.acl", RUN / "secrets")
         env.update(
             QE_REDIS_URL=f"redis://127.0.0.1:{port}/0",
             QE_DEMO_PRIVATE_REDIS="true",
             QE_DEMO_REDIS_PORT=str(port),
+            QE_DEMO_ACL_FILE=str(acl_file),
+            QE_REDIS_SECRETS_DIR=str(RUN / "secrets"),
         )
         why = f"{user_url} unreachable" if user_url else "QE_REDIS_URL not set"
-        redis_note = f"Redis: private redis-server on 127.0.0.1:{port} (AOF on; {why})"
+        redis_note = f"Redis: private redis-server on 127.0.0.1:{port} (AOF on, one ACL user per daemon; {why})"
     env["QE_DEMO_REDIS_SERVER"] = redis_server_binary()
     env["QE_IB_PORT"] = str(free_port(DEFAULT_IB_PORT))
     env["QE_SIM_CONTROL_PORT"] = str(free_port(DEFAULT_SIM_CONTROL_PORT))

@@ -14,6 +14,7 @@ import pytest
 import redis
 import yaml
 
+from qe import acl, config
 from tests.support.processes import REPO, VENV_BIN, wait_until
 from tests.support.redis_server import free_port, redis_server_binary
 
@@ -65,6 +66,7 @@ def supervisor(tmp_path: Path):
             (root / "etc" / item.name).symlink_to(item)
     (root / "etc" / "supervisord.conf").write_text(CONF.read_text())
     redis_port = free_port()
+    acl_file = acl.write_acl_file(root / "run" / "redis" / "users.acl", root / "run" / "secrets")
     env = {k: v for k, v in os.environ.items() if not k.startswith("QE_")}
     env.update(
         QE_HOME=str(REPO),
@@ -72,6 +74,8 @@ def supervisor(tmp_path: Path):
         QE_DEMO_PRIVATE_REDIS="true",
         QE_DEMO_REDIS_PORT=str(redis_port),
         QE_DEMO_REDIS_SERVER=redis_server_binary(),
+        QE_DEMO_ACL_FILE=str(acl_file),
+        QE_REDIS_SECRETS_DIR=str(root / "run" / "secrets"),  # every daemon as its own ACL user
         QE_IB_PORT=str(free_port()),
         QE_SIM_CONTROL_PORT=str(free_port()),
         QE_METRICS_PORT="0",  # every daemon on a free port: tests run beside a demo
@@ -101,7 +105,9 @@ def test_every_program_runs_a_killed_daemon_is_restarted_and_all_stop_cleanly(su
         return all(status.get(name, ("",))[0] == "RUNNING" for name in names)
 
     wait_until(all_running, timeout=120, interval=0.5, message=f"all RUNNING: {supervisor.status()}")
-    r = redis.Redis.from_url(supervisor.env["QE_REDIS_URL"])
+    settings = config.load_settings({k: v for k, v in supervisor.env.items() if k.startswith("QE_")})
+    username, password = settings.redis_credentials("cli")
+    r = redis.Redis.from_url(supervisor.env["QE_REDIS_URL"], username=username, password=password)
     wait_until(lambda: r.hget("state:broker", "connected") == b"true", timeout=30, message="execution connected to the simulator")
     wait_until(lambda: r.xlen("ev.session") > 3, timeout=30, message="session publishing")
 
@@ -122,6 +128,11 @@ def test_every_program_runs_a_killed_daemon_is_restarted_and_all_stop_cleanly(su
     started = supervisor.ctl("start", "qe:*")
     assert started.returncode == 0, started.stdout + started.stderr
     wait_until(all_running, timeout=120, interval=0.5, message="all RUNNING again")
+
+    # Least privilege held: no daemon was refused anything it needs.
+    for program, group in expected.items():
+        if group == "qe":
+            assert "NOPERM" not in (supervisor.root / "run" / "log" / f"{program}.log").read_text(), program
 
     # Clean stop: every daemon exits 0 on SIGTERM (supervisord logs "stopped: ... (exit status 0)").
     assert supervisor.ctl("stop", "all").returncode == 0

@@ -49,10 +49,11 @@ def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def connect(settings: config.Settings) -> redis.Redis:
+    username, password = settings.redis_credentials("cli")
     client = redis.Redis.from_url(
         settings.redis_url,
-        username=settings.redis_username,
-        password=settings.redis_password.get_secret_value() if settings.redis_password else None,
+        username=username,
+        password=password,
         socket_timeout=5,
         socket_connect_timeout=3,
     )

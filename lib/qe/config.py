@@ -542,6 +542,8 @@ class Settings(BaseModel):
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://")
     redis_username: str | None = None
     redis_password: SecretStr | None = None
+    # One Redis ACL user per daemon: user qe-<daemon>, password in <dir>/qe-<daemon>.pass.
+    redis_secrets_dir: Path | None = None
     consumer_name: str | None = None
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
@@ -561,6 +563,17 @@ class Settings(BaseModel):
     def _comma_list(cls, value: Any) -> Any:
         return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
 
+    def redis_credentials(self, user: str) -> tuple[str | None, str | None]:
+        """(username, password) for this process: explicit QE_REDIS_USERNAME /
+        QE_REDIS_PASSWORD_FILE win; else the per-daemon user from QE_REDIS_SECRETS_DIR;
+        else none (Redis's default user)."""
+        if self.redis_username or self.redis_password:
+            return self.redis_username, self.redis_password.get_secret_value() if self.redis_password else None
+        if self.redis_secrets_dir is not None:
+            name = f"qe-{user}"
+            return name, _read_secret(str(self.redis_secrets_dir / f"{name}.pass"), "QE_REDIS_SECRETS_DIR")
+        return None, None
+
     @property
     def rules_file(self) -> Path:
         return self.config_path or self.home / "etc" / "risk_rules.yaml"
@@ -577,6 +590,7 @@ ENV_FIELDS = {
     "QE_UNIVERSE": "universe_path",
     "QE_REDIS_URL": "redis_url",
     "QE_REDIS_USERNAME": "redis_username",
+    "QE_REDIS_SECRETS_DIR": "redis_secrets_dir",
     "QE_CONSUMER_NAME": "consumer_name",
     "QE_METRICS_HOST": "metrics_host",
     "QE_METRICS_PORT": "metrics_port",

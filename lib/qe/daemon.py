@@ -40,7 +40,7 @@ def start(daemon: str) -> Context:
         config.exit_config_error(program, str(exc))
     logger = log.setup(daemon, settings.log_level)
     metrics.serve(daemon, settings.metrics_host, settings.metrics_port)
-    r = streams.connect(settings, rules, retry_commands=False)
+    r = streams.connect(settings, rules, retry_commands=False, user=daemon)
     logger.info("starting", extra={"clock": clock.describe(), "config": str(settings.rules_file)})
     return Context(daemon, settings, rules, clock, r, logger)
 

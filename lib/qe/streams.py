@@ -90,7 +90,7 @@ class CommitAborted(Exception):
     """Another consumer claimed an entry of this batch; nothing was applied."""
 
 
-def connect(settings: Settings, rules: RiskRules, *, retry_commands: bool) -> redis.Redis:
+def connect(settings: Settings, rules: RiskRules, *, retry_commands: bool, user: str) -> redis.Redis:
     """A bytes-mode client. Consumers pass retry_commands=False: a command whose
     reply was lost must not be re-sent blindly (the runtime re-reads its pending
     list instead). Producers whose appends are deduplicated may retry."""
@@ -99,10 +99,11 @@ def connect(settings: Settings, rules: RiskRules, *, retry_commands: bool) -> re
         if retry_commands
         else Retry(NoBackoff(), 0)
     )
+    username, password = settings.redis_credentials(user)
     return redis.Redis.from_url(
         settings.redis_url,
-        username=settings.redis_username,
-        password=settings.redis_password.get_secret_value() if settings.redis_password else None,
+        username=username,
+        password=password,
         socket_timeout=rules.runtime.socket_timeout_s,
         socket_connect_timeout=rules.runtime.socket_timeout_s,
         health_check_interval=30,

@@ -44,7 +44,11 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> "RedisServer":
+    def start_with_auth(self, username: str, password: str, timeout: float = 10.0) -> "RedisServer":
+        """Start a server whose default user is off; readiness is checked as `username`."""
+        return self.start(timeout, credentials=(username, password))
+
+    def start(self, timeout: float = 10.0, credentials: tuple[str, str] | None = None) -> "RedisServer":
         command = [
             redis_server_binary(),
             "--port", str(self.port),
@@ -59,7 +63,8 @@ class RedisServer:
         ]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        client = redis.Redis(port=self.port, socket_timeout=1)
+        username, password = credentials or (None, None)
+        client = redis.Redis(port=self.port, socket_timeout=1, username=username, password=password)
         while True:
             try:
                 if client.ping():
