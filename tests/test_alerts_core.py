@@ -331,6 +331,17 @@ def test_stale_per_symbol_and_feed_wide(now_s, seen, feed, expected):
     assert complete == ({} if expected["l1_feed_stale|ev.l1"] == "set" else {"l1_stale": "no longer watched"})
 
 
+def test_a_worker_started_mid_session_counts_silence_from_its_own_start():
+    # Started at 15:35 (21,900 s after the open) with nothing seen yet: no claim of a
+    # six-hour silence; the clock starts when it began watching.
+    start = T0 + 21_900 * S
+    findings, _ = stale_findings("l1", {}, None, ("A",), start + 10 * S, OPEN, True, 120, 30, watching_since_ns=start)
+    assert {f.key: f.level for f in findings} == {"l1_feed_stale|ev.l1": "clear", "l1_stale|A": "clear"}
+    findings, _ = stale_findings("l1", {}, None, ("A",), start + 40 * S, OPEN, True, 120, 30, watching_since_ns=start)
+    feed = next(f for f in findings if f.subject == "ev.l1")
+    assert feed.level == "set" and feed.since_ns == start + 30 * S and feed.data["silent_s"] == 40
+
+
 def test_stale_start_is_derived_from_the_data():
     findings, _ = stale(200, {"A": 190, "B": 60}, 190)
     b = next(f for f in findings if f.subject == "B")

@@ -483,18 +483,21 @@ def stale_findings(
     caught_up: bool,
     symbol_after_s: float,
     feed_after_s: float,
+    watching_since_ns: int = 0,
 ) -> tuple[list[Finding], dict[str, str]]:
     """Findings for stale L1 or prints (per symbol and stream-wide) and the alert types
     judged completely (see `AlertBook.apply`). Judged only while the market is open
     and this worker is caught up with the stream; when the market is closed every
-    staleness condition is over."""
+    staleness condition is over. Silence counts from the later of the open and the
+    moment this worker began watching: it cannot vouch for silence it did not see."""
     symbol_type, feed_type = STALE_TYPES[kind]
     if market is None or not caught_up:
         return [], {}  # cannot judge: keep whatever is active
     if not market.is_open(now_ns):
         return [], {symbol_type: "market closed", feed_type: "market closed"}
     stream = f"ev.{kind}"
-    feed_from = max(feed_last_ns or market.open_ns, market.open_ns)
+    watch_from = max(market.open_ns, watching_since_ns)
+    feed_from = max(feed_last_ns or watch_from, watch_from)
     feed_silence_s = (now_ns - feed_from) / NS_PER_S
     feed_data = {"stream": stream, "silent_s": round(feed_silence_s, 3), "threshold_s": feed_after_s,
                  "last_event_ns": feed_last_ns}
@@ -511,7 +514,7 @@ def stale_findings(
         return findings, {}
     for symbol in symbols:
         seen = last_seen_ns.get(symbol)
-        silence_from = max(seen or market.open_ns, market.open_ns)
+        silence_from = max(seen or watch_from, watch_from)
         silence_s = (now_ns - silence_from) / NS_PER_S
         data = {"stream": stream, "silent_s": round(silence_s, 3), "threshold_s": symbol_after_s, "last_event_ns": seen}
         if silence_s >= symbol_after_s:

@@ -101,6 +101,7 @@ class AlertsHandler:
         self.feed_last: dict[str, int | None] = {"l1": None, "prints": None}
         self.persisted_seen: dict[str, int] = {}
         self.persisted_dlq = ""
+        self.watching_since_ns: int | None = None  # first start of this worker (persisted)
 
     # -- restart: everything from Redis -------------------------------------------------------
     def load(self, r: redis.Redis) -> None:
@@ -131,6 +132,8 @@ class AlertsHandler:
                 self.feed_last[kind] = ts
             else:
                 self.last_seen[kind][symbol] = ts
+        if "watching_since" in inputs:
+            self._restore(lambda: setattr(self, "watching_since_ns", int(inputs["watching_since"])), "watching_since")
         if "session" in inputs:
             self._restore(lambda: self._set_market(MarketHours(**json.loads(inputs["session"]))), "session")
         if "broker" in inputs:
@@ -239,6 +242,9 @@ class AlertsHandler:
 
     # -- the periodic checks -------------------------------------------------------------------
     def tick(self, now_ns: int, effects: Effects) -> None:
+        if self.watching_since_ns is None:
+            self.watching_since_ns = now_ns
+            effects.hset(INPUTS, {"watching_since": now_ns})
         groups, streams = self._read_groups()
         findings: list[Finding] = list(self.broker.findings(self._market_open(now_ns), self.rules))
         complete: dict[str, str] = {}
@@ -250,6 +256,7 @@ class AlertsHandler:
             found, done = stale_findings(
                 kind, self.last_seen[kind], self.feed_last[kind], symbols, now_ns, self.market,
                 self._caught_up(f"ev.{kind}", groups, streams), symbol_after, feed_after,
+                watching_since_ns=self.watching_since_ns,
             )
             findings += found
             complete.update(done)
