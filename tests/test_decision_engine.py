@@ -132,7 +132,7 @@ def test_unacknowledged_intents_count_toward_the_cap():
     d = decide(v, loose, T0)
     assert [i.intent.action for i in d.intents if i.intent.action == "NEW"] == []
     assert {"hard_cap"} <= {s.reason for s in d.suppressed}
-    assert d.trace["brain_potential_pct"] == 130.2
+    assert d.trace["brain_potential_pct"] == 130.199  # 129.7 + 200 x $24.95 (no mark for CIM PRD: its limit price)
 
 
 def test_acknowledged_intent_stops_counting_once_a_newer_snapshot_exists():
