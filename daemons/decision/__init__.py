@@ -20,10 +20,12 @@ Redis layout (all values JSON):
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
 from dataclasses import asdict, fields
+from operator import attrgetter
 from typing import Any
 
 import redis
@@ -106,8 +108,11 @@ def decode_state(raw: dict[bytes, bytes]) -> BrainState:
     return BrainState(**values)
 
 
+_MARKET_FIELDS = attrgetter(*(f.name for f in fields(Market)))
+
+
 def encode_market(market: Market) -> str:
-    return _dumps([getattr(market, f.name) for f in fields(Market)])
+    return _dumps(_MARKET_FIELDS(market))
 
 
 def decode_market(raw: bytes) -> Market:
@@ -180,8 +185,11 @@ class DecisionHandler:
         self.dirty = True
         self.last_eval_ns = 0
         self.dirty_markets: set[str] = set()
+        self.markets_flushed_ns = 0
         self.quick_allowed = False  # last full evaluation: NORMAL and increases allowed
-        self._trigger: Envelope | None = None
+        self.strategy_signature: tuple | None = None
+        self.strategy_refresh_ns = 0
+        self.strategy_dirty: set[str] = set()  # market moved while the per-symbol path was off
 
     # -- state -----------------------------------------------------------------------------
     def load(self, r: redis.Redis) -> None:
@@ -204,10 +212,16 @@ class DecisionHandler:
         now = self.clock.now_ns()
         view.refresh_unseen(now, self.rules.decision.unacked_grace_s)
         self.view = view
+        # The loaded state lives as long as the process: keep it out of the cyclic
+        # collector's full passes (they would otherwise grow with the universe).
+        gc.collect()
+        gc.freeze()
         self.dirty = True
         self.dirty_markets = set()
         self.last_eval_ns = 0
         self.quick_allowed = False
+        self.strategy_signature = None
+        self.strategy_dirty = set()
         self._set_mode_metric(view.state.mode)
         log.info(
             "state loaded",
@@ -331,7 +345,10 @@ class DecisionHandler:
 
     def _market_moved(self, symbol: str, event: Envelope, effects: Effects, now: int) -> None:
         self.dirty_markets.add(symbol)
-        if not self.quick_allowed or self.mm is None or not self.mm.quotes_symbol(symbol, self.view.universe):
+        if self.mm is None or not self.mm.quotes_symbol(symbol, self.view.universe):
+            return
+        if not self.quick_allowed:
+            self.strategy_dirty.add(symbol)  # the next full evaluation looks at it
             return
         if not self._quote_would_change(symbol, now):
             return
@@ -352,29 +369,54 @@ class DecisionHandler:
                 live[record.slot] = record
         if len(live) < 2:
             return True
+        paced = self.rules.decision.reprice_min_interval_s * NS
         for slot, record in live.items():
             if record.cancel_sent or record.limit_price is None:
                 return True
-            if abs(record.limit_price - wanted[slot]) >= cfg.requote_threshold - 1e-9:
+            moved = abs(record.limit_price - wanted[slot]) >= cfg.requote_threshold - 1e-9
+            # A re-quote inside the pacing interval could not be sent anyway; a later
+            # market event (or the periodic full evaluation) picks it up.
+            if moved and now - record.last_change_ns >= paced:
                 return True
         return False
 
     # -- periodic --------------------------------------------------------------------------
     def tick(self, now_ns: int, effects: Effects) -> None:
-        if self.dirty_markets:
+        # Market state is a cache of ev.l1/ev.features, judged by its own timestamps:
+        # flushed on a cadence (coalescing many events per symbol), not per event.
+        if self.dirty_markets and now_ns - self.markets_flushed_ns >= self.rules.decision.market_flush_interval_s * NS:
             effects.hset(MARKETS, {s: encode_market(self.view.markets[s]) for s in self.dirty_markets if s in self.view.markets})
             self.dirty_markets = set()
+            self.markets_flushed_ns = now_ns
         interval = self.rules.decision.evaluate_interval_s * NS
         if self.dirty or now_ns - self.last_eval_ns >= interval:
             self._evaluate(now_ns, effects, None)
 
     # -- the decision step -----------------------------------------------------------------
     def _evaluate(self, now: int, effects: Effects, trigger: Envelope | None) -> None:
-        decision = decide(self.view, self.engine_rules, now, full=True)
+        # Per-symbol strategies (market making) are re-run for every symbol only when
+        # what governs them changed, or on the refresh interval; otherwise the
+        # per-symbol path has already handled each market move as it came.
+        state = self.view.state
+        exposure = self.view.exposure
+        signature = (state.mode, state.trading_day, state.halted, state.broker_connected,
+                     exposure.snapshot_id if exposure else None, self.quick_allowed)
+        refresh = self.rules.decision.strategy_refresh_interval_s * NS
+        if signature != self.strategy_signature or now - self.strategy_refresh_ns >= refresh:
+            symbols = None
+            self.strategy_refresh_ns = now
+        else:
+            symbols = sorted(self.strategy_dirty)
+        # The potential book is rebuilt from scratch whenever everything is re-run.
+        decision = decide(self.view, self.engine_rules, now, full=True, symbols=symbols, reuse_book=symbols is not None)
         self._run(decision, now, effects, trigger, "full")
+        self.strategy_dirty = set()
         self.dirty = False
         self.last_eval_ns = now
         self.quick_allowed = decision.state.mode == "NORMAL" and not decision.trace.get("increases_blocked")
+        state = decision.state
+        self.strategy_signature = (state.mode, state.trading_day, state.halted, state.broker_connected,
+                                   exposure.snapshot_id if exposure else None, self.quick_allowed)
 
     def _run(self, decision: Decision, now: int, effects: Effects, trigger: Envelope | None, kind: str) -> None:
         started = time.perf_counter()
@@ -439,13 +481,14 @@ class DecisionHandler:
         if day != previous_day and previous_day is not None:
             self._forget_day(previous_day, effects)
         view.state = decision.state
+        if decision.book is not None:
+            view.pending_book = decision.book.merge_into_parent()
         if kind == "full":
             state_fields = encode_state(decision.state)
             state_fields["last_evaluation_ns"] = _dumps(now)
             state_fields["last_trace"] = _dumps(decision.trace)
             effects.hset(STATE, state_fields)
-        else:
-            effects.hset(STATE, {"hard_steps": _dumps(decision.state.hard_steps)})
+
         metrics.decision_evaluations.labels(kind).inc()
         metrics.decision_evaluation_seconds.observe(time.perf_counter() - started)
 

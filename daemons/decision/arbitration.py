@@ -162,11 +162,28 @@ class PotentialBook:
     bucket_potential_pct: dict[str, float]
     base: Mapping[str, Any] = field(default_factory=dict)
     symbols: dict[str, SymbolBook] = field(default_factory=dict)
+    parent: "PotentialBook | None" = None
+
+    def overlay(self) -> "PotentialBook":
+        """A child book to try things on: O(1) to make, the parent stays untouched."""
+        return PotentialBook(self.equity, self.potential_pct, dict(self.bucket_potential_pct), self.base, {}, self)
+
+    def merge_into_parent(self) -> "PotentialBook":
+        """Apply this overlay's changes to its parent (what was actually issued)."""
+        parent = self.parent
+        assert parent is not None
+        parent.symbols.update(self.symbols)
+        parent.potential_pct = self.potential_pct
+        parent.bucket_potential_pct = self.bucket_potential_pct
+        return parent
 
     def book(self, symbol: str, default_mark: float, bucket: str) -> SymbolBook:
         book = self.symbols.get(symbol)
         if book is not None:
             return book
+        if self.parent is not None:
+            inherited = self.parent.book(symbol, default_mark, bucket)
+            return SymbolBook(inherited.qty, inherited.open_buy, inherited.open_sell, inherited.mark, inherited.bucket)
         snap = self.base.get(symbol)
         if snap is not None:
             mark = snap.mark if snap.mark else default_mark

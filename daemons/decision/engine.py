@@ -96,6 +96,9 @@ class BrainView:
     # Indexes over `outstanding`, kept by put_record/drop_record.
     by_symbol: dict[str, set[str]] = field(default_factory=dict)
     unseen: set[str] = field(default_factory=set)  # records the exposure snapshot may not include yet
+    # The Brain's potential book as of the last evaluation (+ what it issued since):
+    # lets a per-symbol evaluation skip the O(unseen) rebuild. None: rebuild.
+    pending_book: PotentialBook | None = None
 
     def put_record(self, record: Outstanding) -> None:
         self.outstanding[record.key] = record
@@ -103,6 +106,7 @@ class BrainView:
         self.unseen.add(record.key)
 
     def drop_record(self, key: str) -> None:
+        self.pending_book = None
         record = self.outstanding.pop(key, None)
         self.unseen.discard(key)
         if record is not None:
@@ -114,6 +118,7 @@ class BrainView:
 
     def refresh_unseen(self, now_ns: int, grace_s: float) -> None:
         """After a new exposure snapshot: drop what it has seen from the unseen set."""
+        self.pending_book = None
         snapshot_ts = self.exposure.ts_ns if self.exposure else 0
         self.unseen = {
             key for key in self.unseen
@@ -150,6 +155,7 @@ class Decision:
     suppressed: list[Suppressed] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)  # not reported before
     trace: dict[str, Any] = field(default_factory=dict)
+    book: PotentialBook | None = None  # the Brain's potential after this decision's intents
 
 
 def generation_field(day: str | None, slot: str, symbol: str, side: str) -> str:
@@ -324,9 +330,15 @@ def decide(
     *,
     full: bool = True,
     symbols: Iterable[str] | None = None,
+    reuse_book: bool = False,
 ) -> Decision:
     """One evaluation. `full=False` re-runs only the per-symbol strategies for
-    `symbols` under the current mode (market moves); everything else is full."""
+    `symbols` under the current mode (market moves). A full evaluation runs the
+    per-symbol strategies for `symbols` too, or for all their symbols when
+    `symbols` is None. `reuse_book`: take the Brain's potential from
+    `view.pending_book` (kept up to date by the caller) instead of rebuilding it from
+    the unacknowledged intents; a per-symbol evaluation always reuses it. The
+    cached book may still count an intent that has since expired: conservative."""
     ev = _Evaluation(view, er, now_ns)
     cfg = er.rules
     state = replace(view.state, numbers=dict(view.state.numbers))
@@ -366,7 +378,9 @@ def decide(
     )
 
     # 3. the Brain's potential gross.
-    book = ev.potential_book()
+    reuse = (reuse_book or not full) and view.pending_book is not None
+    base_book = view.pending_book if reuse else ev.potential_book()
+    book = None if base_book is None else base_book.overlay()
     brain_potential = None if book is None else book.potential_pct
     gross = exposure.gross_pct if exposure_ok else None  # type: ignore[union-attr]
     equity = ev.equity()
@@ -440,7 +454,10 @@ def decide(
         for strategy in er.strategies:
             if not full and not strategy.per_symbol:
                 continue
-            wanted = None if full else list(symbols or ())
+            if full and not strategy.per_symbol:
+                wanted = None
+            else:
+                wanted = None if symbols is None else list(symbols)
             output = strategy.propose(replace(context, priority=cfg.arbitration.priorities[strategy.name]), wanted)
             candidates += output.candidates
             skips += output.skips
@@ -499,6 +516,14 @@ def decide(
     }
     causation = [x for x in ((exposure.event_id if exposure else None), (session.event_id if session else None)) if x]
     _reconcile(ev, decision, kept, in_scope, mode, day, equity, base_trace, causation)
+    if base_book is not None:
+        # The potential as it stands with what was actually issued (for the next evaluation).
+        issued = base_book.overlay()
+        for item in decision.intents:
+            if item.intent.action == "NEW":
+                i = item.intent
+                issued.add(i.symbol, i.side, i.qty, ev.mark_of(i.symbol) or i.limit_price or 0.0, i.bucket)
+        decision.book = issued
 
     if mode == "HARD_DERISK" and any(i.slot == "HARD_DERISK" and i.intent.action == "NEW" for i in decision.intents):
         state.hard_steps += 1
@@ -572,7 +597,24 @@ def _holdings(ev: _Evaluation, slot: str, bucket: str | None = None) -> list[Hol
     return holdings
 
 
+def _awaiting_positions(ev: _Evaluation) -> bool:
+    """A fill was seen whose position update has not arrived: the gross is not known
+    yet, so reductions keep their live orders but size no new ones."""
+    return any(ev.settling(symbol) for symbol in ev.view.settling)
+
+
 def _derisk_plan(ev, state: BrainState, mode: str, session: SessionSnap, brain_gross: float, brain_buckets, equity: float):
+    cfg = ev.cfg
+    if _awaiting_positions(ev):
+        plan = _derisk_plan_sized(ev, state, mode, session, brain_gross, equity)
+        if plan is None:
+            return None
+        kept = [c for c in plan.candidates if c.keep_key is not None]
+        return replace(plan, candidates=kept, numbers={**plan.numbers, "awaiting_positions": True})
+    return _derisk_plan_sized(ev, state, mode, session, brain_gross, equity)
+
+
+def _derisk_plan_sized(ev, state: BrainState, mode: str, session: SessionSnap, brain_gross: float, equity: float):
     cfg = ev.cfg
     priorities = cfg.arbitration.priorities
     derisk = cfg.derisk
@@ -643,13 +685,16 @@ def _mm_overnight(ev, state: BrainState, session: SessionSnap, brain_buckets: di
     if not state.mm_overnight_active:
         return None
     excess = excess_notional(mm_pct, limit, equity)
-    return plan_reduction(
+    plan = plan_reduction(
         _holdings(ev, "MM_OVERNIGHT", bucket="MM_PURE"), slot="MM_OVERNIGHT", purpose="MM_OVERNIGHT",
         priority=cfg.arbitration.priorities["MM_OVERNIGHT"], excess_notional=excess, new_budget_notional=excess,
         pricing="passive", soft_offset=cfg.derisk.soft_price_offset, min_qty=cfg.decision.min_order_qty,
         reason=f"MM overnight leftover {mm_pct:.2f}% of equity > {limit:g}%",
         numbers={"rule": "mm_overnight", "mm_pct": round(mm_pct, 4), "target_pct": limit},
     )
+    if _awaiting_positions(ev):
+        plan = replace(plan, candidates=[c for c in plan.candidates if c.keep_key is not None])
+    return plan
 
 
 def _strategy_context(ev: _Evaluation, equity: float, bucket_target: dict[str, float], bucket_current: dict[str, float]) -> StrategyContext:

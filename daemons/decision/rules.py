@@ -31,8 +31,7 @@ _REGIMES = {
     "MID": RegimeRule(120.0, True),
     "LATE": RegimeRule(115.0, True),
     "CLOSE": RegimeRule(100.0, True),
-    # Market closed: nothing is traded; the strictest tolerance if it matters at all.
-    "CLOSED": RegimeRule(100.0, True),
+    # CLOSED has no tolerance: nothing is traded, so no tolerance mode either.
 }
 
 

@@ -82,6 +82,8 @@ class DecisionRules(Section):
     evaluate_interval_s: float = Field(default=1.0, gt=0)  # full evaluation at least this often (clock s)
     evaluate_min_gap_s: float = Field(default=0.2, ge=0)  # relevant events closer than this are coalesced
     tick_interval_s: float = Field(default=0.25, gt=0)
+    strategy_refresh_interval_s: float = Field(default=15.0, gt=0)  # re-run market making for every symbol
+    market_flush_interval_s: float = Field(default=5.0, ge=0)  # persist the market cache this often
     max_exposure_age_s: float = Field(default=45.0, gt=0)  # older snapshot: no risk-increasing intent
     max_session_age_s: float = Field(default=5.0, gt=0)  # older session state: no risk-increasing intent
     derisk_max_exposure_age_s: float = Field(default=300.0, gt=0)  # older snapshot: no de-risk sizing either
