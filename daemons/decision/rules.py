@@ -2,8 +2,10 @@
 
 Those numbers belong to the exposure and session sections of risk_rules.yaml
 (`exposure.hard_cap_pct`, `exposure.cap_recovery_target_pct`, `exposure.buckets`,
-`session.regimes`). Where a section does not exist in this build, the SPEC
-numbers below are used, so the Brain never runs without a cap.
+`session.regimes`). The caps are read from `exposure` where that section exists;
+otherwise, and for the regime table (whose shape the session section defines), the
+SPEC numbers below are used, so the Brain never runs without a cap. Bucket
+target/max come with every exposure snapshot.
 """
 
 from __future__ import annotations
@@ -48,15 +50,10 @@ def cap_recovery_target_pct(rules: RiskRules) -> float:
 
 
 def bucket_limits(rules: RiskRules) -> dict[str, tuple[float, float]]:
-    """(target_pct, max_pct) per bucket. Exposure snapshots carry the same numbers
-    (the engine prefers those, the exposure worker being their owner)."""
-    buckets = getattr(_section(rules, "exposure"), "buckets", None)
-    if not buckets:
-        return dict(_BUCKETS)
-    out = {}
-    for name, limits in buckets.items():
-        out[name] = (float(limits.target_pct), float(limits.max_pct))
-    return out
+    """(target_pct, max_pct) per bucket, used only until the first exposure snapshot:
+    every snapshot carries the exposure worker's own target/max per bucket, and the
+    engine takes those."""
+    return dict(_BUCKETS)
 
 
 def regime_table(rules: RiskRules) -> dict[str, RegimeRule]:
