@@ -130,6 +130,10 @@ class CountingHandler(DecisionHandler):
 
 def make_consumer(server: RedisServer, names: list[str], directory: Path, consumer_name: str) -> streams.Consumer:
     rules = config.load_rules(ROOT / "etc" / "risk_rules.yaml")
+    # A pre-filled backlog carries session/exposure timestamps from when it was
+    # written; the freshness gates must not turn the measurement into a cancel storm.
+    decision = rules.decision.model_copy(update={"max_session_age_s": 3600.0, "max_exposure_age_s": 3600.0})
+    rules = rules.model_copy(update={"decision": decision})
     settings = config.Settings(redis_url=server.url, universe_path=write_universe(directory, names))
     r = redis.Redis(port=server.port, socket_timeout=5)
     context = Context("decision", settings, rules, Clock(), r, logging.getLogger("bench"))
@@ -145,14 +149,14 @@ def consumed(r: redis.Redis) -> int:
     return total
 
 
-def warm_up(r: redis.Redis, consumer: streams.Consumer, names: list[str]) -> None:
+def warm_up(r: redis.Redis, consumer: streams.Consumer, names: list[str], grpan_moves: bool = True) -> None:
     """Steady state before measuring: every symbol has a market, every MM symbol its quotes."""
     pipe = r.pipeline(transaction=False)
     pipe.xadd("ev.session", session_event(-1))
     rng = random.Random(3)
     for index, _symbol in enumerate(names):
         for offset in (0, 1):
-            stream, fields = market_event([names[index]], rng, 2 * index + offset)
+            stream, fields = market_event([names[index]], rng, 2 * index + offset, grpan_moves)
             pipe.xadd(stream, fields)
     pipe.execute()
     while True:
@@ -172,7 +176,7 @@ def throughput(names: list[str], count: int, directory: Path, grpan_moves: bool 
         r = server.client()
         seed(r, names)
         consumer = make_consumer(server, names, directory, "bench")
-        warm_up(r, consumer, names)
+        warm_up(r, consumer, names, grpan_moves)
         rng = random.Random(7)
         pipe = r.pipeline(transaction=False)
         for seq in range(count):

@@ -207,6 +207,13 @@ class DecisionHandler:
             view.account_equity = json.loads(inputs[b"account_equity"])
         view.positions = {k.decode(): PositionView(*json.loads(v)) for k, v in r.hgetall(POSITIONS).items()}
         view.markets = {k.decode(): decode_market(v) for k, v in r.hgetall(MARKETS).items()}
+        stored_markets = dict(view.markets)
+        # The market cache is flushed on a cadence; after a failed commit (same process)
+        # keep what is newer in memory: it came from events, judged by their own times.
+        for symbol, market in self.view.markets.items():
+            stored = view.markets.get(symbol)
+            if stored is None or max(market.quote_ts_ns, market.feature_ts_ns) >= max(stored.quote_ts_ns, stored.feature_ts_ns):
+                view.markets[symbol] = market
         view.settling = {k.decode(): int(v) for k, v in r.hgetall(SETTLING).items()}
         view.reported_skips = {k.decode() for k in r.hkeys(SKIPS)}
         now = self.clock.now_ns()
@@ -217,7 +224,7 @@ class DecisionHandler:
         gc.collect()
         gc.freeze()
         self.dirty = True
-        self.dirty_markets = set()
+        self.dirty_markets = set(view.markets) - set(stored_markets)
         self.last_eval_ns = 0
         self.quick_allowed = False
         self.strategy_signature = None

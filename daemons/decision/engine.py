@@ -469,6 +469,14 @@ def decide(
                 else:
                     in_scope.update((symbol, slot) for symbol in wanted)
 
+    # A candidate that is the very order already live in its slot is a continuation:
+    # its shares are already in the Brain's potential and must not be counted twice.
+    for index, candidate in enumerate(candidates):
+        if candidate.keep_key is None:
+            live = ev.live.get((candidate.symbol, candidate.slot))
+            if live is not None and not live.cancel_sent and _same_order(candidate, live):
+                candidates[index] = replace(candidate, keep_key=live.key)
+
     # 6. arbitration and the hard cap.
     arbitration = arbitrate(
         candidates,
