@@ -292,3 +292,20 @@ def test_early_close_day_follows_the_session_windows():
     assert d2.state.mode == "HARD_DERISK"
     regular_late = session(T0, regime="LATE", early_close=True, minutes_to_close=30)
     assert decide(view(portfolio(112), EQUITY, markets(), sess=regular_late), engine_rules(), T0).state.mode == "NORMAL"
+
+
+def test_reductions_wait_for_positions_after_a_fill():
+    """A fill was seen but not its position update: the gross is unknown, so live
+    orders are kept and no new one is sized until the position arrives (or the
+    settle timeout passes)."""
+    v = view(portfolio(125), EQUITY, markets(), sess=session(T0, regime="CLOSE", soft=True))
+    v.state.mode = "SOFT_DERISK"
+    v.put_record(outstanding("soft-1", "SOFT_DERISK", "CIM PRC", "SELL", 600, 25.00, bucket="MM_PURE",
+                             classification="MM_LONG_DEC", status="PARTIALLY_FILLED"))
+    v.settling["CIM PRC"] = T0 - NS
+    rules = engine_rules(strategies={"lt_band": {"enabled": False}})
+    d = decide(v, rules, T0)
+    assert d.intents == []  # the live order is kept as it is, nothing new
+    assert d.trace["plan"]["awaiting_positions"] is True
+    v.settling["CIM PRC"] = T0 - 11 * NS  # fill_settle_timeout_s (10 s) passed: plan again
+    assert {i.intent.symbol for i in decide(v, rules, T0).intents if i.intent.action == "NEW"} == {"NLY PRG", "CIM PRB"}

@@ -612,7 +612,6 @@ def _awaiting_positions(ev: _Evaluation) -> bool:
 
 
 def _derisk_plan(ev, state: BrainState, mode: str, session: SessionSnap, brain_gross: float, brain_buckets, equity: float):
-    cfg = ev.cfg
     if _awaiting_positions(ev):
         plan = _derisk_plan_sized(ev, state, mode, session, brain_gross, equity)
         if plan is None:
