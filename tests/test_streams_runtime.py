@@ -259,3 +259,16 @@ def test_publisher_applies_retention(r):
 def test_event_on_the_wrong_stream_is_refused_at_publish(r):
     with pytest.raises(ValueError, match="does not belong on stream 'ev.alerts'"):
         publish(r, l1_event("CIM PRB", 1), stream="ev.alerts")
+
+
+def test_a_huge_hset_is_committed_in_slices(r):
+    """Lua's unpack() cannot take ~8000+ values: a 5,000-field HSET must still commit."""
+    from qe import config, streams
+    from tests.support.processes import REPO
+
+    rules = config.load_rules(REPO / "etc" / "risk_rules.yaml")
+    effects = streams.Effects(streams.StreamPolicy(rules.streams))
+    effects.hset("test:big", {f"f{n}": n for n in range(5000)})
+    effects.hdel("test:big", *[f"f{n}" for n in range(4000, 5000)])
+    streams.commit(r, r.register_script(streams._APPLY_LUA), effects)
+    assert r.hlen("test:big") == 4000 and r.hget("test:big", "f3999") == b"3999"

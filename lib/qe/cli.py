@@ -14,8 +14,11 @@ from typing import Any, Callable, Sequence
 
 import redis
 
-from . import config
-from .contracts import DLQ_STREAM, STREAM_TYPES
+import getpass
+import os
+
+from . import config, streams
+from .contracts import DLQ_STREAM, STREAM_TYPES, Control, idempotency_key, make_event
 from .streams import DAEMON_KEY
 from .universe import UniverseError, load_universe
 
@@ -192,9 +195,68 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> tuple[Any
                 "consumer": beat.get("consumer"),
             }
         )
-    result: dict[str, Any] = {"daemons": daemons, "redis_url": settings.redis_url}
+    decision = cmd_status_decision(r)
+    result: dict[str, Any] = {"daemons": daemons, "redis_url": settings.redis_url, "decision": decision}
     lines = ["DAEMONS", table(daemons, ["daemon", "health", "heartbeat_age", "pid", "consumer"])]
+    if decision.get("mode"):
+        halted = f" (halted by {decision['halt_operator']}: {decision['halt_reason']})" if decision.get("halted") else ""
+        lines += ["", f"MODE {decision['mode']}: {decision.get('reason')}{halted}"]
     return result, "\n".join(lines)
+
+
+def _operator(args: argparse.Namespace) -> str:
+    return args.operator or os.environ.get("USER") or getpass.getuser()
+
+
+def cmd_control(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:
+    """halt / resume: one Control event on ev.control (only this tool writes it)."""
+    rules = config.load_rules(settings.rules_file)
+    r = connect(settings)
+    operator = _operator(args)
+    ts_ns = time.time_ns()
+    control = Control(command=args.command, reason=args.reason, operator=operator)
+    event = make_event(control, idempotency_key=idempotency_key("control", args.command, operator, ts_ns),
+                       source="qe-cli", ts_ns=ts_ns)
+    streams.Publisher(r, rules).publish("ev.control", event)
+    result = {"command": args.command, "reason": args.reason, "operator": operator, "event_id": str(event.event_id)}
+    return result, f"{args.command} sent by {operator}: {args.reason}"
+
+
+def cmd_why(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:
+    """The decision trace behind an order (by orderRef) or an intent (by key)."""
+    r = connect(settings)
+    for key in sorted((_text(k) for k in r.scan_iter(match="decision:why:*")), reverse=True):
+        intent_key = args.ref
+        if args.ref.startswith("qe-"):
+            found = r.hget(key, args.ref)
+            if found is None:
+                continue
+            intent_key = _text(found)
+        raw = r.hget(key, intent_key)
+        if raw is None:
+            continue
+        intent = json.loads(raw)
+        trace = intent.get("trace", {})
+        lines = [
+            f"intent   {intent_key} ({intent['action']} {intent['intent_type']})",
+            f"order    {intent['side']} {intent['qty']} {intent['symbol']} {intent['order_type']} "
+            f"@ {intent.get('limit_price')}  [{intent['classification']}, priority {intent['priority']}]",
+            f"reason   {intent['reason']}",
+            f"mode     {trace.get('mode')} ({trace.get('mode_rule')}: {trace.get('mode_reason')})",
+            f"rule     {trace.get('rule')}",
+            f"exposure snapshot {trace.get('exposure_snapshot')}: gross {trace.get('gross_pct')}%, "
+            f"Brain potential {trace.get('brain_potential_pct')}%",
+            f"session  snapshot {trace.get('session_snapshot')}: regime {trace.get('regime')}",
+            "numbers  " + json.dumps(trace.get("numbers", {}), sort_keys=True),
+        ]
+        return {"intent_key": intent_key, "intent": intent}, "\n".join(lines)
+    raise CliError(f"no intent known for {args.ref!r} (traces are kept 7 days)")
+
+
+def cmd_status_decision(r: redis.Redis) -> dict[str, Any]:
+    state = _hash(r, "state:decision")
+    return {k: state.get(k) for k in ("mode", "since_ns", "reason", "halted", "halt_reason", "halt_operator",
+                                      "broker_connected", "trading_day")}
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, config.Settings], tuple[Any, str]]] = {
@@ -204,6 +266,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, config.Settings], tuple[Any, s
     "dlq list": cmd_dlq_list,
     "dlq show": cmd_dlq_show,
     "dlq requeue": cmd_dlq_requeue,
+    "halt": cmd_control,
+    "resume": cmd_control,
+    "why": cmd_why,
 }
 
 
@@ -221,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_list.add_argument("--limit", type=int, default=50)
     dlq_sub.add_parser("show", help="one dead letter in full").add_argument("id")
     dlq_sub.add_parser("requeue", help="append the original entry to its stream again").add_argument("id")
+    for name, text in (("halt", "operator kill switch: the Brain cancels its orders and issues nothing else"),
+                       ("resume", "lift the operator halt")):
+        control = sub.add_parser(name, help=text)
+        control.add_argument("--reason", required=True, help="why (recorded with the mode change)")
+        control.add_argument("--operator", help="who (default: $USER)")
+    why = sub.add_parser("why", help="the decision trace behind an order or intent")
+    why.add_argument("ref", help="an orderRef (qe-...) or an intent key")
     return parser
 
 

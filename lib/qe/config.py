@@ -17,7 +17,16 @@ from typing import Any, Literal, NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from .contracts import DLQ_STREAM, STREAM_TYPES, Bucket
 
@@ -129,6 +138,11 @@ class SessionRules(Section):
     @classmethod
     def _hhmm(cls, value: Any) -> time:
         return _parse_hhmm(value)
+
+    @field_serializer("early_regime_end", "mid_regime_end")
+    def _as_hhmm(self, value: time) -> str:
+        # Dump as written, so a dumped config validates again (round trip).
+        return value.strftime("%H:%M")
 
     @field_validator("timezone")
     @classmethod
@@ -489,6 +503,119 @@ class AlertsRules(Section):
 
     def lag_limit(self, stream: str) -> int:
         return self.consumer_lag_limits.get(stream, self.consumer_lag_limits["default"])
+IntentPurpose = Literal["CAP_RECOVERY", "HARD_DERISK", "SOFT_DERISK", "MM_OVERNIGHT", "LT_BAND", "MM_QUOTE"]
+
+
+class DecisionRules(Section):
+    """The Brain's cadence, data-freshness gates, hysteresis bands and order hygiene."""
+
+    evaluate_interval_s: float = Field(default=1.0, gt=0)  # full evaluation at least this often (clock s)
+    evaluate_min_gap_s: float = Field(default=0.2, ge=0)  # relevant events closer than this are coalesced
+    tick_interval_s: float = Field(default=0.25, gt=0)
+    strategy_refresh_interval_s: float = Field(default=15.0, gt=0)  # re-run market making for every symbol
+    market_flush_interval_s: float = Field(default=5.0, ge=0)  # persist the market cache this often
+    max_exposure_age_s: float = Field(default=45.0, gt=0)  # older snapshot: no risk-increasing intent
+    max_session_age_s: float = Field(default=5.0, gt=0)  # older session state: no risk-increasing intent
+    derisk_max_exposure_age_s: float = Field(default=300.0, gt=0)  # older snapshot: no de-risk sizing either
+    window_exit_band_pct: float = Field(default=1.0, ge=0)  # leave SOFT/HARD_DERISK only at gross <= target - band
+    tolerance_exit_band_pct: float = Field(default=2.0, ge=0)  # leave tolerance THROTTLE/SOFT at potential <= tol - band
+    min_order_qty: int = Field(default=100, ge=1)
+    reprice_min_change: float = Field(default=0.01, ge=0.01)  # MODIFY only for a move of at least this
+    reprice_min_interval_s: float = Field(default=2.5, ge=0)  # ... and at least this long after the last change
+    unacked_grace_s: float = Field(default=30.0, ge=0)  # an intent never acknowledged is dead after ttl + grace
+    fill_settle_timeout_s: float = Field(default=10.0, ge=0)  # wait for a position update after a fill
+    ttl_s: dict[IntentPurpose, float] = Field(
+        default_factory=lambda: {
+            "CAP_RECOVERY": 30.0,
+            "HARD_DERISK": 30.0,
+            "SOFT_DERISK": 90.0,
+            "MM_OVERNIGHT": 90.0,
+            "LT_BAND": 120.0,
+            "MM_QUOTE": 60.0,
+        }
+    )
+
+    @model_validator(mode="after")
+    def _every_purpose_has_a_ttl(self) -> "DecisionRules":
+        missing = sorted(set(IntentPurpose.__args__) - set(self.ttl_s))  # type: ignore[attr-defined]
+        if missing:
+            raise ValueError(f"ttl_s: missing {missing}")
+        if any(value <= 0 for value in self.ttl_s.values()):
+            raise ValueError("ttl_s: every ttl must be > 0")
+        return self
+
+
+class DeriskRules(Section):
+    """De-risk playbook sizes and prices (the windows themselves come from the session worker)."""
+
+    target_gross_pct: float = Field(default=100.0, gt=0)
+    soft_price_offset: float = Field(default=0.01, ge=0)  # sell at truth tick - offset, cover at + offset
+    hard_chunk_fraction: float = Field(default=0.10, gt=0, le=1)
+    hard_max_steps: int = Field(default=10, ge=1)
+    hard_step_interval_s: float = Field(default=10.0, ge=0)
+    cap_recovery_pricing: Literal["aggressive", "passive"] = "aggressive"
+    mm_overnight_max_pct: float = Field(default=15.0, ge=0)
+    l1_max_age_s: float = Field(default=60.0, gt=0)
+    truth_tick_max_age_s: float = Field(default=300.0, gt=0)
+
+
+class MarketMakingStrategy(Section):
+    """Reference MM_PURE strategy: quote both sides around the GRPAN price."""
+
+    enabled: bool = True
+    symbols: list[str] = Field(default_factory=list)  # empty: every MM_PURE symbol of the universe
+    edge: float = Field(default=0.05, ge=0.01)  # bid = GRPAN - edge, offer = GRPAN + edge
+    quote_size: int = Field(default=200, ge=1)
+    max_position_shares: int = Field(default=1000, ge=0)
+    min_concentration_pct: float = Field(default=0.0, ge=0, le=100)
+    min_print_count: int = Field(default=1, ge=0)
+    max_feature_age_s: float = Field(default=300.0, gt=0)
+    requote_threshold: float = Field(default=0.01, ge=0.01)
+
+
+class LtBandStrategy(Section):
+    """LT band keeping: LT long share of the LT bucket within [long_min_pct, long_max_pct]."""
+
+    enabled: bool = True
+    long_min_pct: float = Field(default=60.0, ge=0, le=100)
+    long_max_pct: float = Field(default=70.0, ge=0, le=100)
+    order_notional_pct: float = Field(default=0.5, gt=0)  # one corrective order: this % of equity
+    price_offset: float = Field(default=0.01, ge=0)
+    max_live_orders: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _band_ordered(self) -> "LtBandStrategy":
+        if self.long_min_pct > self.long_max_pct:
+            raise ValueError("long_min_pct must be <= long_max_pct")
+        return self
+
+
+class StrategyRules(Section):
+    mm: MarketMakingStrategy = MarketMakingStrategy()
+    lt_band: LtBandStrategy = LtBandStrategy()
+
+
+class ArbitrationRules(Section):
+    """Intent priorities and suppression thresholds (SPEC 6, Intent arbitration)."""
+
+    priorities: dict[IntentPurpose, int] = Field(
+        default_factory=lambda: {
+            "CAP_RECOVERY": 100,
+            "HARD_DERISK": 80,
+            "SOFT_DERISK": 60,
+            "MM_OVERNIGHT": 40,
+            "LT_BAND": 20,
+            "MM_QUOTE": 10,
+        }
+    )
+    drop_mm_increases_above_gross_pct: float = Field(default=120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _every_purpose_has_a_priority(self) -> "ArbitrationRules":
+        missing = sorted(set(IntentPurpose.__args__) - set(self.priorities))  # type: ignore[attr-defined]
+        if missing:
+            raise ValueError(f"priorities: missing {missing}")
+        return self
 
 
 class RiskRules(Section):
@@ -503,6 +630,10 @@ class RiskRules(Section):
     prints: PrintsRules = PrintsRules()
     market_data: MarketDataRules = MarketDataRules()
     alerts: AlertsRules = AlertsRules()
+    decision: DecisionRules = DecisionRules()
+    derisk: DeriskRules = DeriskRules()
+    strategies: StrategyRules = StrategyRules()
+    arbitration: ArbitrationRules = ArbitrationRules()
 
     @model_validator(mode="after")
     def _regime_tolerances_within_hard_cap(self) -> "RiskRules":

@@ -173,3 +173,25 @@ feed_last_update = Gauge(
 feed_tick_by_tick = Gauge(
     "qe_feed_tick_by_tick_subscriptions", "Symbols holding an IB tick-by-tick slot", registry=REGISTRY
 )
+
+# --- decision engine ("Brain") -------------------------------------------------------------
+decision_intents = Counter(
+    "qe_decision_intents_total", "Intents issued by the Brain", ["action", "intent_type"], registry=REGISTRY
+)
+decision_suppressed = Counter(
+    "qe_decision_suppressed_total", "Candidate intents dropped by arbitration, the caps or reconciliation", ["reason"],
+    registry=REGISTRY,
+)
+decision_evaluations = Counter(
+    "qe_decision_evaluations_total", "Decision steps run", ["kind"], registry=REGISTRY
+)
+decision_evaluation_seconds = Histogram(
+    "qe_decision_evaluation_seconds",
+    "Time of one decision step (pure core)",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+    registry=REGISTRY,
+)
+decision_skips = Counter(
+    "qe_decision_symbol_skips_total", "Symbols skipped by a de-risk or strategy step (reported once a day)", ["reason"],
+    registry=REGISTRY,
+)

@@ -153,16 +153,22 @@ class Effects:
         self.ops.append(self.policy.xadd_op(stream, encode(event), event.idempotency_key))
         self.published.append(stream)
 
+    # Lua's unpack() of one op is limited (~8000 values): big HSETs go in slices.
+    HSET_FIELDS_PER_OP = 1000
+
     def hset(self, key: str, mapping: dict[str, Any]) -> None:
-        if mapping:
-            op = ["HSET", key]
-            for field, value in mapping.items():
-                op += (field, value if value.__class__ is str else str(value))
+        op = ["HSET", key]
+        for field, value in mapping.items():
+            op += (field, value if value.__class__ is str else str(value))
+            if len(op) >= 2 + 2 * self.HSET_FIELDS_PER_OP:
+                self.ops.append(op)
+                op = ["HSET", key]
+        if len(op) > 2:
             self.ops.append(op)
 
     def hdel(self, key: str, *fields: str) -> None:
-        if fields:
-            self.ops.append(["HDEL", key, *fields])
+        for start in range(0, len(fields), 2 * self.HSET_FIELDS_PER_OP):
+            self.ops.append(["HDEL", key, *fields[start:start + 2 * self.HSET_FIELDS_PER_OP]])
 
     def command(self, *args: Any) -> None:
         """Any other write (SET, DEL, EXPIRE, ZADD ...), applied in order."""

@@ -1,0 +1,547 @@
+"""qe-decision: the decision engine ("the Brain").
+
+The handler is the imperative shell around `engine.decide`: it maps every event
+to the plain `BrainView`, calls the pure core on a cadence, and records what the
+core decided as effects (intents, alerts, state hashes) that the stream runtime
+commits atomically with the batch's acks. In-memory state is a cache of the
+Redis hashes below; `load()` rebuilds it after a start or a failed commit.
+
+Redis layout (all values JSON):
+  state:decision                  mode, since_ns, reason, numbers, latches, halt, broker, ...
+  state:decision:outstanding      intent key -> bookkeeping record of a NEW intent
+  state:decision:generations      "day|slot|symbol|side" -> intents issued so far (idempotency keys)
+  state:decision:inputs           latest session / exposure snapshot / account equity
+  state:decision:positions        symbol -> [qty, bucket]
+  state:decision:markets          symbol -> quote, truth tick, GRPAN (flushed on the tick)
+  state:decision:settling         symbol -> ns of a fill whose position update is awaited
+  state:decision:skips            "day|symbol|slot|reason" reported once
+  decision:why:<day>              intent key -> intent (with its trace); order_ref -> intent key
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from dataclasses import asdict, fields
+from operator import attrgetter
+from typing import Any
+
+import redis
+
+from qe import daemon, metrics
+from qe.contracts import (
+    Alert,
+    Envelope,
+    idempotency_key,
+    make_event,
+    order_ref_for,
+)
+from qe.streams import Effects
+
+from .engine import BrainView, Decision, EngineRules, decide, skip_field
+from .model import (
+    NS,
+    BrainState,
+    BucketSnap,
+    ExposureSnap,
+    Market,
+    Outstanding,
+    PositionView,
+    SessionSnap,
+    SymbolSnap,
+)
+from .modes import MODE_SEVERITY, MODES, Latches
+from .strategies import GrpanMarketMaker
+
+log = logging.getLogger("qe.decision")
+
+SOURCE = "decision"
+STATE = "state:decision"
+OUTSTANDING = "state:decision:outstanding"
+GENERATIONS = "state:decision:generations"
+INPUTS = "state:decision:inputs"
+POSITIONS = "state:decision:positions"
+MARKETS = "state:decision:markets"
+SETTLING = "state:decision:settling"
+SKIPS = "state:decision:skips"
+WHY = "decision:why:{day}"
+WHY_TTL_S = 7 * 86_400
+
+STREAMS = (
+    "ev.control",
+    "ev.broker",
+    "ev.session",
+    "ev.exposure",
+    "ev.positions",
+    "ev.orders",
+    "ev.alerts",
+    "ev.features",
+    "ev.l1",
+)
+# Alerts (from the alerts daemon) that make a symbol's data stale until newer data arrives.
+STALE_QUOTE_ALERTS = frozenset({"stale_l1", "l1_stale"})
+STALE_PRINTS_ALERTS = frozenset({"stale_prints", "prints_stale"})
+
+_dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+# --- codecs between the plain model and Redis hash values ---------------------------------
+
+
+def encode_state(state: BrainState) -> dict[str, str]:
+    values = asdict(state)
+    values["latches"] = asdict(state.latches)
+    return {name: _dumps(value) for name, value in values.items()}
+
+
+def decode_state(raw: dict[bytes, bytes]) -> BrainState:
+    known = {f.name for f in fields(BrainState)}
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        key = name.decode()
+        if key in known:
+            values[key] = json.loads(value)
+    if "latches" in values:
+        values["latches"] = Latches(**values["latches"])
+    return BrainState(**values)
+
+
+_MARKET_FIELDS = attrgetter(*(f.name for f in fields(Market)))
+
+
+def encode_market(market: Market) -> str:
+    return _dumps(_MARKET_FIELDS(market))
+
+
+def decode_market(raw: bytes) -> Market:
+    return Market(*json.loads(raw))
+
+
+def encode_snap(snap: ExposureSnap | SessionSnap) -> str:
+    return _dumps(asdict(snap))
+
+
+def decode_exposure(raw: bytes) -> ExposureSnap:
+    values = json.loads(raw)
+    values["buckets"] = {name: BucketSnap(**b) for name, b in values["buckets"].items()}
+    values["symbols"] = {name: SymbolSnap(**s) for name, s in values["symbols"].items()}
+    return ExposureSnap(**values)
+
+
+def decode_session(raw: bytes) -> SessionSnap:
+    return SessionSnap(**json.loads(raw))
+
+
+def exposure_snap(event: Envelope) -> ExposureSnap:
+    p = event.payload
+    ok = p.status == "ok" and p.equity > 0 and p.gross_pct is not None and p.potential_gross_pct is not None
+    return ExposureSnap(
+        snapshot_id=event.idempotency_key,
+        event_id=str(event.event_id),
+        ts_ns=event.ts_ns,
+        ok=ok,
+        equity=p.equity,
+        gross_pct=p.gross_pct,
+        potential_pct=p.potential_gross_pct,
+        buckets={
+            name: BucketSnap(b.current_pct, b.potential_pct, b.target_pct, b.max_pct) for name, b in p.buckets.items()
+        },
+        symbols={
+            name: SymbolSnap(s.qty, s.bucket, s.mark, s.open_buy_qty, s.open_sell_qty) for name, s in p.symbols.items()
+        },
+    )
+
+
+def session_snap(event: Envelope) -> SessionSnap:
+    p = event.payload
+    return SessionSnap(
+        snapshot_id=event.idempotency_key,
+        event_id=str(event.event_id),
+        now_ns=p.now_ns,
+        trading_day=p.trading_day,
+        market_open=p.market_open,
+        regime=p.regime,
+        soft_window=p.soft_derisk_active,
+        hard_window=p.hard_derisk_active,
+        early_close=p.early_close,
+        minutes_to_close=p.minutes_to_close,
+    )
+
+
+class DecisionHandler:
+    streams = STREAMS
+
+    def __init__(self, context: daemon.Context) -> None:
+        self.context = context
+        self.clock = context.clock
+        self.rules = context.rules
+        self.engine_rules = EngineRules.from_rules(context.rules)
+        self.tick_interval_s = context.rules.decision.tick_interval_s
+        self.universe = {symbol: inst.bucket_hint for symbol, inst in context.universe().items()}
+        self.mm = next((s for s in self.engine_rules.strategies if isinstance(s, GrpanMarketMaker)), None)
+        self.view = BrainView(universe=dict(self.universe))
+        self.dirty = True
+        self.last_eval_ns = 0
+        self.dirty_markets: set[str] = set()
+        self.markets_flushed_ns = 0
+        self.quick_allowed = False  # last full evaluation: NORMAL and increases allowed
+        self.strategy_signature: tuple | None = None
+        self.strategy_refresh_ns = 0
+        self.strategy_dirty: set[str] = set()  # market moved while the per-symbol path was off
+
+    # -- state -----------------------------------------------------------------------------
+    def load(self, r: redis.Redis) -> None:
+        view = BrainView(universe=dict(self.universe))
+        view.state = decode_state(r.hgetall(STATE))
+        for key, raw in r.hgetall(OUTSTANDING).items():
+            view.put_record(Outstanding.from_record(json.loads(raw)))
+        view.generations = {k.decode(): int(v) for k, v in r.hgetall(GENERATIONS).items()}
+        inputs = r.hgetall(INPUTS)
+        if b"session" in inputs:
+            view.session = decode_session(inputs[b"session"])
+        if b"exposure" in inputs:
+            view.exposure = decode_exposure(inputs[b"exposure"])
+        if b"account_equity" in inputs:
+            view.account_equity = json.loads(inputs[b"account_equity"])
+        view.positions = {k.decode(): PositionView(*json.loads(v)) for k, v in r.hgetall(POSITIONS).items()}
+        view.markets = {k.decode(): decode_market(v) for k, v in r.hgetall(MARKETS).items()}
+        stored_markets = dict(view.markets)
+        # The market cache is flushed on a cadence; after a failed commit (same process)
+        # keep what is newer in memory: it came from events, judged by their own times.
+        for symbol, market in self.view.markets.items():
+            stored = view.markets.get(symbol)
+            if stored is None or max(market.quote_ts_ns, market.feature_ts_ns) >= max(stored.quote_ts_ns, stored.feature_ts_ns):
+                view.markets[symbol] = market
+        view.settling = {k.decode(): int(v) for k, v in r.hgetall(SETTLING).items()}
+        view.reported_skips = {k.decode() for k in r.hkeys(SKIPS)}
+        now = self.clock.now_ns()
+        view.refresh_unseen(now, self.rules.decision.unacked_grace_s)
+        self.view = view
+        # The loaded state lives as long as the process: keep it out of the cyclic
+        # collector's full passes (they would otherwise grow with the universe).
+        gc.collect()
+        gc.freeze()
+        self.dirty = True
+        self.dirty_markets = set(view.markets) - set(stored_markets)
+        self.last_eval_ns = 0
+        self.quick_allowed = False
+        self.strategy_signature = None
+        self.strategy_dirty = set()
+        self._set_mode_metric(view.state.mode)
+        log.info(
+            "state loaded",
+            extra={"mode": view.state.mode, "outstanding": len(view.outstanding), "halted": view.state.halted,
+                   "trading_day": view.state.trading_day},
+        )
+
+    # -- events ----------------------------------------------------------------------------
+    def handle(self, event: Envelope, effects: Effects) -> None:
+        kind = event.type
+        payload = event.payload
+        now = self.clock.now_ns()
+        view = self.view
+        if kind == "l1":
+            market = view.markets.setdefault(payload.symbol, Market())
+            market.bid, market.ask = payload.bid, payload.ask
+            market.quote_ts_ns = payload.quote_ts_ns or event.ts_ns
+            if payload.last is not None:
+                market.last_price = payload.last
+            self._market_moved(payload.symbol, event, effects, now)
+            return
+        if kind == "feature":
+            market = view.markets.setdefault(payload.symbol, Market())
+            market.grpan = payload.grpan_price
+            market.concentration_pct = payload.concentration_pct
+            market.print_count = payload.print_count
+            market.feature_ts_ns = event.ts_ns
+            if payload.last_price is not None:
+                market.last_price = payload.last_price
+            if payload.truth_tick is not None:
+                market.truth_price = payload.truth_tick.price
+                market.truth_ts_ns = payload.truth_tick.ts_ns
+            self._market_moved(payload.symbol, event, effects, now)
+            return
+        if kind == "alert":
+            self._handle_alert(event, effects)
+            return
+        if kind == "session":
+            view.session = session_snap(event)
+            effects.hset(INPUTS, {"session": encode_snap(view.session)})
+        elif kind == "exposure":
+            view.exposure = exposure_snap(event)
+            view.refresh_unseen(now, self.rules.decision.unacked_grace_s)
+            effects.hset(INPUTS, {"exposure": encode_snap(view.exposure)})
+            if view.exposure.gross_pct is not None:
+                metrics.exposure_gross.set(view.exposure.gross_pct / 100)
+        elif kind == "position":
+            view.positions[payload.symbol] = PositionView(payload.qty, payload.bucket)
+            effects.hset(POSITIONS, {payload.symbol: _dumps([payload.qty, payload.bucket])})
+            if view.settling.pop(payload.symbol, None) is not None:
+                effects.hdel(SETTLING, payload.symbol)
+        elif kind == "account":
+            view.account_equity = payload.net_liquidation
+            effects.hset(INPUTS, {"account_equity": _dumps(payload.net_liquidation)})
+        elif kind == "order":
+            if not self._handle_order(event, effects):
+                return
+        elif kind == "broker":
+            state = view.state
+            state.broker_connected = payload.connected
+            state.broker_reason = payload.reason or (f"code {payload.last_code}" if payload.last_code else "")
+            state.broker_ts_ns = event.ts_ns
+            metrics.broker_connected.set(1 if payload.connected else 0)
+            effects.hset(STATE, {k: v for k, v in encode_state(state).items() if k.startswith("broker_")})
+        elif kind == "control":
+            self._handle_control(event, effects)
+            self._evaluate(now, effects, event)  # the kill switch acts at once
+            return
+        else:
+            return
+        self.dirty = True
+        if now - self.last_eval_ns >= self.rules.decision.evaluate_min_gap_s * NS:
+            self._evaluate(now, effects, event)
+
+    def _handle_order(self, event: Envelope, effects: Effects) -> bool:
+        order = event.payload
+        record = self.view.outstanding.get(order.intent_key) if order.intent_key else None
+        if record is None:
+            return False  # not ours (external, or pruned long ago): nothing to follow
+        if record.filled_qty < order.filled_qty:
+            self.view.settling[record.symbol] = event.ts_ns
+            effects.hset(SETTLING, {record.symbol: event.ts_ns})
+        record.status = order.status
+        record.filled_qty = max(record.filled_qty, order.filled_qty)
+        record.last_order_ts_ns = max(record.last_order_ts_ns, event.ts_ns)
+        if order.limit_price is not None and not record.cancel_sent:
+            record.limit_price = order.limit_price
+        self.view.put_record(record)
+        effects.hset(OUTSTANDING, {record.key: _dumps(record.to_record())})
+        return True
+
+    def _handle_control(self, event: Envelope, effects: Effects) -> None:
+        control = event.payload
+        state = self.view.state
+        state.halted = control.command == "halt"
+        state.halt_reason = control.reason
+        state.halt_operator = control.operator
+        log.warning("operator control", extra={"command": control.command, "reason": control.reason, "operator": control.operator})
+        effects.hset(STATE, {k: v for k, v in encode_state(state).items() if k.startswith("halt")})
+
+    def _handle_alert(self, event: Envelope, effects: Effects) -> None:
+        alert = event.payload
+        if event.source == SOURCE:
+            return
+        stale_quote = alert.alert_type in STALE_QUOTE_ALERTS
+        stale_prints = alert.alert_type in STALE_PRINTS_ALERTS
+        if not (stale_quote or stale_prints):
+            return
+        symbols = [alert.symbol] if alert.symbol else list(self.view.markets)
+        for symbol in symbols:
+            market = self.view.markets.get(symbol)
+            if market is None:
+                continue
+            # Stale from the alert's time on: only data newer than the alert revives it.
+            if stale_quote and market.quote_ts_ns <= event.ts_ns:
+                market.quote_ts_ns = 0
+            if stale_prints and market.truth_ts_ns <= event.ts_ns:
+                market.truth_ts_ns = 0
+            self.dirty_markets.add(symbol)
+        self.dirty = True
+
+    def _market_moved(self, symbol: str, event: Envelope, effects: Effects, now: int) -> None:
+        self.dirty_markets.add(symbol)
+        if self.mm is None or not self.mm.quotes_symbol(symbol, self.view.universe):
+            return
+        if not self.quick_allowed:
+            self.strategy_dirty.add(symbol)  # the next full evaluation looks at it
+            return
+        if not self._quote_would_change(symbol, now):
+            return
+        self._run(decide(self.view, self.engine_rules, now, full=False, symbols=(symbol,)), now, effects, event, "symbol")
+
+    def _quote_would_change(self, symbol: str, now: int) -> bool:
+        """Cheap pre-check: is a quote missing, or has GRPAN moved a live quote beyond
+        the re-quote threshold? Most market events change nothing."""
+        market = self.view.markets.get(symbol)
+        if market is None or market.grpan is None:
+            return False
+        cfg = self.mm.config  # type: ignore[union-attr]
+        wanted = {"MM_BID": market.grpan - cfg.edge, "MM_ASK": market.grpan + cfg.edge}
+        live = {}
+        for key in self.view.by_symbol.get(symbol, ()):
+            record = self.view.outstanding[key]
+            if record.slot in wanted and record.live(now, self.rules.decision.unacked_grace_s):
+                live[record.slot] = record
+        if len(live) < 2:
+            return True
+        paced = self.rules.decision.reprice_min_interval_s * NS
+        for slot, record in live.items():
+            if record.cancel_sent or record.limit_price is None:
+                return True
+            moved = abs(record.limit_price - wanted[slot]) >= cfg.requote_threshold - 1e-9
+            # A re-quote inside the pacing interval could not be sent anyway; a later
+            # market event (or the periodic full evaluation) picks it up.
+            if moved and now - record.last_change_ns >= paced:
+                return True
+        return False
+
+    # -- periodic --------------------------------------------------------------------------
+    def tick(self, now_ns: int, effects: Effects) -> None:
+        # Market state is a cache of ev.l1/ev.features, judged by its own timestamps:
+        # flushed on a cadence (coalescing many events per symbol), not per event.
+        if self.dirty_markets and now_ns - self.markets_flushed_ns >= self.rules.decision.market_flush_interval_s * NS:
+            effects.hset(MARKETS, {s: encode_market(self.view.markets[s]) for s in self.dirty_markets if s in self.view.markets})
+            self.dirty_markets = set()
+            self.markets_flushed_ns = now_ns
+        interval = self.rules.decision.evaluate_interval_s * NS
+        if self.dirty or now_ns - self.last_eval_ns >= interval:
+            self._evaluate(now_ns, effects, None)
+
+    # -- the decision step -----------------------------------------------------------------
+    def _evaluate(self, now: int, effects: Effects, trigger: Envelope | None) -> None:
+        # Per-symbol strategies (market making) are re-run for every symbol only when
+        # what governs them changed, or on the refresh interval; otherwise the
+        # per-symbol path has already handled each market move as it came.
+        state = self.view.state
+        exposure = self.view.exposure
+        signature = (state.mode, state.trading_day, state.halted, state.broker_connected,
+                     exposure.snapshot_id if exposure else None, self.quick_allowed)
+        refresh = self.rules.decision.strategy_refresh_interval_s * NS
+        if signature != self.strategy_signature or now - self.strategy_refresh_ns >= refresh:
+            symbols = None
+            self.strategy_refresh_ns = now
+        else:
+            symbols = sorted(self.strategy_dirty)
+        # The potential book is rebuilt from scratch whenever everything is re-run.
+        decision = decide(self.view, self.engine_rules, now, full=True, symbols=symbols, reuse_book=symbols is not None)
+        self._run(decision, now, effects, trigger, "full")
+        self.strategy_dirty = set()
+        self.dirty = False
+        self.last_eval_ns = now
+        self.quick_allowed = decision.state.mode == "NORMAL" and not decision.trace.get("increases_blocked")
+        state = decision.state
+        self.strategy_signature = (state.mode, state.trading_day, state.halted, state.broker_connected,
+                                   exposure.snapshot_id if exposure else None, self.quick_allowed)
+
+    def _run(self, decision: Decision, now: int, effects: Effects, trigger: Envelope | None, kind: str) -> None:
+        started = time.perf_counter()
+        view = self.view
+        previous_day = view.state.trading_day
+        causation = str(trigger.event_id) if trigger is not None else None
+        day = decision.state.trading_day
+
+        for key in decision.removed:
+            view.drop_record(key)
+        if decision.removed:
+            effects.hdel(OUTSTANDING, *decision.removed)
+        if decision.records:
+            for record in decision.records.values():
+                view.put_record(record)
+            effects.hset(OUTSTANDING, {key: _dumps(r.to_record()) for key, r in decision.records.items()})
+        if decision.generations:
+            view.generations.update(decision.generations)
+            effects.hset(GENERATIONS, decision.generations)
+
+        why_key = WHY.format(day=day)
+        for issued in decision.intents:
+            intent = issued.intent
+            effects.publish(
+                "ev.intents",
+                make_event(intent, idempotency_key=issued.key, source=SOURCE, ts_ns=now, causation_id=causation),
+            )
+            why = {issued.key: intent.model_dump_json()}
+            if intent.action == "NEW":
+                why[order_ref_for(issued.key)] = issued.key
+            effects.hset(why_key, why)
+            metrics.decision_intents.labels(intent.action, intent.intent_type).inc()
+        if decision.intents:
+            effects.command("EXPIRE", why_key, WHY_TTL_S)
+        for suppressed in decision.suppressed:
+            metrics.decision_suppressed.labels(suppressed.reason).inc()
+
+        if decision.transition is not None:
+            self._publish_transition(decision, effects, now, causation)
+        for skip in decision.skips:
+            field = skip_field(day, skip)
+            view.reported_skips.add(field)
+            effects.hset(SKIPS, {field: now})
+            metrics.decision_skips.labels(skip.reason).inc()
+            effects.publish(
+                "ev.alerts",
+                make_event(
+                    Alert(
+                        alert_type="decision_symbol_skipped",
+                        severity="info",
+                        symbol=skip.symbol,
+                        message=f"{skip.slot}: {skip.symbol} skipped ({skip.reason})",
+                        data={"slot": skip.slot, "reason": skip.reason, "numbers": skip.numbers, "trading_day": day},
+                    ),
+                    idempotency_key=idempotency_key("decision-skip", day, skip.symbol, skip.slot, skip.reason),
+                    source=SOURCE,
+                    ts_ns=now,
+                    causation_id=causation,
+                ),
+            )
+
+        if day != previous_day and previous_day is not None:
+            self._forget_day(previous_day, effects)
+        view.state = decision.state
+        if decision.book is not None:
+            view.pending_book = decision.book.merge_into_parent()
+        if kind == "full":
+            state_fields = encode_state(decision.state)
+            state_fields["last_evaluation_ns"] = _dumps(now)
+            state_fields["last_trace"] = _dumps(decision.trace)
+            effects.hset(STATE, state_fields)
+
+        metrics.decision_evaluations.labels(kind).inc()
+        metrics.decision_evaluation_seconds.observe(time.perf_counter() - started)
+
+    def _publish_transition(self, decision: Decision, effects: Effects, now: int, causation: str | None) -> None:
+        t = decision.transition
+        assert t is not None
+        state = decision.state
+        message = f"mode {t.from_mode} -> {t.to_mode}: {t.reason}"
+        if t.to_mode == "HALTED":
+            message += f" (by {state.halt_operator}: {state.halt_reason})"
+        elif t.from_mode == "HALTED":
+            message += f" (resumed by {state.halt_operator}: {state.halt_reason})"
+        log.warning("mode transition", extra={"from": t.from_mode, "to": t.to_mode, "rule": t.rule, "numbers": t.numbers})
+        effects.publish(
+            "ev.alerts",
+            make_event(
+                Alert(
+                    alert_type="mode_change",
+                    severity=MODE_SEVERITY[t.to_mode],  # type: ignore[arg-type]
+                    message=message,
+                    data={"from": t.from_mode, "to": t.to_mode, "rule": t.rule, "reason": t.reason,
+                          "numbers": t.numbers, "seq": t.seq, "at_ns": t.at_ns, "trading_day": state.trading_day},
+                ),
+                idempotency_key=idempotency_key("mode", state.trading_day, t.seq),
+                source=SOURCE,
+                ts_ns=now,
+                causation_id=causation,
+            ),
+        )
+        self._set_mode_metric(t.to_mode)
+
+    def _forget_day(self, day: str, effects: Effects) -> None:
+        prefix = f"{day}|"
+        old_generations = [f for f in self.view.generations if f.startswith(prefix)]
+        for f in old_generations:
+            del self.view.generations[f]
+        effects.hdel(GENERATIONS, *old_generations)
+        old_skips = [f for f in self.view.reported_skips if f.startswith(prefix)]
+        self.view.reported_skips.difference_update(old_skips)
+        effects.hdel(SKIPS, *old_skips)
+
+    @staticmethod
+    def _set_mode_metric(mode: str) -> None:
+        for name in MODES:
+            metrics.decision_mode.labels(name).set(1 if name == mode else 0)
+
+
+def main() -> int:
+    return daemon.run_consumer("decision", "decision_engine", DecisionHandler)

@@ -1,0 +1,258 @@
+"""Plain data the pure core works on: no Redis, no pydantic, no clock."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from qe.contracts import TERMINAL_ORDER_STATUSES
+
+from .modes import Latches
+
+NS = 1_000_000_000
+CENT = 0.01
+
+# Bookkeeping slots: one live NEW intent per (symbol, slot). A purpose has one
+# slot, except market making, which quotes both sides.
+PURPOSE_OF_SLOT = {
+    "CAP_RECOVERY": "CAP_RECOVERY",
+    "HARD_DERISK": "HARD_DERISK",
+    "SOFT_DERISK": "SOFT_DERISK",
+    "MM_OVERNIGHT": "MM_OVERNIGHT",
+    "LT_BAND": "LT_BAND",
+    "MM_BID": "MM_QUOTE",
+    "MM_ASK": "MM_QUOTE",
+}
+MM_SLOTS = ("MM_BID", "MM_ASK")
+DERISK_SLOTS = ("CAP_RECOVERY", "HARD_DERISK", "SOFT_DERISK", "MM_OVERNIGHT")
+
+
+def floor_cent(price: float) -> float:
+    return math.floor(price * 100 + 1e-6) / 100
+
+
+def ceil_cent(price: float) -> float:
+    return math.ceil(price * 100 - 1e-6) / 100
+
+
+def classification(bucket: str, direction: str, effect: str) -> str:
+    return f"{'LT' if bucket == 'LT' else 'MM'}_{direction}_{effect}"
+
+
+def effect_of(classification_name: str) -> str:
+    return classification_name.rsplit("_", 1)[1]
+
+
+@dataclass(slots=True)
+class Market:
+    """What the Brain knows of one symbol's market (from ev.l1 and ev.features)."""
+
+    bid: float | None = None
+    ask: float | None = None
+    quote_ts_ns: int = 0
+    truth_price: float | None = None
+    truth_ts_ns: int = 0
+    grpan: float | None = None
+    concentration_pct: float = 0.0
+    print_count: int = 0
+    feature_ts_ns: int = 0
+    last_price: float | None = None
+
+    def quote_fresh(self, now_ns: int, max_age_s: float) -> bool:
+        return (
+            self.bid is not None
+            and self.ask is not None
+            and self.ask >= self.bid
+            and now_ns - self.quote_ts_ns <= max_age_s * NS
+        )
+
+    def truth_fresh(self, now_ns: int, max_age_s: float) -> bool:
+        return self.truth_price is not None and now_ns - self.truth_ts_ns <= max_age_s * NS
+
+    def mark(self, now_ns: int, l1_max_age_s: float, truth_max_age_s: float) -> tuple[float | None, bool]:
+        """(mark, fresh) per SPEC Marks: fresh L1 mid, else fresh truth tick, else last known."""
+        if self.quote_fresh(now_ns, l1_max_age_s):
+            return (self.bid + self.ask) / 2, True  # type: ignore[operator]
+        if self.truth_fresh(now_ns, truth_max_age_s):
+            return self.truth_price, True
+        # Last known price: whichever of the stale sources is the most recent.
+        known: list[tuple[int, float]] = []
+        if self.truth_price is not None:
+            known.append((self.truth_ts_ns, self.truth_price))
+        if self.bid is not None and self.ask is not None:
+            known.append((self.quote_ts_ns, (self.bid + self.ask) / 2))
+        if self.last_price is not None:
+            known.append((self.feature_ts_ns, self.last_price))
+        if known:
+            return max(known)[1], False
+        return None, False
+
+
+@dataclass(frozen=True, slots=True)
+class PositionView:
+    qty: int
+    bucket: str
+
+
+@dataclass(frozen=True, slots=True)
+class SymbolSnap:
+    qty: int
+    bucket: str
+    mark: float | None
+    open_buy: int
+    open_sell: int
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSnap:
+    current_pct: float
+    potential_pct: float
+    target_pct: float
+    max_pct: float
+
+
+@dataclass(frozen=True, slots=True)
+class ExposureSnap:
+    snapshot_id: str  # the exposure event's idempotency key
+    event_id: str
+    ts_ns: int
+    ok: bool
+    equity: float
+    gross_pct: float | None
+    potential_pct: float | None
+    buckets: dict[str, BucketSnap]
+    symbols: dict[str, SymbolSnap]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSnap:
+    snapshot_id: str
+    event_id: str
+    now_ns: int
+    trading_day: str | None
+    market_open: bool
+    regime: str
+    soft_window: bool
+    hard_window: bool
+    early_close: bool
+    minutes_to_close: float | None
+
+
+@dataclass(slots=True)
+class Outstanding:
+    """One NEW intent the Brain issued, followed through ev.orders until the exposure
+    worker has seen its last state."""
+
+    key: str
+    slot: str
+    symbol: str
+    side: str
+    qty: int
+    bucket: str
+    classification: str
+    order_type: str
+    limit_price: float | None
+    priority: int
+    intent_type: str
+    ttl_s: float
+    issued_ns: int
+    last_change_ns: int
+    status: str | None = None  # None: not yet acknowledged by execution
+    filled_qty: int = 0
+    last_order_ts_ns: int = 0
+    cancel_sent: bool = False
+    modifies: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_ORDER_STATUSES
+
+    @property
+    def remaining_qty(self) -> int:
+        return max(self.qty - self.filled_qty, 0)
+
+    def expired(self, now_ns: int, grace_s: float) -> bool:
+        """Never acknowledged and past its TTL + grace: execution will not place it."""
+        return self.status is None and now_ns > self.issued_ns + (self.ttl_s + grace_s) * NS
+
+    def live(self, now_ns: int, grace_s: float) -> bool:
+        return not self.terminal and not self.expired(now_ns, grace_s)
+
+    def counts_in_potential(self, snapshot_ts_ns: int, now_ns: int, grace_s: float) -> bool:
+        """Still to be added on top of the exposure snapshot: not yet acknowledged, or
+        the snapshot predates its latest order event (so it cannot include it)."""
+        if self.status is None:
+            return not self.expired(now_ns, grace_s)
+        return self.last_order_ts_ns >= snapshot_ts_ns
+
+    def to_record(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "Outstanding":
+        return cls(**record)
+
+
+@dataclass(slots=True)
+class BrainState:
+    """The Brain's own scalar state, persisted in `state:decision`."""
+
+    mode: str = "NORMAL"
+    since_ns: int = 0
+    rule: str = "start"
+    reason: str = "no evaluation yet"
+    numbers: dict[str, Any] = field(default_factory=dict)
+    latches: Latches = Latches()
+    trading_day: str | None = None
+    halted: bool = False
+    halt_reason: str = ""
+    halt_operator: str = ""
+    transitions: int = 0
+    hard_steps: int = 0
+    hard_excess_notional: float = 0.0
+    hard_last_step_ns: int = 0
+    mm_overnight_active: bool = False
+    mm_overnight_checked_day: str | None = None
+    broker_connected: bool | None = None
+    broker_reason: str = ""
+    broker_ts_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A wanted order, before arbitration and the hard-cap filter."""
+
+    slot: str
+    purpose: str
+    symbol: str
+    side: str
+    qty: int
+    order_type: str
+    limit_price: float | None
+    bucket: str
+    classification: str
+    priority: int
+    reason: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+    keep_key: str | None = None  # continuation of this live intent: only its price may change
+
+    @property
+    def effect(self) -> str:
+        return effect_of(self.classification)
+
+    @property
+    def direction(self) -> str:
+        return self.classification.split("_")[1]
+
+    @property
+    def is_increase(self) -> bool:
+        return self.effect == "INC"
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    symbol: str
+    slot: str
+    reason: str  # machine-readable: stale_l1, stale_prints, below_min_qty, settling, ...
+    numbers: dict[str, Any] = field(default_factory=dict)

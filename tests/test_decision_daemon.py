@@ -1,0 +1,230 @@
+"""qe-decision as a real subprocess on a real Redis with a simulated clock: synthetic
+event streams -> mode transitions (alerts + state:decision) and intents with
+deterministic keys; SIGKILL + restart -> same mode, no duplicate intents; halt and
+resume through `qe`; malformed events dead-lettered."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections import Counter
+from datetime import datetime
+
+import pytest
+
+from qe import clock as clock_module
+from qe import config, streams
+from qe.contracts import (
+    L1,
+    Account,
+    BrokerState,
+    BucketExposure,
+    Exposure,
+    Feature,
+    Order,
+    Position,
+    Session,
+    SymbolExposure,
+    TruthTick,
+    make_event,
+)
+from tests.support.processes import REPO, VENV_BIN, DaemonProcess, console_script, daemon_env, wait_until, write_rules
+
+RULES = config.load_rules(REPO / "etc" / "risk_rules.yaml")
+EQUITY = 1_000_000.0
+DAY = "2026-11-20"
+# A 125 % portfolio: LT longs in CIM PRB and AGNCN, MM inventory in CIM PRC.
+POSITIONS = {"CIM PRB": (20000, "LT"), "AGNCN": (20000, "LT"), "CIM PRC": (10000, "MM_PURE")}
+MARK = 25.0
+
+
+class World:
+    """Plays the other daemons: session, exposure, market data, broker."""
+
+    def __init__(self, r, clock):
+        self.r = r
+        self.clock = clock
+        self.publisher = streams.Publisher(r, RULES)
+        self.seq = 0
+
+    def publish(self, stream, payload, key=None):
+        self.seq += 1
+        now = self.clock.now_ns()
+        event = make_event(payload, idempotency_key=key or f"test:{stream}:{self.seq}", source="test", ts_ns=now)
+        self.publisher.publish(stream, event)
+        return event
+
+    def session(self, *, soft=False, hard=False, regime="LATE", market_open=True):
+        now = self.clock.now_ns()
+        iso = datetime.fromtimestamp(now / 1e9).isoformat()
+        self.publish("ev.session", Session(now_ns=now, now_utc=iso, now_ny=iso, trading_day=DAY, market_open=market_open,
+                                           regime=regime, minutes_to_close=10.0, soft_derisk_active=soft,
+                                           hard_derisk_active=hard, early_close=False))
+
+    def exposure(self, positions=POSITIONS):
+        gross = sum(abs(q) * MARK for q, _b in positions.values())
+        buckets = {}
+        for bucket in ("LT", "MM_PURE"):
+            pct = sum(abs(q) * MARK for q, b in positions.values() if b == bucket) / EQUITY * 100
+            target, maximum = (80.0, 90.0) if bucket == "LT" else (20.0, 30.0)
+            buckets[bucket] = BucketExposure(current_pct=pct, potential_pct=pct, target_pct=target, max_pct=maximum)
+        symbols = {s: SymbolExposure(qty=q, bucket=b, mark=MARK, mark_source="l1_mid", notional=q * MARK, open_buy_qty=0,
+                                     open_sell_qty=0, potential_notional=abs(q) * MARK) for s, (q, b) in positions.items()}
+        self.publish("ev.exposure", Exposure(equity=EQUITY, long_notional=gross, short_notional=0, gross_pct=gross / EQUITY * 100,
+                                             net_pct=gross / EQUITY * 100, potential_gross_pct=gross / EQUITY * 100,
+                                             buckets=buckets, symbols=symbols))
+
+    def market(self):
+        now = self.clock.now_ns()
+        for symbol in POSITIONS:
+            self.publish("ev.l1", L1(symbol=symbol, bid=24.99, ask=25.01, bid_size=500, ask_size=500))
+            self.publish("ev.features", Feature(symbol=symbol, grpan_price=25.0, concentration_pct=70, print_count=12,
+                                                truth_tick=TruthTick(price=25.00, size=100, venue="NYSE", ts_ns=now)))
+
+    def setup(self):
+        self.publish("ev.broker", BrokerState(connected=True, account="DU123", mode="paper"))
+        self.publish("ev.positions", Account(account="DU123", net_liquidation=EQUITY))
+        for symbol, (qty, bucket) in POSITIONS.items():
+            self.publish("ev.positions", Position(account="DU123", symbol=symbol, qty=qty, avg_cost=24.5, bucket=bucket))
+        self.market()
+
+
+def state(r):
+    return {k.decode(): json.loads(v) for k, v in r.hgetall("state:decision").items()}
+
+
+def intents(r):
+    return [json.loads(fields[b"event"]) for _id, fields in r.xrange("ev.intents")]
+
+
+def mode_alerts(r):
+    return [json.loads(f[b"event"])["payload"] for _id, f in r.xrange("ev.alerts")
+            if json.loads(f[b"event"])["payload"]["alert_type"] == "mode_change"]
+
+
+@pytest.fixture
+def setup(redis_url, r, tmp_path):
+    rules = write_rules(tmp_path, runtime={"block_ms": 100, "batch_size": 50, "claim_min_idle_s": 5},
+                        decision={"tick_interval_s": 0.1, "evaluate_min_gap_s": 0.05},
+                        strategies={"mm": {"enabled": False}, "lt_band": {"enabled": False}})
+    env = daemon_env(redis_url, QE_CONFIG=rules, QE_CONSUMER_NAME="decision-1",
+                     **clock_module.sim_env(datetime.fromisoformat("2026-11-20T15:44:00-05:00"), speed=1.0))
+    clock = clock_module.from_env(env)
+    world = World(r, clock)
+    brain = DaemonProcess(console_script("qe-decision"), env, tmp_path / "decision.log")
+    yield world, brain, env
+    brain.kill()
+
+
+def keep_session_fresh(world, until, **flags):
+    """Publish session ticks (1 s cadence like the session worker) until `until()` is true."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        world.session(**flags)
+        if until():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {until}; last trace: {state(world.r).get('last_trace')}")
+
+
+def test_soft_window_transition_intents_and_restart_without_duplicates(setup, r):
+    world, brain, env = setup
+    world.setup()
+    world.exposure()
+    brain.start()
+    # 125 % in LATE (tolerance 115): SOFT_DERISK by the tolerance rule first.
+    keep_session_fresh(world, lambda: state(r).get("mode") == "SOFT_DERISK", regime="LATE")
+    assert state(r)["rule"] == "tolerance_derisk"
+    keep_session_fresh(world, lambda: state(r).get("rule") == "soft_window", soft=True, regime="CLOSE")
+    keep_session_fresh(world, lambda: len(intents(r)) >= 2, soft=True, regime="CLOSE")
+    first = intents(r)
+    alerts = mode_alerts(r)
+    assert [a["data"]["to"] for a in alerts] == ["SOFT_DERISK"]
+    assert alerts[0]["data"]["numbers"]["gross_pct"] == 125.0 and alerts[0]["severity"] == "warning"
+    keys = [e["idempotency_key"] for e in first]
+    assert all(k.startswith(f"intent:{DAY}:SOFT_DERISK:") for k in keys)
+    by_symbol = {e["payload"]["symbol"]: e["payload"] for e in first}
+    assert by_symbol["CIM PRC"]["side"] == "SELL" and by_symbol["CIM PRC"]["limit_price"] == 24.99  # MM first, truth - 0.01
+    assert by_symbol["CIM PRC"]["trace"]["mode"] == "SOFT_DERISK"
+
+    # SIGKILL at an arbitrary moment, restart, keep the world going: same mode, no duplicates.
+    for _ in range(3):
+        brain.kill()
+        world.session(soft=True, regime="CLOSE")
+        brain.start()
+        keep_session_fresh(world, lambda: r.xpending("ev.session", "decision_engine")["pending"] == 0
+                           and r.xinfo_groups("ev.session")[0]["lag"] == 0, soft=True, regime="CLOSE")
+    time.sleep(1.0)
+    keep_session_fresh(world, lambda: True, soft=True, regime="CLOSE")
+    assert state(r)["mode"] == "SOFT_DERISK"
+    after = intents(r)
+    duplicates = {k: n for k, n in Counter(e["idempotency_key"] for e in after).items() if n > 1}
+    assert duplicates == {}
+    assert [e["idempotency_key"] for e in after if e["payload"]["action"] == "NEW"] == keys  # nothing new: orders are live
+    assert len(mode_alerts(r)) == 1
+
+    # Execution acknowledges and fills CIM PRC; exposure drops below the target; live orders are cancelled.
+    cim = by_symbol["CIM PRC"]
+    for status, filled in (("SUBMITTED", 0), ("FILLED", cim["qty"])):
+        world.publish("ev.orders", Order(order_ref="qe-x", intent_key=next(k for k in keys if "CIM PRC" in k), symbol="CIM PRC",
+                                         side="SELL", qty=cim["qty"], limit_price=24.99, bucket="MM_PURE", status=status,
+                                         filled_qty=filled, remaining_qty=cim["qty"] - filled))
+    smaller = {"CIM PRB": (18000, "LT"), "AGNCN": (18000, "LT"), "CIM PRC": (3000, "MM_PURE")}  # 97.5 %
+    world.publish("ev.positions", Position(account="DU123", symbol="CIM PRC", qty=3000, avg_cost=24.5, bucket="MM_PURE"))
+    world.exposure(smaller)
+    keep_session_fresh(world, lambda: state(r).get("mode") == "NORMAL", soft=True, regime="CLOSE")
+    cancels = [e["payload"] for e in intents(r) if e["payload"]["action"] == "CANCEL"]
+    assert sorted(c["target_intent_key"] for c in cancels) == sorted(k for k in keys if "CIM PRC" not in k)
+    assert brain.terminate() == 0
+
+
+def test_halt_and_resume_through_qe_and_dead_letters(setup, r, redis_url):
+    world, brain, env = setup
+    world.setup()
+    world.exposure()
+    brain.start()
+    keep_session_fresh(world, lambda: len(intents(r)) >= 1, soft=True, regime="CLOSE")  # CIM PRC covers it all
+    live = [e["idempotency_key"] for e in intents(r) if e["payload"]["action"] == "NEW"]
+
+    qe_env = {**env}
+    halted = subprocess.run([str(VENV_BIN / "qe"), "halt", "--reason", "fat finger drill", "--operator", "alice"],
+                            env=qe_env, capture_output=True, text=True, timeout=60)
+    assert halted.returncode == 0, halted.stderr
+    keep_session_fresh(world, lambda: state(r).get("mode") == "HALTED", soft=True, regime="CLOSE")
+    st = state(r)
+    assert st["halted"] is True and st["halt_operator"] == "alice" and st["halt_reason"] == "fat finger drill"
+    keep_session_fresh(world, lambda: len([e for e in intents(r) if e["payload"]["action"] == "CANCEL"]) == len(live),
+                       soft=True, regime="CLOSE")
+    cancels = [e["payload"] for e in intents(r) if e["payload"]["action"] == "CANCEL"]
+    assert sorted(c["target_intent_key"] for c in cancels) == sorted(live)
+    halt_alert = mode_alerts(r)[-1]
+    assert halt_alert["data"]["to"] == "HALTED" and "alice" in halt_alert["message"] and halt_alert["severity"] == "critical"
+    count = len(intents(r))
+    for _ in range(5):
+        world.session(soft=True, regime="CLOSE")
+        time.sleep(0.2)
+    assert len(intents(r)) == count  # nothing but the cancels while halted
+
+    # `qe why` explains an order by its orderRef.
+    from qe.contracts import order_ref_for
+    why = subprocess.run([str(VENV_BIN / "qe"), "why", order_ref_for(live[0])], env=qe_env, capture_output=True, text=True,
+                         timeout=60)
+    assert why.returncode == 0, why.stderr
+    assert live[0] in why.stdout and "SOFT_DERISK" in why.stdout and "exposure snapshot" in why.stdout
+
+    resumed = subprocess.run([str(VENV_BIN / "qe"), "resume", "--reason", "drill over", "--operator", "alice"],
+                             env=qe_env, capture_output=True, text=True, timeout=60)
+    assert resumed.returncode == 0, resumed.stderr
+    keep_session_fresh(world, lambda: state(r).get("mode") == "SOFT_DERISK", soft=True, regime="CLOSE")
+    status = json.loads(subprocess.run([str(VENV_BIN / "qe"), "--json", "status"], env=qe_env, capture_output=True,
+                                       text=True, timeout=60).stdout)
+    assert status["decision"]["mode"] == "SOFT_DERISK" and status["decision"]["halted"] is False
+
+    # A malformed session event is dead-lettered; the Brain keeps going.
+    r.xadd("ev.session", {"type": "session", "event": b'{"not": "a session"}'})
+    wait_until(lambda: r.xlen("ev.dlq") == 1, message="dead letter")
+    dead = r.xrange("ev.dlq")[0][1]
+    assert dead[b"origin_stream"] == b"ev.session" and dead[b"label"] == b"invalid"
+    assert brain.alive()
+    assert brain.terminate() == 0
