@@ -14,6 +14,8 @@ from daemons.decision.derisk import (
     plan_reduction,
     rank,
 )
+from dataclasses import replace
+
 from daemons.decision.engine import decide
 from tests.support.brain import DAY, NS, T0, engine_rules, market, outstanding, session, view
 
@@ -309,3 +311,11 @@ def test_reductions_wait_for_positions_after_a_fill():
     assert d.trace["plan"]["awaiting_positions"] is True
     v.settling["CIM PRC"] = T0 - 11 * NS  # fill_settle_timeout_s (10 s) passed: plan again
     assert {i.intent.symbol for i in decide(v, rules, T0).intents if i.intent.action == "NEW"} == {"NLY PRG", "CIM PRB"}
+
+
+def test_an_odd_lot_position_is_closed_whole_and_orders_respect_the_liquidity_cap():
+    odd = holding("ODD", 50)
+    plan_odd = plan([odd], excess=100_000.0)
+    assert [c.qty for c in plan_odd.candidates] == [50]  # below the 100 minimum, but the whole position
+    big = replace(holding("BIG", 5000), max_order_qty=200)
+    assert [c.qty for c in plan([big], excess=100_000.0).candidates] == [200]

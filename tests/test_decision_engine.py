@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from daemons.decision.engine import decide, intent_key
 from qe.contracts import intent_id_for, order_ref_for
-from tests.support.brain import DAY, NS, T0, engine_rules, exposure, market, outstanding, session, view
+from tests.support.brain import DAY, NS, T0, engine_rules, exposure, load_rules, market, outstanding, session, view
 
 EQUITY = 1_000_000.0
 UNIVERSE = {"CIM PRC": "MM_PURE", "CIM PRD": "MM_PURE", "CIM PRB": "LT"}
@@ -188,3 +188,38 @@ def test_no_decision_takes_the_brain_potential_above_the_cap(lt_qty, mm_position
         assert start + added <= 130 + 1e-6
     else:
         assert added == 0
+
+
+# --- execution's limits, known to the Brain ------------------------------------------------------
+
+def hard_view(now_ns: int = T0, **kw):
+    """HARD_DERISK at 125 % gross, three long LT positions."""
+    positions = {"CIM PRB": (20000, "LT", 25.0), "AGNCN": (20000, "LT", 25.0), "NLY PRF": (10000, "LT", 25.0)}
+    markets = {s: market(24.98, 25.00, truth=24.99, ts_ns=now_ns) for s in positions}
+    sess = session(now_ns, regime="CLOSE", soft=True, hard=True, minutes_to_close=1.5)
+    return view(positions, EQUITY, markets, sess=sess, now_ns=now_ns, **kw)
+
+
+def test_no_order_exceeds_the_liquidity_cap_and_the_step_spreads_across_symbols():
+    rules = engine_rules(**NO_BAND)
+    v = hard_view()
+    v.order_caps.update({"CIM PRB": 200, "AGNCN": 300, "NLY PRF": 250})
+    d = decide(v, rules, T0)
+    news = [i.intent for i in d.intents if i.intent.action == "NEW"]
+    assert news, "hard de-risk issues orders"
+    for intent in news:
+        assert intent.qty <= v.order_caps[intent.symbol], intent
+    assert len({i.symbol for i in news}) == 3  # a capped step uses more symbols, not bigger orders
+
+
+def test_after_a_reject_the_symbol_cools_down():
+    rules = engine_rules(**NO_BAND)
+    first_choice = {i.intent.symbol for i in decide(hard_view(), rules, T0).intents}
+    assert first_choice == {"AGNCN"}
+    cooling = hard_view()
+    cooling.rejected["AGNCN"] = T0 - 5 * NS  # execution rejected its order 5 s ago
+    assert {i.intent.symbol for i in decide(cooling, rules, T0).intents} == {"CIM PRB"}  # the next in rank goes
+    later = T0 + int(load_rules().decision.reject_cooldown_s + 1) * NS
+    cooled = hard_view(now_ns=later)
+    cooled.rejected["AGNCN"] = T0 - 5 * NS
+    assert {i.intent.symbol for i in decide(cooled, rules, later).intents} == {"AGNCN"}

@@ -14,8 +14,9 @@ Redis layout (all values JSON):
   state:decision:positions        symbol -> [qty, bucket]
   state:decision:markets          symbol -> quote, truth tick, GRPAN (flushed on the tick)
   state:decision:settling         symbol -> ns of a fill whose position update is awaited
+  state:decision:rejected         symbol -> ns of execution's last reject (cool-down)
   state:decision:skips            "day|symbol|slot|reason" reported once
-  decision:why:<day>              intent key -> intent (with its trace); order_ref -> intent key
+  state:decision:why:<day>           intent key -> intent (with its trace); order_ref -> intent key
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from qe.contracts import (
     order_ref_for,
 )
 from qe.streams import Effects
+from qe.universe import liquidity_cap
 
 from .engine import BrainView, Decision, EngineRules, decide, skip_field
 from .model import (
@@ -65,8 +67,9 @@ INPUTS = "state:decision:inputs"
 POSITIONS = "state:decision:positions"
 MARKETS = "state:decision:markets"
 SETTLING = "state:decision:settling"
+REJECTED = "state:decision:rejected"
 SKIPS = "state:decision:skips"
-WHY = "decision:why:{day}"
+WHY = "state:decision:why:{day}"
 WHY_TTL_S = 7 * 86_400
 
 STREAMS = (
@@ -179,9 +182,15 @@ class DecisionHandler:
         self.rules = context.rules
         self.engine_rules = EngineRules.from_rules(context.rules)
         self.tick_interval_s = context.rules.decision.tick_interval_s
-        self.universe = {symbol: inst.bucket_hint for symbol, inst in context.universe().items()}
+        instruments = context.universe()
+        self.universe = {symbol: inst.bucket_hint for symbol, inst in instruments.items()}
+        limits = context.rules.execution
+        self.order_caps = {
+            symbol: liquidity_cap(inst.adv, limits.liquidity_adv_divisor, limits.liquidity_min_shares)
+            for symbol, inst in instruments.items()
+        }
         self.mm = next((s for s in self.engine_rules.strategies if isinstance(s, GrpanMarketMaker)), None)
-        self.view = BrainView(universe=dict(self.universe))
+        self.view = BrainView(universe=dict(self.universe), order_caps=self.order_caps)
         self.dirty = True
         self.last_eval_ns = 0
         self.dirty_markets: set[str] = set()
@@ -193,7 +202,7 @@ class DecisionHandler:
 
     # -- state -----------------------------------------------------------------------------
     def load(self, r: redis.Redis) -> None:
-        view = BrainView(universe=dict(self.universe))
+        view = BrainView(universe=dict(self.universe), order_caps=self.order_caps)
         view.state = decode_state(r.hgetall(STATE))
         for key, raw in r.hgetall(OUTSTANDING).items():
             view.put_record(Outstanding.from_record(json.loads(raw)))
@@ -215,6 +224,7 @@ class DecisionHandler:
             if stored is None or max(market.quote_ts_ns, market.feature_ts_ns) >= max(stored.quote_ts_ns, stored.feature_ts_ns):
                 view.markets[symbol] = market
         view.settling = {k.decode(): int(v) for k, v in r.hgetall(SETTLING).items()}
+        view.rejected = {k.decode(): int(v) for k, v in r.hgetall(REJECTED).items()}
         view.reported_skips = {k.decode() for k in r.hkeys(SKIPS)}
         now = self.clock.now_ns()
         view.refresh_unseen(now, self.rules.decision.unacked_grace_s)
@@ -311,6 +321,11 @@ class DecisionHandler:
         if record.filled_qty < order.filled_qty:
             self.view.settling[record.symbol] = event.ts_ns
             effects.hset(SETTLING, {record.symbol: event.ts_ns})
+        if order.status == "REJECTED" and record.status != "REJECTED":
+            self.view.rejected[record.symbol] = event.ts_ns
+            effects.hset(REJECTED, {record.symbol: event.ts_ns})
+            log.warning("execution rejected an intent; symbol cools down",
+                        extra={"intent": record.key, "symbol": record.symbol, "reason": order.reject_reason})
         record.status = order.status
         record.filled_qty = max(record.filled_qty, order.filled_qty)
         record.last_order_ts_ns = max(record.last_order_ts_ns, event.ts_ns)

@@ -51,6 +51,7 @@ class Holding:
     truth_fresh: bool
     available: int  # shares a new reducing order may take (|qty| - other open reducing orders)
     live: LiveOrder | None = None  # this slot's live order on the symbol
+    max_order_qty: int | None = None  # liquidity cap per order (None: no cap)
 
     @property
     def notional(self) -> float:
@@ -140,11 +141,11 @@ def plan_reduction(
         if price is None:
             skips.append(Skip(holding.symbol, slot, skip_reason or "no_price", _market_numbers(holding)))
             continue
-        if holding.available < min_qty:
+        if holding.available < min_qty and holding.available != abs(holding.qty):
             skips.append(Skip(holding.symbol, slot, "below_min_qty", {"available": holding.available, "min_qty": min_qty}))
             continue
-        wanted = max(min_qty, math.ceil((budget - issued) / holding.mark - 1e-9))
-        qty = min(holding.available, wanted)
+        wanted = max(min(min_qty, holding.available), math.ceil((budget - issued) / holding.mark - 1e-9))
+        qty = min(holding.available, wanted, holding.max_order_qty or wanted)
         candidates.append(_candidate(holding, slot, purpose, priority, qty, price, reason, numbers))
         issued += qty * holding.mark
 

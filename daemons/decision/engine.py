@@ -91,6 +91,8 @@ class BrainView:
     outstanding: dict[str, Outstanding] = field(default_factory=dict)
     generations: dict[str, int] = field(default_factory=dict)
     universe: dict[str, str] = field(default_factory=dict)  # symbol -> bucket hint
+    order_caps: dict[str, int] = field(default_factory=dict)  # symbol -> liquidity cap (shares per order)
+    rejected: dict[str, int] = field(default_factory=dict)  # symbol -> ns of execution's last reject
     settling: dict[str, int] = field(default_factory=dict)  # symbol -> ns of a fill awaiting its position
     reported_skips: set[str] = field(default_factory=set)
     # Indexes over `outstanding`, kept by put_record/drop_record.
@@ -281,6 +283,11 @@ class _Evaluation:
     def settling(self, symbol: str) -> bool:
         since = self.view.settling.get(symbol)
         return since is not None and self.now - since <= self.cfg.decision.fill_settle_timeout_s * NS
+
+    def cooling_down(self, symbol: str) -> bool:
+        """Execution rejected an order on this symbol a moment ago: no new one yet."""
+        since = self.view.rejected.get(symbol)
+        return since is not None and self.now - since <= self.cfg.decision.reject_cooldown_s * NS
 
     # -- exposure -----------------------------------------------------------------------------
     def equity(self) -> float | None:
@@ -585,7 +592,7 @@ def _holdings(ev: _Evaluation, slot: str, bucket: str | None = None) -> list[Hol
         # Reduce-only: what no open reducing order (ours, live or being cancelled, or
         # anyone's in the snapshot) covers yet.
         available = max(abs(position.qty) - ev.open_reducing_qty(symbol, position.qty), 0)
-        if ev.settling(symbol):
+        if ev.settling(symbol) or ev.cooling_down(symbol):
             available = 0
         holdings.append(
             Holding(
@@ -600,6 +607,7 @@ def _holdings(ev: _Evaluation, slot: str, bucket: str | None = None) -> list[Hol
                 truth_fresh=market.truth_fresh(ev.now, derisk.truth_tick_max_age_s),
                 available=available,
                 live=live_order,
+                max_order_qty=ev.view.order_caps.get(symbol),
             )
         )
     return holdings
@@ -775,7 +783,11 @@ def _reconcile(
         if ev.settling(symbol):
             decision.suppressed.append(Suppressed(candidate, "awaiting_position_after_fill"))
             continue
-        qty = candidate.qty
+        if ev.cooling_down(symbol):
+            decision.suppressed.append(Suppressed(candidate, "cooldown_after_reject"))
+            continue
+        # Never more than execution's liquidity cap allows in one order.
+        qty = min(candidate.qty, ev.view.order_caps.get(symbol, candidate.qty))
         if not candidate.is_increase:
             position_qty, _bucket = ev.position_qty(symbol)
             reducing_side = "SELL" if position_qty > 0 else "BUY"
@@ -786,7 +798,8 @@ def _reconcile(
             available -= sum(i.intent.qty for i in decision.intents
                              if i.intent.symbol == symbol and i.intent.action == "NEW" and i.intent.side == reducing_side)
             qty = min(qty, available)
-            if qty < cfg.min_order_qty:
+            # As in execution: an order closing a whole odd-lot position may be smaller.
+            if qty < cfg.min_order_qty and qty != abs(position_qty):
                 decision.suppressed.append(Suppressed(candidate, "reduce_only_below_min_qty"))
                 continue
         _emit_new(ev, decision, replace(candidate, qty=qty) if qty != candidate.qty else candidate, day, equity,

@@ -14,6 +14,7 @@ from typing import Literal, Mapping, Protocol
 
 from qe.contracts import TERMINAL_ORDER_STATUSES, Intent
 from qe.exposure_math import potential_notional
+from qe.universe import liquidity_cap
 
 LIVE_STATUSES = frozenset({"PENDING_SUBMIT", "SUBMITTED", "PARTIALLY_FILLED", "PENDING_CANCEL"})
 REDUCE_ONLY_MODES = frozenset({"SOFT_DERISK", "HARD_DERISK", "CAP_RECOVERY"})
@@ -293,7 +294,7 @@ def check_new_order(intent: OrderRequest, view: RiskView, limits: Limits, gate: 
     if intent.qty < limits.min_order_qty and not closes_position:
         return Rejection("min_order_qty", f"qty {intent.qty} below the minimum order of {limits.min_order_qty}")
     if adv is not None:
-        cap = max(adv // limits.liquidity_adv_divisor, limits.liquidity_min_shares)
+        cap = liquidity_cap(adv, limits.liquidity_adv_divisor, limits.liquidity_min_shares)
         if intent.qty > cap:
             return Rejection("liquidity_cap", f"qty {intent.qty} above max(ADV/{limits.liquidity_adv_divisor}, {limits.liquidity_min_shares}) = {cap}")
     price = intent.limit_price or view.marks.get(intent.symbol)

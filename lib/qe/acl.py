@@ -33,7 +33,9 @@ CONSUME_COMMANDS = (
     "+exists +xlen +xrange +xrevrange"
 )
 PUBLISH_COMMANDS = "+xadd +set"  # SET: the dedupe marker next to each XADD
-STATE_COMMANDS = "+hset +hdel +hget +hgetall +hmget +hexists +hlen +hscan +del +expire +rpush +ltrim +lrange +llen +exists +type"
+# Hash and list commands, limited (like everything in the root permissions) to the
+# daemon's own key patterns.
+STATE_COMMANDS = "+@hash +@list +del +expire +exists +type"
 READ_COMMANDS = (
     "+hget +hgetall +hmget +hexists +hlen +hscan +lrange +llen +get +ttl +exists +type +scan "
     "+xrange +xrevrange +xlen +xinfo|stream +xinfo|groups +xpending"

@@ -225,7 +225,7 @@ def cmd_control(args: argparse.Namespace, settings: config.Settings) -> tuple[An
 def cmd_why(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:
     """The decision trace behind an order (by orderRef) or an intent (by key)."""
     r = connect(settings)
-    for key in sorted((_text(k) for k in r.scan_iter(match="decision:why:*")), reverse=True):
+    for key in sorted((_text(k) for k in r.scan_iter(match="state:decision:why:*")), reverse=True):
         intent_key = args.ref
         if args.ref.startswith("qe-"):
             found = r.hget(key, args.ref)

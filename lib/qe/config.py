@@ -524,6 +524,9 @@ class DecisionRules(Section):
     reprice_min_interval_s: float = Field(default=2.5, ge=0)  # ... and at least this long after the last change
     unacked_grace_s: float = Field(default=30.0, ge=0)  # an intent never acknowledged is dead after ttl + grace
     fill_settle_timeout_s: float = Field(default=10.0, ge=0)  # wait for a position update after a fill
+    # After execution rejects an order, no new order on that symbol for this long:
+    # a rule that refused it will refuse a retry too (no reject storms).
+    reject_cooldown_s: float = Field(default=30.0, ge=0)
     ttl_s: dict[IntentPurpose, float] = Field(
         default_factory=lambda: {
             "CAP_RECOVERY": 30.0,

@@ -40,10 +40,12 @@ class Instrument:
     group: str
     ref_price: float
 
-    @property
-    def max_order_shares(self) -> int:
-        """Liquidity cap per order: max(ADV/1000, 200) shares (SPEC, Execution)."""
-        return max(self.adv // 1000, 200)
+
+
+def liquidity_cap(adv: int, adv_divisor: int, min_shares: int) -> int:
+    """Most shares one order may carry: max(ADV/1000, 200) by default (SPEC, Execution).
+    Execution refuses larger orders; the Brain sizes its orders within it."""
+    return max(adv // adv_divisor, min_shares)
 
 
 def load_universe(path: str | Path) -> dict[str, Instrument]:
