@@ -73,3 +73,25 @@ def test_status_reports_heartbeats(redis_url, r):
     status = json.loads(qe(redis_url, "--json", "status").stdout)
     health = {d["daemon"]: d["health"] for d in status["daemons"]}
     assert health == {"exposure": "STALE", "session": "ok"}
+
+
+def test_status_shows_mode_session_exposure_against_caps_and_broker(redis_url, r):
+    def put(key, **fields):
+        r.hset(key, mapping={k: json.dumps(v) for k, v in fields.items()})
+
+    put("state:decision", mode="SOFT_DERISK", reason="soft de-risk window and gross 112.00% > target 100%", halted=False)
+    put("state:session", now_ny="2026-11-20T15:47:00-05:00", regime="CLOSE", minutes_to_close=13.0, early_close=False, trading_day="2026-11-20")
+    put("state:exposure", status="ok", equity=1_000_000.0, gross_pct=112.0, net_pct=50.0, potential_gross_pct=118.5,
+        buckets={"LT": {"current_pct": 95.0, "potential_pct": 99.0, "target_pct": 80.0, "max_pct": 90.0},
+                 "MM_PURE": {"current_pct": 17.0, "potential_pct": 19.5, "target_pct": 20.0, "max_pct": 30.0}},
+        marks_stale=["PFF"])
+    put("state:broker", connected=False, orders_allowed=False, account="DU1", mode="paper", reason="IB lost connectivity (1100)")
+    human = qe(redis_url, "status").stdout
+    assert "MODE SOFT_DERISK: soft de-risk window" in human
+    assert "SESSION 2026-11-20T15:47:00 New York, CLOSE, 13.0 min to close" in human
+    assert "gross    112.00%  118.50%" in human and "130% (hard cap)" in human
+    assert "stale marks: 1" in human
+    assert "BROKER DOWN, orders REFUSED: account DU1 (paper), IB lost connectivity (1100)" in human
+    status = json.loads(qe(redis_url, "--json", "status").stdout)
+    assert status["exposure"]["potential_gross_pct"] == 118.5 and status["caps"]["hard_cap_pct"] == 130
+    assert status["broker"]["connected"] is False and status["decision"]["mode"] == "SOFT_DERISK"

@@ -107,13 +107,21 @@ def derive_mode(inputs: ModeInputs, latches: Latches, previous_mode: str, th: Th
         if inputs.hard_window:
             reason = f"hard de-risk window and gross {gross:.2f}% > target {th.derisk_target_pct:g}%"
             return ModeResult("HARD_DERISK", "hard_window", reason, numbers, latches)
-        reason = f"soft de-risk window and gross {gross:.2f}% > target {th.derisk_target_pct:g}%"
+        if gross > th.derisk_target_pct:
+            reason = f"soft de-risk window and gross {gross:.2f}% > target {th.derisk_target_pct:g}%"
+        else:
+            reason = (f"soft de-risk window: gross {gross:.2f}% held until below "
+                      f"{th.derisk_target_pct - th.window_exit_band_pct:g}% (hysteresis)")
         return ModeResult("SOFT_DERISK", "soft_window", reason, numbers, latches)
 
     if latches.tolerance and inputs.regime_rule is not None and potential is not None:
         tolerance = inputs.regime_rule.tolerance_pct
         numbers.update(tolerance_pct=tolerance, exit_below_pct=tolerance - th.tolerance_exit_band_pct)
-        text = f"potential gross {potential:.2f}% over {inputs.regime} tolerance {tolerance:g}%"
+        if potential > tolerance:
+            text = f"potential gross {potential:.2f}% over {inputs.regime} tolerance {tolerance:g}%"
+        else:
+            text = (f"potential gross {potential:.2f}% held until below {inputs.regime} tolerance {tolerance:g}% "
+                    f"- {th.tolerance_exit_band_pct:g} (hysteresis)")
         if inputs.regime_rule.derisk_allowed:
             return ModeResult("SOFT_DERISK", "tolerance_derisk", text, numbers, latches)
         return ModeResult("THROTTLE", "tolerance_throttle", text + " (no de-risk in this regime)", numbers, latches)

@@ -196,12 +196,58 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> tuple[Any
             }
         )
     decision = cmd_status_decision(r)
-    result: dict[str, Any] = {"daemons": daemons, "redis_url": settings.redis_url, "decision": decision}
+    session = _hash(r, "state:session")
+    exposure = _hash(r, "state:exposure")
+    broker = _hash(r, "state:broker")
+    caps = config.load_rules(settings.rules_file).exposure
+    result: dict[str, Any] = {
+        "daemons": daemons,
+        "redis_url": settings.redis_url,
+        "decision": decision,
+        "session": {k: session.get(k) for k in ("now_ny", "trading_day", "regime", "minutes_to_close", "early_close")},
+        "exposure": {
+            k: exposure.get(k)
+            for k in ("status", "error", "equity", "gross_pct", "net_pct", "potential_gross_pct", "buckets", "marks_stale")
+        },
+        "caps": {"hard_cap_pct": caps.hard_cap_pct, "cap_recovery_target_pct": caps.cap_recovery_target_pct},
+        "broker": {k: broker.get(k) for k in ("connected", "orders_allowed", "account", "mode", "data_farm_ok", "reason")},
+    }
     lines = ["DAEMONS", table(daemons, ["daemon", "health", "heartbeat_age", "pid", "consumer"])]
     if decision.get("mode"):
         halted = f" (halted by {decision['halt_operator']}: {decision['halt_reason']})" if decision.get("halted") else ""
         lines += ["", f"MODE {decision['mode']}: {decision.get('reason')}{halted}"]
+    if session:
+        minutes = session.get("minutes_to_close")
+        to_close = f", {minutes:.1f} min to close" if minutes is not None else ""
+        lines += [f"SESSION {session.get('now_ny', '')[:19]} New York, {session.get('regime')}{to_close}"
+                  + (" (early close)" if session.get("early_close") else "")]
+    if exposure:
+        lines += ["", _exposure_lines(exposure, caps.hard_cap_pct)]
+    if broker:
+        state = "connected" if broker.get("connected") else "DOWN"
+        allowed = "" if broker.get("orders_allowed", True) else ", orders REFUSED"
+        lines += ["", f"BROKER {state}{allowed}: account {broker.get('account')} ({broker.get('mode')}), {broker.get('reason')}"]
     return result, "\n".join(lines)
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}%"
+
+
+def _exposure_lines(exposure: dict[str, Any], hard_cap_pct: float) -> str:
+    if exposure.get("status") == "error":
+        return f"EXPOSURE unavailable: {exposure.get('error')}"
+    rows = [
+        {"measure": "gross", "current": _pct(exposure.get("gross_pct")), "potential": _pct(exposure.get("potential_gross_pct")),
+         "target": "", "max": f"{hard_cap_pct:g}% (hard cap)"},
+    ]
+    for bucket, numbers in sorted((exposure.get("buckets") or {}).items()):
+        rows.append({"measure": bucket, "current": _pct(numbers.get("current_pct")), "potential": _pct(numbers.get("potential_pct")),
+                     "target": _pct(numbers.get("target_pct")), "max": _pct(numbers.get("max_pct"))})
+    stale = exposure.get("marks_stale") or []
+    equity = exposure.get("equity")
+    head = f"EXPOSURE equity {equity:,.0f}, net {_pct(exposure.get('net_pct'))}, stale marks: {len(stale)}" if equity else "EXPOSURE"
+    return head + "\n" + table(rows, ["measure", "current", "potential", "target", "max"])
 
 
 def _operator(args: argparse.Namespace) -> str:
