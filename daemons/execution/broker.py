@@ -32,6 +32,22 @@ def _ns(moment: Any) -> int:
     return 0
 
 
+def _broker_fill(fill: Any, order_ref: str = "") -> BrokerFill:
+    """An ib_async Fill as plain data (orderRef from the execution, else the order's)."""
+    execution = fill.execution
+    return BrokerFill(
+        exec_id=execution.execId,
+        order_ref=execution.orderRef or order_ref,
+        order_id=execution.orderId,
+        perm_id=execution.permId,
+        symbol=fill.contract.symbol,
+        side="BUY" if execution.side in ("BOT", "BUY") else "SELL",
+        qty=int(execution.shares),
+        price=float(execution.price),
+        ts_ns=_ns(execution.time),
+    )
+
+
 class BrokerLink:
     def __init__(
         self,
@@ -75,23 +91,7 @@ class BrokerLink:
         )
 
     def _on_exec(self, trade: Any, fill: Any) -> None:
-        execution = fill.execution
-        self.inbox.append(
-            (
-                "fill",
-                BrokerFill(
-                    exec_id=execution.execId,
-                    order_ref=execution.orderRef or trade.order.orderRef,
-                    order_id=execution.orderId,
-                    perm_id=execution.permId,
-                    symbol=fill.contract.symbol,
-                    side="BUY" if execution.side in ("BOT", "BUY") else "SELL",
-                    qty=int(execution.shares),
-                    price=float(execution.price),
-                    ts_ns=_ns(execution.time),
-                ),
-            )
-        )
+        self.inbox.append(("fill", _broker_fill(fill, trade.order.orderRef)))
 
     def _on_commission(self, trade: Any, fill: Any, report: Any) -> None:
         self.inbox.append(("commission", report.execId, float(report.commission)))
@@ -190,23 +190,7 @@ class BrokerLink:
         fills = self.ib.reqExecutions(ib.ExecutionFilter(time=session_start.astimezone(timezone.utc).strftime("%Y%m%d-%H:%M:%S")))
         orders = [self._broker_order(t, open_=True) for t in open_trades]
         orders += [self._broker_order(t, open_=False) for t in completed]
-        broker_fills = []
-        for fill in fills:
-            execution = fill.execution
-            broker_fills.append(
-                BrokerFill(
-                    exec_id=execution.execId,
-                    order_ref=execution.orderRef,
-                    order_id=execution.orderId,
-                    perm_id=execution.permId,
-                    symbol=fill.contract.symbol,
-                    side="BUY" if execution.side in ("BOT", "BUY") else "SELL",
-                    qty=int(execution.shares),
-                    price=float(execution.price),
-                    ts_ns=_ns(execution.time),
-                )
-            )
-        return orders, broker_fills
+        return orders, [_broker_fill(fill) for fill in fills]
 
     def positions(self) -> list[tuple[str, str, int, float]]:
         return [(p.account, p.contract.symbol, int(p.position), float(p.avgCost)) for p in self.ib.reqPositions()]
