@@ -331,3 +331,56 @@ def test_bad_intents_never_reach_the_broker(execution, sim, r):
     refs = {o["order_ref"] for o in sim.control.orders()}
     assert refs == {order_ref_for("intent:template")}  # only the good one reached the broker
     assert execution.process.alive()
+
+
+def broker_states(r) -> list[dict]:
+    return [json.loads(fields[b"event"])["payload"] for _id, fields in r.xrange("ev.broker")]
+
+
+def test_connectivity_codes_stop_and_resume_sending_and_farm_codes_are_published(execution, sim, r):
+    freeze(sim, 24.80, 24.82)
+    execution.start().wait_connected()
+    sim.control.send_code(1100)  # IB lost its connection: nothing may be sent
+    wait_until(lambda: r.hget("state:broker", "connected") == b"false", timeout=15, message="1100 published")
+    assert "1100" in json.loads(r.hget("state:broker", "reason"))
+    execution.intent("intent:conn:1", limit_price=24.80)
+    time.sleep(1.5)
+    assert execution.statuses("intent:conn:1") == ["PENDING_SUBMIT"] and execution.placed("intent:conn:1") == 0
+    sim.control.send_code(1102)  # restored, data kept: reconcile, then send
+    execution.wait_status("intent:conn:1", "FILLED")
+    assert execution.placed("intent:conn:1") == 1
+    sim.control.send_code(2103)
+    wait_until(lambda: broker_states(r)[-1]["data_farm_ok"] is False, timeout=15, message="2103 published")
+    sim.control.send_code(2104)
+    wait_until(lambda: broker_states(r)[-1]["data_farm_ok"] is True, timeout=15, message="2104 published")
+    assert broker_states(r)[-1]["connected"] is True
+
+
+def test_client_id_in_use_is_backed_off_until_free(execution, sim, r, ib_client_factory):
+    squatter = ib_client_factory(7)  # execution's client id, taken by someone else
+    execution.start()
+    wait_until(lambda: "broker connect failed" in [l.get("msg") for l in execution.process.log_lines()], timeout=30,
+               message="a refused connect attempt")
+    assert r.hget("state:broker", "connected") == b"false"
+    squatter.disconnect()
+    execution.wait_connected()
+    failures = [l for l in execution.process.log_lines() if l.get("msg") == "broker connect failed"]
+    assert failures and all(f.get("retry_in_s", 0) > 0 for f in failures)
+    assert failures[0]["error"] == "client id 7 in use (IB 326)"
+
+
+@pytest.fixture
+def ib_client_factory(sim):
+    from ib_async import IB
+
+    clients = []
+
+    def connect(client_id: int):
+        client = IB()
+        client.connect("127.0.0.1", sim.port, clientId=client_id, timeout=10)
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        client.disconnect()

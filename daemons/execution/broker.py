@@ -22,6 +22,7 @@ from .reconcile import BrokerFill, BrokerOrder
 log = logging.getLogger(__name__)
 
 ACCOUNT_TAGS = {"NetLiquidation", "BuyingPower"}
+CLIENT_ID_IN_USE = 326
 
 
 def _ns(moment: Any) -> int:
@@ -67,6 +68,7 @@ class BrokerLink:
         self.failures = 0
         self.next_attempt_s = 0.0
         self.last_error = ""
+        self.last_code: int | None = None
         self._wire_events()
 
     # -- callbacks: plain data into the inbox -------------------------------------------------
@@ -97,6 +99,8 @@ class BrokerLink:
         self.inbox.append(("commission", report.execId, float(report.commission)))
 
     def _on_error(self, req_id: int, code: int, text: str, contract: Any = None) -> None:
+        if req_id == -1:
+            self.last_code = code  # e.g. 326 during a connect attempt, which then times out
         self.inbox.append(("error", req_id, code, text))
 
     def _on_position(self, position: Any) -> None:
@@ -122,6 +126,7 @@ class BrokerLink:
         """One attempt if its time has come; capped exponential backoff with full jitter."""
         if self.connected or now_s < self.next_attempt_s:
             return False
+        self.last_code = None
         try:
             self.ib.connect(self.host, self.port, clientId=self.client_id, timeout=self.connect_timeout_s)
         except Exception as exc:  # noqa: BLE001 - refused, timeout, 326 client id in use...
@@ -129,6 +134,8 @@ class BrokerLink:
             ceiling = min(self.reconnect_cap_s, self.reconnect_base_s * 2 ** (self.failures - 1))
             self.next_attempt_s = now_s + random.uniform(ceiling / 2, ceiling)
             self.last_error = f"{type(exc).__name__}: {exc}"
+            if self.last_code == CLIENT_ID_IN_USE:
+                self.last_error = f"client id {self.client_id} in use (IB 326)"
             log.warning(
                 "broker connect failed",
                 extra={"error": self.last_error, "failures": self.failures, "retry_in_s": round(self.next_attempt_s - now_s, 2)},

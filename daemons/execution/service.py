@@ -51,7 +51,7 @@ STATE_EXECUTION = "state:execution"  # halted flag, equity, account: what load()
 CONNECTIVITY_LOST, RESTORED_DATA_LOST, RESTORED_DATA_KEPT = 1100, 1101, 1102
 FARM_BROKEN = {2103, 2105, 2110}
 FARM_OK = {2104, 2106, 2158}
-CLIENT_ID_IN_USE, PACING = 326, 162
+PACING = 162
 
 
 @dataclass
