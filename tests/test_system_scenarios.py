@@ -147,11 +147,16 @@ def test_an_afternoon_from_125_percent_gross_to_at_most_100_by_the_close(tmp_pat
         system.stop()
 
 
-def test_a_price_shock_to_131_percent_brings_cap_recovery_down_to_123(tmp_path):
+def test_a_price_shock_over_130_percent_brings_cap_recovery_down_to_123(tmp_path):
     system = System(tmp_path, new_york("2026-11-20", "11:00"))
     try:
         system.run_until(new_york("2026-11-20", "11:03"))
-        system.sim.control.shock("all", 5.5)  # marks up: longs and shorts both grow
+        # A short squeeze: the shorts' prices jump 9 %, so gross grows and equity falls
+        # (a uniform move would raise equity too: on a net-long book gross barely moves).
+        shorts = [p["symbol"] for p in system.sim.control.state()["positions"] if p["qty"] < 0]
+        assert shorts
+        for symbol in shorts:
+            system.sim.control.shock(symbol, 9.0)
         wait_until(lambda: any(to == "CAP_RECOVERY" for _f, to, _d in system.mode_changes()), timeout=60,
                    message="CAP_RECOVERY")
         entered = next(d for _f, to, d in system.mode_changes() if to == "CAP_RECOVERY")
