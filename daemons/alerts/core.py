@@ -22,7 +22,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from zoneinfo import ZoneInfo
 
 from qe.config import AlertsRules, EtfGuardRules, RateLimit
@@ -36,6 +36,17 @@ NEW_YORK = ZoneInfo("America/New_York")
 
 def _pct(value: float) -> float:
     return round(value, 4)
+
+
+class JsonState:
+    """A dataclass kept as one compact JSON value: Effects writes it, a restart reads it back."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), default=str)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Self:
+        return cls(**json.loads(text))
 
 
 # --- what rules say -------------------------------------------------------------------
@@ -93,7 +104,7 @@ def condition_key(alert_type: str, subject: str) -> str:
 
 
 @dataclass
-class Condition:
+class Condition(JsonState):
     alert_type: str
     subject: str
     symbol: str | None
@@ -104,13 +115,6 @@ class Condition:
     severity: str = "warning"
     message: str = ""
     data: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), default=str)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "Condition":
-        return cls(**json.loads(text))
 
 
 @dataclass
@@ -386,7 +390,7 @@ def exposure_findings(exposure: Any, hard_cap_pct: float, rules: AlertsRules, ts
 
 
 @dataclass
-class BrokerWatch:
+class BrokerWatch(JsonState):
     """The latest broker state from ev.broker and since when it has been so."""
 
     connected: bool | None = None
@@ -430,13 +434,6 @@ class BrokerWatch:
         else:
             refused = Finding("broker_orders_refused", "broker", "clear", message="broker accepts orders again", data=data)
         return [down, refused]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "BrokerWatch":
-        return cls(**json.loads(text))
 
 
 # --- session: is the market open now? -------------------------------------------------------
@@ -565,7 +562,7 @@ def lag_findings(groups: Iterable[GroupLag], rules: AlertsRules) -> tuple[list[F
 
 
 @dataclass
-class DlqWatch:
+class DlqWatch(JsonState):
     """Growth of ev.dlq between checks, from its `entries-added` counter (trimming
     does not hide growth)."""
 
@@ -596,30 +593,16 @@ class DlqWatch:
                         f"ev.dlq is growing: {new_entries} new dead letters (length {length}); see `qe dlq list`",
                         data, since_ns=now_ns)]
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "DlqWatch":
-        return cls(**json.loads(text))
-
 
 # --- new daily high / low -------------------------------------------------------------------------
 
 
 @dataclass
-class DayRange:
+class DayRange(JsonState):
     day: str
     high: float
     low: float
     prints: int  # prints counted today, capped at the rule's minimum (enough to know)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "DayRange":
-        return cls(**json.loads(text))
 
 
 class DailyRanges:
@@ -670,20 +653,13 @@ class DailyRanges:
 
 
 @dataclass
-class EtfState:
+class EtfState(JsonState):
     day: str | None = None
     last_price: float | None = None
     last_ts_ns: int | None = None
     prev_close: float | None = None  # the last print of the previous trading day seen
     prev_close_day: str | None = None
     window: list[list[float]] = field(default_factory=list)  # [trade ts ns, price], oldest first
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "EtfState":
-        return cls(**json.loads(text))
 
 
 class EtfGuard:
