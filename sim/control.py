@@ -60,6 +60,12 @@ def _num(body: dict, key: str, kind: type = float, default: Any = None, required
         raise ControlError(400, f"'{key}' must be a {kind.__name__}") from None
 
 
+def _known_symbol(sim: "SimServer", symbol: str) -> str:
+    if symbol not in sim.market.books:
+        raise ControlError(404, f"unknown symbol {symbol!r}")
+    return symbol
+
+
 class ControlServer:
     def __init__(self, sim: "SimServer") -> None:
         self.sim = sim
@@ -136,9 +142,7 @@ class ControlServer:
                 ref = query.get("order_ref")
                 return [e.describe() for e in broker.executions if ref is None or e.order_ref == ref]
             if path == "/quote":
-                symbol = query.get("symbol", "")
-                if symbol not in sim.market.books:
-                    raise ControlError(404, f"unknown symbol {symbol!r}")
+                symbol = _known_symbol(sim, query.get("symbol", ""))
                 return sim.market.book(symbol).snapshot()
             raise ControlError(404, f"no such resource {path}")
         if method != "POST":
@@ -187,9 +191,7 @@ class ControlServer:
             except KeyError as exc:
                 raise ControlError(404, f"unknown symbol {exc}") from None
         if path == "/set_quote":
-            symbol = str(body.get("symbol", ""))
-            if symbol not in sim.market.books:
-                raise ControlError(404, f"unknown symbol {symbol!r}")
+            symbol = _known_symbol(sim, str(body.get("symbol", "")))
             event = sim.set_quote(
                 symbol,
                 _num(body, "bid", float, required=True),
@@ -201,14 +203,12 @@ class ControlServer:
             return sim.market.book(event.symbol).snapshot()
         if path == "/unfreeze":
             symbol = body.get("symbol")
-            if symbol is not None and symbol not in sim.market.books:
-                raise ControlError(404, f"unknown symbol {symbol!r}")
+            if symbol is not None:
+                _known_symbol(sim, symbol)
             sim.market.unfreeze(None if symbol is None else [symbol])
             return {"unfrozen": symbol or "all"}
         if path == "/print":
-            symbol = str(body.get("symbol", ""))
-            if symbol not in sim.market.books:
-                raise ControlError(404, f"unknown symbol {symbol!r}")
+            symbol = _known_symbol(sim, str(body.get("symbol", "")))
             event = sim.inject_print(
                 symbol,
                 _num(body, "price", float, required=True),

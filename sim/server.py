@@ -348,6 +348,9 @@ class SimServer:
 
     def forget_session(self, session: Session) -> None:
         self.sessions.discard(session)
+        self._drop_market_subs(session)
+
+    def _drop_market_subs(self, session: Session) -> None:
         for sub in list(session.mkt_subs.values()):
             self._remove_sub(self.mkt_by_symbol, sub)
         for sub in list(session.tbt_subs.values()):
@@ -980,12 +983,7 @@ class SimServer:
             session.error(req_id, code, text)
             if code == 1101:
                 # "data lost": market data subscriptions are gone; clients must resubscribe.
-                for sub in list(session.mkt_subs.values()):
-                    self._remove_sub(self.mkt_by_symbol, sub)
-                for sub in list(session.tbt_subs.values()):
-                    self._remove_sub(self.tbt_by_symbol, sub)
-                session.mkt_subs.clear()
-                session.tbt_subs.clear()
+                self._drop_market_subs(session)
         if code in (1101, 1102, 2104):
             # Data is flowing again: refresh every subscriber from the current book.
             for session in targets:
