@@ -5,43 +5,26 @@ pass `promtool check metrics`."""
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 import urllib.request
 
-import pytest
 import yaml
 
 from qe import metrics
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until
+from tests.support.system_tools import require_tool
 
 PROMETHEUS_DIR = REPO / "etc" / "prometheus"
 DASHBOARD = REPO / "etc" / "grafana" / "quant-engine.json"
 METRIC_NAME = re.compile(r"\b(qe_[a-z0-9_]+)")
 
 
-@functools.lru_cache(maxsize=1)
-def _find_or_install_promtool() -> str | None:
-    found = shutil.which("promtool")
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
-                       env=env, capture_output=True, timeout=600)
-        found = shutil.which("promtool")
-    return found
-
-
 def promtool() -> str:
-    found = _find_or_install_promtool()
-    if found is None:
-        pytest.skip("promtool is not installed and `apt-get install prometheus` was not possible here")
-    return found
+    return require_tool("promtool", "prometheus", "--no-install-recommends")
 
 
 def run_promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

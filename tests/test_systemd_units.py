@@ -14,8 +14,6 @@ units are checked exactly as installed (the /opt path), without touching the hos
 from __future__ import annotations
 
 import configparser
-import functools
-import os
 import re
 import shutil
 import subprocess
@@ -25,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.processes import REPO, VENV_BIN, DaemonProcess, console_script, daemon_env, wait_until, write_rules
+from tests.support.system_tools import require_tool
 
 UNIT_DIR = REPO / "systemd"
 DAEMONS = ("session", "exposure", "market-data", "prints", "alerts", "decision", "execution")
@@ -32,22 +31,8 @@ UNITS = [f"qe-{name}.service" for name in DAEMONS]
 INSTALL_BIN = "/opt/quant-engine/.venv/bin"
 
 
-@functools.lru_cache(maxsize=1)
-def _find_or_install_systemd_analyze() -> str | None:
-    found = shutil.which("systemd-analyze")
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "systemd"], env=env, capture_output=True, timeout=600)
-        found = shutil.which("systemd-analyze")
-    return found
-
-
 def systemd_analyze() -> str:
-    found = _find_or_install_systemd_analyze()
-    if found is None:
-        pytest.skip("systemd-analyze is not installed and `apt-get install systemd` was not possible here")
-    return found
+    return require_tool("systemd-analyze", "systemd")
 
 
 def system_unit_dir() -> Path:
