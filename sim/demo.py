@@ -20,17 +20,16 @@ import sys
 import time
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import redis
 
 from qe import acl
+from qe.clock import NEW_YORK
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "run"
 BIN = Path(sys.executable).parent
 CONF = REPO / "etc" / "supervisord.conf"
-NEW_YORK = ZoneInfo("America/New_York")
 DEFAULT_PRIVATE_PORT = 6390
 DEFAULT_IB_PORT = 4002
 DEFAULT_SIM_CONTROL_PORT = 4012

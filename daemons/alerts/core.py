@@ -23,15 +23,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, Self
-from zoneinfo import ZoneInfo
 
+from qe.clock import NEW_YORK, NS_PER_S
 from qe.config import AlertsRules, EtfGuardRules, RateLimit
 from qe.contracts import idempotency_key
 
-NS_PER_S = 1_000_000_000
 Level = Literal["set", "clear", "hold"]
 SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2, "critical": 3}
-NEW_YORK = ZoneInfo("America/New_York")
 
 
 def _pct(value: float) -> float:

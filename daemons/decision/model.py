@@ -6,11 +6,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from qe.clock import NS_PER_S as NS
 from qe.contracts import TERMINAL_ORDER_STATUSES
 
 from .modes import Latches
 
-NS = 1_000_000_000
 CENT = 0.01
 
 # Bookkeeping slots: one live NEW intent per (symbol, slot). A purpose has one

@@ -16,13 +16,13 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import redis
 
 from qe import failpoints, metrics, state
+from qe.clock import NEW_YORK
 from qe.contracts import (
     Account,
     Alert,
@@ -45,7 +45,6 @@ from .reconcile import OUR_PREFIX, BrokerFill, BrokerOrder, reconcile
 
 log = logging.getLogger(__name__)
 
-NEW_YORK = ZoneInfo("America/New_York")
 SOURCE = "execution"
 STATE_EXECUTION = "state:execution"  # halted flag, equity, account: what load() needs
 CONNECTIVITY_LOST, RESTORED_DATA_LOST, RESTORED_DATA_KEPT = 1100, 1101, 1102

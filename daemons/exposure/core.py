@@ -29,6 +29,7 @@ from array import array
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from qe.clock import NS_PER_S
 from qe.config import BUCKET_NAMES, ExposureRules
 from qe.contracts import TERMINAL_ORDER_STATUSES
 from qe.exposure_math import potential_notional
@@ -39,7 +40,6 @@ MARK_SCALE = 10_000  # mark units per dollar
 # mark units) every row value stays below (MAX_QTY + 2 * MAX_OPEN_QTY) * 1e10 < 2**63.
 MAX_QTY = 10_000_000
 MAX_OPEN_QTY = 10 * MAX_QTY
-NS_PER_S = 1_000_000_000
 OPEN_ORDER_STATUSES = frozenset({"PENDING_SUBMIT", "SUBMITTED", "PARTIALLY_FILLED", "PENDING_CANCEL"})
 
 L1_MID, TRUTH_TICK, LAST_KNOWN, NO_PRICE = "l1_mid", "truth_tick", "last_known", "none"

@@ -15,10 +15,10 @@ from zoneinfo import ZoneInfo
 
 from redis.backoff import EqualJitterBackoff
 
+from qe.clock import NS_PER_S
 from qe.contracts import L1, Print, idempotency_key
 from qe.universe import from_hammer
 
-NS_PER_S = 1_000_000_000
 NS_PER_MS = 1_000_000
 
 

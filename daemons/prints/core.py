@@ -20,11 +20,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Sequence
 
+from qe.clock import NS_PER_S
 from qe.config import PrintsRules
 
 PRICE_SCALE = 10_000  # price keys are in $0.0001
 WEIGHT_SCALE = 100  # weights are in hundredths
-NS_PER_S = 1_000_000_000
 
 VenueClass = Literal["lit", "dark"]
 

@@ -19,8 +19,10 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
 
 NS_PER_S = 1_000_000_000
+NEW_YORK = ZoneInfo("America/New_York")  # the exchange's time zone: trading days, sessions, IB times
 
 
 class Clock:
