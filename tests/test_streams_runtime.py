@@ -99,6 +99,31 @@ def test_batch_effects_and_acks_commit_together(r):
     assert r.xpending("ev.l1", "test_group")["pending"] == 0
 
 
+def test_a_handler_may_read_bigger_or_smaller_batches_than_the_default(r):
+    class BatchCounter(Recorder):
+        batch_size = 4
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches: list[int] = []
+            self.in_batch = 0
+
+        def handle(self, event, effects) -> None:
+            super().handle(event, effects)
+            self.in_batch += 1
+
+        def end_batch(self, effects) -> None:
+            self.batches.append(self.in_batch)
+            self.in_batch = 0
+
+    publish(r, *(l1_event("CIM PRB", n) for n in range(10)))
+    handler = BatchCounter()
+    consumer = make_consumer(r, handler, batch_size=100)
+    assert consumer.config.batch_size == 4 and consumer.config.block_ms == 50
+    run_until(consumer, lambda: len(counts(r)) == 10)
+    assert [n for n in handler.batches if n] == [4, 4, 2]
+
+
 def test_handler_that_raises_is_redelivered_and_applied_exactly_once(r):
     publish(r, *(l1_event("AGNCN", n) for n in range(5)))
     handler = Recorder(fail_times={"l1:AGNCN:2": 2})

@@ -23,7 +23,7 @@ from qe import daemon as qe_daemon
 from qe import metrics
 from qe.contracts import Envelope, Feature, GrpanWindow, Print, TruthTick, idempotency_key, make_event
 from qe.state import snapshot_fields
-from qe.streams import Consumer, Effects
+from qe.streams import Effects
 
 from .core import FeatureValues, PrintRecord, Rules, SymbolPrints, WindowResult, make_record
 
@@ -71,6 +71,7 @@ class PrintsHandler:
     def __init__(self, context: qe_daemon.Context) -> None:
         self.clock = context.clock
         self.config = context.rules.prints
+        self.batch_size = self.config.batch_size  # read bigger batches than the default (see PrintsRules)
         self.rules = Rules.from_config(self.config)
         self.tick_interval_s = self.config.stale_check_interval_s
         self.symbols: dict[str, SymbolPrints] = {}
@@ -169,20 +170,4 @@ class PrintsHandler:
 
 
 def main() -> int:
-    context = qe_daemon.start(DAEMON)
-    rules = context.rules
-    # This worker reads prints.batch_size entries per batch (see PrintsRules.batch_size).
-    context.rules = rules.model_copy(
-        update={"runtime": rules.runtime.model_copy(update={"batch_size": rules.prints.batch_size})}
-    )
-    consumer = Consumer(
-        r=context.redis,
-        daemon=DAEMON,
-        group=GROUP,
-        handler=PrintsHandler(context),
-        rules=context.rules,
-        clock=context.clock,
-        consumer_name=context.settings.consumer_name,
-    )
-    consumer.install_signal_handlers()
-    return consumer.run()
+    return qe_daemon.run_consumer(DAEMON, GROUP, PrintsHandler)

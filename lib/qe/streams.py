@@ -276,6 +276,7 @@ class Handler(Protocol):
 
     # Optional: `after_commit(self) -> None`, called once a batch's effects are durable
     # (e.g. execution sends an order only after its PENDING_SUBMIT record is committed).
+    # Optional: `batch_size: int`, entries read per batch instead of runtime.batch_size.
     # Optional: `end_batch(effects)`, called once after a batch's events were
     # handled and before its commit (e.g. to publish one coalesced result per
     # key). If it raises, nothing of the batch is committed and it is retried.
@@ -321,8 +322,10 @@ class Consumer:
         self.group = group
         self.handler = handler
         self.streams = list(handler.streams)
-        # A daemon that must also drive another event loop (ib_async) reads with a shorter BLOCK.
-        self.config = rules.runtime if block_ms is None else rules.runtime.model_copy(update={"block_ms": block_ms})
+        # A daemon that must also drive another event loop (ib_async) reads with a shorter
+        # BLOCK; a handler may read bigger batches than the default (`batch_size`).
+        overrides = {"block_ms": block_ms, "batch_size": getattr(handler, "batch_size", None)}
+        self.config = rules.runtime.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         self._after_commit = getattr(handler, "after_commit", None)
         self.policy = StreamPolicy(rules.streams)
         self.clock = clock
