@@ -384,3 +384,41 @@ def ib_client_factory(sim):
     yield connect
     for client in clients:
         client.disconnect()
+
+
+# --- the broker link on its own ---------------------------------------------------------------------
+
+def test_a_modify_of_an_order_the_broker_already_cancelled_is_not_sent(sim):
+    """A modify queued while the broker cancels the order (e.g. IB 202) is not sent:
+    ib_async would send it and then fail its own assertion, and the gateway would
+    refuse it. The order's final status still reaches the service's inbox."""
+    from daemons.execution.broker import BrokerLink, OrderDone
+    from daemons.execution.core import OrderRecord
+    from sim.testing import wait_until as pump_until
+
+    freeze(sim, 24.80, 24.82)
+    link = BrokerLink("127.0.0.1", sim.port, 41, connect_timeout_s=5, reconnect_base_s=0.1, reconnect_cap_s=1)
+    try:
+        assert link.try_connect(0.0)
+        record = OrderRecord(
+            order_ref="qe-modify-after-cancel", intent_key="intent:modify-after-cancel", intent_type="OPEN",
+            symbol=SYMBOL, side="BUY", qty=100, order_type="LMT", limit_price=24.50, tif="DAY", bucket="LT",
+            classification="LT_LONG_INC", created_ns=0, expires_ns=0, broker_order_id=link.reserve_order_id(1),
+        )
+        account = link.account(None)
+        link.place(record, account, hidden=False)
+        link.flush()
+        pump_until(link.ib, lambda: [o for o in sim.control.orders(record.order_ref) if o["status"] == "Submitted"])
+        link.cancel(record.broker_order_id)
+        pump_until(link.ib, lambda: ("status", record.order_ref, record.broker_order_id) in
+                   {entry[:3] for entry in link.inbox if entry[0] == "status" and entry[4] == "Cancelled"})
+        sent = len(sim.control.requests(record.order_ref))
+
+        with pytest.raises(OrderDone, match="already Cancelled"):
+            link.place(record, account, hidden=False, price=24.55)
+        link.flush()
+        link.ib.sleep(0.3)
+        assert len(sim.control.requests(record.order_ref)) == sent
+        assert [o["status"] for o in sim.control.orders(record.order_ref)] == ["Cancelled"]
+    finally:
+        link.disconnect()

@@ -49,6 +49,11 @@ def _broker_fill(fill: Any, order_ref: str = "") -> BrokerFill:
     )
 
 
+class OrderDone(Exception):
+    """A modify of an order the broker already reported filled or cancelled: not sent
+    (the gateway would refuse it); the order's final status reaches the service anyway."""
+
+
 class BrokerLink:
     def __init__(
         self,
@@ -166,6 +171,9 @@ class BrokerLink:
     def place(self, record: OrderRecord, account: str, hidden: bool, price: float | None = None) -> None:
         """Place (or, with the same order id, modify) the order of a record."""
         assert record.broker_order_id is not None
+        trade = self._trade(record.broker_order_id)
+        if trade is not None and trade.orderStatus.status in ib.OrderStatus.DoneStates:
+            raise OrderDone(f"order {record.order_ref} is already {trade.orderStatus.status} at the broker")
         limit = record.limit_price if price is None else price
         if record.order_type == "MKT":
             order = ib.MarketOrder(record.side, record.qty)
@@ -182,8 +190,14 @@ class BrokerLink:
         """Hand what ib_async queued to the socket now (it writes from its event loop)."""
         self.ib.sleep(0)
 
+    def _trade(self, order_id: int) -> Any:
+        """ib_async's Trade for one of this client's order ids, if it has one (the key
+        ib_async itself files it under, so other clients' orders never match)."""
+        wrapper = self.ib.wrapper
+        return wrapper.trades.get(wrapper.orderKey(wrapper.clientId, order_id, 0))
+
     def cancel(self, order_id: int) -> None:
-        trade = next((t for t in self.ib.trades() if t.order.orderId == order_id), None)
+        trade = self._trade(order_id)
         if trade is not None:
             self.ib.cancelOrder(trade.order)
         else:  # an order of ours from an earlier session: cancel by id all the same

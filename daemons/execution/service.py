@@ -40,7 +40,7 @@ from qe.streams import Effects
 from qe.universe import Instrument
 
 from . import core
-from .broker import BrokerLink
+from .broker import BrokerLink, OrderDone
 from .reconcile import OUR_PREFIX, BrokerFill, BrokerOrder, reconcile
 
 log = logging.getLogger(__name__)
@@ -200,8 +200,11 @@ class ExecutionService:
                     self.broker.place(record, account, hidden=record.bucket in self.rules.hidden_buckets)
                 elif kind == "cancel":
                     self.broker.cancel(message[1])
+            except OrderDone as exc:
+                log.info("modify not sent", extra={"broker_message": kind, "reason": str(exc)})
             except Exception:  # noqa: BLE001 - the socket may have dropped; reconciliation repairs
-                log.exception("broker message failed", extra={"message": kind})
+                # (not extra={"message": ...}: logging reserves that name and would raise)
+                log.exception("broker message failed", extra={"broker_message": kind})
                 self.reconciled = False
 
     # -- intents ---------------------------------------------------------------------------------------
