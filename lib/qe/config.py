@@ -621,6 +621,41 @@ class ArbitrationRules(Section):
         return self
 
 
+class QuoteGateRules(Section):
+    """The quote gate (SPEC 9): when an L1 quote may become a mark or a price anchor."""
+
+    # Wide: the spread is above BOTH limits (a few cents on a $5 issue is many percent).
+    max_spread_cents: float = Field(gt=0, le=100_000)
+    max_spread_pct: float = Field(gt=0, le=100)
+    # Jump: the mid this far from the trusted reference (truth tick / GRPAN / last
+    # trusted mark) with no print near the new mid confirming it.
+    max_jump_pct: float = Field(gt=0, le=100)
+    max_size: int = Field(gt=0, le=10**12)  # bid/ask size above this: absurd
+
+
+class PrintGateRules(Section):
+    """Prints excluded from truth ticks and GRPAN (SPEC 9), counted."""
+
+    max_deviation_pct: float = Field(gt=0, le=100)  # from the trusted reference
+    max_size: int = Field(gt=0, le=10**12)
+    max_age_s: float = Field(gt=0)  # trade time this far behind the reader's clock: absurd
+    # A far print counts once this many excluded prints just before it agree with it.
+    confirm_prints: int = Field(ge=1, le=100)
+
+
+class PlausibilityRules(Section):
+    """Every number from outside is hostile until checked (SPEC 9). No defaults: the
+    section and every field must be present in the file."""
+
+    max_price: float = Field(gt=0, le=1_000_000)  # any price above this is rejected by the contracts
+    max_quantity: int = Field(gt=0, le=10**12)  # shares: positions, orders, prints, sizes
+    max_future_skew_s: float = Field(gt=0, le=86_400)  # timestamps ahead of the reader's clock
+    quote: QuoteGateRules
+    prints: PrintGateRules
+    # Every order price (new or modified) lies within collar_pct of the trusted reference.
+    collar_pct: float = Field(gt=0, le=50)
+
+
 class RiskRules(Section):
     """The whole of etc/risk_rules.yaml."""
 
@@ -637,6 +672,7 @@ class RiskRules(Section):
     derisk: DeriskRules = DeriskRules()
     strategies: StrategyRules = StrategyRules()
     arbitration: ArbitrationRules = ArbitrationRules()
+    plausibility: PlausibilityRules
 
     @model_validator(mode="after")
     def _regime_tolerances_within_hard_cap(self) -> "RiskRules":
