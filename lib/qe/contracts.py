@@ -75,6 +75,9 @@ class L1(Payload):
     last_size: NonNegativeInt | None = None
     venue: str | None = None
     quote_ts_ns: NonNegativeInt | None = None
+    # The quote gate's verdict at market data (qe.plausibility.QuoteProblem value), None
+    # when it passed. Market data flags, it does not drop; consumers check again.
+    implausible: str | None = Field(default=None, max_length=32)
 
 
 class Print(Payload):
