@@ -396,10 +396,15 @@ class Broker:
         return max(used, default=0) + 1
 
     def marks(self) -> dict[str, float]:
-        return {symbol: book.mid / 100 for symbol, book in self.market.books.items()}
+        return {symbol: self.mark(symbol) for symbol in self.market.books}
 
     def mark(self, symbol: str) -> float:
-        return self.market.books[symbol].mid / 100
+        """IB's mark price for a stock: the last trade, bounded by the current bid and ask
+        (so one stub quote does not revalue the account; a crossed book falls back to the mid)."""
+        book = self.market.books[symbol]
+        if book.last <= 0 or book.bid >= book.ask:
+            return book.mid / 100
+        return min(max(book.last, book.bid), book.ask) / 100
 
     def open_orders(self, client_id: int | None = None) -> list[Order]:
         return [

@@ -6,87 +6,17 @@ alerts), what happened from the simulator (the referee) and from ev.exposure."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
 from datetime import datetime
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-import redis
-import yaml
 
 from qe import clock as qe_clock
-from sim.testing import start_process
-from tests.support.processes import REPO, VENV_BIN, DaemonProcess, console_script, daemon_env, wait_until
-from tests.support.redis_server import RedisServer
+from tests.support.processes import wait_until
+from tests.support.system import SPEED, System, new_york
 
 pytestmark = pytest.mark.slow
-NEW_YORK = ZoneInfo("America/New_York")
-DAEMONS = ("session", "market-data", "prints", "exposure", "decision", "execution")
-SPEED = 30.0  # simulated seconds per wall second: half an hour in a minute
-
-
-class System:
-    def __init__(self, tmp_path: Path, start: datetime, sim_args: list[str] | None = None) -> None:
-        self.tmp_path = tmp_path
-        self.redis_server = RedisServer(tmp_path / "redis", fsync="everysec").start()
-        self.r = self.redis_server.client()
-        # Simulated time starts a few wall seconds from now, once every process is up.
-        anchor = time.time() + 6.0
-        self.clock_env = qe_clock.sim_env(start, SPEED, anchor_wall_s=anchor)
-        self.clock = qe_clock.from_env(self.clock_env)
-        rules = yaml.safe_load((REPO / "etc" / "risk_rules.yaml").read_text())
-        rules["market_data"]["ibkr"]["max_tick_by_tick"] = 25  # the simulator allows it (see sim/demo.py)
-        self.rules_file = tmp_path / "risk_rules.yaml"
-        self.rules_file.write_text(yaml.safe_dump(rules))
-        self.sim = start_process(
-            ["--quote-rate", "1.0", "--print-rate", "0.5", "--no-fill-on-prints"], env=self.clock_env
-        )
-        env = daemon_env(self.redis_server.url, QE_IB_PORT=str(self.sim.port), QE_CONFIG=str(self.rules_file), **self.clock_env)
-        self.daemons = {
-            name: DaemonProcess(console_script(f"qe-{name}"), env, tmp_path / f"{name}.log").start() for name in DAEMONS
-        }
-        self.env = env
-
-    def sim_now(self) -> datetime:
-        return datetime.fromtimestamp(self.clock.now_ns() / 1e9, tz=NEW_YORK)
-
-    def run_until(self, moment: datetime, timeout: float = 180.0) -> None:
-        wait_until(lambda: self.clock.now_ns() >= qe_clock.to_ns(moment), timeout=timeout, interval=0.5,
-                   message=f"simulated time {moment.isoformat()}")
-        for name, process in self.daemons.items():
-            assert process.alive(), f"{name} died:\n{process.output()[-3000:]}"
-
-    def payloads(self, stream: str) -> list[dict]:
-        return [json.loads(fields[b"event"])["payload"] for _id, fields in self.r.xrange(stream)]
-
-    def mode_changes(self) -> list[tuple[str, str, dict]]:
-        return [(a["data"]["from"], a["data"]["to"], a["data"]) for a in self.payloads("ev.alerts") if a["alert_type"] == "mode_change"]
-
-    def intents(self) -> list[dict]:
-        return self.payloads("ev.intents")
-
-    def last_exposure(self) -> dict:
-        return self.payloads("ev.exposure")[-1]
-
-    def qe(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(VENV_BIN / "qe"), *args], env=self.env, capture_output=True, text=True, timeout=60)
-
-    def stop(self) -> None:
-        codes = {name: process.terminate(timeout=30) for name, process in self.daemons.items()}
-        self.sim.stop()
-        self.redis_server.stop()
-        assert codes == {name: 0 for name in DAEMONS}, codes
-
-
-def new_york(day: str, hhmm: str) -> datetime:
-    hour, minute = (int(part) for part in hhmm.split(":"))
-    year, month, date_ = (int(part) for part in day.split("-"))
-    return datetime(year, month, date_, hour, minute, tzinfo=NEW_YORK)
-
-
 def assert_soft_and_hard_pricing(intents: list[dict]) -> int:
     """Soft: truth tick -/+ $0.01, never through the touch; hard: at the bid/ask."""
     checked = 0
