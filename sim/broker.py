@@ -287,6 +287,8 @@ class RefereeLog:
 
     def read(self, after: int = 0, kind: str | None = None, order_ref: str | None = None, limit: int | None = None) -> list[dict]:
         """Entries with seq > ``after`` (oldest first), optionally of one kind / orderRef."""
+        if limit is not None and limit <= 0:
+            return []
         first = self.entries[0]["seq"] if self.entries else self.total + 1
         skip = max(0, after - first + 1)
         result = []

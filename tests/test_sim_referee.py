@@ -198,3 +198,19 @@ def test_connection_dropped_mid_fill_and_recovered_by_executions(sim_control, ib
     ]
     assert ("cut-mid-fill", "Filled") in [(t.order.orderRef, t.orderStatus.status) for t in again.reqCompletedOrders(False)]
     assert again.openTrades() == []
+
+
+def test_referee_log_cap_is_configurable_and_evictions_are_counted(sim_control, ib_connect):
+    ib = ib_connect()
+    assert sim_control.configure(referee_log_cap=3)["referee_log_cap"] == 3
+    trade = ib.placeOrder(qualified(ib, "PFF"), LimitOrder("BUY", 100, 20.00, orderRef="tiny-log"))
+    submitted(ib, trade)
+    ib.cancelOrder(trade.order)
+    wait_until(ib, lambda: trade.orderStatus.status == "Cancelled")
+    page = sim_control.referee_log()
+    # place, PreSubmitted, Submitted, cancel, Cancelled: the newest 3 are kept, all 5 counted.
+    assert [(e["kind"], e.get("event") or e.get("status")) for e in page["entries"]] == [
+        ("order", "Submitted"), ("request", "cancel"), ("order", "Cancelled"),
+    ]
+    assert (page["log"]["total"], page["log"]["evicted"], page["log"]["counts"]) == (5, 2, {"request": 2, "order": 3})
+    assert sim_control.referee_log(after=page["entries"][-1]["seq"])["entries"] == []
