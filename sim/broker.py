@@ -12,6 +12,7 @@ Statuses are IB's: PreSubmitted, Submitted, Filled, Cancelled, Inactive (rejecte
 from __future__ import annotations
 
 import math
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -236,15 +237,150 @@ class Faults:
     reject_next: int = 0
     reject_code: int = 201
     reject_text: str = "Order rejected - reason:Simulated rejection"
-    partial_next: int = 0
+    partial_next: int = 0  # the next n times an order trades, it fills only partially
     partial_max_qty: int | None = None
     partial_fraction: float | None = None
     delay_acks_next: int = 0
     delay_acks_seconds: float = 0.0
     drop_acks_next: int = 0
+    # Order status updates (orderStatus, with its openOrder), acks or not; applied by the server.
+    delay_status_next: int = 0
+    delay_status_seconds: float = 0.0
+    drop_status_next: int = 0
+    status_fills_only: bool = False  # count only updates not answering a request (fills, expiries)
+    drop_on_fill_next: int = 0  # the next n fills of resting orders drop the owner's connection first
 
     def describe(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+class RefereeLog:
+    """Everything the broker received and did, in order: requests, order state changes,
+    fills and injected faults, each with the simulator's clock and a sequence number.
+
+    Bounded (oldest entries go first) so a long chaos run cannot exhaust memory;
+    ``total`` and ``counts`` keep counting what was evicted, so a reader can tell.
+    """
+
+    def __init__(self, cap: int = 100_000) -> None:
+        self.entries: deque[dict[str, Any]] = deque(maxlen=max(1, cap))
+        self.total = 0
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def cap(self) -> int:
+        return self.entries.maxlen or 0
+
+    def resize(self, cap: int) -> None:
+        self.entries = deque(self.entries, maxlen=max(1, cap))
+
+    def record(self, ts_ns: int, kind: str, entry: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Append ``entry`` (the same dict object: a caller may complete it later)."""
+        entry = {} if entry is None else entry
+        self.total += 1
+        self.counts[kind] += 1
+        entry["seq"] = self.total
+        entry["kind"] = kind
+        entry.setdefault("ts_ns", ts_ns)
+        self.entries.append(entry)
+        return entry
+
+    def read(self, after: int = 0, kind: str | None = None, order_ref: str | None = None, limit: int | None = None) -> list[dict]:
+        """Entries with seq > ``after`` (oldest first), optionally of one kind / orderRef."""
+        if limit is not None and limit <= 0:
+            return []
+        first = self.entries[0]["seq"] if self.entries else self.total + 1
+        skip = max(0, after - first + 1)
+        result = []
+        for i in range(skip, len(self.entries)):
+            entry = self.entries[i]
+            if kind is not None and entry["kind"] != kind:
+                continue
+            if order_ref is not None and entry.get("order_ref") != order_ref:
+                continue
+            result.append(dict(entry))
+            if limit is not None and len(result) >= limit:
+                break
+        return result
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "cap": self.cap,
+            "size": len(self.entries),
+            "total": self.total,
+            "evicted": self.total - len(self.entries),
+            "first_seq": self.entries[0]["seq"] if self.entries else None,
+            "counts": dict(self.counts),
+        }
+
+
+class PotentialGross:
+    """Broker-side worst case of the account (SPEC §6, Exposure): per symbol
+    max(|pos + open buys|, |pos - open sells|) x mark, summed, over NetLiquidation.
+
+    Kept incrementally: touching a symbol replaces its (potential value, market value)
+    in two running sums, so a market tick costs O(orders in that symbol), not O(symbols).
+    NetLiquidation = cash + sum of market values, as in ``Account.values``.
+    """
+
+    RESUM_EVERY = 100_000  # re-add the sums from scratch now and then (float drift)
+
+    def __init__(self) -> None:
+        self.by_symbol: dict[str, tuple[float, float]] = {}  # symbol -> (potential, market value)
+        self.potential_sum = 0.0
+        self.market_value_sum = 0.0
+        self.updates = 0
+        self.evaluations = 0
+        self.current: dict[str, Any] = {"pct": None}
+        self.max: dict[str, Any] | None = None
+
+    def set_symbol(self, symbol: str, potential: float, market_value: float) -> None:
+        old_potential, old_value = self.by_symbol.pop(symbol, (0.0, 0.0))
+        if potential or market_value:
+            self.by_symbol[symbol] = (potential, market_value)
+        self.updates += 1
+        if self.updates % self.RESUM_EVERY == 0:
+            self.potential_sum = math.fsum(p for p, _ in self.by_symbol.values())
+            self.market_value_sum = math.fsum(v for _, v in self.by_symbol.values())
+        else:
+            self.potential_sum += potential - old_potential
+            self.market_value_sum += market_value - old_value
+
+    def observe(self, cash: float, ts_ns: int, event: str, context: dict[str, Any]) -> None:
+        """The account as of now; remember it if it is the worst seen."""
+        self.evaluations += 1
+        net_liq = cash + self.market_value_sum
+        pct = 100.0 * self.potential_sum / net_liq if net_liq > 0 else None
+        self.current = {
+            "pct": pct,
+            "potential": self.potential_sum,
+            "net_liquidation": net_liq,
+            "ts_ns": ts_ns,
+            "event": event,
+            **context,
+        }
+        if pct is not None and (self.max is None or self.max["pct"] is None or pct > self.max["pct"]):
+            self.max = dict(self.current)
+
+    def reset_max(self, ts_ns: int) -> None:
+        self.max = dict(self.current, ts_ns=ts_ns, event="reset")
+
+    def describe(self) -> dict[str, Any]:
+        def rounded(view: dict[str, Any] | None) -> dict[str, Any] | None:
+            if view is None:
+                return None
+            out = dict(view)
+            for key, digits in (("pct", 6), ("potential", 2), ("net_liquidation", 2)):
+                if out.get(key) is not None:
+                    out[key] = round(out[key], digits)
+            return out
+
+        return {
+            "current": rounded(self.current),
+            "max": rounded(self.max),
+            "symbols": len(self.by_symbol),
+            "evaluations": self.evaluations,
+        }
 
 
 @dataclass(frozen=True)
@@ -368,6 +504,7 @@ class Broker:
         perm_id_base: int,
         commission: CommissionModel | None = None,
         fill_on_prints: bool = True,
+        referee_log_cap: int = 100_000,
     ) -> None:
         self.account = account
         self.market = market
@@ -385,8 +522,15 @@ class Broker:
         self.rejected: list[Order] = []  # placeOrder requests refused outright
         self.executions: list[Execution] = []
         self.live_by_symbol: dict[str, list[Order]] = {}
-        # Referee log: every order-path request in arrival order, with its outcome.
+        # Every order-path request in arrival order, with its outcome.
         self.requests: list[dict[str, Any]] = []
+        # The referee: one ordered log of requests, order states, fills and faults, and
+        # the worst-case potential gross after every event that can change it.
+        self.log = RefereeLog(referee_log_cap)
+        self.exposure = PotentialGross()
+        for symbol in self.account.positions:
+            self.exposure.set_symbol(symbol, *self._exposure_of(symbol))
+        self.exposure.observe(self.account.cash, self.now_ns(), "start", {})
 
     # ---------------------------------------------------------------- queries
 
@@ -452,31 +596,99 @@ class Broker:
     def account_values(self) -> dict[str, float]:
         return self.account.values(self.marks())
 
+    # ---------------------------------------------------------------- referee
+
+    def _exposure_of(self, symbol: str) -> tuple[float, float]:
+        """(potential value, market value) of one symbol at the broker's own mark."""
+        pos = self.account.positions.get(symbol)
+        qty = pos.qty if pos is not None else 0
+        buys = sells = 0
+        for order in self.live_by_symbol.get(symbol, ()):
+            if order.is_live:
+                if order.is_buy:
+                    buys += order.remaining
+                else:
+                    sells += order.remaining
+        if not (qty or buys or sells):
+            return 0.0, 0.0
+        if symbol in self.market.books:
+            mark = self.mark(symbol)
+        else:  # as Account.values does for a symbol without a market
+            mark = pos.avg_cost if pos is not None else 0.0
+        return max(abs(qty + buys), abs(qty - sells)) * mark, qty * mark
+
+    def _referee_touch(self, symbol: str, event: str, order: Order | None = None, now: int | None = None) -> None:
+        """Re-evaluate potential gross after ``event`` changed ``symbol`` (or the cash)."""
+        self.exposure.set_symbol(symbol, *self._exposure_of(symbol))
+        context: dict[str, Any] = {"symbol": symbol}
+        if order is not None:
+            context.update(order_ref=order.order_ref, perm_id=order.perm_id, client_id=order.client_id, order_id=order.order_id)
+        self.exposure.observe(self.account.cash, now if now is not None else self.now_ns(), event, context)
+
+    def potential_gross_full(self) -> dict[str, float | None]:
+        """The same figure recomputed from scratch (reference for the incremental one)."""
+        symbols = set(self.live_by_symbol) | set(self.account.positions)
+        parts = [self._exposure_of(symbol) for symbol in symbols]
+        potential = math.fsum(p for p, _ in parts)
+        net_liq = self.account_values()["NetLiquidation"]
+        return {
+            "pct": 100.0 * potential / net_liq if net_liq > 0 else None,
+            "potential": potential,
+            "net_liquidation": net_liq,
+        }
+
+    def reset_potential_max(self) -> None:
+        self.exposure.reset_max(self.now_ns())
+
+    def referee(self) -> dict[str, Any]:
+        """Summary for the control API: potential gross (current and max) and counts."""
+        live = sum(1 for o in self.orders.values() if o.is_live)
+        return {
+            "potential_gross": self.exposure.describe(),
+            "counts": {
+                "requests": len(self.requests),
+                "orders": len(self.orders) + len(self.rejected),
+                "open_orders": live,
+                "rejected": len(self.rejected),
+                "fills": len(self.executions),
+                "filled_shares": sum(e.shares for e in self.executions),
+            },
+            "log": self.log.describe(),
+        }
+
+    def log_fault(self, fault: str, **detail: Any) -> None:
+        self.log.record(self.now_ns(), "fault", {"fault": fault, **detail})
+
     # --------------------------------------------------------------- requests
 
     def place(self, client_id: int, req: PlaceOrder, info: ContractInfo | None) -> list[BrokerEvent]:
         now = self.now_ns()
         key = (client_id, req.order_id)
         existing = self.orders.get(key)
+        record = self._open_request(self._request_record("modify" if existing is not None else "place", req, now), client_id, req.order_id)
         if existing is not None:
             events = self._modify(existing, req, info, now)
         else:
             events = self._new_order(client_id, req, info, now)
-        record = self._request_record("modify" if existing is not None else "place", req, now)
-        self._log_request(record, client_id, req.order_id, events)
+        self._close_request(record, client_id, req.order_id, events)
         return events
 
-    def _log_request(self, record: dict[str, Any], client_id: int, order_id: int, events: list[BrokerEvent]) -> None:
-        record = dict(record, client_id=client_id, order_id=order_id)
+    def _open_request(self, record: dict[str, Any], client_id: int, order_id: int) -> dict[str, Any]:
+        """Log a request on arrival (so it precedes what it causes); the outcome is filled in after."""
+        record = dict(record, client_id=client_id, order_id=order_id, result="pending")
+        self.requests.append(record)
+        return self.log.record(record["ts_ns"], "request", record)
+
+    def _close_request(self, record: dict[str, Any], client_id: int, order_id: int, events: list[BrokerEvent]) -> None:
         errors = [(e.code, e.text) for e in events if isinstance(e, OrderError) and e.order_id == order_id and e.code != 202]
         record["result"] = "error" if errors else "ok"
         if errors:
             record["code"], record["text"] = errors[0]
         order = self.orders.get((client_id, order_id))
         if order is not None:
-            record.setdefault("order_ref", order.order_ref)
+            if not record.get("order_ref"):
+                record["order_ref"] = order.order_ref
             record["perm_id"] = order.perm_id
-        self.requests.append(record)
 
     def _request_record(self, event: str, req: PlaceOrder, now: int) -> dict[str, Any]:
         return {
@@ -518,6 +730,7 @@ class Broker:
         order.history.append(self._request_record("place", req, now))
         order.history.append({"ts_ns": now, "event": "rejected", "code": code, "text": text})
         self.rejected.append(order)
+        self._log_order_state(order)
         return [OrderError(client_id, req.order_id, 0, code, text, ack=True)]
 
     def _validate(self, req: PlaceOrder, info: ContractInfo | None) -> tuple[int, str] | None:
@@ -586,16 +799,31 @@ class Broker:
         events.append(self._update(order, open_order=True, ack=True))
         order.status = "Submitted"
         events.append(self._update(order, open_order=True, ack=True))
+        self._referee_touch(order.symbol, "place", order, now)
 
-        partial_cap = None
-        if self.faults.partial_next > 0:
-            self.faults.partial_next -= 1
-            partial_cap = self._partial_cap(order.total_qty)
-        events += self._match_aggressive(order, cap=partial_cap)
-        if partial_cap is not None and order.is_live and order.filled:
-            order.held = True
-            order.history.append({"ts_ns": now, "event": "forced_partial", "filled": order.filled})
+        events += self._trade(order, lambda cap: self._match_aggressive(order, cap=cap))
         events += self._expire_ioc(order)
+        return events
+
+    def _trade(self, order: Order, match: Callable[[int | None], list[BrokerEvent]]) -> list[BrokerEvent]:
+        """Let ``order`` trade (``match(cap)``), under the armed partial-fill fault if any.
+
+        The fault is used up by the next order that actually trades — new, modified or
+        resting — not by an order that merely arrives: it cuts that fill to the cap and
+        holds the rest until the next market change.
+        """
+        if self.faults.partial_next <= 0 or not order.is_live:
+            return match(None)
+        before = order.filled
+        events = match(self._partial_cap(order.remaining))
+        if order.filled > before:
+            self.faults.partial_next -= 1
+            now = self.now_ns()
+            if order.is_live:
+                order.held = True
+                order.history.append({"ts_ns": now, "event": "forced_partial", "filled": order.filled})
+            self.log_fault("forced_partial", order_ref=order.order_ref, perm_id=order.perm_id,
+                           qty=order.filled - before, remaining=order.remaining)
         return events
 
     def _partial_cap(self, qty: int) -> int:
@@ -639,14 +867,16 @@ class Broker:
         order.updated_ns = now
         order.status = "Submitted"
         events: list[BrokerEvent] = [self._update(order, open_order=True, ack=True)]
+        self._referee_touch(order.symbol, "modify", order, now)
         if not order.held:
-            events += self._match_aggressive(order)
+            events += self._trade(order, lambda cap: self._match_aggressive(order, cap=cap))
         events += self._expire_ioc(order)
         return events
 
     def cancel(self, client_id: int, order_id: int, reason: str = "cancel") -> list[BrokerEvent]:
+        record = self._open_request({"ts_ns": self.now_ns(), "event": reason}, client_id, order_id)
         events = self._cancel(client_id, order_id, reason)
-        self._log_request({"ts_ns": self.now_ns(), "event": reason}, client_id, order_id, events)
+        self._close_request(record, client_id, order_id, events)
         return events
 
     def _cancel(self, client_id: int, order_id: int, reason: str) -> list[BrokerEvent]:
@@ -658,14 +888,17 @@ class Broker:
         if not order.is_live:
             text = f"OrderId {order_id} that needs to be cancelled cannot be cancelled, state: {order.status}."
             return [OrderError(client_id, order_id, order.perm_id, 10148, text, ack=True)]
-        return self._cancelled(order, now, ack=True)
+        return self._cancelled(order, now, ack=True, cause=reason)
 
-    def _cancelled(self, order: Order, now: int, ack: bool, text: str = "Order Canceled - reason:") -> list[BrokerEvent]:
+    def _cancelled(
+        self, order: Order, now: int, ack: bool, text: str = "Order Canceled - reason:", cause: str = "cancel"
+    ) -> list[BrokerEvent]:
         order.status = "Cancelled"
         order.updated_ns = now
         order.held = False
         self._drop_live(order)
         order.history.append({"ts_ns": now, "event": "cancelled", "filled": order.filled})
+        self._referee_touch(order.symbol, cause, order, now)
         return [
             OrderError(order.client_id, order.order_id, order.perm_id, 202, text, ack=ack),
             self._update(order, open_order=False, ack=ack),
@@ -674,17 +907,21 @@ class Broker:
     def global_cancel(self, client_id: int = -1) -> list[BrokerEvent]:
         events: list[BrokerEvent] = []
         now = self.now_ns()
-        self.requests.append({"ts_ns": now, "event": "global_cancel", "client_id": client_id,
-                              "cancelled": [o.perm_id for o in self.open_orders()], "result": "ok"})
+        record = {"ts_ns": now, "event": "global_cancel", "client_id": client_id,
+                  "cancelled": [o.perm_id for o in self.open_orders()], "result": "ok"}
+        self.requests.append(record)
+        self.log.record(now, "request", record)
         for order in self.open_orders():
             order.history.append({"ts_ns": now, "event": "global_cancel"})
-            events += self._cancelled(order, now, ack=True)
+            events += self._cancelled(order, now, ack=True, cause="global_cancel")
         return events
 
     # ----------------------------------------------------------------- market
 
     def on_market(self, event: QuoteEvent | PrintEvent) -> list[BrokerEvent]:
         """A market change from outside the broker: resting orders may now trade."""
+        if event.symbol in self.exposure.by_symbol:  # held or with live orders: its mark may have moved
+            self._referee_touch(event.symbol, "market")
         resting = self.live_by_symbol.get(event.symbol)
         if not resting:
             return []
@@ -695,16 +932,19 @@ class Broker:
                     continue
                 if order.held:
                     order.held = False  # the market moved: the forced partial is over
-                events += self._match_passive(order)
+                events += self._trade(order, lambda cap, order=order: self._match_passive(order, cap))
         elif self.fill_on_prints and not event.own_fill:
             for order in list(resting):
                 if not order.is_live or order.held or order.lmt is None:
                     continue
                 through = event.price <= order.lmt if order.is_buy else event.price >= order.lmt
                 if through:
-                    qty = min(order.remaining, event.size)
-                    events += self._execute(order, [(order.lmt, qty)], liquidity=1, exchange=event.venue)
+                    events += self._trade(order, lambda cap, order=order: self._fill_from_print(order, event, cap))
         return events
+
+    def _fill_from_print(self, order: Order, event: PrintEvent, cap: int | None) -> list[BrokerEvent]:
+        qty = min(order.remaining, event.size, cap if cap is not None else order.remaining)
+        return self._execute(order, [(order.lmt or 0, qty)], liquidity=1, exchange=event.venue)
 
     def _match_aggressive(self, order: Order, cap: int | None = None) -> list[BrokerEvent]:
         """A new or modified order takes what the displayed book offers up to its limit."""
@@ -720,10 +960,11 @@ class Broker:
         events += self._execute(order, slices, liquidity=2)
         return events
 
-    def _match_passive(self, order: Order) -> list[BrokerEvent]:
+    def _match_passive(self, order: Order, cap: int | None = None) -> list[BrokerEvent]:
         """A resting order the market has come to: fills at its own limit, against the
         displayed size of the one level that crossed it (the rest waits for the next change)."""
-        slices, quote = self.market.consume(order.symbol, order.is_buy, order.remaining, order.lmt, max_levels=1)
+        qty = order.remaining if cap is None else min(cap, order.remaining)
+        slices, quote = self.market.consume(order.symbol, order.is_buy, qty, order.lmt, max_levels=1)
         if not slices:
             return []
         events: list[BrokerEvent] = []
@@ -739,7 +980,7 @@ class Broker:
 
     def _expire_ioc(self, order: Order) -> list[BrokerEvent]:
         if order.tif == "IOC" and order.is_live:
-            return self._cancelled(order, self.now_ns(), ack=False, text="Order Canceled - reason:IOC remainder")
+            return self._cancelled(order, self.now_ns(), ack=False, text="Order Canceled - reason:IOC remainder", cause="expiry")
         return []
 
     def _execute(self, order: Order, slices: list[tuple[int, int]], liquidity: int, exchange: str | None = None) -> list[BrokerEvent]:
@@ -785,9 +1026,11 @@ class Broker:
             order.history.append(
                 {"ts_ns": now, "event": "fill", "exec_id": execution.exec_id, "qty": qty, "price": price, "venue": venue}
             )
+            self.log.record(now, "fill", execution.describe())
             if order.remaining == 0:
                 order.status = "Filled"
                 self._drop_live(order)
+            self._referee_touch(order.symbol, "fill", order, now)
             events.append(
                 FillReport(order.client_id, order.order_id, order.perm_id, order.contract, exec_fields(execution), commission, realized)
             )
@@ -803,7 +1046,28 @@ class Broker:
             resting.remove(order)
 
     def _update(self, order: Order, open_order: bool, ack: bool) -> OrderUpdate:
+        """The order as of now, to its client; and the same state into the referee log."""
+        self._log_order_state(order)
         return OrderUpdate(order.client_id, order.order_id, order.perm_id, order.fields(), open_order, ack)
+
+    def _log_order_state(self, order: Order) -> None:
+        self.log.record(
+            order.updated_ns,
+            "order",
+            {
+                "client_id": order.client_id,
+                "order_id": order.order_id,
+                "perm_id": order.perm_id,
+                "order_ref": order.order_ref,
+                "symbol": order.symbol,
+                "action": order.action,
+                "status": order.status,
+                "total_qty": order.total_qty,
+                "filled": order.filled,
+                "remaining": order.remaining,
+                "lmt_price": None if order.lmt is None else order.lmt / 100,
+            },
+        )
 
 
 def exec_time_text(ts_ns: int) -> str:

@@ -155,6 +155,7 @@ class SimConfig:
     fill_on_prints: bool = True  # resting limits also fill when the tape trades through them
     farm_codes_on_connect: bool = True  # send 2104/2106/2158 after connect, like the gateway
     max_write_buffer: int = 8 * 1024 * 1024  # above this, market data to that client is dropped
+    referee_log_cap: int = 100_000  # entries kept in the referee log (oldest evicted, still counted)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -171,5 +172,6 @@ class SimConfig:
             print_rate=float(_env("QE_SIM_PRINT_RATE", "0.3")),
             max_tick_by_tick=int(_env("QE_SIM_MAX_TBT", "50")),
             account_update_s=float(_env("QE_SIM_ACCOUNT_UPDATE_S", "10")),
+            referee_log_cap=int(_env("QE_SIM_REFEREE_LOG_CAP", "100000")),
             master_client_id=None if master.lower() in ("", "none", "-1") else int(master),
         )

@@ -8,6 +8,9 @@ Deliberately tiny (stdlib only): one request per connection, JSON in and out.
     GET  /fills[?order_ref=X]        every execution
     GET  /requests[?order_ref=X]     every place/modify/cancel/global-cancel request, with its outcome
     GET  /quote?symbol=S             the simulated top of book
+    GET  /referee                    potential gross (current, max: when, which event), counts, log size
+    GET  /referee/log[?after=&kind=&order_ref=&limit=]  the ordered referee log (requests, order states, fills, faults)
+    POST /referee/reset              the max potential gross starts again from the current value
     POST /drop_connections           {"client_id": optional}
     POST /refuse_connections         {"seconds": 5}
     POST /restart                    {"down_seconds": 5}
@@ -15,6 +18,9 @@ Deliberately tiny (stdlib only): one request per connection, JSON in and out.
     POST /delay_acks                 {"n": 1, "seconds": 3}
     POST /drop_acks                  {"n": 1}
     POST /partial_fills              {"n": 1, "max_qty": 100} or {"n": 1, "fraction": 0.5}
+    POST /delay_status               {"n": 1, "seconds": 2, "fills_only": false}
+    POST /drop_status                {"n": 1, "fills_only": false}
+    POST /drop_on_fill               {"n": 1}
     POST /send_code                  {"code": 1100, "text": optional, "client_id": optional, "req_id": optional (-1)}
     POST /shock                      {"symbol": "CIM PRB" or "all", "pct": -5}
     POST /set_quote                  {"symbol", "bid", "ask", "bid_size", "ask_size", "freeze": true}
@@ -144,10 +150,32 @@ class ControlServer:
             if path == "/quote":
                 symbol = _known_symbol(sim, query.get("symbol", ""))
                 return sim.market.book(symbol).snapshot()
+            if path == "/referee":
+                return dict(broker.referee(), faults=broker.faults.describe())
+            if path == "/referee/log":
+                after = _num(query, "after", int, default=0)
+                limit = _num(query, "limit", int)
+                entries = broker.log.read(after, query.get("kind"), query.get("order_ref"), limit)
+                return {"entries": entries, "log": broker.log.describe()}
             raise ControlError(404, f"no such resource {path}")
         if method != "POST":
             raise ControlError(405, f"{method} not allowed")
         faults = broker.faults
+        if path == "/referee/reset":
+            broker.reset_potential_max()
+            return broker.referee()
+        if path == "/delay_status":
+            faults.delay_status_next = _num(body, "n", int, default=1)
+            faults.delay_status_seconds = _num(body, "seconds", float, default=2.0)
+            faults.status_fills_only = bool(body.get("fills_only", False))
+            return faults.describe()
+        if path == "/drop_status":
+            faults.drop_status_next = _num(body, "n", int, default=1)
+            faults.status_fills_only = bool(body.get("fills_only", False))
+            return faults.describe()
+        if path == "/drop_on_fill":
+            faults.drop_on_fill_next = _num(body, "n", int, default=1)
+            return faults.describe()
         if path == "/drop_connections":
             return {"dropped": sim.drop_connections(_num(body, "client_id", int))}
         if path == "/refuse_connections":
@@ -242,6 +270,9 @@ class ControlServer:
             sim.config.account_update_s = _num(body, "account_update_s")
         if "fill_on_prints" in body:
             sim.broker.fill_on_prints = bool(body["fill_on_prints"])
+        if "referee_log_cap" in body:
+            sim.config.referee_log_cap = max(1, _num(body, "referee_log_cap", int))
+            sim.broker.log.resize(sim.config.referee_log_cap)
         return {
             "quote_rate": market.quote_rate,
             "print_rate": market.print_rate,
@@ -249,6 +280,7 @@ class ControlServer:
             "max_market_data_lines": sim.config.max_market_data_lines,
             "account_update_s": sim.config.account_update_s,
             "fill_on_prints": sim.broker.fill_on_prints,
+            "referee_log_cap": sim.broker.log.cap,
         }
 
 
@@ -291,6 +323,19 @@ class SimControl:
     def quote(self, symbol: str) -> dict:
         return self._request("GET", "/quote", query={"symbol": symbol})
 
+    def referee(self) -> dict:
+        """{"potential_gross": {"current": {...}, "max": {...}}, "counts": {...}, "log": {...}, "faults": {...}}"""
+        return self._request("GET", "/referee")
+
+    def referee_log(
+        self, after: int = 0, kind: str | None = None, order_ref: str | None = None, limit: int | None = None
+    ) -> dict:
+        """{"entries": [...], "log": {...}}; entries with seq > after, oldest first."""
+        return self._request("GET", "/referee/log", query={"after": after, "kind": kind, "order_ref": order_ref, "limit": limit})
+
+    def reset_referee(self) -> dict:
+        return self._post("/referee/reset")
+
     # faults
     def drop_connections(self, client_id: int | None = None) -> dict:
         return self._post("/drop_connections", client_id=client_id)
@@ -312,6 +357,15 @@ class SimControl:
 
     def partial_fills(self, n: int = 1, fraction: float | None = None, max_qty: int | None = None) -> dict:
         return self._post("/partial_fills", n=n, fraction=fraction, max_qty=max_qty)
+
+    def delay_status(self, n: int = 1, seconds: float = 2.0, fills_only: bool = False) -> dict:
+        return self._post("/delay_status", n=n, seconds=seconds, fills_only=fills_only)
+
+    def drop_status(self, n: int = 1, fills_only: bool = False) -> dict:
+        return self._post("/drop_status", n=n, fills_only=fills_only)
+
+    def drop_on_fill(self, n: int = 1) -> dict:
+        return self._post("/drop_on_fill", n=n)
 
     def send_code(self, code: int, msg: str | None = None, client_id: int | None = None, req_id: int = -1) -> dict:
         """An error message to clients; with req_id, tied to that request or order id."""

@@ -281,6 +281,7 @@ class SimServer:
             exec_id_prefix=self.config.extra.get("exec_id_prefix") or f"{boot & 0xFFFFFFFF:08x}",
             perm_id_base=int(self.config.extra.get("perm_id_base") or 1_000_000_000 + (boot % 100_000) * 10_000),
             fill_on_prints=self.config.fill_on_prints,
+            referee_log_cap=self.config.referee_log_cap,
         )
 
     async def start(self) -> None:
@@ -738,6 +739,15 @@ class SimServer:
             elif isinstance(event, OrderUpdate):
                 messages = [P.open_order(event.snapshot)] if event.open_order else []
                 messages.append(P.order_status(event.snapshot))
+                acked_by_fault = event.ack and ack_fault is not None
+                status_fault = None if acked_by_fault else self._take_status_fault(event)
+                if status_fault is not None:
+                    # Lost, or late, for every client that would hear it; reqOpenOrders /
+                    # reqCompletedOrders still tell the truth.
+                    if status_fault[0] == "delay":
+                        for target in self.order_sessions(event.client_id):
+                            self._deliver(target, (event.client_id, event.order_id), messages, True, status_fault)
+                    continue
                 self._order_messages(event.client_id, event.order_id, messages, event.ack, origin, ack_fault)
             elif isinstance(event, FillReport):
                 messages = [P.exec_details(-1, event.contract, event.execution)]
@@ -755,6 +765,24 @@ class SimServer:
                     self._deliver(target, (event.client_id, event.order_id), [message], event.ack and target is origin, ack_fault)
         if changed_positions:
             self.publish_positions(changed_positions)
+
+    def _take_status_fault(self, event: OrderUpdate) -> tuple[str, float] | None:
+        """The armed status fault for this order update, if it applies (and is used up by it)."""
+        faults = self.broker.faults
+        if faults.status_fills_only and event.ack:
+            return None
+        detail = {"client_id": event.client_id, "order_id": event.order_id, "perm_id": event.perm_id,
+                  "order_ref": event.snapshot.order_ref, "status": event.snapshot.status, "filled": event.snapshot.filled}
+        if faults.drop_status_next > 0:
+            faults.drop_status_next -= 1
+            self.broker.log_fault("status_dropped", **detail)
+            log.info("order status dropped (fault)", extra=detail)
+            return ("drop", 0.0)
+        if faults.delay_status_next > 0:
+            faults.delay_status_next -= 1
+            self.broker.log_fault("status_delayed", seconds=faults.delay_status_seconds, **detail)
+            return ("delay", faults.delay_status_seconds)
+        return None
 
     def _order_messages(
         self, client_id: int, order_id: int, messages: list[bytes], ack: bool, origin: Session | None,
@@ -900,7 +928,24 @@ class SimServer:
         self.publish_market(event)
         events = self.broker.on_market(event)
         if events:
+            self._drop_owner_mid_fill(events)
             self.dispatch(events)
+
+    def _drop_owner_mid_fill(self, events: list) -> None:
+        """Fault: a resting order just filled (booked at the broker); its client's connection
+        drops before the execDetails / orderStatus go out, so it must reconcile to learn of it."""
+        faults = self.broker.faults
+        if faults.drop_on_fill_next <= 0:
+            return
+        fill = next((e for e in events if isinstance(e, FillReport)), None)
+        if fill is None or self.session_for(fill.client_id) is None:
+            return  # nobody to cut off: the fault waits for the next fill
+        faults.drop_on_fill_next -= 1
+        self.broker.log_fault(
+            "connection_dropped_mid_fill", client_id=fill.client_id, order_id=fill.order_id, perm_id=fill.perm_id,
+            order_ref=fill.execution.order_ref, exec_id=fill.execution.exec_id,
+        )
+        self.drop_connections(fill.client_id)
 
     async def _market_loop(self) -> None:
         interval = self.config.tick_interval_s
@@ -1071,6 +1116,7 @@ class SimServer:
             "orders": len(self.broker.all_orders()),
             "executions": len(self.broker.executions),
             "faults": self.broker.faults.describe(),
+            "referee": self.broker.referee(),
             "market": {
                 "quote_rate": self.market.config.quote_rate,
                 "print_rate": self.market.config.print_rate,
@@ -1180,6 +1226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account-update-s", type=float, default=env.account_update_s, help="account push period, seconds")
     p.add_argument("--master-client-id", type=int, default=env.master_client_id if env.master_client_id is not None else -1,
                    help="client id that sees every order (-1: none)")
+    p.add_argument("--referee-log-cap", type=int, default=env.referee_log_cap,
+                   help="entries kept in the referee log (QE_SIM_REFEREE_LOG_CAP, default 100000)")
     p.add_argument("--no-fill-on-prints", action="store_true", help="resting limits fill only when quotes cross them")
     p.add_argument("--log-level", default=os.environ.get("QE_LOG_LEVEL", "INFO"))
     return p
@@ -1202,6 +1250,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         account_update_s=args.account_update_s,
         master_client_id=None if args.master_client_id < 0 else args.master_client_id,
         fill_on_prints=not args.no_fill_on_prints,
+        referee_log_cap=args.referee_log_cap,
     )
 
 

@@ -291,3 +291,118 @@ def test_request_log_records_every_order_request_with_its_outcome(broker):
         ("global_cancel", None, "ok", None),
     ]
     assert broker.requests[0]["order_ref"] == "r1" and broker.requests[0]["symbol"] == "CIM PRB"
+
+
+# ------------------------------------------------------------------ referee
+
+
+def referee_pct(broker: Broker) -> float:
+    return broker.exposure.current["pct"]
+
+
+def test_potential_gross_hand_computation_and_max(broker):
+    # $100,000 cash, no positions. CIM PRB 24.80 / 24.82, last print 24.81 -> mark 24.81.
+    broker.on_market(broker.market.inject_print("CIM PRB", 24.81, 100, "NYSE"))
+    place(broker, order_id=1, qty=1000, price=24.70, ref="buy")  # resting
+    assert referee_pct(broker) == pytest.approx(100 * 1000 * 24.81 / 100_000)
+    place(broker, order_id=2, action="SELL", qty=400, price=24.95, ref="sell")  # max(|0+1000|, |0-400|): no change
+    assert referee_pct(broker) == pytest.approx(24.81)
+    place(broker, order_id=2, action="SELL", qty=1500, price=24.95, ref="sell")  # modify: the sell side now dominates
+    assert referee_pct(broker) == pytest.approx(1500 * 24.81 / 1000)
+    assert broker.exposure.max["event"] == "modify" and broker.exposure.max["order_ref"] == "sell"
+    broker.cancel(1, 2)
+    assert referee_pct(broker) == pytest.approx(24.81)
+    # The market comes to the buy: 200 fill at 24.70 (displayed size); mark = last 24.70 within 24.69 / 24.71.
+    broker.on_market(broker.market.set_quote("CIM PRB", 24.69, 24.70, 500, 200))
+    assert broker.orders[(1, 1)].filled == 200
+    cash = 100_000 - 200 * 24.70 - 1.0
+    net_liq = cash + 200 * 24.70
+    assert broker.exposure.current["event"] == "fill"
+    assert referee_pct(broker) == pytest.approx(100 * 1000 * 24.70 / net_liq)
+    assert broker.exposure.max["pct"] == pytest.approx(1500 * 24.81 / 1000)
+    assert broker.potential_gross_full()["pct"] == pytest.approx(referee_pct(broker))
+    broker.reset_potential_max()
+    assert broker.exposure.max["pct"] == referee_pct(broker) and broker.exposure.max["event"] == "reset"
+
+
+def test_incremental_potential_gross_equals_a_full_recomputation(broker):
+    import random
+
+    rng = random.Random(7)
+    broker.account.set_position("AGNCO", -700, 24.0, "MM_PURE")
+    broker.exposure.set_symbol("AGNCO", *broker._exposure_of("AGNCO"))
+    symbols = ["CIM PRB", "AGNCO"]
+    next_id = 1
+    for _ in range(400):
+        symbol = rng.choice(symbols)
+        book = broker.market.book(symbol)
+        action = rng.random()
+        if action < 0.35:
+            price = (book.bid + rng.randint(-5, 5)) / 100
+            place(broker, order_id=next_id, action=rng.choice(["BUY", "SELL"]), qty=100 * rng.randint(1, 9),
+                  price=price, symbol=symbol, ref=f"o{next_id}")
+            next_id += 1
+        elif action < 0.5 and broker.open_orders():
+            order = rng.choice(broker.open_orders())
+            broker.cancel(order.client_id, order.order_id)
+        elif action < 0.6 and broker.open_orders():
+            order = rng.choice(broker.open_orders())
+            place(broker, order_id=order.order_id, action=order.action, qty=order.total_qty + 100,
+                  price=(order.lmt + rng.choice([-1, 1])) / 100, symbol=order.symbol, ref=order.order_ref)
+        else:
+            bid = max(100, book.bid + rng.randint(-3, 3))
+            broker.on_market(broker.market.set_quote(symbol, bid / 100, (bid + rng.randint(1, 3)) / 100, 300, 300))
+        full = broker.potential_gross_full()
+        assert broker.exposure.current["pct"] == pytest.approx(full["pct"], rel=1e-9)
+        assert broker.exposure.current["net_liquidation"] == pytest.approx(full["net_liquidation"], rel=1e-9)
+    assert broker.executions and broker.exposure.max["pct"] >= broker.exposure.current["pct"]
+
+
+def test_referee_log_is_ordered_and_bounded(broker):
+    broker.log.resize(4)
+    place(broker, order_id=1, qty=300, price=24.79, ref="r1")  # request, PreSubmitted, Submitted
+    broker.on_market(broker.market.set_quote("CIM PRB", 24.76, 24.78, 500, 200))  # fill 200, Submitted
+    broker.cancel(1, 1)  # request, Cancelled
+    entries = broker.log.read()
+    assert [(e["seq"], e["kind"], e.get("status") or e.get("event") or e.get("exec_id")) for e in entries] == [
+        (4, "fill", broker.executions[0].exec_id),
+        (5, "order", "Submitted"),
+        (6, "request", "cancel"),
+        (7, "order", "Cancelled"),
+    ]
+    assert entries[1]["filled"] == 200 and entries[3]["remaining"] == 100 and entries[2]["result"] == "ok"
+    assert [e["ts_ns"] for e in entries] == sorted(e["ts_ns"] for e in entries)
+    assert broker.log.describe() | {"counts": None} == {"cap": 4, "size": 4, "total": 7, "evicted": 3, "first_seq": 4, "counts": None}
+    assert broker.log.counts == {"request": 2, "order": 4, "fill": 1}  # evicted entries still counted
+    assert [e["seq"] for e in broker.log.read(after=5)] == [6, 7]
+    assert [e["seq"] for e in broker.log.read(kind="order", limit=1)] == [5]
+
+
+def test_request_is_logged_before_what_it_causes(broker):
+    place(broker, order_id=1, qty=500, price=24.82, ref="agg")  # fills 200 at once
+    assert [e["kind"] for e in broker.log.read(order_ref="agg")] == ["request", "order", "order", "fill", "order"]
+    assert broker.log.read(order_ref="agg")[0]["result"] == "ok"  # completed after the fact
+
+
+def test_partial_fault_is_used_by_the_next_order_that_trades_resting_too(broker):
+    place(broker, order_id=1, qty=300, price=24.79, ref="resting")
+    broker.faults.partial_next = 1
+    broker.faults.partial_max_qty = 100
+    place(broker, order_id=2, qty=100, price=24.50, ref="far")  # does not trade: the fault stays armed
+    assert broker.faults.partial_next == 1
+    events = broker.on_market(broker.market.set_quote("CIM PRB", 24.76, 24.78, 500, 1000))
+    order = broker.orders[(1, 1)]
+    assert fills(events) == [(100, 24.79)] and order.held and broker.faults.partial_next == 0
+    assert [e["fault"] for e in broker.log.read(kind="fault")] == ["forced_partial"]
+    events = broker.on_market(broker.market.set_quote("CIM PRB", 24.76, 24.78, 500, 1000))  # next change: the rest
+    assert fills(events) == [(200, 24.79)] and order.status == "Filled"
+
+
+def test_partial_fault_applies_to_a_print_through_a_resting_order(broker):
+    place(broker, action="SELL", qty=300, price=24.84, ref="rest-sell")
+    broker.faults.partial_next = 1
+    broker.faults.partial_fraction = 0.5
+    events = broker.on_market(broker.market.inject_print("CIM PRB", 24.85, 500, "NYSE"))
+    assert fills(events) == [(150, 24.84)] and broker.orders[(1, 1)].held
+    assert fills(broker.on_market(broker.market.inject_print("CIM PRB", 24.85, 500, "NYSE"))) == []  # held
+    assert fills(broker.on_market(broker.market.set_quote("CIM PRB", 24.84, 24.86, 300, 300))) == [(150, 24.84)]
