@@ -243,3 +243,128 @@ def test_backlog_collapses_quotes_and_drops_the_oldest_prints_when_full():
     for n in range(130):
         backlog.add_print(n)
     assert list(backlog.prints)[0] == 30 and backlog.dropped_prints == 30
+
+
+# --- plausibility: refusals, the quote gate, hostile feed values --------------------------------------
+
+from daemons.market_data.core import QuoteGate, print_refusal, quote_refusal, short_repr  # noqa: E402
+from daemons.market_data.ibkr import _price as ib_price, _size as ib_size  # noqa: E402
+from qe import config as qe_config  # noqa: E402
+from qe.contracts import L1  # noqa: E402
+from tests.support.processes import REPO  # noqa: E402
+
+PLAUSIBILITY = qe_config.load_rules(REPO / "etc" / "risk_rules.yaml").plausibility
+
+
+def l1(bid, ask, symbol="CIM PRB", bid_size=100, ask_size=100, **extra) -> L1:
+    return L1(symbol=symbol, bid=bid, ask=ask, bid_size=bid_size, ask_size=ask_size, quote_ts_ns=T0, **extra)
+
+
+def test_stub_quote_is_flagged_wide_spread_and_one_episode_is_opened_and_closed():
+    gate = QuoteGate(PLAUSIBILITY)
+    first = gate.on_quote(l1(24.80, 24.90), T0)
+    assert first.l1.implausible is None and first.episode is None
+    stub = gate.on_quote(l1(0.01, 999_999.0), T0 + 1)
+    assert stub.l1.implausible == "wide_spread" and (stub.l1.bid, stub.l1.ask) == (0.01, 999_999.0)
+    assert stub.episode.started and stub.episode.problem == "wide_spread" and stub.episode_since_ns == T0 + 1
+    again = gate.on_quote(l1(0.01, 999_999.0), T0 + 2)
+    assert again.l1.implausible == "wide_spread" and again.episode is None  # same episode: no second alert
+    assert gate.implausible_symbols == 1
+    back = gate.on_quote(l1(24.81, 24.90), T0 + 3)
+    assert back.l1.implausible is None and back.episode is not None and not back.episode.started
+    assert back.episode_since_ns == T0 + 1 and gate.implausible_symbols == 0
+
+
+def test_crossed_one_sided_and_absurd_size_quotes():
+    gate = QuoteGate(PLAUSIBILITY)
+    assert gate.on_quote(l1(25.00, 24.90), T0).l1.implausible == "crossed"
+    one_sided = gate.on_quote(l1(24.85, None, ask_size=0), T0)
+    assert one_sided.l1.implausible is None and one_sided.verdict.mid is None
+    assert gate.trust("CIM PRB").trusted_mid is None  # a one-sided quote has no mid
+    big = PLAUSIBILITY.quote.max_size + 1
+    assert gate.on_quote(l1(24.85, 24.90, bid_size=big), T0).l1.implausible == "absurd_size"
+
+
+def test_a_jump_is_flagged_until_prints_confirm_the_new_price():
+    gate = QuoteGate(PLAUSIBILITY)
+    assert gate.on_quote(l1(24.80, 24.90), T0).l1.implausible is None  # trusted mid 24.85
+    assert gate.on_quote(l1(29.80, 29.90), T0).l1.implausible == "jump"
+    # One print at the new level is far from the reference: not trusted, confirms nothing.
+    assert gate.on_print(RawTick("CIM PRB", T0, 29.85, 100, "NYSE"), T0) == "far_from_reference"
+    assert gate.on_quote(l1(29.80, 29.90), T0).l1.implausible == "jump"
+    # Prints that agree with each other: after confirm_prints of them the market really moved.
+    confirm = PLAUSIBILITY.prints.confirm_prints
+    verdicts = [gate.on_print(RawTick("CIM PRB", T0 + n, 29.85, 100, "NYSE"), T0) for n in range(1, confirm + 1)]
+    assert verdicts[-1] is None and gate.trust("CIM PRB").trusted_print == 29.85
+    assert gate.on_quote(l1(29.80, 29.90), T0).l1.implausible is None
+    # ... and a quote back at the old level is now the jump.
+    assert gate.on_quote(l1(24.80, 24.90), T0).l1.implausible == "jump"
+
+
+def test_quote_and_print_refusals_are_numbers_no_feed_can_mean():
+    assert quote_refusal(l1(24.8, 24.9, bid_size=PLAUSIBILITY.max_quantity + 1), PLAUSIBILITY) == "quote_size_above_max"
+    assert quote_refusal(l1(24.8, 24.9, last=PLAUSIBILITY.max_price * 2), PLAUSIBILITY) == "last_above_max_price"
+    assert quote_refusal(l1(24.8, 24.9, last=24.85), PLAUSIBILITY) is None
+    # Above max_price and not caught by the gate (no reference yet): refused, not published as good.
+    gate = QuoteGate(PLAUSIBILITY)
+    high = gate.on_quote(l1(50_000.0, 50_000.5), T0)
+    assert high.l1 is None and high.refused == "quote_price_above_max"
+    now = T0
+    skew = int(PLAUSIBILITY.max_future_skew_s * NS_PER_S)
+    max_age = int(PLAUSIBILITY.prints.max_age_s * NS_PER_S)
+    good = RawTick("CIM PRB", now - NS_PER_S, 24.85, 100, "NYSE")
+    assert print_refusal(good, now, PLAUSIBILITY) is None
+    cases = {
+        "print_future_time": RawTick("CIM PRB", now + skew + 1, 24.85, 100, "NYSE"),
+        "print_too_old": RawTick("CIM PRB", now - max_age - 1, 24.85, 100, "NYSE"),
+        "print_size": RawTick("CIM PRB", now, 24.85, 10**300, "NYSE"),
+        "print_price": RawTick("CIM PRB", now, float("nan"), 100, "NYSE"),
+    }
+    for reason, bad in cases.items():
+        assert print_refusal(bad, now, PLAUSIBILITY) == reason
+    year_2100 = RawTick("CIM PRB", 4_102_444_800 * NS_PER_S, 24.85, 100, "NYSE")
+    year_1970 = RawTick("CIM PRB", 1_000 * NS_PER_S, 24.85, 100, "NYSE")
+    assert print_refusal(year_2100, now, PLAUSIBILITY) == "print_future_time"
+    assert print_refusal(year_1970, now, PLAUSIBILITY) == "print_too_old"
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"sym": "AGNCN", "bid": 10**400}, "bad_bid"),  # a JSON integer of 400 digits: float() overflows
+    ({"sym": "AGNCN", "bid": float("nan")}, "bad_bid"),
+    ({"sym": "AGNCN", "bid": float("inf")}, "bad_bid"),
+    ({"sym": "AGNCN", "bid": True}, "bad_bid"),
+    ({"sym": "AGNCN", "bid": [[[[1]]]]}, "bad_bid"),
+    ({"sym": "AGNCN", "bid": 25.0, "volume": 10**400}, "bad_volume"),
+    ({"sym": "A" * 10_000, "bid": 25.0}, "bad_symbol"),
+])
+def test_hostile_l1_numbers_are_malformed_with_bounded_detail(row, reason):
+    with pytest.raises(MalformedMessage) as caught:
+        parse_l1_update(row, T0)
+    assert caught.value.reason == reason
+    assert len(str(caught.value)) < 200
+
+
+def test_hostile_tick_times_and_sizes():
+    for value in (1e303, 10**400, "9" * 5000, "2100-01-01T00:00:00" + "0" * 10_000):
+        with pytest.raises(MalformedMessage):
+            parse_hammer_time(value, NY)
+    ticks, skipped = parse_ticks("CIM PRB", {"data": [{"t": 1_790_000_000_000, "p": 24.5, "s": 1e300, "e": "NYSE"}]}, NY)
+    assert skipped == 0 and ticks[0].size > PLAUSIBILITY.max_quantity  # parsed; refused by print_refusal
+    assert print_refusal(ticks[0], ticks[0].ts_ns, PLAUSIBILITY) == "print_size"
+
+
+def test_short_repr_is_bounded_for_any_value():
+    nested: list = []
+    for _ in range(5000):
+        nested = [nested]
+    for value in ("x" * 10_000_000, nested, {str(i): i for i in range(10_000)}, 10**4000):
+        assert len(short_repr(value)) <= 120
+
+
+def test_ib_absent_values_are_none_and_infinite_sizes_are_refused():
+    for absent in (float("nan"), -1, 0, None, True):
+        assert ib_price(absent) is None
+    assert ib_price(24.85) == 24.85
+    assert ib_size(float("nan")) == 0 and ib_size(-1) == 0 and ib_size(300.0) == 300
+    with pytest.raises(ValueError):
+        ib_size(float("inf"))

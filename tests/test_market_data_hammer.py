@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 import redis
@@ -17,7 +18,10 @@ from tests.support.fake_hammer import FakeHammer
 from tests.support.processes import DaemonProcess, console_script, daemon_env, wait_until, write_rules
 
 SYMBOLS = ["CIM PRB", "AGNCN", "NYCB PRU"] + [f"ZZ{chr(65 + i // 26)}{chr(65 + i % 26)} PRA" for i in range(117)]  # 120
-T0_MS = 1_790_000_000_000
+# Trade times near the daemon's clock: prints older than plausibility.prints.max_age_s or
+# ahead of it by more than max_future_skew_s are not published.
+T0_MS = (time.time_ns() // 1_000_000 // 1000 - 600) * 1000
+NEW_YORK = ZoneInfo("America/New_York")
 
 
 SPAWNED: list[DaemonProcess] = []
@@ -91,8 +95,10 @@ def test_quotes_and_prints_flow_subscribed_in_batches_of_50_without_duplicate_pr
     # Two genuinely identical prints (same ms, price, size, venue): both are real.
     hammer.add_trade("CIM-B", T0_MS + 9000, 24.90, 100, "FNRA")
     hammer.add_trade("CIM-B", T0_MS + 9000, 24.90, 100, "FNRA")
-    hammer.add_trade("AGNCN", "2026-09-21T10:15:02.250-04:00", 25.31, 300, "ARCA")
-    hammer.add_trade("AGNCN", "2026-09-21T10:15:03", 25.32, 100, "ARCA")  # no offset: New York time
+    t0_new_york = datetime.fromtimestamp(T0_MS / 1000, tz=NEW_YORK)
+    hammer.add_trade("AGNCN", (t0_new_york.replace(microsecond=250_000)).isoformat(timespec="milliseconds"), 25.31, 300, "ARCA")
+    naive = (t0_new_york.replace(tzinfo=None) + timedelta(seconds=1)).isoformat()
+    hammer.add_trade("AGNCN", naive, 25.32, 100, "ARCA")  # no offset: New York time
     md = start_market_data(redis_url, tmp_path, hammer)
     wait_until(lambda: hammer.authenticated_clients() and sum(hammer.authenticated_clients()[0].subscribe_batches) == 120,
                timeout=20, message="subscribed")
@@ -124,8 +130,7 @@ def test_quotes_and_prints_flow_subscribed_in_batches_of_50_without_duplicate_pr
     assert twins[0]["payload"]["trade_ts_ns"] == (T0_MS + 9000) * 1_000_000
     assert twins[0]["payload"]["venue"] == "FNRA"
     agncn = [e["payload"]["trade_ts_ns"] for e in prints_of(r, "AGNCN")]
-    utc_ns = lambda *parts: int(datetime(*parts, tzinfo=timezone.utc).timestamp()) * 1_000_000_000
-    assert sorted(agncn) == [utc_ns(2026, 9, 21, 14, 15, 2) + 250_000_000, utc_ns(2026, 9, 21, 14, 15, 3)]
+    assert sorted(agncn) == [T0_MS * 1_000_000 + 250_000_000, (T0_MS + 1000) * 1_000_000]
     assert md.terminate() == 0
 
 

@@ -186,3 +186,27 @@ def test_tick_by_tick_slots_go_to_positions_first_and_rotate_the_rest(redis_url,
     assert symbols["NLY PRF"] >= 3, symbols  # the position keeps its slot
     assert len(set(symbols) - {"NLY PRF"}) >= 3, symbols  # the other slot rotated
     assert md.terminate() == 0
+
+
+def test_a_stub_quote_from_ib_is_published_flagged_with_one_alert_and_a_resolution(redis_url, r, tmp_path, sim):
+    symbol = UNIVERSE[5]  # no tick-by-tick slot: quotes only
+    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data")
+    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    of_symbol = lambda: [e["payload"] for e in stream_events(r, "ev.l1") if e["payload"]["symbol"] == symbol]
+    wait_until(lambda: of_symbol(), timeout=20, message="a first quote")
+    normal = sim.control.quote(symbol)
+    sim.control.set_quote(symbol, 0.01, 999_999.0, freeze=True)
+    wait_until(lambda: any(q["bid"] == 0.01 and q["ask"] == 999_999.0 for q in of_symbol()), message="the stub quote")
+    stub = [q for q in of_symbol() if q["bid"] == 0.01 and q["ask"] == 999_999.0]
+    assert all(q["implausible"] == "wide_spread" for q in stub)
+    sim.control.set_quote(symbol, normal["bid"], normal["ask"], freeze=True)
+    wait_until(lambda: of_symbol()[-1]["bid"] == normal["bid"] and of_symbol()[-1]["ask"] == normal["ask"], message="back")
+    assert of_symbol()[-1]["implausible"] is None
+    symbol_alerts = lambda: [
+        e["payload"] for e in stream_events(r, "ev.alerts")
+        if e["payload"]["alert_type"] == "l1_implausible" and e["payload"]["symbol"] == symbol
+    ]
+    wait_until(lambda: len(symbol_alerts()) == 2, message="start and end")
+    assert [(a["severity"], a["data"]["state"]) for a in symbol_alerts()] == [("warning", "firing"), ("info", "resolved")]
+    assert symbol_alerts()[0]["data"]["problem"] == "wide_spread"
+    assert md.terminate() == 0

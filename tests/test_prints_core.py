@@ -392,3 +392,98 @@ def test_incremental_windows_on_a_long_random_day():
         if n % 97 == 0:
             check_against_model(symbol, list(model), rules)
     check_against_model(symbol, list(model), rules)
+
+
+# --- the print gate: implausible prints never reach truth ticks or GRPAN ----------------------------
+
+from daemons.prints.core import PrintScreen, gate_reference, plausible_stored, screen_print  # noqa: E402
+from qe import config as qe_config  # noqa: E402
+from tests.support.processes import REPO  # noqa: E402
+
+PLAUSIBILITY = qe_config.load_rules(REPO / "etc" / "risk_rules.yaml").plausibility
+NOW = T0 + 10 * MIN
+
+
+class Feed:
+    """One symbol's prints through the gate, as the worker does it."""
+
+    def __init__(self) -> None:
+        self.prints = SymbolPrints(RULES)
+        self.screen = PrintScreen()
+        self.n = 0
+
+    def send(self, price: float, size: int = 100, venue: str = "NYSE", ts_ns: int | None = None):
+        self.n += 1
+        record = self.prints.record(f"k{self.n}", price, size, venue, T0 + self.n * S if ts_ns is None else ts_ns)
+        screening = screen_print("CIM PRB", self.prints, self.screen, record, T0 + self.n, NOW, PLAUSIBILITY)
+        if screening.problem is None:
+            self.prints.add(record)
+        return screening
+
+    def headline(self):
+        return self.prints.evaluate(NOW).headline
+
+
+def test_one_implausible_print_never_moves_the_truth_tick_or_grpan():
+    feed = Feed()
+    for _ in range(5):
+        assert feed.send(25.00).problem is None
+    truth, grpan_before = feed.prints.truth_tick.price, feed.headline().grpan_price
+    assert (truth, grpan_before) == (25.00, 25.00)
+    big = PLAUSIBILITY.prints.max_size + 1
+    assert feed.send(0.01).problem == "far_from_reference"
+    assert feed.send(250.0).problem == "far_from_reference"
+    assert feed.send(25.00, size=big).problem == "absurd_size"
+    assert feed.send(25.00, ts_ns=NOW + 3600 * S).problem == "future_time"
+    assert feed.send(25.00, ts_ns=NOW - int(PLAUSIBILITY.prints.max_age_s * S) - S).problem == "too_old"
+    assert feed.prints.truth_tick.price == 25.00 and feed.headline().grpan_price == 25.00
+    assert feed.headline().print_count == 5 and len(feed.prints) == 5  # none of them is in any window
+
+
+def test_one_alert_per_episode_and_a_resolution_when_a_print_counts_again():
+    feed = Feed()
+    feed.send(25.00)
+    first = feed.send(0.01)
+    assert first.episode.started and first.since_ns == T0 + 2
+    second = feed.send(999.0)
+    assert second.episode is None and second.since_ns == T0 + 2  # same episode
+    back = feed.send(25.01)
+    assert back.problem is None and not back.episode.started and back.since_ns == T0 + 2
+    assert back.excluded_in_episode == 2
+    assert feed.screen.excluded == [] and feed.screen.since_ns is None
+    assert feed.send(25.02).episode is None  # no episode: nothing to announce
+
+
+def test_a_real_move_is_accepted_once_enough_excluded_prints_agree():
+    feed = Feed()
+    for _ in range(5):
+        feed.send(25.00)
+    confirm = PLAUSIBILITY.prints.confirm_prints
+    verdicts = [feed.send(27.80).problem for _ in range(confirm + 1)]
+    assert verdicts == ["far_from_reference"] * confirm + [None]
+    assert feed.prints.truth_tick.price == 27.80
+    assert feed.send(27.81).problem is None  # the reference moved with the market
+    # Disagreeing far prints do not confirm each other.
+    other = Feed()
+    other.send(25.00)
+    assert [other.send(price).problem for price in (40.0, 10.0, 40.0, 10.0)] == ["far_from_reference"] * 4
+
+
+def test_the_reference_is_the_truth_tick_else_grpan():
+    feed = Feed()
+    assert gate_reference(feed.prints) is None  # a new symbol: nothing known, the first print counts
+    feed.send(24.90, size=150, venue="FINRA")  # dark 150: not a truth tick, but GRPAN weight
+    assert feed.prints.truth_tick is None and gate_reference(feed.prints) == 24.90
+    feed.send(25.00, size=100, venue="NYSE")
+    assert gate_reference(feed.prints) == 25.00
+
+
+def test_screen_memory_round_trips_and_saved_state_is_checked():
+    screen = PrintScreen(excluded=[("k1", 0.01), ("k2", 0.02)], since_ns=5, problem="far_from_reference", excluded_in_episode=2)
+    assert PrintScreen.from_json(screen.to_json(), keep=3) == screen
+    with pytest.raises(ValueError):
+        PrintScreen.from_json('{"excluded": [["k", NaN]]}', keep=3)
+    assert plausible_stored(25.0, 100, NOW, NOW, PLAUSIBILITY)
+    for price, size, ts in [(float("nan"), 100, NOW), (1e9, 100, NOW), (25.0, 10**400, NOW), (25.0, True, NOW),
+                            (25.0, 100, NOW + 3600 * S), (0.0, 100, NOW), (25.0, 100.5, NOW)]:
+        assert not plausible_stored(price, size, ts, NOW, PLAUSIBILITY)

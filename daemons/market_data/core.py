@@ -7,6 +7,7 @@ function takes `now` from its caller.
 from __future__ import annotations
 
 import math
+import reprlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -16,10 +17,29 @@ from zoneinfo import ZoneInfo
 from redis.backoff import EqualJitterBackoff
 
 from qe.clock import NS_PER_S
+from qe.config import PlausibilityRules
 from qe.contracts import L1, Print, idempotency_key
+from qe.plausibility import EpisodeChange, PrintProblem, QuoteVerdict, episode_change, print_problem, quote_verdict, trusted_reference
 from qe.universe import from_hammer
 
 NS_PER_MS = 1_000_000
+MAX_TS_NS = 2**63  # epoch ns that fit a signed 64-bit integer (year 2262)
+
+
+# Feed values in log lines and errors: bounded, whatever the feed sent (a 10 MB string,
+# a list nested 900 deep).
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = 60
+_SHORT.maxother = 60
+_SHORT.maxlevel = 2
+_SHORT.maxlist = _SHORT.maxdict = 4
+
+
+def short_repr(value: Any) -> str:
+    try:
+        return _SHORT.repr(value)[:120]
+    except Exception:  # noqa: BLE001 - a hostile object's repr may fail any way
+        return f"<unprintable {type(value).__name__}>"
 
 
 class MalformedMessage(ValueError):
@@ -326,38 +346,51 @@ class TickPoller:
 def parse_hammer_time(value: Any, zone: ZoneInfo) -> int:
     """getTicks `t`: epoch milliseconds (number or digits) or ISO-8601 text; text
     without an offset is read in `zone`."""
+    try:
+        ts_ns = _hammer_time_ns(value, zone)
+    except MalformedMessage:
+        raise
+    except (ValueError, OverflowError, TypeError):  # huge numbers, absurd dates
+        raise MalformedMessage("bad_time", short_repr(value)) from None
+    if not 0 < ts_ns < MAX_TS_NS:
+        raise MalformedMessage("bad_time", short_repr(value))
+    return ts_ns
+
+
+def _hammer_time_ns(value: Any, zone: ZoneInfo) -> int:
     if isinstance(value, bool):
-        raise MalformedMessage("bad_time", repr(value))
+        raise MalformedMessage("bad_time", short_repr(value))
     if isinstance(value, (int, float)):
         if not math.isfinite(value) or value <= 0:
-            raise MalformedMessage("bad_time", repr(value))
+            raise MalformedMessage("bad_time", short_repr(value))
         return int(round(value * NS_PER_MS))
     if isinstance(value, str):
         text = value.strip()
+        if len(text) > 64:
+            raise MalformedMessage("bad_time", short_repr(value))
         if text.isdigit():
             return int(text) * NS_PER_MS
-        try:
-            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise MalformedMessage("bad_time", repr(value)) from None
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=zone)
         delta = moment - datetime(1970, 1, 1, tzinfo=timezone.utc)
         return (delta.days * 86_400 + delta.seconds) * NS_PER_S + delta.microseconds * 1_000
-    raise MalformedMessage("bad_time", repr(value))
+    raise MalformedMessage("bad_time", short_repr(value))
 
 
 def _number(value: Any, name: str, *, positive: bool = False) -> float | None:
     if value is None or value == "":
         return None
-    if isinstance(value, bool):
-        raise MalformedMessage(f"bad_{name}", repr(value))
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise MalformedMessage(f"bad_{name}", short_repr(value))
+    if isinstance(value, str) and len(value) > 64:
+        raise MalformedMessage(f"bad_{name}", short_repr(value))
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise MalformedMessage(f"bad_{name}", repr(value)) from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer of 400 digits
+        raise MalformedMessage(f"bad_{name}", short_repr(value)) from None
     if not math.isfinite(number) or number < 0 or (positive and number == 0):
-        raise MalformedMessage(f"bad_{name}", repr(value))
+        raise MalformedMessage(f"bad_{name}", short_repr(value))
     return number
 
 
@@ -371,9 +404,15 @@ def _size(value: Any, name: str) -> int:
     return 0 if number is None else int(number)
 
 
+def _venue(value: Any) -> str:
+    if not isinstance(value, str):
+        return "UNKNOWN"
+    return value.strip().upper()[:16] or "UNKNOWN"
+
+
 def hammer_symbol(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise MalformedMessage("bad_symbol", repr(value))
+    if not isinstance(value, str) or not value.strip() or len(value) > 32:
+        raise MalformedMessage("bad_symbol", short_repr(value))
     return from_hammer(value.strip().upper())
 
 
@@ -390,7 +429,7 @@ def parse_l1_update(result: Any, now_ns: int) -> tuple[L1, float | None]:
         ask_size=_size(result.get("askSize", result.get("asksize")), "ask_size"),
         last=_price(result.get("last"), "last"),
         last_size=None if last_size is None else int(last_size),
-        venue=(str(result["venue"])[:16] or None) if result.get("venue") else None,
+        venue=_venue(result.get("venue")) if result.get("venue") else None,
         quote_ts_ns=now_ns,
     )
     try:
@@ -414,7 +453,7 @@ def parse_ticks(symbol: str, result: Any, zone: ZoneInfo) -> tuple[list[RawTick]
             size = _number(row.get("s"), "size", positive=True)
             if price is None or size is None:
                 raise MalformedMessage("bad_tick", "price and size are required")
-            venue = str(row.get("e") or "UNKNOWN").strip().upper()[:16] or "UNKNOWN"
+            venue = _venue(row.get("e"))
             ticks.append(RawTick(symbol, parse_hammer_time(row.get("t"), zone), price, int(size), venue))
         except MalformedMessage:
             skipped += 1
@@ -455,3 +494,137 @@ class Backlog:
 
     def __len__(self) -> int:
         return len(self.l1) + len(self.prints)
+
+
+# --- plausibility (SPEC 9) ---------------------------------------------------------------------------
+#
+# Two kinds of bad data, two treatments:
+# * numbers no feed can mean (sizes above `max_quantity`, a last or print price above
+#   `max_price`, trade times in the future or older than `prints.max_age_s`) are
+#   refused: logged, counted, never published;
+# * a quote that is well-formed but implausible (crossed, wide, jumping, absurd size)
+#   is published FLAGGED (`L1.implausible`), never dropped: consumers must know the
+#   current quote of the symbol is not a price.
+
+
+def _above(value: float | None, limit: float) -> bool:
+    return value is not None and value > limit
+
+
+def quote_refusal(quote: L1, rules: PlausibilityRules) -> str | None:
+    """Why an L1 from the feed cannot be published at all (None: it can, maybe flagged).
+    Bid and ask are judged by the quote gate, not here."""
+    if max(quote.bid_size, quote.ask_size, quote.last_size or 0) > rules.max_quantity:
+        return "quote_size_above_max"
+    if _above(quote.last, rules.max_price):
+        return "last_above_max_price"
+    return None
+
+
+def print_refusal(tick: RawTick, now_ns: int, rules: PlausibilityRules) -> str | None:
+    """Why a trade from the feed is not published as a print (None: publish it). Times
+    are judged against the daemon's own clock."""
+    if not math.isfinite(tick.price) or tick.price <= 0 or tick.price > rules.max_price:
+        return "print_price"
+    if tick.size <= 0 or tick.size > rules.max_quantity:
+        return "print_size"
+    if tick.ts_ns > now_ns + int(rules.max_future_skew_s * NS_PER_S):
+        return "print_future_time"
+    if tick.ts_ns < now_ns - int(rules.prints.max_age_s * NS_PER_S):
+        return "print_too_old"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class GatedQuote:
+    """The quote gate's outcome for one L1: the event to publish (flagged or not), or a
+    refusal; and the start or end of the symbol's implausible episode, if any."""
+
+    l1: L1 | None
+    verdict: QuoteVerdict | None
+    refused: str | None = None
+    episode: EpisodeChange | None = None
+    episode_since_ns: int | None = None
+
+
+@dataclass
+class SymbolTrust:
+    """What market data itself has seen of one symbol that passed the gates."""
+
+    confirm_prints: int
+    trusted_print: float | None = None  # latest print that passed the print gate
+    trusted_mid: float | None = None  # mid of the latest quote that passed the quote gate
+    recent_excluded: deque[float] = field(default_factory=deque)
+    implausible_since_ns: int | None = None  # start of the current implausible-quote episode
+
+    @property
+    def reference(self) -> float | None:
+        return trusted_reference(self.trusted_print, None, self.trusted_mid)
+
+
+class QuoteGate:
+    """Market data's quote gate and the per-symbol memory it needs (SPEC 9). Pure: the
+    caller passes `now_ns`."""
+
+    def __init__(self, rules: PlausibilityRules) -> None:
+        self.rules = rules
+        self.symbols: dict[str, SymbolTrust] = {}
+
+    def trust(self, symbol: str) -> SymbolTrust:
+        trust = self.symbols.get(symbol)
+        if trust is None:
+            trust = self.symbols[symbol] = SymbolTrust(self.rules.prints.confirm_prints)
+        return trust
+
+    @property
+    def implausible_symbols(self) -> int:
+        return sum(1 for trust in self.symbols.values() if trust.implausible_since_ns is not None)
+
+    def on_print(self, tick: RawTick, now_ns: int) -> PrintProblem | None:
+        """Remember a published print as trusted if the print gate lets it count. The
+        print is published either way: the prints worker applies the gate again."""
+        trust = self.trust(tick.symbol)
+        problem = print_problem(
+            tick.price,
+            tick.size,
+            age_s=max(0, now_ns - tick.ts_ns) / NS_PER_S,
+            reference=trust.reference,
+            recent_excluded=list(trust.recent_excluded),
+            rules=self.rules.prints,
+        )
+        if problem is None:
+            trust.trusted_print = tick.price
+            trust.recent_excluded.clear()
+        else:
+            trust.recent_excluded.append(tick.price)
+            while len(trust.recent_excluded) > trust.confirm_prints:
+                trust.recent_excluded.popleft()
+        return problem
+
+    def on_quote(self, quote: L1, now_ns: int) -> GatedQuote:
+        refusal = quote_refusal(quote, self.rules)
+        if refusal is not None:
+            return GatedQuote(None, None, refused=refusal)
+        trust = self.trust(quote.symbol)
+        verdict = quote_verdict(
+            quote.bid,
+            quote.ask,
+            reference=trust.reference,
+            confirming_price=trust.trusted_print,
+            rules=self.rules.quote,
+            bid_size=quote.bid_size,
+            ask_size=quote.ask_size,
+        )
+        if verdict.plausible and (_above(quote.bid, self.rules.max_price) or _above(quote.ask, self.rules.max_price)):
+            # Not caught by the gate (no reference yet) but no preferred trades there.
+            return GatedQuote(None, verdict, refused="quote_price_above_max")
+        problem = None if verdict.problem is None else verdict.problem.value
+        change = episode_change(quote.symbol, trust.implausible_since_ns is not None, problem)
+        since = trust.implausible_since_ns
+        if change is not None:
+            since = now_ns if change.started else trust.implausible_since_ns
+            trust.implausible_since_ns = now_ns if change.started else None
+        if verdict.plausible and verdict.mid is not None:
+            trust.trusted_mid = verdict.mid
+        flagged = quote if quote.implausible == problem else quote.model_copy(update={"implausible": problem})
+        return GatedQuote(flagged, verdict, episode=change, episode_since_ns=since)

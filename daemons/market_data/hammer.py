@@ -22,7 +22,9 @@ from qe.clock import Clock
 from qe.config import HammerFeed as HammerConfig
 from qe.universe import to_hammer
 
-from .core import NS_PER_S, MalformedMessage, TickPoller, chunks, keyed_batch, parse_l1_update, parse_ticks
+from .core import (
+    NS_PER_S, MalformedMessage, TickPoller, chunks, keyed_batch, parse_l1_update, parse_ticks, short_repr,
+)
 from .feed import FeedAuthError, FeedDisconnected, FeedError, Item, Malformed, Quote, Trade
 
 log = logging.getLogger(__name__)
@@ -196,8 +198,9 @@ class HammerFeed:
             return None
         try:
             message = json.loads(text)
-        except ValueError as exc:
-            self.items.append(Malformed("bad_json", f"{exc}: {text[:120]!r}"))
+        except (ValueError, RecursionError) as exc:  # RecursionError: 100k nested `[`
+            reason = "too_deep" if isinstance(exc, RecursionError) else "bad_json"
+            self.items.append(Malformed(reason, f"{type(exc).__name__}: {str(exc)[:80]}: {text[:80]!r}"))
             return None
         if not isinstance(message, dict):
             self.items.append(Malformed("not_an_object", text[:120]))
@@ -249,15 +252,20 @@ class HammerFeed:
                 if isinstance(result, dict) and result.get("streamerID") == self.streamer_id and result.get("state") != READY_STATE:
                     log.warning("hammer data streamer changed state", extra={"state": result.get("state")})
         except MalformedMessage as exc:
-            self.items.append(Malformed(exc.reason, str(exc)))
+            self.items.append(Malformed(exc.reason, str(exc)[:200]))
+        except Exception as exc:  # noqa: BLE001 - feed content never stops the daemon
+            self.items.append(Malformed("undecodable", f"{cmd if isinstance(cmd, str) else '?'}: {type(exc).__name__}"[:200]))
 
     def _on_ticks(self, message: dict[str, Any]) -> None:
-        symbol = self.ticks_requests.pop(str(message.get("reqID")), None)
+        req_id = message.get("reqID")
+        symbol = self.ticks_requests.pop(req_id, None) if isinstance(req_id, str) else None
+        if symbol is None and isinstance(req_id, int) and not isinstance(req_id, bool):
+            symbol = self.ticks_requests.pop(str(req_id), None)
         if symbol is None:
             return  # a reply to a request from before a reconnect
         self.poller.on_reply(symbol)
         if not _ok(message):
-            self.items.append(Malformed("ticks_failed", f"{symbol}: {message.get('result')!r}"[:200]))
+            self.items.append(Malformed("ticks_failed", f"{symbol}: {short_repr(message.get('result'))}"))
             return
         ticks, skipped = parse_ticks(symbol, message.get("result"), self.zone)
         for _ in range(skipped):

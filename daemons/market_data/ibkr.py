@@ -36,16 +36,34 @@ NOTICE_CODES = set(IB_FARM_BROKEN) | set(IB_FARM_OK) | IB_RESTORED
 TBT_LIMIT = 10190  # max number of tick-by-tick requests reached
 
 
-def _price(value: Any) -> float | None:
-    if value is None or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+def _number(value: Any) -> float | None:
+    """A finite or infinite real number, or None for what ib_async uses for "no value"
+    (None, NaN) and for anything that is not a number at all (a bool included)."""
+    if value is None or isinstance(value, bool):
         return None
-    return float(value)
+    try:
+        number = float(value)  # ib_async sizes may be Decimal
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def _price(value: Any) -> float | None:
+    """IB's absent side (-1, 0, NaN) is None. +inf is kept: the L1 contract refuses it and
+    the quote is skipped as malformed rather than published without that side."""
+    number = _number(value)
+    return None if number is None or number <= 0 else number
 
 
 def _size(value: Any) -> int:
-    if value is None or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+    """Absent (NaN, -1) is 0 shares. An infinite size cannot be a quote size: ValueError
+    (the quote is skipped as malformed). Sizes above the limits are judged by the gate."""
+    number = _number(value)
+    if number is None or number <= 0:
         return 0
-    return int(value)
+    if not math.isfinite(number):
+        raise ValueError(f"size {number}")
+    return int(number)
 
 
 class IbkrFeed:
@@ -222,18 +240,19 @@ class IbkrFeed:
             try:
                 ticker = wrapper.reqId2Ticker.get(req_id)
                 symbol = self.symbol_by_con_id.get(ticker.contract.conId) if ticker is not None else None
-                if symbol is not None and symbol in self.tick_by_tick and price > 0 and size > 0:
+                trade_price, trade_size = _price(price), _size(size)  # NaN / -1 / 0: no trade
+                if symbol is not None and symbol in self.tick_by_tick and trade_price is not None and trade_size > 0:
                     tick = RawTick(
                         symbol=symbol,
-                        ts_ns=int(time) * NS_PER_S,
-                        price=round(float(price), 4),
-                        size=int(size),
+                        ts_ns=int(time) * NS_PER_S,  # bounded against our clock by the service
+                        price=round(trade_price, 4),
+                        size=trade_size,
                         venue=(str(exchange).strip().upper() or "UNKNOWN")[:16],
                         conditions=tuple(str(conditions or "").split()),
                     )
                     self.items.append(Trade(tick, self.counter.key(tick)))
             except Exception as exc:  # noqa: BLE001 - a bad tick must not break ib_async's loop
-                self.items.append(Malformed("bad_tick", f"{type(exc).__name__}: {exc}"))
+                self.items.append(Malformed("bad_tick", f"{type(exc).__name__}: {str(exc)[:160]}"))
             original(req_id, tick_type, time, price, size, attrib, exchange, conditions)
 
         wrapper.tickByTickAllLast = tick_by_tick_all_last
@@ -241,23 +260,30 @@ class IbkrFeed:
     def _on_tickers(self, tickers: Any) -> None:
         now_ns = self.clock.now_ns()
         for ticker in tickers:
-            symbol = self.symbol_by_con_id.get(ticker.contract.conId)
-            if symbol is None:
-                continue
-            values = (
-                _price(ticker.bid), _price(ticker.ask), _size(ticker.bidSize), _size(ticker.askSize),
-                _price(ticker.last), _size(ticker.lastSize) if _price(ticker.last) is not None else None,
-            )
-            if values == self.last_quote.get(symbol) or values[:2] == (None, None) and values[4] is None:
-                continue
-            self.last_quote[symbol] = values
-            bid, ask, bid_size, ask_size, last, last_size = values
             try:
-                quote = L1(
-                    symbol=symbol, bid=bid, ask=ask, bid_size=bid_size, ask_size=ask_size,
-                    last=last, last_size=last_size, quote_ts_ns=now_ns,
-                )
-            except ValueError as exc:
-                self.items.append(Malformed("bad_l1", f"{symbol}: {str(exc).splitlines()[0]}"))
-                continue
-            self.items.append(Quote(quote))
+                self._on_ticker(ticker, now_ns)
+            except Exception as exc:  # noqa: BLE001 - one bad ticker must not break ib_async's loop
+                self.items.append(Malformed("bad_l1", f"{type(exc).__name__}: {str(exc)[:160]}"))
+
+    def _on_ticker(self, ticker: Any, now_ns: int) -> None:
+        symbol = self.symbol_by_con_id.get(ticker.contract.conId)
+        if symbol is None:
+            return
+        last = _price(ticker.last)
+        values = (
+            _price(ticker.bid), _price(ticker.ask), _size(ticker.bidSize), _size(ticker.askSize),
+            last, _size(ticker.lastSize) if last is not None else None,
+        )
+        if values == self.last_quote.get(symbol) or values[:2] == (None, None) and values[4] is None:
+            return
+        self.last_quote[symbol] = values
+        bid, ask, bid_size, ask_size, last, last_size = values
+        try:
+            quote = L1(
+                symbol=symbol, bid=bid, ask=ask, bid_size=bid_size, ask_size=ask_size,
+                last=last, last_size=last_size, quote_ts_ns=now_ns,
+            )
+        except ValueError as exc:
+            self.items.append(Malformed("bad_l1", f"{symbol}: {str(exc).splitlines()[0][:160]}"))
+            return
+        self.items.append(Quote(quote))

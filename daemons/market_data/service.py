@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import redis
+from prometheus_client import Counter, Gauge
 from redis.backoff import ExponentialWithJitterBackoff
 
 from qe import config as qe_config
@@ -27,7 +28,10 @@ from qe import metrics
 from qe.contracts import Alert, Envelope, Severity, idempotency_key, make_event
 from qe.streams import REDIS_ERRORS, Publisher, default_consumer_name, write_heartbeat
 
-from .core import NS_PER_S, Backlog, FeedHealth, ReconnectBackoff, SeenKeys, l1_key, print_payload
+from .core import (
+    NS_PER_S, Backlog, FeedHealth, GatedQuote, QuoteGate, ReconnectBackoff, SeenKeys, l1_key, print_payload, print_refusal,
+    short_repr,
+)
 from .feed import Feed, FeedAuthError, FeedDisconnected, FeedError, Item, Malformed, Notice, Quote, Trade
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,16 @@ SEED_SEEN_MAX = 50_000
 HEALTH_INTERVAL_S = 1.0
 SESSION_FRESH_NS = 30 * NS_PER_S
 _SYMBOL = re.compile(r"^[A-Z][A-Z0-9.]*( PR[A-Z])?$")
+
+# Market data's own metrics (only this daemon has them).
+l1_implausible = Counter(
+    "qe_l1_implausible_total", "Quotes published flagged by the quote gate, by reason", ["source", "reason"],
+    registry=metrics.REGISTRY,
+)
+l1_implausible_symbols = Gauge(
+    "qe_l1_implausible_symbols", "Symbols whose latest quote is implausible (an open episode)", ["source"],
+    registry=metrics.REGISTRY,
+)
 
 
 class MarketOpen:
@@ -78,6 +92,8 @@ class MarketDataService:
         self.publisher = Publisher(self.r, context.rules)
         self.backlog = Backlog(self.config.max_pending_l1, self.config.max_pending_prints)
         self.seen = SeenKeys(self.config.seen_prints_memory)
+        self.plausibility = context.rules.plausibility
+        self.gate = QuoteGate(self.plausibility)
         self.health = FeedHealth(stale_after_ns=int(self.config.stale_after_s * NS_PER_S))
         self.reconnect = ReconnectBackoff(self.config.reconnect_base_s, self.config.reconnect_cap_s)
         self.redis_backoff = ExponentialWithJitterBackoff(cap=self.runtime.backoff_cap_s, base=self.runtime.backoff_base_s)
@@ -218,29 +234,83 @@ class MarketDataService:
             return
         now_ns = self.clock.now_ns()
         for item in items:
-            if isinstance(item, Quote):
-                metrics.feed_messages.labels(self.source, "l1").inc()
-                self.health.on_update(now_ns)
-                event = make_event(item.l1, idempotency_key=l1_key(item.l1), source=SOURCE, ts_ns=now_ns)
-                self.backlog.add_l1(item.l1.symbol, event)
-            elif isinstance(item, Trade):
-                metrics.feed_messages.labels(self.source, "print").inc()
-                self.health.on_update(now_ns)
-                if not self.seen.add(item.key):
-                    metrics.feed_duplicate_prints.labels(self.source).inc()
-                    continue
-                try:
-                    event = make_event(print_payload(item.tick), idempotency_key=item.key, source=SOURCE, ts_ns=now_ns)
-                except ValueError as exc:
-                    self.malformed(Malformed("bad_print", str(exc).splitlines()[0]))
-                    continue
-                self.backlog.add_print(event)
-            elif isinstance(item, Notice):
-                self.on_notice(item)
-            elif isinstance(item, Malformed):
-                self.malformed(item)
+            try:
+                self.take_one(item, now_ns)
+            except Exception as exc:  # noqa: BLE001 - feed content never stops the daemon
+                self.malformed(Malformed("unusable_item", f"{type(item).__name__}: {type(exc).__name__}: {str(exc)[:160]}"))
         metrics.feed_last_update.labels(self.source).set(now_ns / NS_PER_S)
         metrics.feed_backlog.set(len(self.backlog))
+        l1_implausible_symbols.labels(self.source).set(self.gate.implausible_symbols)
+
+    def take_one(self, item: Item, now_ns: int) -> None:
+        if isinstance(item, Quote):
+            metrics.feed_messages.labels(self.source, "l1").inc()
+            self.health.on_update(now_ns)
+            self.take_quote(item, now_ns)
+        elif isinstance(item, Trade):
+            metrics.feed_messages.labels(self.source, "print").inc()
+            self.health.on_update(now_ns)
+            self.take_trade(item, now_ns)
+        elif isinstance(item, Notice):
+            self.on_notice(item)
+        elif isinstance(item, Malformed):
+            self.malformed(item)
+
+    def take_quote(self, item: Quote, now_ns: int) -> None:
+        """Every quote goes through the quote gate before it is published: an implausible
+        one is published flagged (never silently dropped), and the symbol's episode is
+        alerted once when it starts and once when it ends."""
+        gated = self.gate.on_quote(item.l1, now_ns)
+        if gated.l1 is None:
+            self.malformed(Malformed(gated.refused or "refused", f"{item.l1.symbol}: bid {item.l1.bid} ask {item.l1.ask}"))
+            return
+        if gated.l1.implausible is not None:
+            l1_implausible.labels(self.source, gated.l1.implausible).inc()
+        if gated.episode is not None:
+            self.quote_episode_alert(gated)
+        event = make_event(gated.l1, idempotency_key=l1_key(gated.l1), source=SOURCE, ts_ns=now_ns)
+        self.backlog.add_l1(gated.l1.symbol, event)
+
+    def take_trade(self, item: Trade, now_ns: int) -> None:
+        refusal = print_refusal(item.tick, now_ns, self.plausibility)
+        if refusal is not None:
+            tick = item.tick
+            detail = f"{tick.symbol}: {short_repr(tick.price)} x {short_repr(tick.size)} at ts_ns {short_repr(tick.ts_ns)}"
+            self.malformed(Malformed(refusal, detail))
+            return
+        if not self.seen.add(item.key):
+            metrics.feed_duplicate_prints.labels(self.source).inc()
+            return
+        try:
+            event = make_event(print_payload(item.tick), idempotency_key=item.key, source=SOURCE, ts_ns=now_ns)
+        except ValueError as exc:
+            self.malformed(Malformed("bad_print", str(exc).splitlines()[0][:200]))
+            return
+        self.gate.on_print(item.tick, now_ns)  # published: it may become the trusted reference
+        self.backlog.add_print(event)
+
+    def quote_episode_alert(self, gated: GatedQuote) -> None:
+        change, quote, verdict = gated.episode, gated.l1, gated.verdict
+        assert change is not None and quote is not None and gated.episode_since_ns is not None
+        since_ns = gated.episode_since_ns
+        data = {"source": self.source, "since_ns": since_ns, "bid": quote.bid, "ask": quote.ask}
+        if change.started:
+            detail = verdict.detail if verdict is not None else ""
+            log.warning("implausible quote", extra={"symbol": change.symbol, "problem": change.problem, "detail": detail})
+            self.alert(
+                "l1_implausible", "warning",
+                f"{change.symbol}: implausible quote ({change.problem}: {detail}); published flagged, not a price",
+                episode=since_ns, symbol=change.symbol,
+                data={**data, "state": "firing", "problem": change.problem, "detail": detail},
+            )
+        else:
+            duration_s = round((self.clock.now_ns() - since_ns) / NS_PER_S, 3)
+            log.info("quote plausible again", extra={"symbol": change.symbol, "after_s": duration_s})
+            self.alert(
+                "l1_implausible", "info", f"resolved: {change.symbol} quote plausible again",
+                episode=since_ns, symbol=change.symbol,
+                data={**data, "state": "resolved", "duration_s": duration_s},
+            )
 
     def malformed(self, item: Malformed) -> None:
         metrics.feed_malformed.labels(self.source, item.reason).inc()
@@ -283,11 +353,22 @@ class MarketDataService:
         if silent and self.connected and time.monotonic() - self.last_resubscribe_at >= self.config.stale_after_s:
             self.resubscribe(self.health.reason)
 
-    def alert(self, alert_type: str, severity: Severity, message: str, episode: int) -> None:
-        """Alerts go out with the next flush; the key names the episode, so a
+    def alert(
+        self, alert_type: str, severity: Severity, message: str, episode: int,
+        symbol: str | None = None, data: dict[str, Any] | None = None,
+    ) -> None:
+        """Alerts go out with the next flush; the key names the episode (and the symbol
+        and severity for per-symbol episodes, so its start and its end differ), so a
         retried append is recognised (ev.alerts dedupes on it)."""
-        payload = Alert(alert_type=alert_type, severity=severity, message=message, data={"source": self.source})
-        key = idempotency_key("alert", DAEMON, alert_type, self.source, episode // 1_000_000)
+        payload = Alert(
+            alert_type=alert_type, severity=severity, symbol=symbol, message=message[:500],
+            data=data or {"source": self.source},
+        )
+        if symbol is None:
+            key = idempotency_key("alert", DAEMON, alert_type, self.source, episode // 1_000_000)
+        else:
+            state = "resolved" if severity == "info" else severity
+            key = idempotency_key("alert", DAEMON, alert_type, symbol, episode // 1_000_000, state)
         self.pending_alerts.append(make_event(payload, idempotency_key=key, source=SOURCE, ts_ns=self.clock.now_ns()))
 
     # -- Redis ---------------------------------------------------------------------------------------------------

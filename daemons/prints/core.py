@@ -16,12 +16,15 @@ weights are integers in hundredths (lit 1.0 -> 100), so sums, ties and the
 from __future__ import annotations
 
 import bisect
+import json
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Sequence
 
 from qe.clock import NS_PER_S
-from qe.config import PrintsRules
+from qe.config import PlausibilityRules, PrintsRules
+from qe.plausibility import EpisodeChange, episode_change, print_problem, trusted_reference
 
 PRICE_SCALE = 10_000  # price keys are in $0.0001
 WEIGHT_SCALE = 100  # weights are in hundredths
@@ -458,3 +461,114 @@ def _delete(records: list[PrintRecord], orders: list[tuple[int, int]], record: P
     if index < len(orders) and orders[index] == record.order:
         del records[index]
         del orders[index]
+
+
+# --- plausibility: prints kept out of truth ticks and GRPAN (SPEC 9) --------------------------------
+
+FUTURE_TIME = "future_time"  # not in qe.plausibility's print gate: a trade time ahead of our clock
+
+
+@dataclass
+class PrintScreen:
+    """One symbol's memory for the print gate: the excluded prints just before now (key,
+    price; a run that agrees with itself is the market moving) and the open episode."""
+
+    excluded: list[tuple[str, float]] = field(default_factory=list)
+    since_ns: int | None = None  # ts_ns of the event that opened the episode
+    problem: str | None = None
+    excluded_in_episode: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"excluded": self.excluded, "since_ns": self.since_ns, "problem": self.problem, "count": self.excluded_in_episode},
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes, keep: int) -> "PrintScreen":
+        value = json.loads(text)
+        excluded = [(str(key), float(price)) for key, price in value.get("excluded", [])][-keep:]
+        if not all(math.isfinite(price) and price > 0 for _key, price in excluded):
+            raise ValueError("excluded price not finite and positive")
+        since = value.get("since_ns")
+        problem = value.get("problem")
+        return cls(
+            excluded=excluded,
+            since_ns=int(since) if since is not None else None,
+            problem=str(problem)[:32] if problem is not None else None,
+            excluded_in_episode=int(value.get("count", 0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Screening:
+    """The print gate's verdict on one print and what it did to the symbol's episode."""
+
+    problem: str | None  # None: the print counts
+    reference: float | None
+    episode: EpisodeChange | None
+    since_ns: int | None  # the episode's start (for a start or an end)
+    excluded_in_episode: int = 0
+
+
+def gate_reference(prints: SymbolPrints) -> float | None:
+    """The trusted reference of a symbol for the print gate: its last truth tick, else the
+    GRPAN of its last prints (computed only when there is no truth tick)."""
+    truth = prints.truth_tick.price if prints.truth_tick is not None else None
+    if truth is not None:
+        return trusted_reference(truth, None, None)
+    rules = prints.rules
+    return trusted_reference(None, grpan(prints.last_eligible(rules.last_n), None, rules).grpan_price, None)
+
+
+def screen_print(
+    symbol: str,
+    prints: SymbolPrints,
+    screen: PrintScreen,
+    record: PrintRecord,
+    event_ts_ns: int,
+    now_ns: int,
+    rules: PlausibilityRules,
+) -> Screening:
+    """Judge one (not yet added) print and update the symbol's screen. An excluded print
+    never reaches the buffer, the truth tick or any GRPAN window."""
+    reference = gate_reference(prints)
+    if record.ts_ns > now_ns + int(rules.max_future_skew_s * NS_PER_S):
+        problem: str | None = FUTURE_TIME
+    else:
+        verdict = print_problem(
+            record.price,
+            record.size,
+            age_s=(now_ns - record.ts_ns) / NS_PER_S,
+            reference=reference,
+            recent_excluded=[price for _key, price in screen.excluded],
+            rules=rules.prints,
+        )
+        problem = None if verdict is None else verdict.value
+    change = episode_change(symbol, screen.since_ns is not None, problem)
+    since = screen.since_ns
+    if problem is None:
+        count = screen.excluded_in_episode
+        screen.excluded.clear()
+        screen.since_ns, screen.problem, screen.excluded_in_episode = None, None, 0
+        return Screening(None, reference, change, since, count)
+    if all(key != record.key for key, _price in screen.excluded):
+        screen.excluded.append((record.key, record.price))
+        del screen.excluded[: -rules.prints.confirm_prints]
+    if change is not None:  # started
+        since = screen.since_ns = event_ts_ns
+        screen.problem = problem
+    screen.excluded_in_episode += 1
+    return Screening(problem, reference, change, since, screen.excluded_in_episode)
+
+
+def plausible_stored(price: float, size: int, ts_ns: int, now_ns: int, rules: PlausibilityRules) -> bool:
+    """Whether a print read back from saved state is a number a print can be (state saved
+    before the gates existed, or written by hand, must not come back into the windows)."""
+    return (
+        isinstance(price, (int, float)) and not isinstance(price, bool) and math.isfinite(price)
+        and 0 < price <= rules.max_price
+        and isinstance(size, int) and not isinstance(size, bool) and 0 < size <= rules.prints.max_size
+        and isinstance(ts_ns, int) and not isinstance(ts_ns, bool)
+        and 0 < ts_ns <= now_ns + int(rules.max_future_skew_s * NS_PER_S)
+    )
