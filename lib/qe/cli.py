@@ -64,7 +64,7 @@ def connect(settings: config.Settings) -> redis.Redis:
     try:
         client.ping()
     except redis.RedisError as exc:
-        raise CliError(f"cannot reach Redis at {settings.redis_url_redacted}: {exc}") from exc
+        raise CliError(f"cannot reach Redis at {settings.redis_url_redacted} ({exc})") from exc
     return client
 
 

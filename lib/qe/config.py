@@ -815,15 +815,15 @@ SECRET_FILES = {"QE_REDIS_PASSWORD_FILE": "redis_password", "QE_HAMMER_PASSWORD_
 # --- URLs and secrets ----------------------------------------------------------------------
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
-# user:password@ after a scheme (greedy to the token's last '@': a password may hold one),
-# and password= in a query string.
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s]*@")
+# user:password@ after a scheme (the password greedy to the token's last '@': it may
+# hold one), and password= in a query string.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^\s:/@]*):[^\s]*@")
 _QUERY_PASSWORD = re.compile(r"(?i)([?&;]password=)[^&#\s'\"]*")
 
 
 def redact(text: str) -> str:
-    """Text with every URL password replaced (and the user name with it)."""
-    return _QUERY_PASSWORD.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+    """Text with every URL password replaced by *** (user names kept); idempotent."""
+    return _QUERY_PASSWORD.sub(r"\1***", _USERINFO.sub(r"\1\2:***@", text))
 
 
 def redact_url(url: str) -> str:
@@ -951,7 +951,8 @@ def read_text_file(path: str | Path, max_bytes: int = MAX_CONFIG_BYTES) -> str:
     not a regular file, unreadable, larger than max_bytes, binary (NUL), not UTF-8."""
     path = Path(path)
     try:
-        with path.open("rb") as handle:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
             if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
                 raise ValueError("not a regular file")
             data = handle.read(max_bytes + 1)  # never more: a huge file is refused, not read
