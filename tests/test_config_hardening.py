@@ -341,6 +341,20 @@ def test_universe_problems_exit_78(tmp_path):
     assert_config_failure(result, "qe-market-data", "ref_price a number in (0, ")
 
 
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("  calendar: XNYS\n", "  calendar: XXXX\n", "session.calendar: unknown exchange calendar 'XXXX'"),
+        ("    symbols: [PFF]\n", "    symbols: [PFF, NOPE]\n", "alerts.etf_guard.symbols: ['NOPE'] not in the universe"),
+    ],
+)
+def test_check_config_checks_what_session_and_alerts_check_at_start(tmp_path, old, new, message):
+    path = tmp_path / "risk_rules.yaml"
+    path.write_text(replaced(old, new))
+    result = run(CHECK, QE_CONFIG=str(path))
+    assert_config_failure(result, "qe check-config", message)
+
+
 def test_hammer_source_without_password_fails_check_config(tmp_path):
     path = tmp_path / "risk_rules.yaml"
     path.write_text(replaced("  source: ibkr ", "  source: hammer "))
@@ -424,6 +438,13 @@ def test_safety_sections_have_no_defaults():
 )
 def test_good_redis_urls_are_accepted(url):
     assert config.check_redis_url(url) == url
+
+
+def test_settings_repr_hides_url_passwords():
+    settings = config.load_settings({"QE_REDIS_URL": f"redis://u:{PASSWORD}@h:1/0", "QE_HAMMER_URL": f"ws://h:{PASSWORD}@h:1"})
+    assert settings.redis_url.endswith(f"{PASSWORD}@h:1/0")  # the client still gets the real one
+    assert PASSWORD not in repr(settings) and PASSWORD not in str(settings)
+    assert settings.redis_url_redacted == "redis://u:***@h:1/0"
 
 
 def test_redaction():

@@ -103,6 +103,21 @@ def _redis_secrets(settings: config.Settings) -> list[str]:
     return [acl.username(user) for user in acl.ACCESS]
 
 
+def _rules_against_the_world(settings: config.Settings, rules: config.RiskRules, universe: dict[str, Any]) -> None:
+    """What daemons check at start beyond the file itself: qe-session's exchange calendar
+    and qe-alerts' ETF guard symbols (they need a ref_price from the universe)."""
+    import exchange_calendars  # slow to import; only this command needs it here
+
+    problems = []
+    if rules.session.calendar not in exchange_calendars.get_calendar_names(include_aliases=True):
+        problems.append(f"session.calendar: unknown exchange calendar {rules.session.calendar!r}")
+    missing = [symbol for symbol in rules.alerts.etf_guard.symbols if symbol not in universe]
+    if missing:
+        problems.append(f"alerts.etf_guard.symbols: {missing} not in the universe ({settings.universe_file})")
+    if problems:
+        raise config.ConfigError(f"{settings.rules_file}:\n  " + "\n  ".join(problems))
+
+
 def _market_data_secrets(settings: config.Settings, rules: config.RiskRules) -> str:
     if rules.market_data.source == "hammer" and settings.hammer_password is None:
         raise config.ConfigError("QE_HAMMER_PASSWORD_FILE: required when market_data.source is hammer")
@@ -115,6 +130,7 @@ def cmd_check_config(args: argparse.Namespace, settings: config.Settings) -> tup
     clock = _checked("clock", clock_module.from_env)
     rules = _checked("rules", lambda: config.load_rules(settings.rules_file))
     universe = _checked("universe", lambda: _universe(settings))
+    _checked("rules_vs_universe", lambda: _rules_against_the_world(settings, rules, universe))
     redis_users = _checked("redis_secrets", lambda: _redis_secrets(settings))
     feed = _checked("market_data", lambda: _market_data_secrets(settings, rules))
     _checked("metrics", lambda: daemon.check_metrics_endpoint(settings.metrics_host, settings.metrics_port))

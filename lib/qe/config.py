@@ -757,6 +757,11 @@ class Settings(BaseModel):
             raise ValueError("must be a host name or address (no spaces, at most 253 characters)")
         return value
 
+    def __repr_args__(self) -> Any:
+        # repr/str of the settings never show a password written into a URL.
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name in ("redis_url", "hammer_url") else value
+
     @property
     def redis_url_redacted(self) -> str:
         """The Redis URL as it may be printed or logged: any password replaced."""
