@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -378,4 +379,5 @@ def test_shipped_exposure_rules_are_the_spec_numbers():
     assert (RULES.hard_cap_pct, RULES.cap_recovery_target_pct, RULES.default_bucket) == (130, 123, "LT")
     assert {name: (b.target_pct, b.max_pct) for name, b in RULES.buckets.items()} == {"LT": (80, 90), "MM_PURE": (20, 30)}
     assert (RULES.l1_max_age_s, RULES.truth_tick_max_age_s, RULES.publish_interval_s) == (60, 300, 15)
-    assert config.ExposureRules() == RULES
+    with pytest.raises(ValidationError):  # no built-in defaults any more: the file is the only source
+        config.ExposureRules()
