@@ -125,7 +125,9 @@ def plan_reduction(
             continue
         if covered >= excess_notional:
             break  # not kept: the caller cancels it (target reached)
-        price, _skip = _price(holding, pricing, soft_offset)
+        price, skip_reason = _price(holding, pricing, soft_offset)
+        if price is None:  # kept at its old price (the engine still collars it); said why
+            skips.append(Skip(holding.symbol, slot, skip_reason or "no_price", _market_numbers(holding)))
         candidates.append(
             _candidate(holding, slot, purpose, priority, live.remaining_qty, price if price is not None else live.limit_price,
                        reason, numbers, keep_key=live.key)

@@ -196,8 +196,6 @@ def exposure_problem(snap: ExposureSnap | None, rules: PlausibilityRules) -> str
         return "no exposure snapshot"
     if snap.problem:
         return snap.problem
-    if not snap.ok:
-        return "exposure status error"
     for name, value in (("gross_pct", snap.gross_pct), ("potential_gross_pct", snap.potential_pct), ("equity", snap.equity)):
         if value is None:
             return f"{name} missing"
@@ -205,6 +203,8 @@ def exposure_problem(snap: ExposureSnap | None, rules: PlausibilityRules) -> str
             return f"{name} {value!r}"
     if snap.equity <= 0:
         return "equity <= 0"
+    if not snap.ok:
+        return "exposure status error"
     for bucket, b in snap.buckets.items():
         if not all(finite(v) and v >= 0 for v in (b.current_pct, b.potential_pct)):
             return f"bucket {bucket} {b.current_pct!r}/{b.potential_pct!r}"
