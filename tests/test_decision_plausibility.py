@@ -396,3 +396,13 @@ def test_session_or_exposure_from_the_future_is_not_fresh():
 def test_outstanding_record_roundtrip_keeps_fields():
     record = outstanding("k", "MM_BID", "CIM PRC", "BUY", 200, 24.95)
     assert Outstanding.from_record(record.to_record()) == record
+
+
+def test_a_held_position_without_any_mark_blocks_increases():
+    markets = {"CIM PRC": stub(24.90, 25.10)}
+    v = view({"CIM PRB": (20000, "LT", 25.0)}, EQUITY, markets, sess=session(T0, regime="MID"),
+             universe={"CIM PRC": "MM_PURE"})
+    v.exposure = replace(v.exposure, symbols={})  # the snapshot has no mark for it either
+    d = decide(v, engine_rules(strategies={"lt_band": {"enabled": False}}), T0)
+    assert d.intents == [] and d.trace["unpriced_positions"] == ["CIM PRB"]
+    assert "unpriced_positions" in d.trace["increases_blocked"]

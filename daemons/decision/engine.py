@@ -255,6 +255,7 @@ class _Evaluation:
         self._markets: dict[str, Market | None] = {}
         self._positions: dict[str, PositionView] | None = None
         self.errors: dict[str, str] = {}  # symbol -> why evaluating it failed (the symbol is skipped)
+        self.unpriced: list[str] = []  # held symbols with no mark at all (their notional is unknown)
         self.skips: list[Skip] = []  # found outside the planners (collar, containment)
         # Unknown is not zero: the latest snapshot, if usable; else the last good one,
         # while it is young enough to size de-risk; else none.
@@ -376,6 +377,8 @@ class _Evaluation:
         for symbol, position in self.all_positions().items():
             notional = self.contain(symbol, "gross", lambda: _notional(position.qty, self.mark_of(symbol)))
             if notional is None:
+                if symbol not in self.errors:
+                    self.unpriced.append(symbol)
                 continue
             total += notional
             buckets[position.bucket] = buckets.get(position.bucket, 0.0) + notional
@@ -595,6 +598,8 @@ def decide(
     candidates = [c for c in candidates if c.symbol not in ev.errors]
     if ev.errors:
         blocked_reasons.append("symbol_errors")
+    if ev.unpriced:
+        blocked_reasons.append("unpriced_positions")  # their notional is unknown, not zero
     arbitration = arbitrate(
         candidates,
         ArbitrationContext(
@@ -684,6 +689,7 @@ def decide(
         # Why symbols were left out this time (every skip, not only the newly reported).
         "skips": _skip_trace(skips),
         "symbol_errors": dict(sorted(ev.errors.items())[:TRACE_LIMIT]),
+        "unpriced_positions": sorted(ev.unpriced)[:TRACE_LIMIT],
     }
     return decision
 
