@@ -102,7 +102,15 @@ def encode_state(state: BrainState) -> dict[str, str]:
     return {name: _dumps(value) for name, value in values.items()}
 
 
+def initial_state() -> BrainState:
+    """A Brain with no saved state has judged nothing yet: THROTTLE (no risk increase),
+    never a claimed NORMAL. The first evaluation with a usable exposure snapshot decides."""
+    return BrainState(mode="THROTTLE", rule="start", reason="no evaluation yet: no risk increase")
+
+
 def decode_state(raw: dict[bytes, bytes]) -> BrainState:
+    if not raw:
+        return initial_state()
     known = {f.name for f in fields(BrainState)}
     values: dict[str, Any] = {}
     for name, value in raw.items():
