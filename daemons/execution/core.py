@@ -330,13 +330,10 @@ def check_new_order(
     size = check_size(intent.qty, limits, adv)
     if size is not None:
         return size
-    if intent.limit_price is None:
-        # A market order has no price the collar could bound: on a stub quote it fills at $0.01.
-        return Rejection("collar", f"{intent.side} {intent.symbol} has no limit price: only limit orders within the collar are sent")
-    price = intent.limit_price
-    priced = check_price(intent.symbol, intent.qty, price, reference, limits)
+    priced = check_order_price(intent, reference, limits)
     if priced is not None:
         return priced
+    price = intent.limit_price
     # Hard cap on potential gross, with this order added to the working orders.
     mark = view.marks.get(intent.symbol, price)
     before = symbol_potential(view, intent.symbol, mark=mark)
@@ -360,6 +357,15 @@ def check_size(qty: int, limits: Limits, adv: int | None) -> Rejection | None:
     if qty > cap:
         return Rejection("liquidity_cap", f"qty {qty} above max(ADV/{limits.liquidity_adv_divisor}, {limits.liquidity_min_shares}) = {cap}")
     return None
+
+
+def check_order_price(intent: OrderRequest, reference: float | None, limits: Limits) -> Rejection | None:
+    """The price checks of a new order (collar, notional): they need no broker and no
+    position, so they also run at receipt, before the intent is even recorded."""
+    if intent.limit_price is None:
+        # A market order has no price the collar could bound: on a stub quote it fills at $0.01.
+        return Rejection("collar", f"{intent.side} {intent.symbol} has no limit price: only limit orders within the collar are sent")
+    return check_price(intent.symbol, intent.qty, intent.limit_price, reference, limits)
 
 
 def check_price(symbol: str, qty: int, price: float, reference: float | None, limits: Limits) -> Rejection | None:

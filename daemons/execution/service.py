@@ -280,6 +280,13 @@ class ExecutionService:
         if record.expires_ns <= now_ns:
             self._save(effects, dataclasses.replace(record, status="EXPIRED", reject_reason="ttl: expired before it could be sent"))
             return
+        # A price outside the collar is refused at once (checked again before sending).
+        priced = core.check_order_price(intent, self.prices.reference(intent.symbol), self.limits)
+        if priced is not None:
+            metrics.orders_rejected.labels(priced.rule).inc()
+            log.warning("pre-trade check refused an order", extra={"order_ref": ref, "rule": priced.rule, "reason": priced.reason})
+            self._save(effects, core.rejected(record, None, f"{priced.rule}: {priced.reason}"))
+            return
         # Recorded first (PENDING_SUBMIT); checked and sent in this batch when possible.
         self._save(effects, record)
         self._send_waiting_orders(now_ns, effects, only=ref)
