@@ -344,6 +344,27 @@ def test_equity_that_is_not_a_positive_finite_number_blocks_increases(equity):
         assert rejection.rule == "hard_cap" and "equity unknown" in rejection.reason
 
 
+@pytest.mark.parametrize(
+    "qty, avg_cost, problem",
+    [
+        (float("inf"), 24.0, "not a whole number"),
+        (float("nan"), 24.0, "not a whole number"),
+        (100.5, 24.0, "not a whole number"),
+        (1e400, 24.0, "not a whole number"),
+        (-1e12, 24.0, "beyond 100,000,000 shares"),
+        (3200.0, float("nan"), "average cost nan"),
+    ],
+)
+def test_absurd_broker_positions_are_named(qty, avg_cost, problem):
+    assert problem in core.broker_position_problem(qty, avg_cost, 100_000_000)
+
+
+def test_sane_broker_positions_and_flat_ones_pass():
+    assert core.broker_position_problem(3200.0, 24.65, 100_000_000) is None
+    assert core.broker_position_problem(0.0, 0.0, 100_000_000) is None  # flat, not a bad price
+    assert core.usable_equity(float("nan")) is None and core.usable_equity(1e6) == 1e6
+
+
 # --- account interlock --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(

@@ -416,6 +416,23 @@ def check_modify(
     return check_price(record.symbol, record.qty, new_price, reference, limits)
 
 
+def broker_position_problem(qty: float, avg_cost: float, max_qty: int) -> str | None:
+    """Why a position the broker reported cannot be used, or None. Even the broker's
+    numbers are checked: a size of 1e400 once took the Brain down and stuck in state."""
+    if not math.isfinite(qty) or qty != int(qty):
+        return f"quantity {qty!r} is not a whole number of shares"
+    if abs(qty) > max_qty:
+        return f"quantity {qty:,.0f} is beyond {max_qty:,} shares"
+    if not math.isfinite(avg_cost):
+        return f"average cost {avg_cost!r} is not a finite number"
+    return None
+
+
+def usable_equity(value: float) -> float | None:
+    """NetLiquidation as a number the checks may use; NaN/inf is unknown (None)."""
+    return value if math.isfinite(value) else None
+
+
 # --- account interlock -----------------------------------------------------------------------------
 
 

@@ -81,6 +81,7 @@ class ExecutionService:
         self.rules = context.rules.execution
         self.hard_cap_pct = context.rules.exposure.hard_cap_pct
         self.default_bucket = context.rules.exposure.default_bucket
+        self.max_quantity = context.rules.plausibility.max_quantity
         self.universe: dict[str, Instrument] = context.universe()
         self.broker = broker
         self.limits = core.Limits(
@@ -494,7 +495,16 @@ class ExecutionService:
             log.warning("broker error on an order", extra={"order_ref": record_ref, "code": code, "text": text})
             self.confirm_after_s = time.monotonic() + self.rules.confirm_delay_s
 
-    def _on_position(self, account: str, symbol: str, qty: int, avg_cost: float, now_ns: int, effects: Effects) -> None:
+    def _on_position(self, account: str, symbol: str, raw_qty: float, avg_cost: float, now_ns: int, effects: Effects) -> None:
+        problem = core.broker_position_problem(raw_qty, avg_cost, self.max_quantity)
+        if problem is not None:
+            # Not saved, not published: the last known position stands (unknown is not zero).
+            log.error("absurd position from the broker ignored", extra={"symbol": symbol, "problem": problem})
+            # (symbol in the text only: a broker symbol need not fit the contract's Symbol pattern)
+            self._alert(effects, now_ns, "absurd_broker_value", "error", f"position {symbol[:40]!r}: {problem}; ignored",
+                        data={"symbol": symbol[:40]}, key=idempotency_key("alert", "absurd_broker_value", symbol, problem))
+            return
+        qty = int(raw_qty)
         previous = self.positions.get(symbol, 0)
         known = self.position_costs.get(symbol)
         if known is not None and known == (qty, round(avg_cost, 6)) or (qty == 0 and symbol not in self.positions and known is None):
@@ -520,7 +530,9 @@ class ExecutionService:
 
     def _on_account_value(self, account: str, tag: str, value: float, now_ns: int, effects: Effects) -> None:
         if tag == "NetLiquidation":
-            self.equity = value
+            self.equity = core.usable_equity(value)
+            if self.equity is None:
+                log.error("NetLiquidation is not a finite number: equity unknown, no increases", extra={"value": repr(value)})
             self._publish_account(now_ns, effects, force=False)
 
     def _publish_account(self, now_ns: int, effects: Effects, force: bool) -> None:
@@ -638,7 +650,7 @@ class ExecutionService:
             self._on_position(self.view.account or "", symbol, 0, 0.0, now_ns, effects)
         for account, tag, value in values:
             if tag == "NetLiquidation":
-                self.equity = value
+                self.equity = core.usable_equity(value)
         self._publish_account(now_ns, effects, force=True)
         self.reconciled = True
         log.info(
