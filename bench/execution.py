@@ -74,7 +74,7 @@ def main() -> None:
                 key = f"intent:bench:{n}"
                 intent = Intent(
                     intent_id=intent_id_for(key), intent_type="LT_BAND", symbol=symbol, side="BUY", qty=100,
-                    order_type="LMT", limit_price=round(universe[symbol].ref_price - 1.00, 2), bucket="LT",
+                    order_type="LMT", limit_price=round(universe[symbol].ref_price * 0.97, 2), bucket="LT",
                     classification="LT_LONG_INC", priority=20, ttl_s=600, created_ns=time.time_ns(),
                     risk_delta_gross_pct=0.25, reason="benchmark",
                 )
