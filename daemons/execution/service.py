@@ -72,7 +72,9 @@ class BrokerView:
 
 class ExecutionService:
     # ev.l1 and ev.features: execution's own prices (quote gate, collar reference, marks).
-    streams = ("ev.intents", "ev.l1", "ev.features", "ev.control", "ev.session")
+    # A batch is handled in this order: an operator halt and the latest prices that came
+    # with it apply before the intents of the same batch are checked.
+    streams = ("ev.control", "ev.session", "ev.l1", "ev.features", "ev.intents")
     tick_interval_s = 0.0  # every loop iteration: the broker is pumped between reads
 
     def __init__(self, context: Context, broker: BrokerLink) -> None:
