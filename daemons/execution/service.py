@@ -538,7 +538,10 @@ class ExecutionService:
             self._publish_account(now_ns, effects, force=False)
 
     def _publish_account(self, now_ns: int, effects: Effects, force: bool) -> None:
-        if self.equity is None or not self.view.account:
+        # Equity goes out only once reconciliation has published the broker's positions
+        # (same stream, same commit, positions first): a reader that knows equity knows
+        # the whole book, never a partial one that would look like low gross.
+        if self.equity is None or not self.view.account or not (self.reconciled or force):
             return
         moved = self.last_equity_published is None or abs(self.equity - self.last_equity_published) >= max(1.0, abs(self.equity) * 1e-4)
         if not (force or moved):

@@ -24,13 +24,13 @@ SPEED = 30.0  # simulated seconds per wall second: half an hour in a minute
 
 
 class System:
-    def __init__(self, tmp_path: Path, start: datetime, sim_args: list[str] | None = None) -> None:
+    def __init__(self, tmp_path: Path, start: datetime, sim_args: list[str] | None = None, speed: float = SPEED) -> None:
         self.tmp_path = tmp_path
         self.redis_server = RedisServer(tmp_path / "redis", fsync="everysec").start()
         self.r = self.redis_server.client()
         # Simulated time starts a few wall seconds from now, once every process is up.
         anchor = time.time() + 6.0
-        self.clock_env = qe_clock.sim_env(start, SPEED, anchor_wall_s=anchor)
+        self.clock_env = qe_clock.sim_env(start, speed, anchor_wall_s=anchor)
         self.clock = qe_clock.from_env(self.clock_env)
         rules = yaml.safe_load((REPO / "etc" / "risk_rules.yaml").read_text())
         rules["market_data"]["ibkr"]["max_tick_by_tick"] = 25  # the simulator allows it (see sim/demo.py)
