@@ -129,7 +129,7 @@ def _timestamp_within_limits(value: int, info: ValidationInfo) -> int:
             raise ValueError("timestamp after 2100-01-01")
         ahead_s = (value - now_ns) / NS_PER_S
         raise ValueError(
-            f"timestamp {ahead_s:.6g} s ahead of the reader's clock (max_future_skew_s "
+            f"timestamp {ahead_s:.3g} s ahead of the reader's clock (max_future_skew_s "
             f"{limits.max_future_skew_ns / NS_PER_S:g})"
         )
     return value
