@@ -72,6 +72,7 @@ class Spec:
     price: tuple[str, ...] | None = None
     quantity: tuple[str, ...] | None = None
     quantity_signed: bool = False
+    zero_price_valid: bool = False  # a position's avg_cost 0 is valid (a flat or gifted position, SPEC 9)
     timestamp: tuple[str, ...] | None = None
     text: tuple[str, ...] | None = None
     number: tuple[str, ...] | None = None  # a float field
@@ -112,7 +113,8 @@ def good_payload(stream: str, n: int, now_ns: int, symbol: str) -> Any:
     if stream == "ev.session":
         return Session(now_ns=now_ns, now_utc="2026-11-20T20:00:00+00:00", now_ny=f"corpus-{n}",
                        trading_day="2026-11-20", market_open=True, regime="MID", minutes_to_close=120.0,
-                       soft_derisk_active=False, hard_derisk_active=False, early_close=False)
+                       soft_derisk_active=False, hard_derisk_active=False, early_close=False,
+                       open_utc="2026-11-20T14:30:00+00:00", close_utc="2026-11-20T21:00:00+00:00")
     if stream == "ev.orders":
         return Order(order_ref=f"qe-corpus-{n}", broker_order_id=1000 + n, perm_id=5000 + n, intent_key=None,
                      symbol=symbol, side="BUY", qty=300, limit_price=24.80, bucket="LT", status="PARTIALLY_FILLED",
@@ -156,7 +158,7 @@ SPECS: dict[str, Spec] = {
                              ("data_deep", ("data", "deep"), json.loads("[" * 20 + "]" * 20), "payload.data"),
                              ("data_huge", ("data", "blob"), ["y" * 1000] * 40, "payload.data"),
                              ("severity_unknown", ("severity",), "panic", "payload.severity")]),
-    "ev.positions": Spec(price=("avg_cost",), quantity=("qty",), quantity_signed=True, text=("account",),
+    "ev.positions": Spec(price=("avg_cost",), quantity=("qty",), quantity_signed=True, zero_price_valid=True, text=("account",),
                          number=("avg_cost",), integer=("qty",), required="bucket",
                          extra=[("avg_cost_negative", ("avg_cost",), -24.5, "payload.avg_cost")]),
     "ev.exposure": Spec(price=("symbols", "CIM PRB", "mark"), quantity=("symbols", "CIM PRB", "qty"), quantity_signed=True,
@@ -281,7 +283,8 @@ def malformed_cases(stream: str, good: Envelope, now_ns: int, other: Envelope) -
         payload("bool_as_int", spec.boolean, 1, _loc(spec.boolean) + ": Input should be a valid boolean")
         payload("bool_as_string", spec.boolean, "true")
     if spec.price:
-        payload("price_zero", spec.price, 0.0)
+        if not spec.zero_price_valid:
+            payload("price_zero", spec.price, 0.0)
         payload("price_negative", spec.price, -24.8)
         payload("price_999999", spec.price, 999_999.0, _loc(spec.price) + ": Value error, price above max_price")
         payload("price_1e300", spec.price, 1e300)
