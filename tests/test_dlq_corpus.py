@@ -26,7 +26,7 @@ import redis
 
 from qe import config
 from qe.contracts import order_ref_for
-from tests.support.corpus import GOOD_SYMBOL, SPECS, Case, stream_corpus
+from tests.support.corpus import GOOD_SYMBOL, LATE_KINDS, SPECS, Case, stream_corpus
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until, write_rules
 from tests.support.redis_server import RedisServer
 
@@ -156,11 +156,17 @@ def _run(daemon: str, tmp: Path) -> Run:
         env = daemon_env(server.url, QE_CONFIG=rules, QE_CONSUMER_NAME=f"{daemon}-1", **env_extra)
         now = time.time_ns()
         cases = [case for stream in INPUTS[daemon] for case in stream_corpus(stream, now, GOOD_SYMBOL)]
-        pipe = r.pipeline(transaction=False)
-        for case in cases:
-            pipe.xadd(case.stream, case.fields)
-        for case, entry_id in zip(cases, pipe.execute()):
-            case.entry_id = entry_id.decode()
+
+        def inject(batch: list[Case]) -> None:
+            pipe = r.pipeline(transaction=False)
+            for case in batch:
+                pipe.xadd(case.stream, case.fields)
+            for case, entry_id in zip(batch, pipe.execute()):
+                case.entry_id = entry_id.decode()
+
+        # A MODIFY is injected once the order it modifies is live at the broker.
+        late = [c for c in cases if c.kind in LATE_KINDS]
+        inject([c for c in cases if c.kind not in LATE_KINDS])
         process = DaemonProcess(console_script(f"qe-{daemon}"), env, tmp / f"{daemon}.log").start()
         group = GROUPS[daemon]
         expected_dead = sum(1 for c in cases if not c.good and not c.valid_absurd)
@@ -181,8 +187,20 @@ def _run(daemon: str, tmp: Path) -> Run:
 
         try:
             wait_until(settled, timeout=45, interval=0.2)
+            if late:
+                if sim is not None:
+                    first = order_ref_for("corpus:intent:0")
+                    wait_until(lambda: any(o.get("order_ref") == first for o in sim.control.orders()), timeout=20)
+                inject(late)
+                time.sleep(0.3)
+                wait_until(settled, timeout=20, interval=0.2)
+                if sim is not None:  # a modify is sent on execution's own cadence: give it time to show
+                    try:
+                        wait_until(lambda: any(q.get("event") == "modify" for q in sim.control.requests(first)), timeout=5)
+                    except AssertionError:
+                        pass
         except AssertionError:
-            pass  # reported by the tests below (pending lists, missing dead letters)
+            pass  # reported by the tests below (pending lists, missing dead letters, effects)
         try:  # the effects of the last events may follow on the next tick
             wait_until(lambda: not _good_effects_visible(daemon, _effects(daemon, r, sim)), timeout=10, interval=0.2)
         except AssertionError:
@@ -282,6 +300,11 @@ def test_absurd_but_valid_events_are_handled_without_error(runs, daemon):
     assert run.handler_errors == [], failing
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "execution on branch wt-contracts has no price collar yet (issue 12, owned by the execution work): the corpus's "
+    "valid-but-absurd intents SELL 100 CIM PRB LMT $0.01 and BUY 100 CIM PRB LMT $2,400 (market $24.80/$24.82) "
+    "are placed at the simulator, and the MODIFY of a live order to $9,999.99 is sent. Remove this marker when "
+    "execution's collar is merged (strict: it then XPASSes and fails)."))
 def test_no_absurd_order_price_reaches_the_simulator(runs):
     """SPEC 9: every order price (new or modify) within collar_pct of the trusted reference
     ($24.80/$24.82 at the simulator): the corpus's $0.01 SELL, $2,400 BUY and MODIFY to

@@ -398,7 +398,12 @@ def stream_corpus(stream: str, now_ns: int, symbol: str, goods: int = 8) -> list
         cases.append(Case(stream, f"good_{n}", encode(event), "", good=True, key=event.idempotency_key))
         cases.extend(rest[n * every:(n + 1) * every])
     cases.extend(rest[len(good) * every:])
-    return cases
+    # A MODIFY must come after the order it modifies (the first good intent) exists.
+    late = [c for c in cases if c.kind in LATE_KINDS]
+    return [c for c in cases if c.kind not in LATE_KINDS] + late
+
+
+LATE_KINDS = frozenset({"intent_modify_to_9999"})
 
 
 def now_ns() -> int:
