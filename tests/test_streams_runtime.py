@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -297,3 +298,136 @@ def test_a_huge_hset_is_committed_in_slices(r):
     effects.hdel("test:big", *[f"f{n}" for n in range(4000, 5000)])
     streams.commit(r, r.register_script(streams._APPLY_LUA), effects)
     assert r.hlen("test:big") == 4000 and r.hget("test:big", "f3999") == b"3999"
+
+
+# --- a handler error is contained to its own entry -----------------------------------
+
+
+class TwoStreams(Recorder):
+    streams = ("ev.l1", "ev.control")
+
+
+def control_event(n: int):
+    from qe.contracts import Control
+
+    return make_event(Control(command="halt", reason=f"r{n}", operator="op"), idempotency_key=f"control:{n}",
+                      source="test", ts_ns=time.time_ns())
+
+
+def test_a_poison_entry_never_dead_letters_good_entries_of_its_batch(r):
+    """One entry whose handler always raises, in the same batch as good entries of its
+    own stream (after it) and of another stream: only the poison reaches ev.dlq, every
+    good entry is applied once, and its stream's later entries are applied after it."""
+    publish(r, l1_event("PFF", 0), l1_event("PFF", 1), l1_event("PFF", 2))
+    publish(r, *(control_event(n) for n in range(3)), stream="ev.control")
+    handler = TwoStreams(fail_times={"l1:PFF:1": 10**6})
+    consumer = make_consumer(r, handler, max_deliveries=3)
+    run_until(consumer, lambda: len(counts(r)) == 5 and dlq(r))
+    for _ in range(5):
+        consumer.run_once()
+    dead = dlq(r)
+    assert [json.loads(json.loads(d["fields"])["event"])["idempotency_key"] for d in dead] == ["l1:PFF:1"]
+    assert dead[0]["label"] == "max_deliveries"
+    assert counts(r) == {"l1:PFF:0": 1, "l1:PFF:2": 1, **{f"control:{n}": 1 for n in range(3)}}
+    for stream in ("ev.l1", "ev.control"):
+        assert r.xpending(stream, "test_group")["pending"] == 0
+    # The good neighbours were each delivered once or twice, never up to the limit.
+    assert consumer._handler_failures == {}
+
+
+def test_other_streams_keep_flowing_while_a_failed_entry_waits_for_its_retry(r):
+    publish(r, l1_event("NLY PRF", 0))
+    handler = TwoStreams(fail_times={"l1:NLY PRF:0": 1})
+    consumer = make_consumer(r, handler, backoff_base_s=3.0, handler_retry_cap_s=3.0)
+    run_until(consumer, lambda: consumer._handler_failures)
+    # The ev.l1 entry waits 3 s for its retry; ev.control is read and applied meanwhile.
+    publish(r, control_event(7), stream="ev.control")
+    publish(r, l1_event("NLY PRF", 1))  # behind the failed one on its stream
+    started = time.monotonic()
+    run_until(consumer, lambda: counts(r).get("control:7"))
+    assert time.monotonic() - started < 2.0
+    assert "l1:NLY PRF:1" not in counts(r)  # order per stream: it waits behind entry 0
+    run_until(consumer, lambda: len(counts(r)) == 3, limit=400)
+    assert counts(r) == {"control:7": 1, "l1:NLY PRF:0": 1, "l1:NLY PRF:1": 1}
+    assert dlq(r) == []
+
+
+def test_end_batch_failure_is_retried_entry_by_entry_and_only_the_culprit_is_dead_lettered(r):
+    class Coalescing(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.in_batch: list[str] = []
+
+        def handle(self, event, effects) -> None:
+            super().handle(event, effects)
+            self.in_batch.append(event.idempotency_key)
+
+        def end_batch(self, effects) -> None:
+            keys, self.in_batch = self.in_batch, []
+            if "l1:MFA PRB:2" in keys:
+                raise RuntimeError("cannot coalesce entry 2")
+
+        def load(self, r) -> None:
+            super().load(r)
+            self.in_batch = []
+
+    publish(r, *(l1_event("MFA PRB", n) for n in range(5)))
+    consumer = make_consumer(r, Coalescing(), max_deliveries=3)
+    run_until(consumer, lambda: len(counts(r)) == 4 and dlq(r), limit=400)
+    dead = dlq(r)
+    assert [json.loads(json.loads(d["fields"])["event"])["idempotency_key"] for d in dead] == ["l1:MFA PRB:2"]
+    assert counts(r) == {f"l1:MFA PRB:{n}": 1 for n in (0, 1, 3, 4)}
+    assert r.xpending("ev.l1", "test_group")["pending"] == 0
+
+
+# --- decoding against the reader's own clock and limits ------------------------------
+
+
+def sim_clock_at(iso: str):
+    from qe.clock import SimClock, parse_iso, to_ns
+
+    return SimClock(start_ns=to_ns(parse_iso(iso)), anchor_wall_ns=time.time_ns())
+
+
+def test_timestamps_are_bounded_by_the_readers_clock_not_the_wall_clock(r):
+    """A reader on a simulated clock in 2031 (a replay of that day) accepts that day's
+    events although they are years ahead of the wall clock, and refuses an event
+    stamped 10 s ahead of ITS clock (max_future_skew_s is 5 in etc/risk_rules.yaml)."""
+    clock = sim_clock_at("2031-03-03T15:00:00+00:00")
+
+    def stamped(n: int, ahead_s: float):
+        return make_event(L1(symbol="RITM PRA", bid=24.0, ask=24.1, quote_ts_ns=clock.now_ns()),
+                          idempotency_key=f"l1:RITM PRA:{n}", source="test", ts_ns=clock.now_ns() + int(ahead_s * 1e9))
+
+    publish(r, stamped(0, 0), stamped(1, 10), stamped(2, 1))
+    consumer = streams.Consumer(r=r, daemon="test", group="test_group", handler=Recorder(),
+                                rules=rules_with(block_ms=50), clock=clock, consumer_name="c1")
+    run_until(consumer, lambda: len(counts(r)) == 2 and dlq(r))
+    assert counts(r) == {"l1:RITM PRA:0": 1, "l1:RITM PRA:2": 1}
+    (dead,) = dlq(r)
+    assert dead["label"] == "invalid"
+    assert re.search(r"ts_ns: Value error, timestamp (9\.9\d*|10) s ahead of the reader's clock \(max_future_skew_s 5\)", dead["reason"])
+    # The wall-clock reader of today refuses the same 2031 events: the bound is the reader's.
+    r.delete("test:count", "ev.dlq")
+    publish(r, stamped(3, 0))
+    wall = make_consumer(r, Recorder(), name="c2")
+    r.xgroup_create("ev.l1", "wall_group", id="$")
+    wall.group = "wall_group"
+    publish(r, stamped(4, 0))
+    run_until(wall, lambda: dlq(r))
+    assert "ahead of the reader's clock" in dlq(r)[0]["reason"] and counts(r) == {}
+
+
+def test_price_and_quantity_limits_come_from_the_plausibility_config(r):
+    tight = rules_with(block_ms=50)
+    tight = tight.model_copy(update={"plausibility": tight.plausibility.model_copy(update={"max_price": 100.0, "max_quantity": 1000})})
+    publish(r, make_event(L1(symbol="AGNCN", bid=24.0, ask=240.0), idempotency_key="l1:AGNCN:0", source="t", ts_ns=time.time_ns()),
+           make_event(L1(symbol="AGNCN", bid=24.0, ask=24.1, bid_size=5000), idempotency_key="l1:AGNCN:1", source="t", ts_ns=time.time_ns()),
+           l1_event("AGNCN", 2))
+    consumer = streams.Consumer(r=r, daemon="test", group="test_group", handler=Recorder(), rules=tight,
+                                clock=Clock(), consumer_name="c1")
+    run_until(consumer, lambda: counts(r) and len(dlq(r)) == 2)
+    reasons = [d["reason"] for d in dlq(r)]
+    assert "payload.ask: Value error, price above max_price 100" in reasons[0]
+    assert "payload.bid_size: Value error, quantity beyond max_quantity 1000" in reasons[1]
+    assert counts(r) == {"l1:AGNCN:2": 1}

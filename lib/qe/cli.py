@@ -326,7 +326,12 @@ def cmd_control(args: argparse.Namespace, settings: config.Settings) -> tuple[An
     rules = config.load_rules(settings.rules_file)
     r = connect(settings)
     operator = _operator(args)
-    ts_ns = time.time_ns()
+    try:
+        # The daemons' shared clock (simulated in the demo and tests): readers refuse
+        # events stamped ahead of their own clock.
+        ts_ns = clock_module.from_env().now_ns()
+    except clock_module.ClockConfigError as exc:
+        raise CliError(str(exc)) from None
     control = Control(command=args.command, reason=args.reason, operator=operator)
     event = make_event(control, idempotency_key=idempotency_key("control", args.command, operator, ts_ns),
                        source="qe-cli", ts_ns=ts_ns)

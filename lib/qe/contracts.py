@@ -6,6 +6,18 @@ parsing JSON). Decoding validates the whole document with pydantic; an unknown
 type, a missing field or a wrong value is rejected with a precise reason, which
 the stream runtime puts on the dead-letter stream.
 
+Every number from outside is hostile until checked (SPEC 9). The models are
+strict: no coercion (a bool or a string is never a number, 100.0 is never an int,
+1 is never a bool), no NaN or infinity anywhere, prices > 0 and at most
+`max_price`, quantities whole and at most `max_quantity` (signed ones in absolute
+value), every text, list and free-form dict bounded. Timestamps must lie after
+2000-01-01 and at most `max_future_skew_s` ahead of the READER's clock: `decode`
+takes the reader's `Limits` (built from the `plausibility:` config section) and its
+clock's "now", and passes them to the validators through pydantic's validation
+context. A producer constructing a payload has no reader: the absolute ceilings
+apply (price <= $1,000,000, quantity <= 10**12, time before 2100), so a producer
+cannot build NaN or an absurd value either.
+
 Idempotency keys are deterministic, built from the business identity of the
 event (an IB execId, a decision cycle + symbol + side + reason, ...), never
 random, so a replay or a retried XADD is recognisable downstream.
@@ -14,24 +26,150 @@ random, so a replay or a retried XADD is recognisable downstream.
 from __future__ import annotations
 
 import hashlib
+import math
 import uuid
-from typing import Annotated, Any, Literal, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+if TYPE_CHECKING:
+    from .config import PlausibilityRules
+
 SCHEMA_VERSION = 1
+
+# --- limits: what "absurd" means ----------------------------------------------------
+
+NS_PER_S = 1_000_000_000
+EARLIEST_NS = 946_684_800 * NS_PER_S  # 2000-01-01T00:00:00Z: anything older is a broken clock or a default 0
+LATEST_WITHOUT_CLOCK_NS = 4_102_444_800 * NS_PER_S  # 2100-01-01T00:00:00Z: the ceiling when no reader clock is known
+ABSOLUTE_MAX_PRICE = 1_000_000.0  # the ceiling of plausibility.max_price
+ABSOLUTE_MAX_QUANTITY = 10**12  # the ceiling of plausibility.max_quantity
+MAX_MONEY = 1e15  # dollars: equity, notionals, commissions
+MAX_PCT = 1e6  # percentages (a 45,003 % gross is representable; NaN and 1e308 are not)
+MAX_COUNT = 10**9  # counters (print counts, priorities)
+MAX_ID = 2**63 - 1  # broker ids
+
+MAX_TEXT = 256  # every str without its own, larger bound (dict keys included)
+MAX_MESSAGE = 4_000  # human text: alert messages, reasons, broker error strings
+MAX_LIST = 64  # small lists (print conditions, causation ids)
+MAX_SYMBOLS = 10_000  # per-symbol maps and lists (a whole universe)
+MAX_JSON_DEPTH = 8  # free-form dicts (Alert.data, Intent.trace)
+MAX_JSON_NODES = 2_000
+MAX_JSON_TEXT = 16_384  # characters of all strings and keys in one free-form dict
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The reader's bounds for decoding. `max_future_skew_ns` None: no clock bound
+    (construction by a producer, or a reader that gave no clock)."""
+
+    max_price: float = ABSOLUTE_MAX_PRICE
+    max_quantity: int = ABSOLUTE_MAX_QUANTITY
+    max_future_skew_ns: int | None = None
+    earliest_ns: int = EARLIEST_NS
+
+    @classmethod
+    def from_rules(cls, rules: "PlausibilityRules") -> "Limits":
+        return cls(
+            max_price=rules.max_price,
+            max_quantity=rules.max_quantity,
+            max_future_skew_ns=int(rules.max_future_skew_s * NS_PER_S),
+        )
+
+
+# A producer building a payload in Python: absolute ceilings, no reader clock, and no
+# lower time bound (a producer's own relative times are its business; readers check).
+CONSTRUCTION_LIMITS = Limits(earliest_ns=0)
+
+
+def _bounds(info: ValidationInfo) -> tuple[Limits, int | None]:
+    context = info.context
+    if isinstance(context, dict) and isinstance(context.get("limits"), Limits):
+        return context["limits"], context.get("now_ns")
+    return CONSTRUCTION_LIMITS, None
+
+
+def _price_within_limit(value: float, info: ValidationInfo) -> float:
+    limits, _now = _bounds(info)
+    if value > limits.max_price:
+        raise ValueError(f"price above max_price {limits.max_price:g}")
+    return value
+
+
+def _quantity_within_limit(value: int, info: ValidationInfo) -> int:
+    limits, _now = _bounds(info)
+    if abs(value) > limits.max_quantity:
+        raise ValueError(f"quantity beyond max_quantity {limits.max_quantity}")
+    return value
+
+
+def _timestamp_within_limits(value: int, info: ValidationInfo) -> int:
+    limits, now_ns = _bounds(info)
+    if value < limits.earliest_ns:
+        raise ValueError("timestamp before 2000-01-01")
+    if value > LATEST_WITHOUT_CLOCK_NS:  # checked first: 10**400 - now does not fit a float
+        raise ValueError("timestamp after 2100-01-01")
+    if now_ns is not None and limits.max_future_skew_ns is not None and value > now_ns + limits.max_future_skew_ns:
+        raise ValueError(
+            f"timestamp {(value - now_ns) / NS_PER_S:.3g} s ahead of the reader's clock (max_future_skew_s "
+            f"{limits.max_future_skew_ns / NS_PER_S:g})"
+        )
+    return value
+
+
+def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
+    """A free-form dict (Alert.data, Intent.trace) must be plain, small, finite JSON."""
+    budget = {"nodes": MAX_JSON_NODES, "text": MAX_JSON_TEXT}
+
+    def check(item: Any, depth: int) -> None:
+        budget["nodes"] -= 1
+        if budget["nodes"] < 0:
+            raise ValueError(f"more than {MAX_JSON_NODES} values")
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH}")
+        if item is None or isinstance(item, bool):
+            return
+        if isinstance(item, int):
+            if abs(item) > MAX_ID:
+                raise ValueError("integer out of the 64-bit range")
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise ValueError("NaN or infinity")
+        elif isinstance(item, str):
+            spend(len(item))
+        elif isinstance(item, (list, tuple)):
+            for element in item:
+                check(element, depth + 1)
+        elif isinstance(item, dict):
+            for key, element in item.items():
+                if not isinstance(key, str):
+                    raise ValueError("keys must be strings")
+                spend(len(key))
+                check(element, depth + 1)
+        else:
+            raise ValueError(f"{type(item).__name__} is not a JSON value")
+
+    def spend(characters: int) -> None:
+        budget["text"] -= characters
+        if budget["text"] < 0:
+            raise ValueError(f"more than {MAX_JSON_TEXT} characters of text")
+
+    check(value, 0)
+    return value
+
+
+# --- field types -----------------------------------------------------------------------
 
 Bucket = Literal["LT", "MM_PURE"]
 Side = Literal["BUY", "SELL"]
@@ -54,12 +192,36 @@ Classification = Literal[
     "MM_LONG_INC", "MM_LONG_DEC", "MM_SHORT_INC", "MM_SHORT_DEC",
 ]
 Symbol = Annotated[str, Field(min_length=1, max_length=24, pattern=r"^[A-Z][A-Z0-9.]*( PR[A-Z])?$")]
-Price = Annotated[float, Field(gt=0, lt=1_000_000, allow_inf_nan=False)]
+# $/share: > 0 and at most max_price (the reader's, else the absolute ceiling).
+Price = Annotated[float, Field(gt=0), AfterValidator(_price_within_limit)]
+# A price difference (deviation from GRPAN): bounded like a price, either sign.
+PriceDelta = Annotated[float, Field(ge=-ABSOLUTE_MAX_PRICE, le=ABSOLUTE_MAX_PRICE)]
+# Shares: whole, >= 0 (or > 0), at most max_quantity; signed ones bounded in absolute value.
+Quantity = Annotated[int, Field(ge=0), AfterValidator(_quantity_within_limit)]
+PositiveQuantity = Annotated[int, Field(gt=0), AfterValidator(_quantity_within_limit)]
+SignedQuantity = Annotated[int, AfterValidator(_quantity_within_limit)]
+# Epoch nanoseconds: after 2000-01-01, at most max_future_skew_s ahead of the reader's clock.
+Timestamp = Annotated[int, Field(ge=0), AfterValidator(_timestamp_within_limits)]
+Money = Annotated[float, Field(ge=-MAX_MONEY, le=MAX_MONEY)]
+NonNegativeMoney = Annotated[float, Field(ge=0, le=MAX_MONEY)]
+Pct = Annotated[float, Field(ge=-MAX_PCT, le=MAX_PCT)]
+NonNegativePct = Annotated[float, Field(ge=0, le=MAX_PCT)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+# IB order ids (manual TWS orders have negative ones) and perm ids.
+BrokerOrderId = Annotated[int, Field(ge=-MAX_ID, le=MAX_ID)]
+BrokerCode = Annotated[int, Field(ge=-1, le=1_000_000)]  # IB error/status codes (-1: none)
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+Message = Annotated[str, Field(max_length=MAX_MESSAGE)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
+
+# Strict everywhere: no coercion between types, no NaN/inf, no unknown field, and
+# every str bounded (fields that need more declare their own max_length).
+STRICT = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False, str_max_length=MAX_TEXT)
 
 
 class Payload(BaseModel):
     # extra="forbid": a misspelt field is an error, not silently dropped data.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
 
 
 # --- market data -------------------------------------------------------------
@@ -69,12 +231,12 @@ class L1(Payload):
     symbol: Symbol
     bid: Price | None
     ask: Price | None
-    bid_size: NonNegativeInt = 0
-    ask_size: NonNegativeInt = 0
+    bid_size: Quantity = 0
+    ask_size: Quantity = 0
     last: Price | None = None
-    last_size: NonNegativeInt | None = None
-    venue: str | None = None
-    quote_ts_ns: NonNegativeInt | None = None
+    last_size: Quantity | None = None
+    venue: str | None = Field(default=None, max_length=16)
+    quote_ts_ns: Timestamp | None = None
     # The quote gate's verdict at market data (qe.plausibility.QuoteProblem value), None
     # when it passed. Market data flags, it does not drop; consumers check again.
     implausible: str | None = Field(default=None, max_length=32)
@@ -83,24 +245,24 @@ class L1(Payload):
 class Print(Payload):
     symbol: Symbol
     price: Price
-    size: PositiveInt
+    size: PositiveQuantity
     venue: str = Field(min_length=1, max_length=16)
-    conditions: list[str] = Field(default_factory=list)
-    trade_ts_ns: NonNegativeInt
+    conditions: list[Annotated[str, Field(max_length=16)]] = Field(default_factory=list, max_length=MAX_LIST)
+    trade_ts_ns: Timestamp
 
 
 class TruthTick(Payload):
     price: Price
-    size: PositiveInt
-    venue: str
-    ts_ns: NonNegativeInt
+    size: PositiveQuantity
+    venue: str = Field(max_length=16)
+    ts_ns: Timestamp
 
 
 class GrpanWindow(Payload):
     grpan_price: Price | None
-    concentration_pct: NonNegativeFloat
-    print_count: NonNegativeInt
-    deviation: float | None  # last price - grpan_price
+    concentration_pct: Annotated[float, Field(ge=0, le=100)]
+    print_count: Count
+    deviation: PriceDelta | None  # last price - grpan_price
     # A time window with no print within its length of now: reported empty.
     stale: bool = False
     # The per-symbol buffer cap cut this window short (it covers less time than its name says).
@@ -110,11 +272,11 @@ class GrpanWindow(Payload):
 class Feature(Payload):
     symbol: Symbol
     grpan_price: Price | None
-    concentration_pct: NonNegativeFloat
-    print_count: NonNegativeInt
+    concentration_pct: Annotated[float, Field(ge=0, le=100)]
+    print_count: Count
     last_price: Price | None = None
-    deviation: float | None = None
-    windows: dict[str, GrpanWindow] = Field(default_factory=dict)
+    deviation: PriceDelta | None = None
+    windows: dict[Annotated[str, Field(max_length=16)], GrpanWindow] = Field(default_factory=dict, max_length=16)
     truth_tick: TruthTick | None = None
 
 
@@ -125,93 +287,95 @@ class Alert(Payload):
     alert_type: str = Field(min_length=1, max_length=64)
     severity: Severity
     symbol: Symbol | None = None
-    message: str
-    data: dict[str, Any] = Field(default_factory=dict)
+    message: Message
+    data: JsonObject = Field(default_factory=dict)
 
 
 class BrokerState(Payload):
     connected: bool
     orders_allowed: bool = True  # False when e.g. the account interlock refuses the account
-    account: str | None = None
+    account: str | None = Field(default=None, max_length=32)
     mode: Literal["paper", "live"] | None = None
     data_farm_ok: bool = True
-    last_code: int | None = None
-    reason: str = ""
+    last_code: BrokerCode | None = None
+    reason: Message = ""
 
 
 class Control(Payload):
     command: Literal["halt", "resume"]
-    reason: str = Field(min_length=1)
-    operator: str = Field(min_length=1)
+    reason: str = Field(min_length=1, max_length=1_000)
+    operator: str = Field(min_length=1, max_length=64)
 
 
 # --- positions, exposure, session ----------------------------------------------
 
 
 class Position(Payload):
-    account: str
+    account: str = Field(max_length=32)
     symbol: Symbol
-    qty: int
-    avg_cost: float
+    qty: SignedQuantity
+    # 0 with qty 0 is a flat position, not a bad price (SPEC 9); never negative nor absurd.
+    avg_cost: Annotated[float, Field(ge=0), AfterValidator(_price_within_limit)]
     bucket: Bucket
 
 
 class Account(Payload):
-    account: str
-    net_liquidation: float
-    buying_power: float | None = None
-    currency: str = "USD"
+    account: str = Field(max_length=32)
+    net_liquidation: Money
+    buying_power: Money | None = None
+    currency: str = Field(default="USD", min_length=3, max_length=3)
 
 
 class BucketExposure(Payload):
-    current_pct: float
-    potential_pct: float
-    target_pct: float
-    max_pct: float
+    current_pct: NonNegativePct
+    potential_pct: NonNegativePct
+    target_pct: NonNegativePct
+    max_pct: NonNegativePct
 
 
 class SymbolExposure(Payload):
-    qty: int
+    qty: SignedQuantity
     bucket: Bucket
-    mark: float | None
+    mark: Price | None
     mark_source: Literal["l1_mid", "truth_tick", "last_known", "none"]
-    notional: float  # signed: qty * mark
-    open_buy_qty: NonNegativeInt
-    open_sell_qty: NonNegativeInt
-    potential_notional: NonNegativeFloat
+    notional: Money  # signed: qty * mark
+    open_buy_qty: Quantity
+    open_sell_qty: Quantity
+    potential_notional: NonNegativeMoney
 
 
 class Exposure(Payload):
     status: Literal["ok", "error"] = "ok"
-    error: str | None = None  # e.g. equity <= 0: no percentages can be given (and buckets is empty)
+    error: Message | None = None  # e.g. equity <= 0: no percentages can be given (and buckets is empty)
     # "full": `symbols` holds every symbol with a position or open order (periodic).
     # "changed": only the entries changed since the previous publication; a symbol
     # that went flat appears once with qty 0 and no open orders.
     detail: Literal["full", "changed"] = "full"
-    equity: float
-    long_notional: NonNegativeFloat
-    short_notional: NonNegativeFloat
-    gross_pct: float | None
-    net_pct: float | None
-    potential_gross_pct: float | None
+    equity: Money
+    long_notional: NonNegativeMoney
+    short_notional: NonNegativeMoney
+    # Gross and potential are sums of absolute notionals: never negative (None: unknown).
+    gross_pct: NonNegativePct | None
+    net_pct: Pct | None
+    potential_gross_pct: NonNegativePct | None
     buckets: dict[Bucket, BucketExposure]
-    symbols: dict[str, SymbolExposure] = Field(default_factory=dict)
-    marks_stale: list[str] = Field(default_factory=list)
+    symbols: dict[Symbol, SymbolExposure] = Field(default_factory=dict, max_length=MAX_SYMBOLS)
+    marks_stale: list[Symbol] = Field(default_factory=list, max_length=MAX_SYMBOLS)
 
 
 class Session(Payload):
-    now_ns: NonNegativeInt
-    now_utc: str
-    now_ny: str
-    trading_day: str | None  # ISO date of the current or next session
+    now_ns: Timestamp
+    now_utc: str = Field(max_length=64)
+    now_ny: str = Field(max_length=64)
+    trading_day: str | None = Field(max_length=10)  # ISO date of the current or next session
     market_open: bool
     regime: Regime
-    minutes_to_close: float | None
+    minutes_to_close: Annotated[float, Field(ge=-10_080, le=10_080)] | None  # within a week either way
     soft_derisk_active: bool
     hard_derisk_active: bool
     early_close: bool
-    open_utc: str | None = None
-    close_utc: str | None = None
+    open_utc: str | None = Field(default=None, max_length=64)
+    close_utc: str | None = Field(default=None, max_length=64)
 
 
 # --- intents and orders ----------------------------------------------------------
@@ -222,25 +386,25 @@ class Intent(Payload):
     order, ever. MODIFY (new limit price) and CANCEL act on the order of the intent
     named by `target_intent_key`; they never create an order."""
 
-    intent_id: str
+    intent_id: str = Field(min_length=1, max_length=64)
     action: Literal["NEW", "MODIFY", "CANCEL"] = "NEW"
-    target_intent_key: str | None = None
+    target_intent_key: str | None = Field(default=None, min_length=1, max_length=256)
     intent_type: str = Field(min_length=1, max_length=32)
     symbol: Symbol
     side: Side
-    qty: PositiveInt
+    qty: PositiveQuantity
     order_type: Literal["LMT", "MKT"]
     limit_price: Price | None
     tif: Literal["DAY", "IOC"] = "DAY"
     bucket: Bucket
     classification: Classification
-    priority: NonNegativeInt
-    ttl_s: PositiveFloat
-    created_ns: NonNegativeInt
-    risk_delta_gross_pct: float
-    reason: str
-    causation_ids: list[str] = Field(default_factory=list)
-    trace: dict[str, Any] = Field(default_factory=dict)
+    priority: Count
+    ttl_s: Annotated[float, Field(gt=0, le=86_400)]
+    created_ns: Timestamp
+    risk_delta_gross_pct: Pct
+    reason: Message
+    causation_ids: list[Text] = Field(default_factory=list, max_length=MAX_LIST)
+    trace: JsonObject = Field(default_factory=dict)
 
     @field_validator("limit_price")
     @classmethod
@@ -274,30 +438,30 @@ class Intent(Payload):
 
 
 class Fill(Payload):
-    exec_id: str
-    qty: PositiveInt
+    exec_id: str = Field(min_length=1, max_length=64)
+    qty: PositiveQuantity
     price: Price
-    ts_ns: NonNegativeInt
-    commission: float | None = None
+    ts_ns: Timestamp
+    commission: Annotated[float, Field(ge=-1e6, le=1e6)] | None = None
 
 
 class Order(Payload):
-    order_ref: str
-    broker_order_id: int | None = None
-    perm_id: int | None = None
-    intent_key: str | None = None  # None for external orders (not placed by us)
+    order_ref: str = Field(min_length=1, max_length=64)
+    broker_order_id: BrokerOrderId | None = None
+    perm_id: BrokerOrderId | None = None
+    intent_key: str | None = Field(default=None, max_length=256)  # None for external orders (not placed by us)
     symbol: Symbol
     side: Side
-    qty: NonNegativeInt
+    qty: Quantity
     limit_price: Price | None = None
     bucket: Bucket
     status: OrderStatus
-    filled_qty: NonNegativeInt = 0
-    remaining_qty: NonNegativeInt = 0
-    avg_fill_price: float | None = None
+    filled_qty: Quantity = 0
+    remaining_qty: Quantity = 0
+    avg_fill_price: Price | None = None
     last_fill: Fill | None = None
-    reject_code: int | None = None
-    reject_reason: str | None = None
+    reject_code: BrokerCode | None = None
+    reject_reason: Message | None = None
     external: bool = False
 
 
@@ -305,15 +469,16 @@ class Order(Payload):
 
 
 class Envelope(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
 
     event_id: uuid.UUID
-    ts_ns: NonNegativeInt
+    ts_ns: Timestamp
     idempotency_key: str = Field(min_length=1, max_length=256)
-    type: str
+    type: str = Field(max_length=32)
     source: str = Field(min_length=1, max_length=64)
-    schema_version: Literal[1] = SCHEMA_VERSION
-    causation_id: str | None = None
+    # A strict int, not Literal[1]: pydantic's Literal accepts true and 1.0 for 1.
+    schema_version: Annotated[int, Field(ge=SCHEMA_VERSION, le=SCHEMA_VERSION)] = SCHEMA_VERSION
+    causation_id: str | None = Field(default=None, max_length=256)
     payload: Payload
 
 
@@ -383,27 +548,48 @@ class DecodeError(ValueError):
         self.reason = reason
 
 
+MAX_EVENT_BYTES = 8 * 1024 * 1024  # a full exposure of a whole universe is well below this
+
+
 def _describe(exc: ValidationError) -> str:
     parts = []
-    for error in exc.errors(include_url=False)[:5]:
-        location = ".".join(str(part) for part in error["loc"]) or "<root>"
+    for error in exc.errors(include_url=False, include_input=False)[:5]:
+        # A document that is not JSON at all has no location inside it: the entry field is the culprit.
+        location = ".".join(str(part) for part in error["loc"]) or "event"
         parts.append(f"{location}: {error['msg']}")
     more = exc.error_count() - len(parts)
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
 
 
-def decode(stream: str, fields: dict[bytes, bytes]) -> Envelope:
-    """Validate one stream entry into its typed envelope, or raise DecodeError."""
+def decode(
+    stream: str, fields: dict[bytes, bytes], limits: Limits | None = None, now_ns: int | None = None
+) -> Envelope:
+    """Validate one stream entry into its typed envelope, or raise DecodeError.
+
+    `limits` and `now_ns` are the READER's: its plausibility limits and its own clock
+    (simulated in the demo and tests, the recorded day's in a replay), so archived and
+    replayed events stay valid. Without them the absolute ceilings apply and only
+    timestamps after 2100 count as "in the future"."""
     adapter = _ADAPTERS.get(stream)
     if adapter is None:
         raise DecodeError(f"no contract for stream {stream!r}")
     raw = fields.get(b"event")
     if raw is None:
         raise DecodeError("entry has no 'event' field")
+    if len(raw) > MAX_EVENT_BYTES:
+        raise DecodeError(f"event: {len(raw)} bytes, above the limit of {MAX_EVENT_BYTES}")
+    context = {"limits": limits or Limits(), "now_ns": now_ns}
     try:
-        return adapter.validate_json(raw)
+        event = adapter.validate_json(raw, context=context)
     except ValidationError as exc:
         raise DecodeError(_describe(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - whatever the input does to the parser, it is this entry's fault
+        raise DecodeError(f"event: not decodable ({type(exc).__name__})") from None
+    copy = fields.get(b"type")
+    if copy is not None and copy != event.type.encode():
+        # Operators and Lua read the copy; it must not say something else than the event.
+        raise DecodeError(f"type: entry field says {copy[:32]!r}, the event is {event.type!r}")
+    return event
 
 
 def encode(event: Envelope) -> dict[str, str]:

@@ -38,7 +38,7 @@ from redis.retry import Retry
 from . import metrics
 from .clock import Clock
 from .config import Retention, RiskRules, Settings
-from .contracts import DLQ_STREAM, DecodeError, Envelope, check_stream_type, decode, encode
+from .contracts import DLQ_STREAM, MAX_EVENT_BYTES, DecodeError, Envelope, Limits, check_stream_type, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,16 @@ return results
 
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _printable_copy(fields: dict[bytes, bytes]) -> dict[str, str]:
+    """The entry as text for the dead letter (invalid UTF-8 replaced); a value larger
+    than any valid event is cut, so one hostile entry cannot bloat ev.dlq without bound."""
+    copy = {}
+    for name, value in list(fields.items())[:64]:
+        text = value[:MAX_EVENT_BYTES].decode(errors="replace")
+        copy[name[:256].decode(errors="replace")] = text + ("…[cut]" if len(value) > MAX_EVENT_BYTES else "")
+    return copy
 
 
 class CommitAborted(Exception):
@@ -186,9 +196,7 @@ class Effects:
             "label": label,
             "deliveries": str(entry.deliveries),
             "dead_ts_ns": str(time.time_ns()),
-            "fields": json.dumps(
-                {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (entry.fields or {}).items()}
-            ),
+            "fields": json.dumps(_printable_copy(entry.fields or {})),
         }
         dedupe_key = key or f"{entry.stream}:{group}:{entry.entry_id}"
         self.ops.append(self.policy.xadd_op(DLQ_STREAM, fields, dedupe_key))
@@ -336,7 +344,14 @@ class Consumer:
         self._redis_failures = 0
         self._groups_ready = False
         self._needs_load = True
-        self._recovering = True  # drain own pending list before reading new entries
+        # Streams whose own pending list must be read before new entries (`>`), with the
+        # monotonic time from which it may be read: every stream at start and after any
+        # error; a stream whose handler raised waits for its retry time, while the other
+        # streams keep flowing. Entries of a waiting stream keep their order behind it.
+        self._waiting: dict[str, float] = {}
+        self._resync()
+        # The reader's bounds for every decode: plausibility limits and this daemon's clock.
+        self.limits = Limits.from_rules(rules.plausibility)
         self._handler_failures: Counter[str] = Counter()
         self._last_handler_error: dict[str, str] = {}
         self._next_tick = 0.0
@@ -391,8 +406,12 @@ class Consumer:
             self._resync()
 
     def _resync(self) -> None:
+        """Rebuild from Redis: reload the handler, then read every stream's own pending
+        list first (a stream already waiting for a handler retry keeps its retry time)."""
         self._needs_load = True
-        self._recovering = True
+        now = time.monotonic()
+        for stream in self.streams:
+            self._waiting.setdefault(stream, now)
 
     def _after_redis_error(self, exc: Exception) -> None:
         metrics.redis_errors.inc()
@@ -435,24 +454,31 @@ class Consumer:
     # -- reading -----------------------------------------------------------------------
     def _block_ms(self) -> int:
         block = self.config.block_ms
+        now = time.monotonic()
         if self.handler.tick_interval_s is not None:
-            until_tick_ms = int((self._next_tick - time.monotonic()) * 1000)
-            block = min(block, until_tick_ms)
+            block = min(block, int((self._next_tick - now) * 1000))
+        if self._waiting:
+            block = min(block, int((min(self._waiting.values()) - now) * 1000))
         return max(block, 1)  # BLOCK 0 would mean "forever"
 
     def _fetch(self) -> list[Entry]:
         if not self.streams:
             self.stop_requested.wait(self._block_ms() / 1000)
             return []
-        if self._recovering:
-            entries = self._read_own_pending()
+        now = time.monotonic()
+        for stream in [s for s, due in self._waiting.items() if due <= now]:
+            entries = self._read_own_pending(stream)
             if entries:
                 return entries
-            self._recovering = False
+            del self._waiting[stream]  # its pending list is drained: read new entries again
+        open_streams = [s for s in self.streams if s not in self._waiting]
+        if not open_streams:  # every stream waits for a handler retry
+            self.stop_requested.wait(self._block_ms() / 1000)
+            return []
         reply = self.redis.xreadgroup(
             self.group,
             self.consumer,
-            {stream: ">" for stream in self.streams},
+            {stream: ">" for stream in open_streams},
             count=self.config.batch_size,
             block=self._block_ms(),
         )
@@ -462,13 +488,14 @@ class Consumer:
             for entry_id, fields in items
         ]
 
-    def _read_own_pending(self) -> list[Entry]:
-        """One pending entry per stream at a time: a poison entry that crashes the
-        process then only raises its own delivery count, not its neighbours'."""
-        reply = self.redis.xreadgroup(self.group, self.consumer, {stream: "0" for stream in self.streams}, count=1)
+    def _read_own_pending(self, stream: str) -> list[Entry]:
+        """The oldest entry of this consumer's pending list of one stream, alone: an entry
+        that crashes the process or its handler then raises only its own delivery count,
+        never a neighbour's (of the same stream or of another)."""
+        reply = self.redis.xreadgroup(self.group, self.consumer, {stream: "0"}, count=1)
         entries = [
-            Entry(stream.decode(), entry_id.decode(), fields or None, 0)
-            for stream, items in reply or ()
+            Entry(_text(name), _text(entry_id), fields or None, 0)  # type: ignore[arg-type]
+            for name, items in reply or ()
             for entry_id, fields in items
         ]
         self._fill_delivery_counts(entries)
@@ -485,15 +512,51 @@ class Consumer:
 
     # -- handling ----------------------------------------------------------------------
     def _handle_and_commit(self, entries: list[Entry]) -> None:
+        """Handle a batch and commit it. A handler that raises costs only its own entry:
+        what was handled before it is committed, the handler's state is reloaded (its
+        cache may be half-updated), and the rest of the batch is handled, except later
+        entries of the failed entry's stream, which stay pending behind it (order is per
+        stream). The failed entry is retried later from the pending list and, after
+        `max_deliveries`, dead-lettered alone: a good neighbour never reaches ev.dlq."""
         started = time.perf_counter()
+        todo = entries
+        while True:
+            effects, consumed, failed, todo = self._handle_part(todo)
+            if failed is None:
+                self._tick(effects)
+            commit(self.redis, self.script, effects, self.group, self.consumer)
+            if self._after_commit is not None:
+                self._after_commit()
+            for stream, count in consumed.items():
+                metrics.events_consumed.labels(stream).inc(count)
+            if failed is None:
+                break
+            self._after_handler_error(*failed)
+            # The handler's cache may be half-updated: rebuild it before handling anything else.
+            self._needs_load = True
+            todo = [entry for entry in todo if entry.stream not in self._waiting]
+            if not todo:
+                break
+            self.handler.load(self.redis)
+            self._needs_load = False
+        if entries:
+            metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    def _handle_part(
+        self, entries: list[Entry]
+    ) -> tuple[Effects, Counter[str], tuple[list[Entry], BaseException] | None, list[Entry]]:
+        """Handle entries until one raises: (effects, consumed per stream, the failed
+        entries and the exception or None, the entries not handled yet)."""
         effects = Effects(self.policy)
-        failed: tuple[Entry, BaseException] | None = None
         consumed: Counter[str] = Counter()
-        for entry in entries:
+        failed: tuple[list[Entry], BaseException] | None = None
+        handled: list[Entry] = []
+        rest: list[Entry] = []
+        for index, entry in enumerate(entries):
             if self._dead_letter_if_poison(entry, effects):
                 continue
             try:
-                event = decode(entry.stream, entry.fields)  # type: ignore[arg-type]
+                event = decode(entry.stream, entry.fields, self.limits, self.clock.now_ns())  # type: ignore[arg-type]
             except DecodeError as exc:
                 self._dead_letter(entry, effects, f"invalid payload: {exc.reason}", "invalid")
                 continue
@@ -503,9 +566,10 @@ class Consumer:
                 self.handler.handle(event, effects)
             except Exception as exc:  # noqa: BLE001 - any handler bug must not kill the loop
                 effects.rollback(mark)
-                failed = (entry, exc)
+                failed, rest = ([entry], exc), entries[index + 1:]
                 break
             effects.ack(entry)
+            handled.append(entry)
             consumed[entry.stream] += 1
             if self._handler_failures:
                 self._handler_failures.pop(entry.entry_id, None)
@@ -516,20 +580,12 @@ class Consumer:
             try:
                 end_batch(effects)
             except Exception as exc:  # noqa: BLE001 - retried from the pending list like a handler error
+                # Nothing of this part is committed. The culprit is unknown: every handled entry
+                # waits and is retried alone from the pending list, where the culprit fails alone.
                 effects = Effects(self.policy)
                 consumed.clear()
-                failed = (entries[0], exc)
-        if failed is None:
-            self._tick(effects)
-        commit(self.redis, self.script, effects, self.group, self.consumer)
-        if self._after_commit is not None:
-            self._after_commit()
-        for stream, count in consumed.items():
-            metrics.events_consumed.labels(stream).inc(count)
-        if entries:
-            metrics.batch_seconds.observe(time.perf_counter() - started)
-        if failed is not None:
-            self._after_handler_error(*failed)
+                failed = (handled + (failed[0] if failed else []), exc)
+        return effects, consumed, failed, rest
 
     def _dead_letter_if_poison(self, entry: Entry, effects: Effects) -> bool:
         if entry.fields is None:
@@ -556,7 +612,10 @@ class Consumer:
         self._last_handler_error.pop(entry.entry_id, None)
         self._handler_failures.pop(entry.entry_id, None)
 
-    def _after_handler_error(self, entry: Entry, exc: BaseException) -> None:
+    def _after_handler_error(self, entries: list[Entry], exc: BaseException) -> None:
+        """The failed entries stay pending; their streams wait (other streams keep flowing)
+        and retry them with a growing pause, one entry at a time."""
+        entry = entries[0]
         metrics.handler_errors.labels(entry.stream).inc()
         self._handler_failures[entry.entry_id] += 1
         self._last_handler_error[entry.entry_id] = f"{type(exc).__name__}: {exc}"[:500]
@@ -567,8 +626,9 @@ class Consumer:
             exc_info=exc,
             extra={"stream": entry.stream, "entry_id": entry.entry_id, "failures": failures, "retry_in_s": delay},
         )
-        self._resync()
-        self.stop_requested.wait(delay)
+        due = time.monotonic() + delay
+        for failed in entries:
+            self._waiting[failed.stream] = max(self._waiting.get(failed.stream, 0.0), due)
 
     def _tick(self, effects: Effects) -> None:
         interval = self.handler.tick_interval_s
@@ -597,15 +657,18 @@ class Consumer:
             self._observe_groups()
 
     def _claim_idle(self) -> list[Entry]:
-        """Take over entries a crashed or stuck peer left pending (rule 5), one per
-        stream at a time, so a poison entry among them cannot drag its neighbours'
-        delivery counts up with it."""
+        """Take over entries a crashed or stuck peer left pending (rule 5), one entry at
+        a time, so a poison entry among them cannot drag its neighbours' delivery
+        counts up with it."""
         self._next_claim = time.monotonic() + self.config.claim_interval_s
         min_idle_ms = int(self.config.claim_min_idle_s * 1000)
         effects = Effects(self.policy)
         claimed: list[Entry] = []
         more = False
         for stream in self.streams:
+            if claimed:  # one entry per call; the next call comes at once (see below)
+                more = True
+                break
             cursor, items, *rest = self.redis.xautoclaim(
                 stream, self.group, self.consumer, min_idle_ms, start_id="0-0", count=1
             )
