@@ -300,11 +300,6 @@ def test_absurd_but_valid_events_are_handled_without_error(runs, daemon):
     assert run.handler_errors == [], failing
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "execution on branch wt-contracts has no price collar yet (issue 12, owned by the execution work): the corpus's "
-    "valid-but-absurd intents SELL 100 CIM PRB LMT $0.01 and BUY 100 CIM PRB LMT $2,400 (market $24.80/$24.82) "
-    "are placed at the simulator, and the MODIFY of a live order to $9,999.99 is sent. Remove this marker when "
-    "execution's collar is merged (strict: it then XPASSes and fails)."))
 def test_no_absurd_order_price_reaches_the_simulator(runs):
     """SPEC 9: every order price (new or modify) within collar_pct of the trusted reference
     ($24.80/$24.82 at the simulator): the corpus's $0.01 SELL, $2,400 BUY and MODIFY to
