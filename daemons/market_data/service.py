@@ -304,7 +304,7 @@ class MarketDataService:
             now_ns=now_ns, quiet_after_ns=self.confirm_quiet_ns,
         )
         if blocked != self.confirm_blocked:
-            log.info("quote confirmations " + ("paused" if blocked else "running"), extra={"source": self.source, "why": blocked})
+            log.info("quote confirmations " + ("paused" if blocked else "running"), extra={"source": self.source, "blocked": blocked})
             self.confirm_blocked = blocked
             l1_confirming.labels(self.source).set(0 if blocked else 1)
         due = self.confirmer.due(now_ns, blocked, self.halted)
