@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qe import config, streams  # noqa: E402
-from qe.contracts import Intent, intent_id_for, make_event, order_ref_for  # noqa: E402
+from qe.contracts import Feature, Intent, TruthTick, intent_id_for, make_event, order_ref_for  # noqa: E402
 from qe.universe import load_universe  # noqa: E402
 from sim.testing import start_process  # noqa: E402
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until  # noqa: E402
@@ -54,6 +54,15 @@ def main() -> None:
             wait_until(lambda: r.hget("state:broker", "connected") == b"true", timeout=30, message="execution connected")
             time.sleep(1.0)
             publisher = streams.Publisher(r, rules)
+            # Execution checks every price against its own trusted reference (collar):
+            # give it one per symbol, as the prints worker would (a truth tick / GRPAN).
+            for symbol in symbols:
+                ref = universe[symbol].ref_price
+                feature = Feature(symbol=symbol, grpan_price=ref, concentration_pct=80.0, print_count=10, last_price=ref,
+                                  truth_tick=TruthTick(price=ref, size=100, venue="NYSE", ts_ns=time.time_ns()))
+                publisher.publish("ev.features", make_event(feature, idempotency_key=f"bench:feature:{symbol}", source="bench",
+                                                            ts_ns=time.time_ns()))
+            wait_until(lambda: r.hlen("state:execution:prices") >= len(symbols), timeout=30, message="references known")
             total = int(args.rate * args.seconds)
             published_ns: dict[str, int] = {}
             started = time.perf_counter()
@@ -65,7 +74,7 @@ def main() -> None:
                 key = f"intent:bench:{n}"
                 intent = Intent(
                     intent_id=intent_id_for(key), intent_type="LT_BAND", symbol=symbol, side="BUY", qty=100,
-                    order_type="LMT", limit_price=round(universe[symbol].ref_price - 1.00, 2), bucket="LT",
+                    order_type="LMT", limit_price=round(universe[symbol].ref_price * 0.97, 2), bucket="LT",
                     classification="LT_LONG_INC", priority=20, ttl_s=600, created_ns=time.time_ns(),
                     risk_delta_gross_pct=0.25, reason="benchmark",
                 )

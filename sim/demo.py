@@ -24,6 +24,7 @@ from pathlib import Path
 import redis
 
 from qe import acl
+from qe.config import redact_url
 from qe.clock import NEW_YORK
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +95,7 @@ def start(args: argparse.Namespace) -> int:
     user_url = os.environ.get("QE_REDIS_URL", "")
     if user_url and reachable(user_url):
         env.update(QE_REDIS_URL=user_url, QE_DEMO_PRIVATE_REDIS="false", QE_DEMO_REDIS_PORT="0", QE_DEMO_ACL_FILE="")
-        redis_note = f"Redis: using {user_url} (QE_REDIS_URL; its own users and ACLs apply)"
+        redis_note = f"Redis: using {redact_url(user_url)} (QE_REDIS_URL; its own users and ACLs apply)"
     else:
         port = free_port(DEFAULT_PRIVATE_PORT)
         # A fresh demo each time: the private Redis starts empty (AOF on, in run/redis).
@@ -109,7 +110,7 @@ def start(args: argparse.Namespace) -> int:
             QE_DEMO_ACL_FILE=str(acl_file),
             QE_REDIS_SECRETS_DIR=str(RUN / "secrets"),
         )
-        why = f"{user_url} unreachable" if user_url else "QE_REDIS_URL not set"
+        why = f"{redact_url(user_url)} unreachable" if user_url else "QE_REDIS_URL not set"
         redis_note = f"Redis: private redis-server on 127.0.0.1:{port} (AOF on, one ACL user per daemon; {why})"
     env["QE_DEMO_REDIS_SERVER"] = redis_server_binary()
     env["QE_IB_PORT"] = str(free_port(DEFAULT_IB_PORT))

@@ -140,7 +140,9 @@ def test_soft_window_transition_intents_and_restart_without_duplicates(setup, r)
     keep_session_fresh(world, lambda: len(intents(r)) >= 2, soft=True, regime="CLOSE")
     first = intents(r)
     alerts = mode_alerts(r)
-    assert [a["data"]["to"] for a in alerts] == ["SOFT_DERISK"]
+    # A Brain without saved state starts in THROTTLE (nothing judged yet, and its first
+    # evaluation may come before the backlog's exposure event): never a claimed NORMAL.
+    assert [(a["data"]["from"], a["data"]["to"]) for a in alerts] == [("THROTTLE", "SOFT_DERISK")]
     assert alerts[0]["data"]["numbers"]["gross_pct"] == 125.0 and alerts[0]["severity"] == "warning"
     keys = [e["idempotency_key"] for e in first]
     assert all(k.startswith(f"intent:{DAY}:SOFT_DERISK:") for k in keys)
@@ -162,7 +164,7 @@ def test_soft_window_transition_intents_and_restart_without_duplicates(setup, r)
     duplicates = {k: n for k, n in Counter(e["idempotency_key"] for e in after).items() if n > 1}
     assert duplicates == {}
     assert [e["idempotency_key"] for e in after if e["payload"]["action"] == "NEW"] == keys  # nothing new: orders are live
-    assert len(mode_alerts(r)) == 1
+    assert len(mode_alerts(r)) == 1  # restarts reload the state and the last good snapshot: no new transition
 
     # Execution acknowledges and fills CIM PRC; exposure drops below the target; live orders are cancelled.
     cim = by_symbol["CIM PRC"]
@@ -227,4 +229,90 @@ def test_halt_and_resume_through_qe_and_dead_letters(setup, r, redis_url):
     dead = r.xrange("ev.dlq")[0][1]
     assert dead[b"origin_stream"] == b"ev.session" and dead[b"label"] == b"invalid"
     assert brain.alive()
+    assert brain.terminate() == 0
+
+
+# --- issue 12: bad data never becomes an order ----------------------------------------------------
+
+COLLAR_LOW, COLLAR_HIGH = 23.75, 26.25  # 5 % around the $25.00 truth tick
+
+
+@pytest.fixture
+def fast_hard(redis_url, r, tmp_path):
+    rules = write_rules(tmp_path, runtime={"block_ms": 100, "batch_size": 50, "claim_min_idle_s": 5},
+                        decision={"tick_interval_s": 0.1, "evaluate_min_gap_s": 0.05},
+                        derisk={"hard_step_interval_s": 1},
+                        strategies={"mm": {"enabled": False}, "lt_band": {"enabled": False}})
+    env = daemon_env(redis_url, QE_CONFIG=rules, QE_CONSUMER_NAME="decision-1",
+                     **clock_module.sim_env(datetime.fromisoformat("2026-11-20T15:58:30-05:00"), speed=1.0))
+    world = World(r, clock_module.from_env(env))
+    brain = DaemonProcess(console_script("qe-decision"), env, tmp_path / "decision.log")
+    yield world, brain
+    brain.kill()
+
+
+def alerts_of(r, alert_type):
+    return [p for p in (json.loads(f[b"event"])["payload"] for _id, f in r.xrange("ev.alerts")) if p["alert_type"] == alert_type]
+
+
+def test_bad_data_in_the_hard_window_never_becomes_an_order(fast_hard, r):
+    world, brain = fast_hard
+    world.setup()
+    world.exposure()
+    brain.start()
+    hard = {"hard": True, "soft": True, "regime": "CLOSE"}
+    keep_session_fresh(world, lambda: state(r).get("mode") == "HARD_DERISK" and len(intents(r)) >= 1, **hard)
+
+    # Stub quotes on every held symbol while the truth tick is $25.00 (issue 12's cases).
+    world.publish("ev.l1", L1(symbol="CIM PRB", bid=0.01, ask=25.01, bid_size=100, ask_size=100))
+    world.publish("ev.l1", L1(symbol="AGNCN", bid=1.00, ask=25.01, bid_size=100, ask_size=100))
+    world.publish("ev.l1", L1(symbol="CIM PRC", bid=0.01, ask=0.02, bid_size=100, ask_size=100))
+    keep_session_fresh(world, lambda: "implausible_quote" in (state(r).get("last_trace") or {}).get("skips", {}), **hard)
+    deadline = time.monotonic() + 4  # four hard-step intervals
+    while time.monotonic() < deadline:
+        world.session(**hard)
+        time.sleep(0.3)
+    skipped = {a["symbol"] for a in alerts_of(r, "decision_symbol_skipped") if a["data"]["reason"] == "implausible_quote"}
+    assert skipped == {"CIM PRB", "AGNCN", "CIM PRC"}
+
+    # An absurd position (10**400 shares): quarantined by the Brain, or refused by the contract.
+    world.publish("ev.positions", Position(account="DU123", symbol="CIM PRC", qty=10**400, avg_cost=24.5, bucket="MM_PURE"))
+    # Exposure unknown (gross missing) twice: de-risk goes on from the last good snapshot.
+    unknown = Exposure(equity=EQUITY, long_notional=0, short_notional=0, gross_pct=None, net_pct=None,
+                       potential_gross_pct=None, buckets={})
+    world.publish("ev.exposure", unknown)
+    keep_session_fresh(world, lambda: "exposure unknown" in state(r).get("reason", ""), **hard)
+    world.publish("ev.exposure", unknown)
+    for _ in range(10):
+        world.session(**hard)
+        time.sleep(0.2)
+    wait_until(lambda: all(r.xpending(s, "decision_engine")["pending"] == 0 for s in ("ev.session", "ev.positions",
+                                                                                      "ev.exposure", "ev.l1")),
+               message="pending lists drained")
+
+    st = state(r)
+    assert brain.alive()
+    assert st["mode"] == "HARD_DERISK" and "exposure unknown" in st["reason"]  # never NORMAL
+    assert "exposure_unknown" in st["last_trace"]["increases_blocked"]
+    # Once per episode: the start (no snapshot yet), then the missing gross (published twice).
+    episodes = [(a["alert_type"], a["data"].get("why")) for a in alerts_of(r, "exposure_unknown") + alerts_of(r, "exposure_known")]
+    assert sorted(episodes, key=str) == sorted([("exposure_unknown", "no exposure snapshot"), ("exposure_known", None),
+                                                ("exposure_unknown", "gross_pct missing")], key=str)
+    saved = json.loads(r.hget("state:decision:inputs", "exposure"))
+    assert saved["gross_pct"] is None and saved["problem"] == "gross_pct missing"
+    # The absurd quantity reached no saved state; the symbol is reported and skipped.
+    assert json.loads(r.hget("state:decision:positions", "CIM PRC")) == [10000, "MM_PURE"]
+    assert all(len(v) < 200 for v in r.hgetall("state:decision:positions").values())
+    dead = [f for _id, f in r.xrange("ev.dlq")]
+    quarantined = r.hget("state:decision:quarantine", "CIM PRC")
+    assert quarantined == b"absurd_quantity" or any(f[b"origin_stream"] == b"ev.positions" and b"qty" in f[b"reason"]
+                                                    for f in dead)
+    if quarantined:
+        assert "CIM PRC" in st["last_trace"]["symbol_errors"]
+    assert [f for f in dead if f[b"origin_stream"] != b"ev.positions"] == []  # no good event dead-lettered
+
+    # Every price the Brain ever sent lies inside the collar; nothing at the stubs.
+    priced = [e["payload"] for e in intents(r) if e["payload"]["action"] in ("NEW", "MODIFY")]
+    assert priced and all(COLLAR_LOW <= p["limit_price"] <= COLLAR_HIGH for p in priced), priced
+    assert all(p["created_ns"] <= world.clock.now_ns() for p in priced)
     assert brain.terminate() == 0

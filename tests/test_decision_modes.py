@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from daemons.decision.modes import Latches, ModeInputs, Thresholds, blocked_buckets, derive_mode
@@ -29,6 +31,11 @@ def inputs(gross, potential=None, *, regime="MID", soft=False, hard=False, halte
     )
 
 
+def unknown(gross, why, **kw):
+    """The current snapshot is unusable (`why`); `gross` is the last good one's, or None."""
+    return replace(inputs(gross, **kw), exposure_unknown=why)
+
+
 # (name, inputs, latches before, previous mode, expected mode, expected rule)
 CASES = [
     ("halt beats everything", inputs(140, halted=True, hard=True), Latches(), "NORMAL", "HALTED", "operator_halt"),
@@ -52,8 +59,16 @@ CASES = [
     ("throttle latch holds within the band", inputs(110, 124, regime="EARLY"), Latches(tolerance=True), "THROTTLE", "THROTTLE", "tolerance_throttle"),
     ("regime moves to LATE: lower tolerance", inputs(110, 116, regime="LATE"), Latches(), "NORMAL", "SOFT_DERISK", "tolerance_derisk"),
     ("throttle becomes de-risk when the regime allows it", inputs(110, 124, regime="MID"), Latches(tolerance=True), "THROTTLE", "SOFT_DERISK", "tolerance_derisk"),
-    ("no exposure keeps the mode", inputs(None, None), Latches(), "SOFT_DERISK", "SOFT_DERISK", "no_exposure"),
-    ("no exposure after a halt is lifted: normal", inputs(None, None), Latches(), "HALTED", "NORMAL", "no_exposure"),
+    ("no exposure keeps a de-risk mode", inputs(None, None), Latches(), "SOFT_DERISK", "SOFT_DERISK", "exposure_unknown"),
+    ("no exposure in the hard window keeps HARD_DERISK", inputs(None, None, hard=True, soft=True, regime="CLOSE"),
+     Latches(window=True), "HARD_DERISK", "HARD_DERISK", "exposure_unknown"),
+    ("no exposure is never NORMAL", inputs(None, None), Latches(), "NORMAL", "THROTTLE", "exposure_unknown"),
+    ("no exposure after a halt is lifted: throttle", inputs(None, None), Latches(), "HALTED", "THROTTLE", "exposure_unknown"),
+    ("unknown exposure, last good snapshot in the hard window", unknown(125, "gross_pct nan", hard=True, soft=True,
+     regime="CLOSE"), Latches(), "NORMAL", "HARD_DERISK", "hard_window"),
+    ("unknown exposure, last good snapshot within limits: throttle, not normal", unknown(90, "gross_pct -5.0"), Latches(),
+     "NORMAL", "THROTTLE", "exposure_unknown"),
+    ("halt beats unknown exposure", unknown(None, "gross_pct nan", halted=True), Latches(), "NORMAL", "HALTED", "operator_halt"),
 ]
 
 
@@ -62,6 +77,8 @@ def test_mode_rules(name, given, latches, previous, mode, rule):
     result = derive_mode(given, latches, previous, TH)
     assert (result.mode, result.rule) == (mode, rule)
     assert result.reason
+    if rule == "exposure_unknown" or (given.exposure_unknown and mode != "HALTED"):
+        assert "exposure unknown" in result.reason and result.numbers["exposure_unknown"]
     assert "gross_pct" in result.numbers and "potential_gross_pct" in result.numbers
 
 

@@ -11,7 +11,11 @@ from qe.contracts import Intent
 
 S = 1_000_000_000
 TTL = {"LT": 120, "MM": 60, "HARD_DERISK": 30, "CLOSE_EXIT": 15, "default": 90}
-LIMITS = core.Limits(hard_cap_pct=130, max_order_notional=250_000, min_order_qty=100, liquidity_adv_divisor=1000, liquidity_min_shares=200)
+LIMITS = core.Limits(
+    hard_cap_pct=130, max_order_notional=250_000, min_order_qty=100, liquidity_adv_divisor=1000, liquidity_min_shares=200,
+    collar_pct=5,
+)
+REF = 24.85  # execution's trusted reference for CIM PRB in these tests (truth tick / GRPAN / trusted mid)
 OPEN = core.Gate(account_ok=True, account_reason="paper DU1", halted=False, mode="NORMAL")
 
 
@@ -26,7 +30,7 @@ def intent(**overrides) -> Intent:
 
 
 def record(**overrides) -> core.OrderRecord:
-    base = core.record_for_intent(intent(), "intent:k", "qe-ref", expires_ns=1_120 * S)
+    base = core.record_for_intent(intent(), "intent:k", "qe-ref", expires_ns=1_120 * S, received_ns=1_000 * S)
     return dataclasses.replace(base, **overrides)
 
 
@@ -56,12 +60,29 @@ def test_ttl_by_category(intent_type, bucket, regime, category, ttl_s):
     assert core.ttl_category(intent_type, bucket, regime, TTL) == category
     classification = "LT_LONG_DEC" if bucket == "LT" else "MM_LONG_DEC"
     i = intent(intent_type=intent_type, bucket=bucket, classification=classification, side="SELL", ttl_s=600)
-    assert core.expires_at_ns(i, regime, TTL) == i.created_ns + ttl_s * S
+    assert core.expires_at_ns(i, regime, TTL, received_ns=i.created_ns) == i.created_ns + ttl_s * S
 
 
 def test_intent_ttl_shorter_than_category_wins():
     i = intent(ttl_s=10)
-    assert core.expires_at_ns(i, "MID", TTL) == i.created_ns + 10 * S
+    assert core.expires_at_ns(i, "MID", TTL, received_ns=i.created_ns) == i.created_ns + 10 * S
+
+
+def test_ttl_runs_from_receipt_on_executions_clock_never_from_a_future_created_ns():
+    received = 1_000 * S
+    in_2100 = intent(ttl_s=10, created_ns=4_102_444_800 * S)
+    assert core.expires_at_ns(in_2100, "MID", TTL, received_ns=received) == received + 10 * S
+    r = core.record_for_intent(in_2100, "intent:2100", "qe-2100", core.expires_at_ns(in_2100, "MID", TTL, received), received)
+    # The record's times are execution's own: a later modify is not held back "until 2100".
+    assert (r.created_ns, r.last_price_change_ns, r.expires_ns) == (received, received, received + 10 * S)
+    assert core.modify_decision(dataclasses.replace(r, status="SUBMITTED"), 24.70, received + 3 * S, 0.01, 2.5) == "apply"
+
+
+def test_an_intent_that_waited_in_the_stream_is_as_old_as_it_says():
+    # created_ns in the past can only shorten the life: an intent that waited 100 s while
+    # execution was down does not get a fresh TTL at receipt.
+    old = intent(ttl_s=30, created_ns=900 * S)
+    assert core.expires_at_ns(old, "MID", TTL, received_ns=1_000 * S) == 930 * S
 
 
 def test_unknown_category_uses_default():
@@ -162,7 +183,7 @@ def test_modify_of_finished_or_cancelling_order_is_ignored():
 # --- pre-trade checks ------------------------------------------------------------------------------
 
 def test_clean_increase_passes():
-    assert core.check_new_order(intent(), view(positions={"CIM PRB": 1000}), LIMITS, OPEN, adv=61_000) is None
+    assert core.check_new_order(intent(), view(positions={"CIM PRB": 1000}), LIMITS, OPEN, adv=61_000, reference=REF) is None
 
 
 @pytest.mark.parametrize(
@@ -176,44 +197,44 @@ def test_clean_increase_passes():
     ],
 )
 def test_gates_refuse_increases(gate, rule):
-    assert core.check_new_order(intent(), view(), LIMITS, gate, adv=61_000).rule == rule
+    assert core.check_new_order(intent(), view(), LIMITS, gate, adv=61_000, reference=REF).rule == rule
 
 
 def test_decreases_pass_in_derisk_modes():
     sell = intent(side="SELL", classification="LT_LONG_DEC", qty=500, intent_type="HARD_DERISK")
     gate = core.Gate(True, "", False, "HARD_DERISK")
-    assert core.check_new_order(sell, view(positions={"CIM PRB": 1000}), LIMITS, gate, adv=1_000_000) is None
+    assert core.check_new_order(sell, view(positions={"CIM PRB": 1000}), LIMITS, gate, adv=1_000_000, reference=REF) is None
 
 
 def test_halted_refuses_even_decreases():
     sell = intent(side="SELL", classification="LT_LONG_DEC", qty=500)
-    assert core.check_new_order(sell, view(positions={"CIM PRB": 1000}), LIMITS, core.Gate(True, "", True, "HALTED"), 61_000).rule == "halted"
+    assert core.check_new_order(sell, view(positions={"CIM PRB": 1000}), LIMITS, core.Gate(True, "", True, "HALTED"), 61_000, reference=REF).rule == "halted"
 
 
 def test_decrease_never_crosses_zero_counting_working_orders():
     sell = intent(side="SELL", classification="LT_LONG_DEC", qty=600)
-    rejection = core.check_new_order(sell, view(positions={"CIM PRB": 1000}, sells={"CIM PRB": 500}), LIMITS, OPEN, 61_000)
+    rejection = core.check_new_order(sell, view(positions={"CIM PRB": 1000}, sells={"CIM PRB": 500}), LIMITS, OPEN, 61_000, reference=REF)
     assert rejection.rule == "reduce_only" and "cross zero" in rejection.reason
     cover = intent(side="BUY", classification="LT_SHORT_DEC", qty=300)
-    assert core.check_new_order(cover, view(positions={"CIM PRB": -300}), LIMITS, OPEN, 1_000_000) is None
-    assert core.check_new_order(cover, view(positions={"CIM PRB": 300}), LIMITS, OPEN, 61_000).rule == "reduce_only"
+    assert core.check_new_order(cover, view(positions={"CIM PRB": -300}), LIMITS, OPEN, 1_000_000, reference=REF) is None
+    assert core.check_new_order(cover, view(positions={"CIM PRB": 300}), LIMITS, OPEN, 61_000, reference=REF).rule == "reduce_only"
 
 
 def test_min_order_qty_except_closing_an_odd_lot():
-    assert core.check_new_order(intent(qty=50), view(), LIMITS, OPEN, 61_000).rule == "min_order_qty"
+    assert core.check_new_order(intent(qty=50), view(), LIMITS, OPEN, 61_000, reference=REF).rule == "min_order_qty"
     close = intent(side="SELL", classification="LT_LONG_DEC", qty=50)
-    assert core.check_new_order(close, view(positions={"CIM PRB": 50}), LIMITS, OPEN, 61_000) is None
+    assert core.check_new_order(close, view(positions={"CIM PRB": 50}), LIMITS, OPEN, 61_000, reference=REF) is None
 
 
 def test_liquidity_cap_is_adv_over_1000_with_floor_200():
-    assert core.check_new_order(intent(qty=300), view(), LIMITS, OPEN, adv=500_000) is None
-    assert core.check_new_order(intent(qty=300), view(), LIMITS, OPEN, adv=100_000).rule == "liquidity_cap"
-    assert core.check_new_order(intent(qty=200), view(), LIMITS, OPEN, adv=10_000) is None
+    assert core.check_new_order(intent(qty=300), view(), LIMITS, OPEN, adv=500_000, reference=REF) is None
+    assert core.check_new_order(intent(qty=300), view(), LIMITS, OPEN, adv=100_000, reference=REF).rule == "liquidity_cap"
+    assert core.check_new_order(intent(qty=200), view(), LIMITS, OPEN, adv=10_000, reference=REF) is None
 
 
 def test_max_order_notional():
     big = intent(qty=20_000, limit_price=24.80)
-    assert core.check_new_order(big, view(), LIMITS, OPEN, adv=10**9).rule == "max_order_notional"
+    assert core.check_new_order(big, view(), LIMITS, OPEN, adv=10**9, reference=REF).rule == "max_order_notional"
 
 
 def test_hard_cap_counts_positions_working_orders_and_this_order():
@@ -223,25 +244,125 @@ def test_hard_cap_counts_positions_working_orders_and_this_order():
     ok = intent(qty=400, limit_price=25.0)  # +10,000 -> 129.0 %
     too_much = intent(qty=2_000, limit_price=25.0)  # +50,000 -> 133.0 %
     v = view(positions=positions, buys=buys)
-    assert core.check_new_order(ok, v, LIMITS, OPEN, adv=10**9) is None
-    rejection = core.check_new_order(too_much, v, LIMITS, OPEN, adv=10**9)
+    assert core.check_new_order(ok, v, LIMITS, OPEN, adv=10**9, reference=REF) is None
+    rejection = core.check_new_order(too_much, v, LIMITS, OPEN, adv=10**9, reference=REF)
     assert rejection.rule == "hard_cap" and "133.00% > hard cap 130%" in rejection.reason
 
 
 def test_hard_cap_lets_reducing_orders_through_above_the_cap():
     sell = intent(side="SELL", classification="LT_LONG_DEC", qty=1000, limit_price=25.0)
     v = view(positions={"CIM PRB": 60_000})  # 150 %
-    assert core.check_new_order(sell, v, LIMITS, OPEN, adv=10**9) is None
+    assert core.check_new_order(sell, v, LIMITS, OPEN, adv=10**9, reference=REF) is None
 
 
 def test_no_equity_means_no_added_exposure():
-    rejection = core.check_new_order(intent(), view(equity=None), LIMITS, OPEN, adv=10**9)
+    rejection = core.check_new_order(intent(), view(equity=None), LIMITS, OPEN, adv=10**9, reference=REF)
     assert rejection.rule == "hard_cap" and "equity unknown" in rejection.reason
 
 
+def modify(price: float, target: core.OrderRecord | None = None, qty: int | None = None, gate=OPEN, adv=61_000, reference=REF):
+    target = target or record(status="SUBMITTED")
+    return core.check_modify(target, price, target.qty if qty is None else qty, LIMITS, gate, adv, reference=reference)
+
+
 def test_modify_gate():
-    assert core.check_modify(OPEN) is None
-    assert core.check_modify(core.Gate(True, "", True, "HALTED")).rule == "halted"
+    assert modify(24.90) is None
+    assert modify(24.90, gate=core.Gate(True, "", True, "HALTED")).rule == "halted"
+    assert modify(24.90, gate=core.Gate(False, "configured for paper but connected to U123", False, "NORMAL")).rule == "account_interlock"
+
+
+# --- price collar (SPEC 9), on new orders and on modifies -----------------------------------------------
+
+@pytest.mark.parametrize(
+    "side, classification, price",
+    [("SELL", "LT_LONG_DEC", 0.01), ("BUY", "LT_LONG_INC", 2400.00), ("SELL", "LT_LONG_DEC", 23.60), ("BUY", "LT_LONG_INC", 26.10)],
+)
+def test_a_new_order_outside_the_collar_is_refused_both_ways(side, classification, price):
+    # 5 % around 24.85: 23.61 .. 26.09. A decrease is not exempt: selling at $0.01 moves money too.
+    order = intent(side=side, classification=classification, limit_price=price)
+    rejection = core.check_new_order(order, view(positions={"CIM PRB": 1000}), LIMITS, OPEN, 61_000, reference=REF)
+    assert rejection.rule == "collar"
+    assert f"price {price:.2f} outside 23.61..26.09" in rejection.reason and "trusted reference 24.85" in rejection.reason
+
+
+@pytest.mark.parametrize("price", [23.61, 26.09, 24.85])
+def test_a_price_on_the_collar_edge_passes(price):
+    order = intent(side="SELL", classification="LT_LONG_DEC", limit_price=price)
+    assert core.check_new_order(order, view(positions={"CIM PRB": 1000}), LIMITS, OPEN, 61_000, reference=REF) is None
+
+
+@pytest.mark.parametrize("classification, side", [("LT_LONG_INC", "BUY"), ("LT_LONG_DEC", "SELL")])
+def test_without_a_trusted_reference_no_price_can_be_checked_and_nothing_is_sent(classification, side):
+    order = intent(side=side, classification=classification, limit_price=24.80)
+    rejection = core.check_new_order(order, view(positions={"CIM PRB": 1000}), LIMITS, OPEN, 61_000, reference=None)
+    assert rejection.rule == "collar" and "no trusted reference for CIM PRB" in rejection.reason
+
+
+def test_a_market_order_has_no_price_to_collar_and_is_refused():
+    order = intent(side="SELL", classification="LT_LONG_DEC", order_type="MKT", limit_price=None)
+    rejection = core.check_new_order(order, view(positions={"CIM PRB": 1000}), LIMITS, OPEN, 61_000, reference=REF)
+    assert rejection.rule == "collar" and "no limit price" in rejection.reason
+
+
+@pytest.mark.parametrize("price", [999_999.99, 0.01, 26.10, 23.60])
+def test_a_modify_outside_the_collar_is_refused(price):
+    rejection = modify(price)
+    assert rejection.rule == "collar" and "outside 23.61..26.09" in rejection.reason
+    assert modify(24.90, reference=None).rule == "collar"  # nothing to check against
+
+
+def test_a_modify_is_held_to_the_order_notional_and_the_liquidity_cap():
+    # 10,000 shares at 24.85 = 248,500 (under 250,000) with ADV 10M; the modify to 25.10
+    # (inside the collar) makes it 251,000.
+    big = record(status="SUBMITTED", qty=10_000, limit_price=24.85)
+    assert modify(25.00, target=big, adv=10_000_000) is None
+    rejection = modify(25.10, target=big, adv=10_000_000)
+    assert rejection.rule == "max_order_notional" and "251,000.00 above 250,000.00" in rejection.reason
+    # The same order after the universe's ADV fell to 61,000 (cap 200 shares): refused.
+    rejection = modify(24.90, target=big, adv=61_000)
+    assert rejection.rule == "liquidity_cap" and "qty 10000 above" in rejection.reason
+
+
+def test_a_modify_changes_the_price_only():
+    assert modify(24.90, qty=5_000).rule == "modify_qty"
+
+
+def test_a_refused_modify_is_published_under_its_own_ref_never_as_the_live_order():
+    target = record(status="SUBMITTED", broker_order_id=7, filled_qty=0)
+    denial = core.modify_denial(target, "modify:k:1", "qe-mod", 999_999.99, "collar: ...", 2_000 * S)
+    assert (denial.order_ref, denial.intent_key, denial.status, denial.broker_order_id) == ("qe-mod", "modify:k:1", "REJECTED", None)
+    assert (denial.reject_code, denial.reject_reason, denial.limit_price) == (None, "collar: ...", 999_999.99)
+    assert target.status == "SUBMITTED"
+
+
+@pytest.mark.parametrize("equity", [float("nan"), float("inf"), -1.0, 0.0, None])
+def test_equity_that_is_not_a_positive_finite_number_blocks_increases(equity):
+    rejection = core.check_new_order(intent(), view(equity=equity), LIMITS, OPEN, adv=61_000, reference=REF)
+    if equity == float("inf"):
+        assert rejection.rule == "hard_cap"
+    else:
+        assert rejection.rule == "hard_cap" and "equity unknown" in rejection.reason
+
+
+@pytest.mark.parametrize(
+    "qty, avg_cost, problem",
+    [
+        (float("inf"), 24.0, "not a whole number"),
+        (float("nan"), 24.0, "not a whole number"),
+        (100.5, 24.0, "not a whole number"),
+        (1e400, 24.0, "not a whole number"),
+        (-1e12, 24.0, "beyond 100,000,000 shares"),
+        (3200.0, float("nan"), "average cost nan"),
+    ],
+)
+def test_absurd_broker_positions_are_named(qty, avg_cost, problem):
+    assert problem in core.broker_position_problem(qty, avg_cost, 100_000_000)
+
+
+def test_sane_broker_positions_and_flat_ones_pass():
+    assert core.broker_position_problem(3200.0, 24.65, 100_000_000) is None
+    assert core.broker_position_problem(0.0, 0.0, 100_000_000) is None  # flat, not a bad price
+    assert core.usable_equity(float("nan")) is None and core.usable_equity(1e6) == 1e6
 
 
 # --- account interlock --------------------------------------------------------------------------------

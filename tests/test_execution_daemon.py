@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from qe import config, streams
-from qe.contracts import Control, Intent, intent_id_for, make_event, order_ref_for
+from qe.contracts import L1, Control, Feature, Intent, TruthTick, intent_id_for, make_event, order_ref_for
 from sim.testing import start_in_thread
-from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until
+from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until, write_rules
 
 RULES = config.load_rules(REPO / "etc" / "risk_rules.yaml")
 SYMBOL = "CIM PRB"  # the demo account is long 3,200 CIM PRB (LT)
@@ -43,6 +43,39 @@ class Execution:
 
     def wait_connected(self) -> None:
         wait_until(lambda: self.r.hget("state:broker", "connected") == b"true", timeout=30, message="broker connected")
+
+    def publish_market(self, stream: str, payload, key: str) -> None:
+        self.publisher.publish(stream, make_event(payload, idempotency_key=key, source="test", ts_ns=time.time_ns()))
+
+    def saved_prices(self, symbol: str) -> dict:
+        raw = self.r.hget("state:execution:prices", symbol)
+        return json.loads(raw) if raw else {}
+
+    def market(self, bid: float, ask: float, symbol: str = SYMBOL, size: int = 1000) -> None:
+        """The market everywhere at once, as the producers publish it: the simulator's quote,
+        a truth tick / GRPAN at the mid (prints worker's Feature) and the L1 (market data's),
+        then wait until execution has taken both as its own trusted prices."""
+        freeze(self.sim, bid, ask, size, symbol)
+        tick = round((bid + ask) / 2, 2)
+        now = time.time_ns()
+        self.publish_market("ev.features", Feature(
+            symbol=symbol, grpan_price=tick, concentration_pct=80.0, print_count=10, last_price=tick,
+            truth_tick=TruthTick(price=tick, size=100, venue="NYSE", ts_ns=now)), f"test:feature:{symbol}:{tick}:{now}")
+        wait_until(lambda: self.saved_prices(symbol).get("truth_tick") == tick, timeout=15, message=f"{symbol} truth tick {tick}")
+        self.quote(bid, ask, symbol, size)
+        mid = round((bid + ask) / 2, 4)
+        wait_until(lambda: self.saved_prices(symbol).get("trusted_mid") == pytest.approx(mid), timeout=15, message=f"{symbol} mid {mid}")
+
+    def quote(self, bid: float, ask: float, symbol: str = SYMBOL, size: int = 1000, implausible: str | None = None) -> None:
+        """An L1 as market data publishes it (with its quote-gate verdict)."""
+        now = time.time_ns()
+        self.publish_market("ev.l1", L1(symbol=symbol, bid=bid, ask=ask, bid_size=size, ask_size=size, quote_ts_ns=now,
+                                        implausible=implausible), f"test:l1:{symbol}:{bid}:{ask}:{now}")
+
+    def denial(self, key: str) -> dict | None:
+        """The REJECTED order execution publishes for a refused intent (NEW or MODIFY)."""
+        rejected = [o for o in self.orders(key) if o["status"] == "REJECTED"]
+        return rejected[-1] if rejected else None
 
     def intent(self, key: str, **fields) -> Intent:
         base = dict(
@@ -95,8 +128,8 @@ def freeze(sim, bid: float, ask: float, size: int = 1000, symbol: str = SYMBOL) 
 # --- one intent, one order, ever --------------------------------------------------------------------
 
 def test_duplicate_and_redelivered_intents_make_one_broker_order(execution, sim, r):
-    freeze(sim, 24.80, 24.82)
     execution.start().wait_connected()
+    execution.market(24.80, 24.82)
     intent = execution.intent("intent:dup:1", limit_price=24.80)
     execution.intent("intent:dup:1", limit_price=24.80)  # the same key again
     # A redelivery at stream level: the very same entry appended once more.
@@ -113,8 +146,8 @@ def test_duplicate_and_redelivered_intents_make_one_broker_order(execution, sim,
 
 @pytest.mark.parametrize("failpoint", ["execution.before_send", "execution.after_send"])
 def test_sigkill_around_the_send_never_makes_a_second_order(execution, sim, r, failpoint):
-    freeze(sim, 24.80, 24.82)
     execution.start(QE_FAILPOINT=failpoint).wait_connected()
+    execution.market(24.80, 24.82)
     execution.intent("intent:crash:1", limit_price=24.80)
     assert execution.process.wait(timeout=20) == -9  # SIGKILL at the failpoint
     record = json.loads(r.hget("state:orders", order_ref_for("intent:crash:1")))
@@ -131,8 +164,8 @@ def test_sigkill_around_the_send_never_makes_a_second_order(execution, sim, r, f
 
 
 def test_sigkill_after_a_fill_before_its_event_publishes_it_once(execution, sim, r):
-    freeze(sim, 24.80, 24.82)
     execution.start(QE_FAILPOINT="execution.before_fill_commit").wait_connected()
+    execution.market(24.80, 24.82)
     execution.intent("intent:fillcrash:1", limit_price=24.80)
     assert execution.process.wait(timeout=20) == -9
     assert len(sim.control.fills(order_ref_for("intent:fillcrash:1"))) == 1  # the broker filled it
@@ -151,8 +184,8 @@ def test_sigkill_after_a_fill_before_its_event_publishes_it_once(execution, sim,
 # --- broker faults ------------------------------------------------------------------------------------
 
 def test_connection_dropped_mid_order_and_fill_while_down(execution, sim, r):
-    freeze(sim, 24.80, 24.82)
     execution.start().wait_connected()
+    execution.market(24.80, 24.82)
     execution.intent("intent:drop:1", limit_price=25.00)  # rests above the ask
     execution.wait_status("intent:drop:1", "SUBMITTED")
     sim.control.restart(down_seconds=3.0)  # gateway gone; the order lives on at the "broker"
@@ -170,8 +203,8 @@ def test_connection_dropped_mid_order_and_fill_while_down(execution, sim, r):
 
 
 def test_refused_connections_then_orders_flow_after_reconnect(execution, sim, r):
-    freeze(sim, 24.80, 24.82)
     execution.start().wait_connected()
+    execution.market(24.80, 24.82)
     sim.control.refuse_connections(4)
     sim.control.drop_connections()
     wait_until(lambda: r.hget("state:broker", "connected") == b"false", timeout=10, message="broker down")
@@ -186,8 +219,8 @@ def test_refused_connections_then_orders_flow_after_reconnect(execution, sim, r)
 
 
 def test_a_local_cancelled_after_an_error_is_confirmed_with_the_broker(execution, sim, r):
-    freeze(sim, 24.80, 24.82)
     execution.start().wait_connected()
+    execution.market(24.80, 24.82)
     execution.intent("intent:localcancel:1", limit_price=25.00)
     execution.wait_status("intent:localcancel:1", "SUBMITTED")
     order_id = sim.control.orders(order_ref_for("intent:localcancel:1"))[0]["order_id"]
@@ -203,8 +236,8 @@ def test_a_local_cancelled_after_an_error_is_confirmed_with_the_broker(execution
 
 
 def test_broker_reject_201_is_published_with_code_and_not_retried(execution, sim, r):
-    freeze(sim, 24.80, 24.82)
     execution.start().wait_connected()
+    execution.market(24.80, 24.82)
     sim.control.reject_next(1, code=201, text="Order rejected - reason: test margin")
     execution.intent("intent:reject:1", limit_price=24.80)
     execution.wait_status("intent:reject:1", "REJECTED")
@@ -216,8 +249,8 @@ def test_broker_reject_201_is_published_with_code_and_not_retried(execution, sim
 
 
 def test_delayed_acks_make_no_duplicate(execution, sim, r):
-    freeze(sim, 24.80, 24.82)
     execution.start().wait_connected()
+    execution.market(24.80, 24.82)
     sim.control.delay_acks(1, seconds=3.0)
     execution.intent("intent:slowack:1", limit_price=25.00)
     time.sleep(1.5)
@@ -229,8 +262,8 @@ def test_delayed_acks_make_no_duplicate(execution, sim, r):
 # --- lifecycle -------------------------------------------------------------------------------------------
 
 def test_modify_keeps_the_order_id_and_waits_2_5_seconds_then_ttl_cancels(execution, sim, r, tmp_path):
-    freeze(sim, 24.80, 24.82)
     execution.start().wait_connected()
+    execution.market(24.80, 24.82)
     execution.intent("intent:mod:1", limit_price=25.10, ttl_s=8)
     execution.wait_status("intent:mod:1", "SUBMITTED")
     execution.intent("intent:mod:1:modify", action="MODIFY", target_intent_key="intent:mod:1", limit_price=25.05)
@@ -248,8 +281,8 @@ def test_modify_keeps_the_order_id_and_waits_2_5_seconds_then_ttl_cancels(execut
 
 
 def test_reduce_only_in_derisk_modes_and_cancels_only_when_halted(execution, sim, r):
-    freeze(sim, 24.80, 24.82)
     execution.start().wait_connected()
+    execution.market(24.80, 24.82)
     r.hset("state:decision", "mode", "SOFT_DERISK")
     time.sleep(1.0)  # execution re-reads the Brain's mode twice a second
     execution.intent("intent:ro:inc", side="BUY", classification="LT_LONG_INC", limit_price=24.70, risk_delta_gross_pct=0.5)
@@ -273,6 +306,7 @@ def test_reduce_only_in_derisk_modes_and_cancels_only_when_halted(execution, sim
 
 def test_hard_cap_rejects_an_order_that_would_break_130_percent(execution, sim, r):
     execution.start().wait_connected()
+    execution.market(31.44, 31.46, symbol="PFF")
     # Demo portfolio: ~125 % potential gross of ~$1M, short 5,700 PFF. Shorting 4,000 more
     # (~$126k) would take it past 130 %. (Buying 4,000 would not: it only covers the short.)
     execution.intent("intent:cap:1", symbol="PFF", side="SELL", qty=4000, limit_price=31.45,
@@ -288,6 +322,7 @@ def test_live_mode_refuses_a_paper_account(redis_url, r, sim, tmp_path):
     harness.start()
     wait_until(lambda: r.hget("state:broker", "orders_allowed") == b"false", timeout=30, message="interlock published")
     assert "account interlock" in json.loads(r.hget("state:broker", "reason"))
+    harness.market(24.80, 24.82)
     harness.intent("intent:live:1", limit_price=24.80)
     harness.wait_status("intent:live:1", "REJECTED")
     assert "account_interlock" in harness.orders("intent:live:1")[-1]["reject_reason"]
@@ -295,10 +330,151 @@ def test_live_mode_refuses_a_paper_account(redis_url, r, sim, tmp_path):
     assert harness.process.terminate() == 0
 
 
+# --- price collar, modifies, TTL: execution's own checks (SPEC 9; issue 12) ----------------------------
+
+def wait_denied(execution, key: str, timeout: float = 15) -> dict:
+    wait_until(lambda: execution.denial(key) is not None, timeout=timeout, message=f"{key} denied: {execution.statuses(key)}")
+    return execution.denial(key)
+
+
+def test_orders_outside_the_collar_never_reach_the_broker(execution, sim, r):
+    execution.start().wait_connected()
+    execution.market(24.80, 24.82)  # trusted reference 24.81: collar 23.57 .. 26.05
+    sell_cheap = execution.intent("intent:collar:sell", side="SELL", classification="LT_LONG_DEC", limit_price=0.01)
+    buy_dear = execution.intent("intent:collar:buy", side="BUY", classification="LT_LONG_INC", limit_price=2400.00,
+                                risk_delta_gross_pct=0.5)
+    good = execution.intent("intent:collar:good", limit_price=24.80)  # the same market, a sane price: it fills
+    for key, intent in (("intent:collar:sell", sell_cheap), ("intent:collar:buy", buy_dear)):
+        denied = wait_denied(execution, key)
+        assert denied["reject_code"] is None
+        assert denied["reject_reason"].startswith(f"collar: price {intent.limit_price:.2f} outside 23.57..26.05")
+        assert execution.statuses(key) == ["REJECTED"]  # never PENDING_SUBMIT at the broker either
+    execution.wait_status("intent:collar:good", "FILLED")
+    assert execution.alerts("order_rejected")
+    time.sleep(0.5)
+    assert {o["order_ref"] for o in sim.control.orders()} == {order_ref_for("intent:collar:good")}
+    assert execution.placed("intent:collar:sell") == execution.placed("intent:collar:buy") == 0
+
+
+def test_a_stub_quote_moves_neither_the_reference_nor_the_marks(execution, sim, r):
+    execution.start().wait_connected()
+    execution.market(24.80, 24.82)
+    before = execution.saved_prices(SYMBOL)
+    execution.quote(0.01, 999_999.00)  # the stub quote, as market data forwarded it before the gate
+    wait_until(lambda: (execution.saved_prices(SYMBOL).get("implausible") or "").startswith("wide_spread"), timeout=15,
+               message="stub quote seen as implausible")
+    execution.quote(0.01, 0.02, implausible="jump")  # flagged by market data: honoured as is
+    wait_until(lambda: execution.saved_prices(SYMBOL).get("implausible") == "flagged by market data: jump", timeout=15,
+               message="flag honoured")
+    after = execution.saved_prices(SYMBOL)
+    assert (after["trusted_mid"], after["truth_tick"]) == (before["trusted_mid"], before["truth_tick"])
+    # A de-risk SELL priced off the stub is refused; one priced off the real market goes out.
+    execution.intent("intent:stub:cheap", limit_price=0.01)
+    execution.intent("intent:stub:fair", limit_price=24.80)
+    assert wait_denied(execution, "intent:stub:cheap")["reject_reason"].startswith("collar: price 0.01 outside 23.57..26.05")
+    execution.wait_status("intent:stub:fair", "FILLED")
+    assert execution.placed("intent:stub:cheap") == 0 and execution.placed("intent:stub:fair") == 1
+
+
+def test_without_any_trusted_price_nothing_is_sent(execution, sim, r):
+    execution.start().wait_connected()
+    # No truth tick, GRPAN or quote for NLY PRF has reached execution: neither an increase
+    # nor a decrease can be checked against a collar.
+    execution.intent("intent:noref:inc", symbol="NLY PRF", side="BUY", classification="LT_LONG_INC", limit_price=25.15,
+                     risk_delta_gross_pct=0.5)
+    execution.intent("intent:noref:dec", symbol="NLY PRF", side="SELL", classification="LT_LONG_DEC", limit_price=25.15)
+    for key in ("intent:noref:inc", "intent:noref:dec"):
+        assert "collar: no trusted reference for NLY PRF" in wait_denied(execution, key)["reject_reason"]
+    time.sleep(0.5)
+    assert sim.control.orders() == []
+
+
+def test_modifies_outside_the_collar_never_reach_the_broker(execution, sim, r):
+    execution.start().wait_connected()
+    execution.market(24.80, 24.82)
+    execution.intent("intent:cmod:1", limit_price=25.20)  # rests above the ask
+    execution.wait_status("intent:cmod:1", "SUBMITTED")
+    execution.intent("intent:cmod:1:far", action="MODIFY", target_intent_key="intent:cmod:1", limit_price=2400.00)
+    denied = wait_denied(execution, "intent:cmod:1:far")
+    assert denied["reject_code"] is None and denied["broker_order_id"] is None
+    assert denied["reject_reason"].startswith(f"collar: modify of {order_ref_for('intent:cmod:1')} 25.2 -> 2400.0: price 2400.00 outside")
+    # The absurd price: refused by execution, or already by the contract (ev.dlq); never sent.
+    execution.intent("intent:cmod:1:absurd", action="MODIFY", target_intent_key="intent:cmod:1", limit_price=999_999.99)
+    wait_until(lambda: execution.denial("intent:cmod:1:absurd") is not None
+               or any(b"intent:cmod:1:absurd" in fields[b"event"] for _id, fields in r.xrange("ev.dlq")),
+               timeout=15, message="absurd modify refused")
+    time.sleep(3.0)  # past the 2.5 s modify interval: still nothing sent
+    assert [q["event"] for q in execution.referee("intent:cmod:1")] == ["place"]
+    assert [o["lmt_price"] for o in sim.control.orders(order_ref_for("intent:cmod:1"))] == [25.20]
+    assert execution.statuses("intent:cmod:1")[-1] == "SUBMITTED"  # the order itself keeps working
+    # A sane re-price still goes through, with the same broker order id.
+    execution.intent("intent:cmod:1:near", action="MODIFY", target_intent_key="intent:cmod:1", limit_price=25.15)
+    wait_until(lambda: [q["event"] for q in execution.referee("intent:cmod:1")] == ["place", "modify"], timeout=15,
+               message="sane modify sent")
+    assert execution.referee("intent:cmod:1")[1]["lmt_price"] == 25.15
+
+
+def write_universe(tmp_path: Path, adv: int) -> Path:
+    """etc/universe.csv with CIM PRB's ADV replaced (its liquidity cap is max(ADV/1000, 200))."""
+    lines = (REPO / "etc" / "universe.csv").read_text().splitlines()
+    lines = [f"CIM PRB,LT,{adv},CIM,24.85" if line.startswith("CIM PRB,") else line for line in lines]
+    path = tmp_path / f"universe-{adv}.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_modify_that_breaks_the_notional_or_the_liquidity_cap_is_refused(redis_url, r, sim, tmp_path):
+    rules = write_rules(tmp_path, execution={"max_order_notional": 25_000})
+    harness = Execution(redis_url, r, sim, tmp_path, QE_CONFIG=str(rules), QE_UNIVERSE=str(write_universe(tmp_path, 1_000_000)))
+    try:
+        harness.start().wait_connected()
+        harness.market(24.80, 24.82)
+        harness.intent("intent:lim:1", qty=1000, limit_price=24.85)  # 24,850 <= 25,000; 1,000 <= ADV/1000
+        harness.wait_status("intent:lim:1", "SUBMITTED")
+        # 25.05 is inside the collar (23.57 .. 26.05), but 1,000 x 25.05 = 25,050 > 25,000.
+        harness.intent("intent:lim:1:up", action="MODIFY", target_intent_key="intent:lim:1", qty=1000, limit_price=25.05)
+        denied = wait_denied(harness, "intent:lim:1:up")
+        assert denied["reject_reason"].startswith("max_order_notional: modify of")
+        assert "notional 25,050.00 above 25,000.00" in denied["reject_reason"]
+        # The universe's ADV is refreshed lower (cap 200 shares); execution restarts with it.
+        assert harness.process.terminate() == 0
+        seen = r.xlen("ev.broker")
+        harness.start(QE_UNIVERSE=str(write_universe(tmp_path, 61_000)))
+        wait_until(lambda: any(state["connected"] for state in broker_states(r)[seen:]), timeout=30, message="reconnected")
+        harness.intent("intent:lim:1:down", action="MODIFY", target_intent_key="intent:lim:1", qty=1000, limit_price=24.90)
+        denied = wait_denied(harness, "intent:lim:1:down")
+        assert denied["reject_reason"].startswith("liquidity_cap: modify of") and "qty 1000 above" in denied["reject_reason"]
+        time.sleep(3.0)
+        assert [q["event"] for q in harness.referee("intent:lim:1")] == ["place"]
+        assert [o["lmt_price"] for o in sim.control.orders(order_ref_for("intent:lim:1"))] == [24.85]
+    finally:
+        if harness.process.alive():
+            assert harness.process.terminate() == 0
+
+
+def test_an_intent_created_in_2100_still_expires_by_its_ttl_from_receipt(execution, sim, r):
+    execution.start().wait_connected()
+    execution.market(24.80, 24.82)
+    in_2100 = 4_102_444_800 * 1_000_000_000
+    received = time.monotonic()
+    execution.intent("intent:future:1", limit_price=25.20, ttl_s=3, created_ns=in_2100)  # rests above the ask
+    time.sleep(1.0)
+    dead = [f for _id, f in r.xrange("ev.dlq") if b"intent:future:1" in f[b"event"]]
+    if dead:  # the contract bounds created_ns against the reader's clock: refused before execution
+        assert b"created_ns" in dead[0][b"reason"] and sim.control.orders() == []
+        return
+    execution.wait_status("intent:future:1", "SUBMITTED")
+    execution.wait_status("intent:future:1", "EXPIRED", timeout=20)
+    assert time.monotonic() - received < 15
+    assert [q["event"] for q in execution.referee("intent:future:1")] == ["place", "cancel"]
+    assert sim.control.orders(order_ref_for("intent:future:1"))[0]["status"] == "Cancelled"
+
+
 # --- bad input -----------------------------------------------------------------------------------------------
 
 def test_bad_intents_never_reach_the_broker(execution, sim, r):
     execution.start().wait_connected()
+    execution.market(24.84, 24.86)
     good = execution.intent("intent:template", limit_price=25.50).model_dump(mode="json")
     envelope = json.loads(r.xrange("ev.intents")[0][1][b"event"])
 
@@ -338,8 +514,8 @@ def broker_states(r) -> list[dict]:
 
 
 def test_connectivity_codes_stop_and_resume_sending_and_farm_codes_are_published(execution, sim, r):
-    freeze(sim, 24.80, 24.82)
     execution.start().wait_connected()
+    execution.market(24.80, 24.82)
     sim.control.send_code(1100)  # IB lost its connection: nothing may be sent
     wait_until(lambda: r.hget("state:broker", "connected") == b"false", timeout=15, message="1100 published")
     assert "1100" in json.loads(r.hget("state:broker", "reason"))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,13 +19,15 @@ from qe import config
 from qe.exposure_math import potential_notional, potential_qty
 from tests.support.processes import REPO
 
-RULES = config.load_rules(REPO / "etc" / "risk_rules.yaml").exposure
+ALL_RULES = config.load_rules(REPO / "etc" / "risk_rules.yaml")
+RULES = ALL_RULES.exposure
+PLAUSIBILITY = ALL_RULES.plausibility
 S = 1_000_000_000  # ns per second
 NOW = 1_795_000_000 * S
 
 
 def book_with(equity: float | None = 100_000.0) -> core.ExposureBook:
-    book = core.ExposureBook(RULES)
+    book = core.ExposureBook(RULES, PLAUSIBILITY)
     book.set_equity(equity)
     return book
 
@@ -267,6 +270,107 @@ def test_marks_and_orders_round_trip_through_json():
     assert core.OpenOrder.from_json("o1", open_order.to_json()) == open_order
 
 
+# --- the quote gate (SPEC 9): an implausible quote never moves a mark ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bid, ask, flagged, problem",
+    [
+        (0.01, 999_999.00, None, "wide_spread"),  # the stub quote: gross went 11 % -> 45,003 %
+        (0.01, 0.02, None, "jump"),  # narrow, but 99.9 % from the trusted reference
+        (2400.00, 2400.02, None, "jump"),
+        (25.10, 25.00, None, "crossed"),
+        (25.00, 25.10, "jump", "jump"),  # market data's verdict is honoured even if it looks fine here
+    ],
+)
+def test_an_implausible_quote_on_a_held_symbol_does_not_move_gross(bid, ask, flagged, problem):
+    book = portfolio()
+    before = book.totals()
+    assert book.set_quote("AGNCN", bid, ask, NOW, NOW, flagged=flagged) is True  # the flag is persisted
+    assert book.quote_problem("AGNCN") == problem
+    after = book.totals()
+    assert (after.gross_pct, after.potential_gross_pct) == (before.gross_pct, before.potential_gross_pct)
+    line = book.detail("AGNCN")
+    # No fresh truth tick: the last trusted mid stands as the last known price, flagged stale.
+    assert (line.mark, line.mark_source) == (25.05, "last_known")
+    assert book.stale_symbols() == ["AGNCN", "TWO PRA"]
+    assert book.set_quote("AGNCN", bid, ask, NOW, NOW, flagged=flagged) is False  # the same episode: nothing new
+    assert book.totals_units == book.recount()
+
+
+def test_an_implausible_quote_falls_back_to_a_fresh_truth_tick_and_recovers_on_a_plausible_one():
+    book = portfolio()
+    book.set_feature("AGNCN", 25.20, NOW - 10 * S, 25.20, 25.20, NOW)
+    book.set_quote("AGNCN", 0.01, 999_999.00, NOW, NOW)
+    assert (book.detail("AGNCN").mark, book.detail("AGNCN").mark_source) == (25.20, "truth_tick")
+    assert book.stale_symbols() == ["TWO PRA"]  # a fresh truth tick is not stale
+    assert book.set_quote("AGNCN", 25.10, 25.20, NOW + S, NOW + S) is True
+    assert book.quote_problem("AGNCN") is None
+    assert (book.detail("AGNCN").mark, book.detail("AGNCN").mark_source) == (25.15, "l1_mid")
+    assert book.totals_units == book.recount()
+
+
+def test_the_stub_quote_is_caught_even_with_no_reference_at_all():
+    book = book_with(100_000.0)
+    book.set_position("AGNCN", 1000, "LT", 25.0, NOW)
+    book.set_quote("AGNCN", 0.01, 999_999.00, NOW, NOW)
+    assert book.quote_problem("AGNCN") == "wide_spread"
+    assert book.detail("AGNCN").mark is None and book.totals().gross_pct == 0.0
+    assert book.stale_symbols() == ["AGNCN"]  # unknown, reported; never a $500,000 mark
+
+
+def test_a_real_move_confirmed_by_prints_is_followed():
+    book = portfolio()
+    book.set_feature("AGNCN", None, 0, None, 27.90, NOW)  # prints at the new level (not yet a truth tick)
+    book.set_quote("AGNCN", 27.85, 27.95, NOW, NOW)
+    assert book.quote_problem("AGNCN") is None and book.detail("AGNCN").mark == 27.90
+
+
+def test_a_quote_stamped_in_2100_does_not_stay_fresh():
+    book = portfolio()
+    in_2100 = 4_102_444_800 * S
+    book.set_quote("AGNCN", 25.00, 25.20, in_2100, NOW)
+    assert book.detail("AGNCN").mark_source == "l1_mid"
+    book.refresh_marks(NOW + 61 * S)  # received at NOW: 61 s later it is old, whatever it claimed
+    assert book.detail("AGNCN").mark_source == "last_known"
+
+
+def test_absurd_and_non_finite_inputs_are_refused_before_anything_changes():
+    plausibility = PLAUSIBILITY.model_copy(update={"max_quantity": 1_000_000})
+    book = core.ExposureBook(RULES, plausibility)
+    book.set_equity(100_000.0)
+    book.set_quote("AGNCN", 25.00, 25.10, NOW, NOW)
+    book.set_position("AGNCN", 1000, "LT", 25.0, NOW)
+    units = list(book.totals_units)
+    with pytest.raises(core.QuantityOutOfRange, match="beyond the 1,000,000 shares"):
+        book.set_position("AGNCN", 1_000_001, "LT", 25.0, NOW)
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(core.NotFinite):
+            book.set_position("AGNCN", 500, "LT", bad, NOW)
+    with pytest.raises(core.QuantityOutOfRange):
+        order(book, "x", "AGNCN", "BUY", 100, status="PARTIALLY_FILLED", filled=10**400)
+    assert book.totals_units == units and book.detail("AGNCN").qty == 1000 and book.orders == {}
+    assert book.set_feature("AGNCN", math.nan, NOW, math.inf, -1.0, NOW) is False  # nothing usable: nothing changes
+
+
+def test_nan_equity_is_unknown_once_not_a_change_on_every_event():
+    book = portfolio()
+    assert book.set_equity(math.nan) is True
+    assert book.set_equity(math.nan) is False
+    assert book.totals().status == "error" and book.totals().gross_pct is None
+
+
+def test_new_mark_inputs_round_trip_and_old_saved_inputs_still_load():
+    inputs = core.MarkInputs(mid=250_500, mid_ts_ns=NOW, tick=251_000, tick_ts_ns=NOW, grpan=250_000, last_print=250_100,
+                             implausible="wide_spread")
+    assert core.MarkInputs.from_json(inputs.to_json()) == inputs
+    old_format = {"mid": 250_500, "mid_ts_ns": NOW, "tick": None, "tick_ts_ns": 0}
+    assert core.MarkInputs.from_json(old_format) == core.MarkInputs(mid=250_500, mid_ts_ns=NOW)
+    for bad in (float("nan"), -1, True, 10**30):
+        with pytest.raises(ValueError):
+            core.MarkInputs.from_json({**old_format, "mid": bad})
+
+
 # --- properties ---------------------------------------------------------------------------------------
 
 SYMBOLS = ["AGNCN", "CIM PRB", "NLY PRG", "TWO PRA"]
@@ -378,4 +482,5 @@ def test_shipped_exposure_rules_are_the_spec_numbers():
     assert (RULES.hard_cap_pct, RULES.cap_recovery_target_pct, RULES.default_bucket) == (130, 123, "LT")
     assert {name: (b.target_pct, b.max_pct) for name, b in RULES.buckets.items()} == {"LT": (80, 90), "MM_PURE": (20, 30)}
     assert (RULES.l1_max_age_s, RULES.truth_tick_max_age_s, RULES.publish_interval_s) == (60, 300, 15)
-    assert config.ExposureRules() == RULES
+    with pytest.raises(ValidationError):  # no built-in defaults any more: the file is the only source
+        config.ExposureRules()

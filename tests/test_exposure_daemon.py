@@ -45,8 +45,9 @@ class Feed:
     def position(self, symbol: str, qty: int, bucket: str = "LT", avg_cost: float = 24.0) -> None:
         self._send("ev.positions", Position(account="DU123", symbol=symbol, qty=qty, avg_cost=avg_cost, bucket=bucket))
 
-    def quote(self, symbol: str, bid: float | None, ask: float | None, age_s: float = 0) -> None:
-        self._send("ev.l1", L1(symbol=symbol, bid=bid, ask=ask, bid_size=100, ask_size=100), self.clock.now_ns() - int(age_s * S))
+    def quote(self, symbol: str, bid: float | None, ask: float | None, age_s: float = 0, implausible: str | None = None) -> None:
+        self._send("ev.l1", L1(symbol=symbol, bid=bid, ask=ask, bid_size=100, ask_size=100, implausible=implausible),
+                   self.clock.now_ns() - int(age_s * S))
 
     def truth_tick(self, symbol: str, price: float, age_s: float = 0) -> None:
         ts = self.clock.now_ns() - int(age_s * S)
@@ -235,6 +236,38 @@ def test_zero_or_negative_equity_is_an_error_state_and_recovers(redis_url, r, tm
     assert daemon.terminate() == 0
 
 
+def saved_mark_inputs(r: redis.Redis, symbol: str) -> dict:
+    raw = r.hget("state:exposure:marks", symbol)
+    return json.loads(raw) if raw else {}
+
+
+def test_a_stub_quote_on_a_held_symbol_does_not_move_gross(redis_url, r, tmp_path, cleanup):
+    daemon, rules = start(redis_url, tmp_path, publish_interval_s=600)
+    cleanup.append(daemon)
+    feed = Feed(r, rules)
+    feed.equity(100_000.0)
+    feed.quote("AGNCN", 25.00, 25.10)
+    feed.position("AGNCN", 1000)
+    wait_until(lambda: state_exposure(r).get("gross_pct") == pytest.approx(25.05), message="position marked")
+    seen = len(exposures(r))
+    feed.quote("AGNCN", 0.01, 999_999.00)  # the stub quote: once 11 % -> 45,003 % gross
+    wait_until(lambda: saved_mark_inputs(r, "AGNCN").get("implausible") == "wide_spread", message="stub quote gated")
+    feed.quote("AGNCN", 25.00, 25.10, implausible="jump")  # market data's verdict is honoured as is
+    wait_until(lambda: saved_mark_inputs(r, "AGNCN").get("implausible") == "jump", message="flag honoured")
+    wait_until(lambda: state_exposure(r)["marks_stale"] == ["AGNCN"], message="mark flagged stale")
+    line = state_symbols(r)["AGNCN"]
+    assert (line["mark"], line["mark_source"]) == (25.05, "last_known")  # the last trusted mark stands
+    assert saved_mark_inputs(r, "AGNCN")["mid"] == 250_500
+    since = [e.payload for e in exposures(r)[seen:]]
+    assert since and all(e.gross_pct == pytest.approx(25.05) for e in since)  # never jumped, not even once
+    implausible_logs = [l for l in daemon.log_lines() if l.get("msg") == "implausible quote: the mark stays on the last trusted price"]
+    assert len(implausible_logs) == 1 and implausible_logs[0]["symbol"] == "AGNCN"  # one per episode
+    feed.quote("AGNCN", 25.10, 25.20)  # plausible again: the market prices it
+    wait_until(lambda: state_symbols(r)["AGNCN"]["mark_source"] == "l1_mid", message="plausible again")
+    assert state_exposure(r)["gross_pct"] == pytest.approx(25.15) and state_exposure(r)["marks_stale"] == []
+    assert daemon.terminate() == 0
+
+
 def test_no_equity_yet_is_an_error_state(redis_url, r, tmp_path, cleanup):
     daemon, rules = start(redis_url, tmp_path, publish_interval_s=600)
     cleanup.append(daemon)
@@ -322,7 +355,7 @@ def test_sigkill_at_any_point_converges_to_the_exposure_of_the_events(redis_url,
     wait_until(lambda: full_publications_after(r, done_at), message="a full publication after the last event")
     published = full_publications_after(r, done_at)[0].payload
     # The same events through a fresh book in this process.
-    book = core.ExposureBook(rules.exposure)
+    book = core.ExposureBook(rules.exposure, rules.plausibility)
     now = time.time_ns()
     for _stream, event in feed.sent:
         p = event.payload

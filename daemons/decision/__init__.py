@@ -15,6 +15,7 @@ Redis layout (all values JSON):
   state:decision:markets          symbol -> quote, truth tick, GRPAN (flushed on the tick)
   state:decision:settling         symbol -> ns of a fill whose position update is awaited
   state:decision:rejected         symbol -> ns of execution's last reject (cool-down)
+  state:decision:quarantine       symbol -> why its last position update was rejected (absurd)
   state:decision:skips            "day|symbol|slot|reason" reported once
   state:decision:why:<day>           intent key -> intent (with its trace); order_ref -> intent key
 """
@@ -42,6 +43,7 @@ from qe.contracts import (
 from qe.streams import Effects
 from qe.universe import liquidity_cap
 
+from . import guards
 from .engine import BrainView, Decision, EngineRules, decide, skip_field
 from .model import (
     NS,
@@ -68,6 +70,7 @@ POSITIONS = "state:decision:positions"
 MARKETS = "state:decision:markets"
 SETTLING = "state:decision:settling"
 REJECTED = "state:decision:rejected"
+QUARANTINE = "state:decision:quarantine"
 SKIPS = "state:decision:skips"
 WHY = "state:decision:why:{day}"
 WHY_TTL_S = 7 * 86_400
@@ -99,7 +102,15 @@ def encode_state(state: BrainState) -> dict[str, str]:
     return {name: _dumps(value) for name, value in values.items()}
 
 
+def initial_state() -> BrainState:
+    """A Brain with no saved state has judged nothing yet: THROTTLE (no risk increase),
+    never a claimed NORMAL. The first evaluation with a usable exposure snapshot decides."""
+    return BrainState(mode="THROTTLE", rule="start", reason="no evaluation yet: no risk increase")
+
+
 def decode_state(raw: dict[bytes, bytes]) -> BrainState:
+    if not raw:
+        return initial_state()
     known = {f.name for f in fields(BrainState)}
     values: dict[str, Any] = {}
     for name, value in raw.items():
@@ -137,13 +148,16 @@ def decode_session(raw: bytes) -> SessionSnap:
     return SessionSnap(**json.loads(raw))
 
 
-def exposure_snap(event: Envelope) -> ExposureSnap:
+def exposure_snap(event: Envelope, now_ns: int | None = None) -> ExposureSnap:
+    """The snapshot as the Brain keeps it, timed by the Brain's clock at receipt. Check
+    it with guards.exposure_problem before use (see DecisionHandler._on_exposure)."""
     p = event.payload
-    ok = p.status == "ok" and p.equity > 0 and p.gross_pct is not None and p.potential_gross_pct is not None
+    ok = p.status == "ok" and guards.finite(p.equity) and p.equity > 0 and p.gross_pct is not None \
+        and p.potential_gross_pct is not None
     return ExposureSnap(
         snapshot_id=event.idempotency_key,
         event_id=str(event.event_id),
-        ts_ns=event.ts_ns,
+        ts_ns=event.ts_ns if now_ns is None else guards.received_ns(event.ts_ns, now_ns),
         ok=ok,
         equity=p.equity,
         gross_pct=p.gross_pct,
@@ -154,22 +168,24 @@ def exposure_snap(event: Envelope) -> ExposureSnap:
         symbols={
             name: SymbolSnap(s.qty, s.bucket, s.mark, s.open_buy_qty, s.open_sell_qty) for name, s in p.symbols.items()
         },
+        problem=(p.error or "exposure status error")[:200] if p.status != "ok" else None,
     )
 
 
-def session_snap(event: Envelope) -> SessionSnap:
+def session_snap(event: Envelope, now_ns: int | None = None) -> SessionSnap:
     p = event.payload
+    minutes = p.minutes_to_close if guards.finite(p.minutes_to_close) else None
     return SessionSnap(
         snapshot_id=event.idempotency_key,
         event_id=str(event.event_id),
-        now_ns=p.now_ns,
+        now_ns=p.now_ns if now_ns is None else guards.received_ns(p.now_ns, now_ns),
         trading_day=p.trading_day,
         market_open=p.market_open,
         regime=p.regime,
         soft_window=p.soft_derisk_active,
         hard_window=p.hard_derisk_active,
         early_close=p.early_close,
-        minutes_to_close=p.minutes_to_close,
+        minutes_to_close=minutes,
     )
 
 
@@ -199,6 +215,11 @@ class DecisionHandler:
         self.strategy_signature: tuple | None = None
         self.strategy_refresh_ns = 0
         self.strategy_dirty: set[str] = set()  # market moved while the per-symbol path was off
+        self.plausibility = context.rules.plausibility
+        # Episodes already logged (once per episode, not once per event or evaluation).
+        self.logged_inputs: dict[str, str] = {}  # "kind|symbol" -> problem of the rejected input
+        self.logged_errors: dict[str, str] = {}  # symbol -> evaluation error
+        self.evaluation_failure: str | None = None
 
     # -- state -----------------------------------------------------------------------------
     def load(self, r: redis.Redis) -> None:
@@ -210,12 +231,32 @@ class DecisionHandler:
         inputs = r.hgetall(INPUTS)
         if b"session" in inputs:
             view.session = decode_session(inputs[b"session"])
+        # Saved state is re-checked too (it may predate these guards): nothing absurd is reloaded.
+        plaus = self.plausibility
         if b"exposure" in inputs:
             view.exposure = decode_exposure(inputs[b"exposure"])
+            problem = guards.exposure_problem(view.exposure, plaus)
+            if problem is not None and view.exposure.problem is None:
+                view.exposure = guards.unknown_exposure(view.exposure, problem)
+        if b"exposure_good" in inputs:
+            good = decode_exposure(inputs[b"exposure_good"])
+            view.good_exposure = good if guards.exposure_problem(good, plaus) is None else None
+        elif view.exposure is not None and view.exposure.problem is None:
+            view.good_exposure = view.exposure
         if b"account_equity" in inputs:
-            view.account_equity = json.loads(inputs[b"account_equity"])
-        view.positions = {k.decode(): PositionView(*json.loads(v)) for k, v in r.hgetall(POSITIONS).items()}
-        view.markets = {k.decode(): decode_market(v) for k, v in r.hgetall(MARKETS).items()}
+            equity = json.loads(inputs[b"account_equity"])
+            view.account_equity = equity if guards.equity_ok(equity) else None
+        view.input_problems = {k.decode(): v.decode() for k, v in r.hgetall(QUARANTINE).items()}
+        for key, raw in r.hgetall(POSITIONS).items():
+            symbol, (qty, bucket) = key.decode(), json.loads(raw)
+            if guards.qty_ok(qty, plaus, signed=True):
+                view.positions[symbol] = PositionView(qty, bucket)
+            else:
+                view.input_problems[symbol] = "absurd_quantity"
+        for key, raw in r.hgetall(MARKETS).items():
+            market = decode_market(raw)
+            if guards.market_problem(market, plaus) is None:
+                view.markets[key.decode()] = market
         stored_markets = dict(view.markets)
         # The market cache is flushed on a cadence; after a failed commit (same process)
         # keep what is newer in memory: it came from events, judged by their own times.
@@ -227,6 +268,11 @@ class DecisionHandler:
         view.rejected = {k.decode(): int(v) for k, v in r.hgetall(REJECTED).items()}
         view.reported_skips = {k.decode() for k in r.hkeys(SKIPS)}
         now = self.clock.now_ns()
+        for record in view.outstanding.values():
+            # Our own times, but never ahead of our clock (a clock that went back, a bad record).
+            record.issued_ns = min(record.issued_ns, now)
+            record.last_change_ns = min(record.last_change_ns, now)
+            record.last_order_ts_ns = min(record.last_order_ts_ns, now)
         view.refresh_unseen(now, self.rules.decision.unacked_grace_s)
         self.view = view
         # The loaded state lives as long as the process: keep it out of the cyclic
@@ -253,44 +299,35 @@ class DecisionHandler:
         now = self.clock.now_ns()
         view = self.view
         if kind == "l1":
+            # The quote is recorded as received (an absurd or flagged one as present but
+            # unusable); the engine judges it by the quote gate before any use.
             market = view.markets.setdefault(payload.symbol, Market())
-            market.bid, market.ask = payload.bid, payload.ask
-            market.quote_ts_ns = payload.quote_ts_ns or event.ts_ns
-            if payload.last is not None:
-                market.last_price = payload.last
+            problem = guards.apply_l1(market, payload, now, self.plausibility)
+            self._log_input("quote", payload.symbol, problem)
             self._market_moved(payload.symbol, event, effects, now)
             return
         if kind == "feature":
             market = view.markets.setdefault(payload.symbol, Market())
-            market.grpan = payload.grpan_price
-            market.concentration_pct = payload.concentration_pct
-            market.print_count = payload.print_count
-            market.feature_ts_ns = event.ts_ns
-            if payload.last_price is not None:
-                market.last_price = payload.last_price
-            if payload.truth_tick is not None:
-                market.truth_price = payload.truth_tick.price
-                market.truth_ts_ns = payload.truth_tick.ts_ns
-            self._market_moved(payload.symbol, event, effects, now)
+            problem = guards.apply_feature(market, payload, event.ts_ns, now, self.plausibility)
+            self._log_input("feature", payload.symbol, problem)
+            if problem is None:
+                self._market_moved(payload.symbol, event, effects, now)
             return
         if kind == "alert":
             self._handle_alert(event, effects)
             return
         if kind == "session":
-            view.session = session_snap(event)
+            view.session = session_snap(event, now)
             effects.hset(INPUTS, {"session": encode_snap(view.session)})
         elif kind == "exposure":
-            view.exposure = exposure_snap(event)
-            view.refresh_unseen(now, self.rules.decision.unacked_grace_s)
-            effects.hset(INPUTS, {"exposure": encode_snap(view.exposure)})
-            if view.exposure.gross_pct is not None:
-                metrics.exposure_gross.set(view.exposure.gross_pct / 100)
+            self._on_exposure(event, effects, now)
         elif kind == "position":
-            view.positions[payload.symbol] = PositionView(payload.qty, payload.bucket)
-            effects.hset(POSITIONS, {payload.symbol: _dumps([payload.qty, payload.bucket])})
-            if view.settling.pop(payload.symbol, None) is not None:
-                effects.hdel(SETTLING, payload.symbol)
+            if not self._on_position(payload, effects):
+                return
         elif kind == "account":
+            if not guards.equity_ok(payload.net_liquidation):
+                self._log_input("account", "", "absurd net_liquidation")
+                return  # unknown, not zero: the last known equity (or none) stands
             view.account_equity = payload.net_liquidation
             effects.hset(INPUTS, {"account_equity": _dumps(payload.net_liquidation)})
         elif kind == "order":
@@ -300,7 +337,7 @@ class DecisionHandler:
             state = view.state
             state.broker_connected = payload.connected
             state.broker_reason = payload.reason or (f"code {payload.last_code}" if payload.last_code else "")
-            state.broker_ts_ns = event.ts_ns
+            state.broker_ts_ns = guards.received_ns(event.ts_ns, now)
             metrics.broker_connected.set(1 if payload.connected else 0)
             effects.hset(STATE, {k: v for k, v in encode_state(state).items() if k.startswith("broker_")})
         elif kind == "control":
@@ -318,22 +355,77 @@ class DecisionHandler:
         record = self.view.outstanding.get(order.intent_key) if order.intent_key else None
         if record is None:
             return False  # not ours (external, or pruned long ago): nothing to follow
+        if not guards.qty_ok(order.filled_qty, self.plausibility):
+            self._log_input("order", record.symbol, "absurd filled_qty")
+            return False
+        ts = guards.received_ns(event.ts_ns, self.clock.now_ns())  # execution's time, bounded by ours
         if record.filled_qty < order.filled_qty:
-            self.view.settling[record.symbol] = event.ts_ns
-            effects.hset(SETTLING, {record.symbol: event.ts_ns})
+            self.view.settling[record.symbol] = ts
+            effects.hset(SETTLING, {record.symbol: ts})
         if order.status == "REJECTED" and record.status != "REJECTED":
-            self.view.rejected[record.symbol] = event.ts_ns
-            effects.hset(REJECTED, {record.symbol: event.ts_ns})
+            self.view.rejected[record.symbol] = ts
+            effects.hset(REJECTED, {record.symbol: ts})
             log.warning("execution rejected an intent; symbol cools down",
                         extra={"intent": record.key, "symbol": record.symbol, "reason": order.reject_reason})
         record.status = order.status
         record.filled_qty = max(record.filled_qty, order.filled_qty)
-        record.last_order_ts_ns = max(record.last_order_ts_ns, event.ts_ns)
-        if order.limit_price is not None and not record.cancel_sent:
+        record.last_order_ts_ns = max(record.last_order_ts_ns, ts)
+        if order.limit_price is not None and not record.cancel_sent and guards.price_ok(order.limit_price, self.plausibility):
             record.limit_price = order.limit_price
         self.view.put_record(record)
         effects.hset(OUTSTANDING, {record.key: _dumps(record.to_record())})
         return True
+
+    def _on_exposure(self, event: Envelope, effects: Effects, now: int) -> None:
+        """Unknown is not zero: an unusable snapshot is kept only as "unknown, since when,
+        why" (no numbers reach saved state); the last good one stays for de-risk."""
+        view = self.view
+        snap = exposure_snap(event, now)
+        problem = guards.exposure_problem(snap, self.plausibility)
+        if problem is not None:
+            view.exposure = guards.unknown_exposure(snap, problem)
+            effects.hset(INPUTS, {"exposure": encode_snap(view.exposure)})
+            self._log_input("exposure", "", problem)
+        else:
+            view.exposure = view.good_exposure = snap
+            encoded = encode_snap(snap)
+            effects.hset(INPUTS, {"exposure": encoded, "exposure_good": encoded})
+            self._log_input("exposure", "", None)
+            metrics.exposure_gross.set(snap.gross_pct / 100)  # type: ignore[operator]
+        view.refresh_unseen(now, self.rules.decision.unacked_grace_s)
+
+    def _on_position(self, position: Any, effects: Effects) -> bool:
+        """An absurd position never reaches the view or state:decision:positions: the
+        symbol is quarantined (skipped, risk increases blocked) until a sane one comes."""
+        view, symbol = self.view, position.symbol
+        problem = guards.position_problem(position.qty, position.avg_cost, self.plausibility)
+        self._log_input("position", symbol, problem)
+        if problem is not None:
+            if view.input_problems.get(symbol) != problem:
+                view.input_problems[symbol] = problem
+                effects.hset(QUARANTINE, {symbol: problem})
+            return True  # evaluate: the symbol is now unknown
+        if view.input_problems.pop(symbol, None) is not None:
+            effects.hdel(QUARANTINE, symbol)
+        view.positions[symbol] = PositionView(position.qty, position.bucket)
+        effects.hset(POSITIONS, {symbol: _dumps([position.qty, position.bucket])})
+        if view.settling.pop(symbol, None) is not None:
+            effects.hdel(SETTLING, symbol)
+        return True
+
+    def _log_input(self, kind: str, symbol: str, problem: str | None) -> None:
+        """Log a rejected or implausible input once per episode (start and end)."""
+        key = f"{kind}|{symbol}"
+        before = self.logged_inputs.get(key)
+        if problem == before:
+            return
+        if problem is None:
+            self.logged_inputs.pop(key, None)
+            log.info("input plausible again", extra={"input": kind, "symbol": symbol or None, "was": before})
+            return
+        self.logged_inputs[key] = problem
+        log.warning("input rejected or implausible; not used", extra={"input": kind, "symbol": symbol or None,
+                                                                        "problem": problem})
 
     def _handle_control(self, event: Envelope, effects: Effects) -> None:
         control = event.payload
@@ -374,7 +466,9 @@ class DecisionHandler:
             return
         if not self._quote_would_change(symbol, now):
             return
-        self._run(decide(self.view, self.engine_rules, now, full=False, symbols=(symbol,)), now, effects, event, "symbol")
+        decision = self._decide(now, effects, event, full=False, symbols=(symbol,))
+        if decision is not None:
+            self._run(decision, now, effects, event, "symbol")
 
     def _quote_would_change(self, symbol: str, now: int) -> bool:
         """Cheap pre-check: is a quote missing, or has GRPAN moved a live quote beyond
@@ -430,7 +524,13 @@ class DecisionHandler:
         else:
             symbols = sorted(self.strategy_dirty)
         # The potential book is rebuilt from scratch whenever everything is re-run.
-        decision = decide(self.view, self.engine_rules, now, full=True, symbols=symbols, reuse_book=symbols is not None)
+        decision = self._decide(now, effects, trigger, full=True, symbols=symbols, reuse_book=symbols is not None)
+        if decision is None:
+            # Retried on the evaluation interval; the event that triggered it is handled.
+            self.dirty = False
+            self.last_eval_ns = now
+            self.quick_allowed = False
+            return
         self._run(decision, now, effects, trigger, "full")
         self.strategy_dirty = set()
         self.dirty = False
@@ -439,6 +539,66 @@ class DecisionHandler:
         state = decision.state
         self.strategy_signature = (state.mode, state.trading_day, state.halted, state.broker_connected,
                                    exposure.snapshot_id if exposure else None, self.quick_allowed)
+
+    def _decide(self, now: int, effects: Effects, trigger: Envelope | None, **kwargs: Any) -> Decision | None:
+        """`decide`, contained: an evaluation error never fails the batch (unrelated good
+        events would be retried and dead-lettered). The pure core already contains
+        per-symbol errors; this is the last resort, logged and alerted once per episode."""
+        try:
+            decision = decide(self.view, self.engine_rules, now, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - contained: reported, retried on the next evaluation
+            text = f"{type(exc).__name__}: {exc}"[:300]
+            if text != self.evaluation_failure:
+                self.evaluation_failure = text
+                log.exception("evaluation failed; nothing decided this time (retried)")
+                self._alert(effects, "decision_evaluation_failed", "critical", f"decision evaluation failed: {text}",
+                            {"error": text}, idempotency_key("decision-failed", self.view.state.trading_day, now),
+                            trigger)
+            return None
+        if self.evaluation_failure is not None:
+            log.info("evaluation works again", extra={"was": self.evaluation_failure})
+            self.evaluation_failure = None
+        return decision
+
+    def _alert(self, effects: Effects, alert_type: str, severity: str, message: str, data: dict[str, Any], key: str,
+               trigger: Envelope | None, symbol: str | None = None) -> None:
+        effects.publish(
+            "ev.alerts",
+            make_event(
+                Alert(alert_type=alert_type, severity=severity, symbol=symbol, message=message, data=data),  # type: ignore[arg-type]
+                idempotency_key=key, source=SOURCE, ts_ns=self.clock.now_ns(),
+                causation_id=str(trigger.event_id) if trigger is not None else None,
+            ),
+        )
+
+    def _report_unknowns(self, decision: Decision, effects: Effects, trigger: Envelope | None) -> None:
+        """Once per episode: exposure unknown (alert), symbols that could not be evaluated
+        (log)."""
+        before, after = self.view.state.exposure_unknown, decision.state.exposure_unknown
+        day = decision.state.trading_day
+        if after != before and (bool(after) != bool(before)):
+            snapshot = self.view.exposure.snapshot_id if self.view.exposure else "none"
+            if after:
+                log.error("exposure unknown: no risk increase; de-risk from the last good snapshot", extra={"why": after})
+                self._alert(effects, "exposure_unknown", "error",
+                            f"exposure unknown ({after}): no risk-increasing intent; de-risk continues from the last "
+                            f"good snapshot while it is at most {self.rules.decision.derisk_max_exposure_age_s:g}s old",
+                            {"why": after, "mode": decision.state.mode, "trading_day": day},
+                            idempotency_key("decision-exposure-unknown", day, snapshot), trigger)
+            else:
+                log.info("exposure known again", extra={"was": before})
+                self._alert(effects, "exposure_known", "info", f"exposure known again (was: {before})",
+                            {"was": before, "trading_day": day},
+                            idempotency_key("decision-exposure-known", day, snapshot), trigger)
+        for symbol, error in decision.symbol_errors.items():
+            if self.logged_errors.get(symbol) != error:
+                log.error("symbol skipped: evaluating it failed", extra={"symbol": symbol, "error": error})
+        if decision.trace.get("evaluation") == "full":
+            for symbol in set(self.logged_errors) - set(decision.symbol_errors):
+                log.info("symbol evaluated again", extra={"symbol": symbol})
+            self.logged_errors = dict(decision.symbol_errors)
+        else:
+            self.logged_errors.update(decision.symbol_errors)
 
     def _run(self, decision: Decision, now: int, effects: Effects, trigger: Envelope | None, kind: str) -> None:
         started = time.perf_counter()
@@ -502,6 +662,7 @@ class DecisionHandler:
 
         if day != previous_day and previous_day is not None:
             self._forget_day(previous_day, effects)
+        self._report_unknowns(decision, effects, trigger)
         view.state = decision.state
         if decision.book is not None:
             view.pending_book = decision.book.merge_into_parent()

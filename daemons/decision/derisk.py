@@ -14,8 +14,9 @@ to remove and a budget for new orders, and returns candidates:
 * New orders: whole shares, at least `min_qty`, never more than what the position
   still has uncovered by other open reducing orders (reduce-only); prices on the
   $0.01 grid.
-* A symbol whose quote (or, for passive pricing, truth tick) is stale is skipped
-  and reported; its live order, if any, is kept at its old price.
+* A symbol whose quote is implausible (the quote gate) or stale (or, for passive
+  pricing, whose truth tick is stale) is skipped and reported; its live order, if
+  any, is kept at its old price. The engine then keeps every price inside the collar.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Holding:
     available: int  # shares a new reducing order may take (|qty| - other open reducing orders)
     live: LiveOrder | None = None  # this slot's live order on the symbol
     max_order_qty: int | None = None  # liquidity cap per order (None: no cap)
+    quote_problem: str | None = None  # the quote gate's verdict: an implausible quote prices nothing
 
     @property
     def notional(self) -> float:
@@ -123,7 +125,9 @@ def plan_reduction(
             continue
         if covered >= excess_notional:
             break  # not kept: the caller cancels it (target reached)
-        price, _skip = _price(holding, pricing, soft_offset)
+        price, skip_reason = _price(holding, pricing, soft_offset)
+        if price is None:  # kept at its old price (the engine still collars it); said why
+            skips.append(Skip(holding.symbol, slot, skip_reason or "no_price", _market_numbers(holding)))
         candidates.append(
             _candidate(holding, slot, purpose, priority, live.remaining_qty, price if price is not None else live.limit_price,
                        reason, numbers, keep_key=live.key)
@@ -159,7 +163,9 @@ def plan_reduction(
 
 
 def _price(holding: Holding, pricing: Pricing, soft_offset: float) -> tuple[float | None, str | None]:
-    if not holding.quote_fresh:
+    if holding.quote_problem is not None:
+        return None, "implausible_quote"
+    if not holding.quote_fresh or holding.bid is None or holding.ask is None:
         return None, "stale_l1"
     side = holding.reduce_side
     if pricing == "aggressive":
@@ -206,6 +212,7 @@ def _market_numbers(holding: Holding) -> dict[str, Any]:
         "truth_tick": holding.truth_price,
         "quote_fresh": holding.quote_fresh,
         "truth_fresh": holding.truth_fresh,
+        "quote_problem": holding.quote_problem,
     }
 
 

@@ -7,7 +7,9 @@ clock, Redis or the environment.
 
 One evaluation:
   1. new trading day? reset the latches and the day's counters;
-  2. data health: broker, exposure age, session age, market open;
+  2. data health: broker, exposure (unknown is not zero: a missing, errored or
+     absurd snapshot blocks increases; de-risk goes on from the last good one
+     within `derisk_max_exposure_age_s`), session age, market open;
   3. the Brain's potential gross (snapshot + intents not yet seen by it);
   4. the mode (modes.derive_mode) and its transition;
   5. candidates: the de-risk planner of the mode, the MM overnight leftover,
@@ -15,7 +17,13 @@ One evaluation:
   6. arbitration, then the hard-cap filter;
   7. reconciliation against the live intents: NEW for a free slot, MODIFY to
      re-price a live order, CANCEL for an order that is no longer wanted (every
-     live order when HALTED).
+     live order when HALTED). Every NEW/MODIFY price is put inside the collar
+     around the symbol's trusted reference; no reference, no order.
+
+Bad data never becomes a price: every quote is judged by the quote gate
+(guards.judged) before a mark or a price is taken from it, and an error while
+evaluating one symbol is contained to that symbol (skipped, reported in
+`Decision.symbol_errors`; risk increases are blocked while any symbol is unknown).
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ from typing import Any, Iterable
 from qe.config import RiskRules
 from qe.contracts import Intent, idempotency_key, intent_id_for
 
+from qe.plausibility import clamp_to_collar, within_collar
+
+from . import guards
 from . import rules as rule_access
 from .arbitration import ArbitrationContext, PotentialBook, Suppressed, arbitrate, cap_filter
 from .derisk import Holding, LiveOrder, excess_notional, hard_chunk_notional, plan_reduction
@@ -84,7 +95,8 @@ class EngineRules:
 class BrainView:
     state: BrainState = field(default_factory=BrainState)
     session: SessionSnap | None = None
-    exposure: ExposureSnap | None = None
+    exposure: ExposureSnap | None = None  # the latest snapshot received (possibly unusable: `problem`)
+    good_exposure: ExposureSnap | None = None  # the last usable one: de-risk goes on from it
     positions: dict[str, PositionView] = field(default_factory=dict)
     account_equity: float | None = None
     markets: dict[str, Market] = field(default_factory=dict)
@@ -94,6 +106,7 @@ class BrainView:
     order_caps: dict[str, int] = field(default_factory=dict)  # symbol -> liquidity cap (shares per order)
     rejected: dict[str, int] = field(default_factory=dict)  # symbol -> ns of execution's last reject
     settling: dict[str, int] = field(default_factory=dict)  # symbol -> ns of a fill awaiting its position
+    input_problems: dict[str, str] = field(default_factory=dict)  # symbol -> why its last position was rejected
     reported_skips: set[str] = field(default_factory=set)
     # Indexes over `outstanding`, kept by put_record/drop_record.
     by_symbol: dict[str, set[str]] = field(default_factory=dict)
@@ -121,7 +134,9 @@ class BrainView:
     def refresh_unseen(self, now_ns: int, grace_s: float) -> None:
         """After a new exposure snapshot: drop what it has seen from the unseen set."""
         self.pending_book = None
-        snapshot_ts = self.exposure.ts_ns if self.exposure else 0
+        # An unusable snapshot has seen nothing: judge by the last good one.
+        usable = self.exposure if self.exposure is not None and self.exposure.problem is None else self.good_exposure
+        snapshot_ts = usable.ts_ns if usable else 0
         self.unseen = {
             key for key in self.unseen
             if key in self.outstanding and self.outstanding[key].counts_in_potential(snapshot_ts, now_ns, grace_s)
@@ -158,6 +173,7 @@ class Decision:
     skips: list[Skip] = field(default_factory=list)  # not reported before
     trace: dict[str, Any] = field(default_factory=dict)
     book: PotentialBook | None = None  # the Brain's potential after this decision's intents
+    symbol_errors: dict[str, str] = field(default_factory=dict)  # symbols skipped: evaluating them failed
 
 
 def generation_field(day: str | None, slot: str, symbol: str, side: str) -> str:
@@ -231,22 +247,63 @@ class _Evaluation:
         self.view = view
         self.er = er
         self.cfg = er.rules
+        self.plaus = er.rules.plausibility
         self.now = now_ns
         self.grace = self.cfg.decision.unacked_grace_s
         self.live = LiveIndex(view, now_ns, self.grace)
         self._marks: dict[str, float | None] = {}
+        self._markets: dict[str, Market | None] = {}
+        self._positions: dict[str, PositionView] | None = None
+        self.errors: dict[str, str] = {}  # symbol -> why evaluating it failed (the symbol is skipped)
+        self.unpriced: list[str] = []  # held symbols with no mark at all (their notional is unknown)
+        self.skips: list[Skip] = []  # found outside the planners (collar, containment)
+        # Unknown is not zero: the latest snapshot, if usable; else the last good one,
+        # while it is young enough to size de-risk; else none.
+        self.exposure_unknown = guards.exposure_problem(view.exposure, self.plaus)
+        basis = view.exposure if self.exposure_unknown is None else view.good_exposure
+        if basis is not None and (
+            guards.exposure_problem(basis, self.plaus) is not None
+            or not guards.age_within(basis.ts_ns, now_ns, self.cfg.decision.derisk_max_exposure_age_s)
+        ):
+            basis = None
+        self.basis: ExposureSnap | None = basis
+
+    # -- containment ----------------------------------------------------------------------------
+    def contain(self, symbol: str, what: str, compute: Any, default: Any = None) -> Any:
+        """compute() for one symbol; an error is recorded against the symbol and
+        `default` returned, so one symbol's absurd numbers never stop the others."""
+        try:
+            return compute()
+        except Exception as exc:  # noqa: BLE001 - contained to the symbol, reported
+            self.errors.setdefault(symbol, f"{what}: {type(exc).__name__}: {exc}"[:300])
+            return default
 
     # -- market view --------------------------------------------------------------------------
+    def market(self, symbol: str) -> Market | None:
+        """The symbol's market as pricing may see it (an implausible quote removed)."""
+        if symbol not in self._markets:
+            raw = self.view.markets.get(symbol)
+            self._markets[symbol] = None if raw is None else self.contain(
+                symbol, "quote gate", lambda: guards.judged(raw, self.plaus))
+        return self._markets[symbol]
+
+    def reference(self, symbol: str) -> float | None:
+        """The trusted reference of the collar (truth tick, GRPAN, last trusted mark)."""
+        return guards.reference_of(self.view.markets.get(symbol))
+
     def mark_of(self, symbol: str) -> float | None:
         if symbol in self._marks:
             return self._marks[symbol]
         derisk = self.cfg.derisk
-        market = self.view.markets.get(symbol)
+        market = self.market(symbol)
         mark, fresh = (None, False) if market is None else market.mark(self.now, derisk.l1_max_age_s, derisk.truth_tick_max_age_s)
         if not fresh:
-            snap = self.view.exposure.symbols.get(symbol) if self.view.exposure else None
+            snap = self.basis.symbols.get(symbol) if self.basis else None
             if snap is not None and snap.mark:
                 mark = snap.mark
+        if mark is not None and not guards.price_ok(mark, self.plaus):
+            self.errors.setdefault(symbol, f"mark {mark!r} is not a plausible price")
+            mark = None
         self._marks[symbol] = mark
         return mark
 
@@ -254,19 +311,34 @@ class _Evaluation:
         position = self.view.positions.get(symbol)
         if position is not None:
             return position.qty, position.bucket
-        snap = self.view.exposure.symbols.get(symbol) if self.view.exposure else None
+        snap = self.basis.symbols.get(symbol) if self.basis else None
         if snap is not None:
             return snap.qty, snap.bucket
         return 0, None
 
     def all_positions(self) -> dict[str, PositionView]:
+        """Every non-flat position; a symbol whose position is absurd or was rejected is
+        left out (and recorded in `errors`, which blocks risk increases)."""
+        if self._positions is not None:
+            return self._positions
         merged: dict[str, PositionView] = {}
-        if self.view.exposure is not None:
-            for symbol, snap in self.view.exposure.symbols.items():
+        if self.basis is not None:
+            for symbol, snap in self.basis.symbols.items():
                 if snap.qty:
                     merged[symbol] = PositionView(snap.qty, snap.bucket)
         merged.update(self.view.positions)
-        return {symbol: p for symbol, p in merged.items() if p.qty != 0}
+        for symbol, why in self.view.input_problems.items():
+            self.errors.setdefault(symbol, f"position rejected: {why}")
+        positions = {}
+        for symbol, p in merged.items():
+            if symbol in self.view.input_problems or p.qty == 0:
+                continue
+            if not guards.qty_ok(p.qty, self.plaus, signed=True):
+                self.errors.setdefault(symbol, "position quantity beyond plausibility.max_quantity")
+                continue
+            positions[symbol] = p
+        self._positions = positions
+        return positions
 
     def open_reducing_qty(self, symbol: str, qty: int, exclude_key: str | None = None) -> int:
         """Shares of `symbol` already covered by open orders that reduce the position."""
@@ -276,26 +348,26 @@ class _Evaluation:
             record = self.view.outstanding[key]
             if record.side == reducing_side and key != exclude_key and record.live(self.now, self.grace):
                 ours += record.remaining_qty
-        snap = self.view.exposure.symbols.get(symbol) if self.view.exposure else None
+        snap = self.basis.symbols.get(symbol) if self.basis else None
         theirs = 0 if snap is None else (snap.open_sell if reducing_side == "SELL" else snap.open_buy)
         return max(ours, theirs)
 
     def settling(self, symbol: str) -> bool:
         since = self.view.settling.get(symbol)
-        return since is not None and self.now - since <= self.cfg.decision.fill_settle_timeout_s * NS
+        return since is not None and guards.age_within(since, self.now, self.cfg.decision.fill_settle_timeout_s)
 
     def cooling_down(self, symbol: str) -> bool:
         """Execution rejected an order on this symbol a moment ago: no new one yet."""
         since = self.view.rejected.get(symbol)
-        return since is not None and self.now - since <= self.cfg.decision.reject_cooldown_s * NS
+        return since is not None and guards.age_within(since, self.now, self.cfg.decision.reject_cooldown_s)
 
     # -- exposure -----------------------------------------------------------------------------
     def equity(self) -> float | None:
-        exposure = self.view.exposure
-        if exposure is not None and exposure.ok and exposure.equity > 0:
-            return exposure.equity
-        if self.view.account_equity and self.view.account_equity > 0:
-            return self.view.account_equity
+        if self.basis is not None:
+            return self.basis.equity
+        account = self.view.account_equity
+        if guards.equity_ok(account) and account > 0:  # type: ignore[operator]
+            return account
         return None
 
     def brain_gross(self, equity: float) -> tuple[float, dict[str, float]]:
@@ -303,18 +375,19 @@ class _Evaluation:
         total = 0.0
         buckets: dict[str, float] = {}
         for symbol, position in self.all_positions().items():
-            mark = self.mark_of(symbol)
-            if mark is None:
+            notional = self.contain(symbol, "gross", lambda: _notional(position.qty, self.mark_of(symbol)))
+            if notional is None:
+                if symbol not in self.errors:
+                    self.unpriced.append(symbol)
                 continue
-            notional = abs(position.qty) * mark
             total += notional
             buckets[position.bucket] = buckets.get(position.bucket, 0.0) + notional
         return total / equity * 100, {name: value / equity * 100 for name, value in buckets.items()}
 
     def potential_book(self) -> PotentialBook | None:
-        exposure = self.view.exposure
+        exposure = self.basis
         equity = self.equity()
-        if exposure is None or not exposure.ok or exposure.potential_pct is None or equity is None:
+        if exposure is None or exposure.potential_pct is None or equity is None:
             return None
         book = PotentialBook(
             equity=exposure.equity,
@@ -326,8 +399,30 @@ class _Evaluation:
             record = self.view.outstanding.get(key)
             if record is not None and record.counts_in_potential(exposure.ts_ns, self.now, self.grace):
                 mark = self.mark_of(record.symbol) or record.limit_price or 0.0
-                book.add(record.symbol, record.side, record.qty, mark, record.bucket)
+                self.contain(record.symbol, "potential", lambda: book.add(record.symbol, record.side, record.qty, mark,
+                                                                           record.bucket))
         return book
+
+
+def _notional(qty: int, mark: float | None) -> float | None:
+    """|qty| x mark; an overflow or a non-finite result is an error, not a number."""
+    if mark is None:
+        return None
+    notional = abs(qty) * mark
+    if not math.isfinite(notional):
+        raise ArithmeticError(f"notional of {qty} x {mark} is not finite")
+    return notional
+
+
+class JudgedMarkets:
+    """`markets` for strategies: each symbol's market as judged by the quote gate."""
+
+    def __init__(self, ev: _Evaluation) -> None:
+        self.ev = ev
+
+    def get(self, symbol: str, default: Market | None = None) -> Market | None:
+        market = self.ev.market(symbol)
+        return default if market is None else market
 
 
 def decide(
@@ -361,35 +456,42 @@ def decide(
         state.mm_overnight_active = False
 
     # 2. data health.
-    session_age_s = None if session is None else (now_ns - session.now_ns) / NS
-    exposure_age_s = None if exposure is None else (now_ns - exposure.ts_ns) / NS
+    # Ages on the Brain's clock, either way: a snapshot from the future is not fresh.
+    session_age_s = None if session is None else abs(now_ns - session.now_ns) / NS
+    basis = ev.basis  # the exposure the Brain may act on (None: unknown)
+    exposure_age_s = None if basis is None else abs(now_ns - basis.ts_ns) / NS
     session_fresh = session_age_s is not None and session_age_s <= cfg.decision.max_session_age_s
-    exposure_ok = exposure is not None and exposure.ok and exposure.gross_pct is not None and ev.equity() is not None
-    exposure_fresh = exposure_ok and exposure_age_s is not None and exposure_age_s <= cfg.decision.max_exposure_age_s
+    exposure_ok = basis is not None and ev.equity() is not None
+    exposure_fresh = (exposure_ok and ev.exposure_unknown is None and exposure_age_s is not None
+                      and exposure_age_s <= cfg.decision.max_exposure_age_s)
     market_open = bool(session is not None and session.market_open)
     blocked_reasons = []
     if state.broker_connected is not True:
         blocked_reasons.append("broker_down")
-    if not exposure_fresh:
+    if ev.exposure_unknown is not None:
+        blocked_reasons.append("exposure_unknown")
+    elif not exposure_fresh:
         blocked_reasons.append("stale_exposure")
     if not session_fresh:
         blocked_reasons.append("stale_session")
     if not market_open:
         blocked_reasons.append("market_closed")
-    can_reduce = (
-        market_open
-        and exposure_ok
-        and exposure_age_s is not None
-        and exposure_age_s <= cfg.decision.derisk_max_exposure_age_s
-        and session_fresh
-    )
+    # De-risk goes on from the last good snapshot while it is young enough (basis).
+    can_reduce = market_open and exposure_ok and session_fresh
+    # What the Brain cannot judge, it reports: in the trace, in the mode's reason, and
+    # (by the handler, once per episode) as an alert.
+    unknown_why = ev.exposure_unknown
+    if unknown_why is None and basis is None:
+        unknown_why = f"snapshot older than {cfg.decision.derisk_max_exposure_age_s:g}s"
+    if full:
+        state.exposure_unknown = unknown_why or ""
 
     # 3. the Brain's potential gross.
     reuse = (reuse_book or not full) and view.pending_book is not None
     base_book = view.pending_book if reuse else ev.potential_book()
     book = None if base_book is None else base_book.overlay()
     brain_potential = None if book is None else book.potential_pct
-    gross = exposure.gross_pct if exposure_ok else None  # type: ignore[union-attr]
+    gross = basis.gross_pct if exposure_ok else None  # type: ignore[union-attr]
     equity = ev.equity()
     # O(positions): only on full evaluations (the per-symbol path must stay O(1)).
     brain_gross, brain_buckets = ev.brain_gross(equity) if (equity and full) else (None, {})
@@ -406,6 +508,7 @@ def decide(
                 hard_window=bool(session and session.hard_window),
                 regime=regime,
                 regime_rule=er.regimes.get(regime) if regime else None,
+                exposure_unknown=unknown_why,
             ),
             state.latches,
             state.mode,
@@ -414,7 +517,7 @@ def decide(
         numbers = {
             **result.numbers,
             "brain_gross_pct": None if brain_gross is None else round(brain_gross, 4),
-            "exposure_snapshot": exposure.snapshot_id if exposure else None,
+            "exposure_snapshot": basis.snapshot_id if basis else None,
             "session_snapshot": session.snapshot_id if session else None,
         }
         if result.mode != state.mode:
@@ -433,7 +536,7 @@ def decide(
     for name, (target, maximum) in er.default_buckets.items():
         bucket_target[name], bucket_max[name] = target, maximum
     if exposure_ok:
-        for name, b in exposure.buckets.items():  # type: ignore[union-attr]
+        for name, b in basis.buckets.items():  # type: ignore[union-attr]
             bucket_target[name], bucket_max[name] = b.target_pct, b.max_pct
             bucket_now[name] = (b.current_pct, b.max_pct)
     blocked = blocked_buckets(bucket_now)
@@ -465,7 +568,10 @@ def decide(
                 wanted = None
             else:
                 wanted = None if symbols is None else list(symbols)
-            output = strategy.propose(replace(context, priority=cfg.arbitration.priorities[strategy.name]), wanted)
+            strategy_context = replace(context, priority=cfg.arbitration.priorities[strategy.name])
+            output = ev.contain(f"strategy {strategy.name}", "propose", lambda: strategy.propose(strategy_context, wanted))
+            if output is None:
+                continue  # reported in symbol_errors; its live orders are left alone (not in scope)
             candidates += output.candidates
             skips += output.skips
             if output.numbers:
@@ -484,7 +590,16 @@ def decide(
             if live is not None and not live.cancel_sent and _same_order(candidate, live):
                 candidates[index] = replace(candidate, keep_key=live.key)
 
-    # 6. arbitration and the hard cap.
+    # 6. arbitration and the hard cap. A symbol that could not be evaluated is unknown:
+    # no risk increase anywhere until it is known again (its shares may be anything).
+    for skip in skips:
+        if skip.reason == "evaluation_error":
+            ev.errors.setdefault(skip.symbol, str(skip.numbers.get("error", "evaluation error")))
+    candidates = [c for c in candidates if c.symbol not in ev.errors]
+    if ev.errors:
+        blocked_reasons.append("symbol_errors")
+    if ev.unpriced:
+        blocked_reasons.append("unpriced_positions")  # their notional is unknown, not zero
     arbitration = arbitrate(
         candidates,
         ArbitrationContext(
@@ -518,8 +633,9 @@ def decide(
         "mode": mode,
         "mode_rule": state.rule,
         "mode_reason": state.reason,
-        "exposure_snapshot": exposure.snapshot_id if exposure else None,
-        "exposure_ts_ns": exposure.ts_ns if exposure else None,
+        "exposure_snapshot": basis.snapshot_id if basis else None,
+        "exposure_ts_ns": basis.ts_ns if basis else None,
+        "exposure_unknown": unknown_why,
         "session_snapshot": session.snapshot_id if session else None,
         "session_now_ns": session.now_ns if session else None,
         "regime": session.regime if session else None,
@@ -529,7 +645,7 @@ def decide(
         "equity": equity,
         "evaluation": "full" if full else "symbols",
     }
-    causation = [x for x in ((exposure.event_id if exposure else None), (session.event_id if session else None)) if x]
+    causation = [x for x in ((basis.event_id if basis else None), (session.event_id if session else None)) if x]
     _reconcile(ev, decision, kept, in_scope, mode, day, equity, base_trace, causation)
     if base_book is not None:
         # The potential as it stands with what was actually issued (for the next evaluation).
@@ -537,7 +653,8 @@ def decide(
         for item in decision.intents:
             if item.intent.action == "NEW":
                 i = item.intent
-                issued.add(i.symbol, i.side, i.qty, ev.mark_of(i.symbol) or i.limit_price or 0.0, i.bucket)
+                ev.contain(i.symbol, "potential", lambda: issued.add(
+                    i.symbol, i.side, i.qty, ev.mark_of(i.symbol) or i.limit_price or 0.0, i.bucket))
         decision.book = issued
 
     if mode == "HARD_DERISK" and any(i.slot == "HARD_DERISK" and i.intent.action == "NEW" for i in decision.intents):
@@ -546,7 +663,7 @@ def decide(
 
     # Bookkeeping records nobody needs any more (terminal and seen by exposure).
     if full:
-        snapshot_ts = exposure.ts_ns if exposure else 0
+        snapshot_ts = basis.ts_ns if basis else 0  # an unusable snapshot has seen nothing
         for key, record in view.outstanding.items():
             if key in decision.records:
                 continue
@@ -554,6 +671,8 @@ def decide(
             if done and not record.counts_in_potential(snapshot_ts, now_ns, ev.grace):
                 decision.removed.append(key)
 
+    skips += ev.skips
+    decision.symbol_errors = dict(ev.errors)
     decision.skips = [s for s in skips if skip_field(day, s) not in view.reported_skips and s.reason in REPORTED_SKIPS]
     decision.trace = {
         **base_trace,
@@ -567,50 +686,72 @@ def decide(
         "hard_steps": state.hard_steps,
         "session_age_s": None if session_age_s is None else round(session_age_s, 3),
         "exposure_age_s": None if exposure_age_s is None else round(exposure_age_s, 3),
+        # Why symbols were left out this time (every skip, not only the newly reported).
+        "skips": _skip_trace(skips),
+        "symbol_errors": dict(sorted(ev.errors.items())[:TRACE_LIMIT]),
+        "unpriced_positions": sorted(ev.unpriced)[:TRACE_LIMIT],
     }
     return decision
 
 
 # Skips worth an operator's attention (once per day, symbol, slot and reason).
-REPORTED_SKIPS = frozenset({"stale_l1", "stale_prints", "no_price"})
+REPORTED_SKIPS = frozenset({"stale_l1", "stale_prints", "no_price", "implausible_quote", "no_reference", "evaluation_error"})
+TRACE_LIMIT = 50  # symbols named per skip reason in a trace (the count is always complete)
+
+
+def _skip_trace(skips: list[Skip]) -> dict[str, dict[str, Any]]:
+    """{reason: {count, symbols}}: bounded, whatever the universe size."""
+    out: dict[str, dict[str, Any]] = {}
+    for skip in skips:
+        entry = out.setdefault(skip.reason, {"count": 0, "symbols": []})
+        entry["count"] += 1
+        if len(entry["symbols"]) < TRACE_LIMIT and skip.symbol not in entry["symbols"]:
+            entry["symbols"].append(skip.symbol)
+    return out
 
 
 def _holdings(ev: _Evaluation, slot: str, bucket: str | None = None) -> list[Holding]:
-    derisk = ev.cfg.derisk
     holdings = []
     for symbol, position in ev.all_positions().items():
         if bucket is not None and position.bucket != bucket:
             continue
-        mark = ev.mark_of(symbol)
-        if mark is None or mark <= 0:
-            continue
-        market = ev.view.markets.get(symbol) or Market()
-        live = ev.live.get((symbol, slot))
-        live_order = None
-        if live is not None and not live.cancel_sent:
-            live_order = LiveOrder(live.key, live.remaining_qty, live.limit_price)
-        # Reduce-only: what no open reducing order (ours, live or being cancelled, or
-        # anyone's in the snapshot) covers yet.
-        available = max(abs(position.qty) - ev.open_reducing_qty(symbol, position.qty), 0)
-        if ev.settling(symbol) or ev.cooling_down(symbol):
-            available = 0
-        holdings.append(
-            Holding(
-                symbol=symbol,
-                bucket=position.bucket,
-                qty=position.qty,
-                mark=mark,
-                bid=market.bid,
-                ask=market.ask,
-                truth_price=market.truth_price,
-                quote_fresh=market.quote_fresh(ev.now, derisk.l1_max_age_s),
-                truth_fresh=market.truth_fresh(ev.now, derisk.truth_tick_max_age_s),
-                available=available,
-                live=live_order,
-                max_order_qty=ev.view.order_caps.get(symbol),
-            )
-        )
+        holding = ev.contain(symbol, "holding", lambda: _holding(ev, slot, symbol, position))
+        if holding is not None:
+            holdings.append(holding)
     return holdings
+
+
+def _holding(ev: _Evaluation, slot: str, symbol: str, position: PositionView) -> Holding | None:
+    derisk = ev.cfg.derisk
+    mark = ev.mark_of(symbol)
+    if mark is None or mark <= 0:
+        return None
+    _notional(position.qty, mark)  # raises on an absurd position: contained to this symbol
+    market = ev.market(symbol) or Market()  # judged: an implausible quote has no bid/ask
+    live = ev.live.get((symbol, slot))
+    live_order = None
+    if live is not None and not live.cancel_sent:
+        live_order = LiveOrder(live.key, live.remaining_qty, live.limit_price)
+    # Reduce-only: what no open reducing order (ours, live or being cancelled, or
+    # anyone's in the snapshot) covers yet.
+    available = max(abs(position.qty) - ev.open_reducing_qty(symbol, position.qty), 0)
+    if ev.settling(symbol) or ev.cooling_down(symbol):
+        available = 0
+    return Holding(
+        symbol=symbol,
+        bucket=position.bucket,
+        qty=position.qty,
+        mark=mark,
+        bid=market.bid,
+        ask=market.ask,
+        truth_price=market.truth_price,
+        quote_fresh=market.quote_fresh(ev.now, derisk.l1_max_age_s),
+        truth_fresh=market.truth_fresh(ev.now, derisk.truth_tick_max_age_s),
+        available=available,
+        live=live_order,
+        max_order_qty=ev.view.order_caps.get(symbol),
+        quote_problem=market.quote_problem,
+    )
 
 
 def _awaiting_positions(ev: _Evaluation) -> bool:
@@ -718,7 +859,7 @@ def _strategy_context(ev: _Evaluation, equity: float, bucket_target: dict[str, f
         now_ns=ev.now,
         equity=equity,
         positions=MergedPositions(ev),  # type: ignore[arg-type]
-        markets=ev.view.markets,
+        markets=JudgedMarkets(ev),  # type: ignore[arg-type]
         live=ev.live,
         universe=ev.view.universe,
         bucket_target_pct=bucket_target,
@@ -746,7 +887,11 @@ def _reconcile(
     now = ev.now
     wanted: dict[tuple[str, str], Candidate] = {}
     for candidate in kept:
-        wanted.setdefault((candidate.symbol, candidate.slot), candidate)
+        collared, why = _collared(ev, candidate)
+        if collared is None:
+            decision.suppressed.append(Suppressed(candidate, why))
+            continue
+        wanted.setdefault((candidate.symbol, candidate.slot), collared)
 
     if mode == "HALTED":
         wanted = {}
@@ -776,7 +921,7 @@ def _reconcile(
                 and abs(price - live.limit_price) >= cfg.reprice_min_change - 1e-9
                 and now - live.last_change_ns >= cfg.reprice_min_interval_s * NS
             ):
-                _emit_modify(ev, decision, live, candidate, base_trace, causation)
+                ev.contain(symbol, "modify", lambda: _emit_modify(ev, decision, live, candidate, base_trace, causation))
             continue
         if candidate.keep_key is not None:
             continue  # the order it continues is gone; the next evaluation plans afresh
@@ -802,8 +947,26 @@ def _reconcile(
             if qty < cfg.min_order_qty and qty != abs(position_qty):
                 decision.suppressed.append(Suppressed(candidate, "reduce_only_below_min_qty"))
                 continue
-        _emit_new(ev, decision, replace(candidate, qty=qty) if qty != candidate.qty else candidate, day, equity,
-                  base_trace, causation)
+        sized = replace(candidate, qty=qty) if qty != candidate.qty else candidate
+        ev.contain(symbol, "new intent", lambda: _emit_new(ev, decision, sized, day, equity, base_trace, causation))
+
+
+def _collared(ev: _Evaluation, candidate: Candidate) -> tuple[Candidate | None, str]:
+    """The candidate with its price inside `plausibility.collar_pct` of the symbol's
+    trusted reference (SPEC 9), or (None, why): no reference, no price, no order."""
+    price = candidate.limit_price
+    if price is None or candidate.order_type != "LMT":
+        return None, "no_price"  # the Brain only sends limit orders: a price it can bound
+    reference = ev.reference(candidate.symbol)
+    if reference is None:
+        ev.skips.append(Skip(candidate.symbol, candidate.slot, "no_reference", {"limit_price": price}))
+        return None, "no_reference"
+    pct = ev.plaus.collar_pct
+    if within_collar(price, reference, pct):
+        return candidate, ""
+    clamped = clamp_to_collar(price, reference, pct)
+    numbers = {**candidate.numbers, "collar_reference": reference, "collar_pct": pct, "collar_clamped_from": price}
+    return replace(candidate, limit_price=clamped, numbers=numbers), ""
 
 
 def _same_order(candidate: Candidate, live: Outstanding) -> bool:
@@ -828,7 +991,6 @@ def _emit_new(ev, decision: Decision, candidate: Candidate, day, equity, base_tr
     gen_field = generation_field(day, candidate.slot, candidate.symbol, candidate.side)
     generation = decision.generations.get(gen_field, ev.view.generations.get(gen_field, 0))
     key = intent_key(day, candidate.slot, candidate.symbol, candidate.side, generation)
-    decision.generations[gen_field] = generation + 1
     ttl = ev.cfg.decision.ttl_s[candidate.purpose]
     mark = ev.mark_of(candidate.symbol)
     intent = Intent(
@@ -852,6 +1014,8 @@ def _emit_new(ev, decision: Decision, candidate: Candidate, day, equity, base_tr
         trace={**base_trace, "rule": candidate.numbers.get("rule", candidate.purpose), "slot": candidate.slot,
                "generation": generation, "numbers": _jsonable(candidate.numbers)},
     )
+    # Only once the intent is valid: a failure leaves the decision untouched.
+    decision.generations[gen_field] = generation + 1
     decision.intents.append(IssuedIntent(key, intent, candidate.slot))
     decision.records[key] = Outstanding(
         key=key, slot=candidate.slot, symbol=candidate.symbol, side=candidate.side, qty=candidate.qty,

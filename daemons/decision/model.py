@@ -46,7 +46,12 @@ def effect_of(classification_name: str) -> str:
 
 @dataclass(slots=True)
 class Market:
-    """What the Brain knows of one symbol's market (from ev.l1 and ev.features)."""
+    """What the Brain knows of one symbol's market (from ev.l1 and ev.features).
+
+    Every timestamp is on the Brain's clock at receipt (guards.received_ns). The quote
+    is as received; `guards.judged` gives the copy pricing may see (an implausible
+    quote removed, `quote_problem` naming why). New fields go at the end: the state
+    encoding is positional."""
 
     bid: float | None = None
     ask: float | None = None
@@ -58,32 +63,41 @@ class Market:
     print_count: int = 0
     feature_ts_ns: int = 0
     last_price: float | None = None
+    bid_size: int = 0
+    ask_size: int = 0
+    flagged: str | None = None  # market data's quote-gate verdict, or the Brain's ingest rejection
+    trusted_mark: float | None = None  # mid of the last quote that passed the gate against a reference
+    trusted_ts_ns: int = 0
+    quote_problem: str | None = None  # set on judged copies only
 
     def quote_fresh(self, now_ns: int, max_age_s: float) -> bool:
+        """A usable two-sided quote: present, plausible, not crossed, and confirmed
+        within max_age_s of the Brain's clock (a future time is not fresh)."""
         return (
             self.bid is not None
             and self.ask is not None
+            and self.quote_problem is None
+            and not self.flagged
             and self.ask >= self.bid
-            and now_ns - self.quote_ts_ns <= max_age_s * NS
+            and abs(now_ns - self.quote_ts_ns) <= max_age_s * NS
         )
 
     def truth_fresh(self, now_ns: int, max_age_s: float) -> bool:
-        return self.truth_price is not None and now_ns - self.truth_ts_ns <= max_age_s * NS
+        return self.truth_price is not None and abs(now_ns - self.truth_ts_ns) <= max_age_s * NS
 
     def mark(self, now_ns: int, l1_max_age_s: float, truth_max_age_s: float) -> tuple[float | None, bool]:
-        """(mark, fresh) per SPEC Marks: fresh L1 mid, else fresh truth tick, else last known."""
+        """(mark, fresh) per SPEC Marks: a current and plausible L1 mid, else a fresh
+        truth tick, else the last known trusted price (the more recent of the last truth
+        tick and the last trusted mark). An implausible quote never gives a mark."""
         if self.quote_fresh(now_ns, l1_max_age_s):
             return (self.bid + self.ask) / 2, True  # type: ignore[operator]
         if self.truth_fresh(now_ns, truth_max_age_s):
             return self.truth_price, True
-        # Last known price: whichever of the stale sources is the most recent.
         known: list[tuple[int, float]] = []
         if self.truth_price is not None:
             known.append((self.truth_ts_ns, self.truth_price))
-        if self.bid is not None and self.ask is not None:
-            known.append((self.quote_ts_ns, (self.bid + self.ask) / 2))
-        if self.last_price is not None:
-            known.append((self.feature_ts_ns, self.last_price))
+        if self.trusted_mark is not None:
+            known.append((self.trusted_ts_ns, self.trusted_mark))
         if known:
             return max(known)[1], False
         return None, False
@@ -123,6 +137,7 @@ class ExposureSnap:
     potential_pct: float | None
     buckets: dict[str, BucketSnap]
     symbols: dict[str, SymbolSnap]
+    problem: str | None = None  # why the snapshot is unusable (guards.exposure_problem); numbers then dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,8 +188,10 @@ class Outstanding:
         return max(self.qty - self.filled_qty, 0)
 
     def expired(self, now_ns: int, grace_s: float) -> bool:
-        """Never acknowledged and past its TTL + grace: execution will not place it."""
-        return self.status is None and now_ns > self.issued_ns + (self.ttl_s + grace_s) * NS
+        """Never acknowledged and past its TTL + grace on the Brain's clock: execution
+        will not place it. An issue time far ahead of the clock (a corrupt record)
+        does not keep it alive: the distance counts either way."""
+        return self.status is None and abs(now_ns - self.issued_ns) > (self.ttl_s + grace_s) * NS
 
     def live(self, now_ns: int, grace_s: float) -> bool:
         return not self.terminal and not self.expired(now_ns, grace_s)
@@ -217,6 +234,7 @@ class BrainState:
     broker_connected: bool | None = None
     broker_reason: str = ""
     broker_ts_ns: int = 0
+    exposure_unknown: str = ""  # why the exposure is unknown ("" = known); alerted once per episode
 
 
 @dataclass(frozen=True, slots=True)

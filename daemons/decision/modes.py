@@ -9,6 +9,8 @@ Rules, first match wins:
                                                         de-risk, else THROTTLE
   6. otherwise                                       -> NORMAL (a bucket over its max only
                                                         blocks increases in that bucket)
+Unknown exposure (none, in error, NaN/negative/missing numbers) is never NORMAL:
+see derive_mode.
 
 Hysteresis: every rule that can flap is a latch. It is set when its entry
 condition holds and released only when the measure is back below a lower
@@ -63,6 +65,9 @@ class ModeInputs:
     hard_window: bool
     regime: str | None
     regime_rule: RegimeRule | None
+    # Why the current exposure is unknown (None: known). With a last good snapshot
+    # still usable for de-risk, gross_pct is that snapshot's; otherwise gross_pct is None.
+    exposure_unknown: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +80,31 @@ class ModeResult:
 
 
 def derive_mode(inputs: ModeInputs, latches: Latches, previous_mode: str, th: Thresholds) -> ModeResult:
-    """The mode for these inputs, given the latches carried from the previous evaluation."""
+    """The mode for these inputs, given the latches carried from the previous evaluation.
+
+    Unknown is not zero: with the exposure unknown the mode is never NORMAL "within
+    every limit". Without any usable gross a de-risk mode in force is kept (its
+    latches too) and anything else becomes THROTTLE; with a last good snapshot the
+    rules run on it, and NORMAL becomes THROTTLE."""
+    result = _derive(inputs, latches, previous_mode, th)
+    why = inputs.exposure_unknown
+    if (why is None and inputs.gross_pct is not None) or inputs.halted:
+        return result
+    why = why or "no usable exposure snapshot"
+    numbers = {**result.numbers, "exposure_unknown": why}
+    if inputs.gross_pct is None:
+        mode = previous_mode if previous_mode in DERISK_MODES else "THROTTLE"
+        reason = f"exposure unknown ({why}): no risk increase; " + (
+            f"{mode} kept" if mode == previous_mode else "no gross to judge the limits by")
+        return ModeResult(mode, "exposure_unknown", reason, numbers, result.latches)
+    if result.mode == "NORMAL":
+        reason = f"exposure unknown ({why}): no risk increase (last good snapshot within every limit)"
+        return ModeResult("THROTTLE", "exposure_unknown", reason, numbers, result.latches)
+    reason = f"{result.reason} (exposure unknown: {why}; judged on the last good snapshot)"
+    return replace(result, reason=reason, numbers=numbers)
+
+
+def _derive(inputs: ModeInputs, latches: Latches, previous_mode: str, th: Thresholds) -> ModeResult:
     gross, potential = inputs.gross_pct, inputs.potential_pct
     numbers: dict[str, Any] = {
         "gross_pct": _round(gross),
@@ -89,10 +118,9 @@ def derive_mode(inputs: ModeInputs, latches: Latches, previous_mode: str, th: Th
     if inputs.halted:
         return ModeResult("HALTED", "operator_halt", "operator halt", numbers, latches)
     if gross is None:
-        # Without a usable exposure snapshot no numeric rule can be judged: keep the
-        # mode (increases are blocked separately by the freshness gate).
-        mode = previous_mode if previous_mode != "HALTED" else "NORMAL"
-        return ModeResult(mode, "no_exposure", "no usable exposure snapshot; mode kept", numbers, latches)
+        # Without a usable exposure snapshot no numeric rule can be judged (derive_mode
+        # turns this into THROTTLE or the de-risk mode in force).
+        return ModeResult(previous_mode, "no_exposure", "no usable exposure snapshot", numbers, latches)
 
     if latches.cap:
         numbers.update(hard_cap_pct=th.hard_cap_pct, cap_recovery_target_pct=th.cap_recovery_target_pct)

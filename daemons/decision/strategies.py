@@ -24,7 +24,7 @@ class StrategyContext:
     now_ns: int
     equity: float
     positions: Mapping[str, PositionView]
-    markets: Mapping[str, Market]
+    markets: Mapping[str, Market]  # as judged by the quote gate (an implausible quote is removed)
     live: Any  # engine.LiveIndex: get((symbol, slot)), in_slot(slot), other_than(symbol, slots)
     universe: Mapping[str, str]  # symbol -> bucket hint
     bucket_target_pct: Mapping[str, float]
@@ -87,7 +87,10 @@ class GrpanMarketMaker:
         out = StrategyOutput()
         chosen = self.symbols(context.universe) if symbols is None else [s for s in symbols if self.quotes_symbol(s, context.universe)]
         for symbol in chosen:
-            self._quote(symbol, context, out)
+            try:
+                self._quote(symbol, context, out)
+            except Exception as exc:  # noqa: BLE001 - one symbol's bad numbers must not stop the others
+                out.skips.append(Skip(symbol, "MM_BID", "evaluation_error", {"error": f"{type(exc).__name__}: {exc}"[:200]}))
         return out
 
     def _quote(self, symbol: str, context: StrategyContext, out: StrategyOutput) -> None:
@@ -100,13 +103,16 @@ class GrpanMarketMaker:
         if context.live.other_than(symbol, STRATEGY_SLOTS):
             out.skips.append(Skip(symbol, "MM_BID", "higher_priority_order_live"))
             return
-        if market is None or market.grpan is None or context.now_ns - market.feature_ts_ns > cfg.max_feature_age_s * NS:
+        if market is None or market.grpan is None or abs(context.now_ns - market.feature_ts_ns) > cfg.max_feature_age_s * NS:
             out.skips.append(Skip(symbol, "MM_BID", "stale_features"))
             return
         if market.concentration_pct < cfg.min_concentration_pct or market.print_count < cfg.min_print_count:
             out.skips.append(
                 Skip(symbol, "MM_BID", "weak_grpan", {"concentration_pct": market.concentration_pct, "print_count": market.print_count})
             )
+            return
+        if market.quote_problem is not None:
+            out.skips.append(Skip(symbol, "MM_BID", "implausible_quote", {"problem": market.quote_problem}))
             return
         if not market.quote_fresh(context.now_ns, context.l1_max_age_s):
             out.skips.append(Skip(symbol, "MM_BID", "stale_l1"))
@@ -192,6 +198,8 @@ class LtBandKeeper:
             mark = context.mark_of(symbol)
             if mark is None:
                 continue
+            if not math.isfinite(abs(position.qty) * mark):
+                raise ArithmeticError(f"{symbol}: notional of {position.qty} x {mark} is not finite")
             holdings.append((symbol, position.qty, mark))
             if position.qty > 0:
                 long_notional += position.qty * mark
@@ -243,6 +251,9 @@ class LtBandKeeper:
             if context.live.other_than(symbol, STRATEGY_SLOTS) or any(live.symbol == symbol for live in live_band):
                 continue
             market = context.markets.get(symbol)
+            if market is not None and market.quote_problem is not None:
+                out.skips.append(Skip(symbol, "LT_BAND", "implausible_quote", {"problem": market.quote_problem}))
+                continue
             if market is None or not market.quote_fresh(context.now_ns, context.l1_max_age_s):
                 out.skips.append(Skip(symbol, "LT_BAND", "stale_l1"))
                 continue

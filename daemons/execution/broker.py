@@ -109,7 +109,8 @@ class BrokerLink:
         self.inbox.append(("error", req_id, code, text))
 
     def _on_position(self, position: Any) -> None:
-        self.inbox.append(("position", position.account, position.contract.symbol, int(position.position), float(position.avgCost)))
+        # Raw numbers: the service checks them (an int() of an infinite size would raise here).
+        self.inbox.append(("position", position.account, position.contract.symbol, float(position.position), float(position.avgCost)))
 
     def _on_account_value(self, value: Any) -> None:
         if value.tag in ACCOUNT_TAGS and value.currency in ("USD", "BASE", ""):
@@ -213,8 +214,8 @@ class BrokerLink:
         orders += [self._broker_order(t, open_=False) for t in completed]
         return orders, [_broker_fill(fill) for fill in fills]
 
-    def positions(self) -> list[tuple[str, str, int, float]]:
-        return [(p.account, p.contract.symbol, int(p.position), float(p.avgCost)) for p in self.ib.reqPositions()]
+    def positions(self) -> list[tuple[str, str, float, float]]:
+        return [(p.account, p.contract.symbol, float(p.position), float(p.avgCost)) for p in self.ib.reqPositions()]
 
     def account_values(self) -> list[tuple[str, str, float]]:
         values = []

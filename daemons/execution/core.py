@@ -14,6 +14,7 @@ from typing import Literal, Mapping, Protocol
 
 from qe.contracts import TERMINAL_ORDER_STATUSES, Intent
 from qe.exposure_math import potential_notional
+from qe.plausibility import collar_bounds, within_collar
 from qe.universe import liquidity_cap
 
 LIVE_STATUSES = frozenset({"PENDING_SUBMIT", "SUBMITTED", "PARTIALLY_FILLED", "PENDING_CANCEL"})
@@ -60,6 +61,7 @@ class OrderRecord:
     acknowledged: bool = False  # the broker has reported the order at least once
     last_price_change_ns: int = 0
     desired_price: float | None = None  # a modify waiting for the 2.5 s rule
+    desired_by: str | None = None  # the MODIFY intent that asked for desired_price
     cancel_reason: CancelReason | None = None
     last_error_code: int | None = None
     last_error_text: str | None = None
@@ -86,7 +88,9 @@ class OrderRecord:
         return cls(**values)
 
 
-def record_for_intent(intent: Intent, intent_key: str, order_ref: str, expires_ns: int) -> OrderRecord:
+def record_for_intent(intent: Intent, intent_key: str, order_ref: str, expires_ns: int, received_ns: int) -> OrderRecord:
+    """The record of a NEW intent. Its times are execution's own (received_ns, from
+    execution's clock): the intent's created_ns is the Brain's claim, never trusted."""
     return OrderRecord(
         order_ref=order_ref,
         intent_key=intent_key,
@@ -99,9 +103,9 @@ def record_for_intent(intent: Intent, intent_key: str, order_ref: str, expires_n
         tif=intent.tif,
         bucket=intent.bucket,
         classification=intent.classification,
-        created_ns=intent.created_ns,
+        created_ns=received_ns,
         expires_ns=expires_ns,
-        last_price_change_ns=intent.created_ns,
+        last_price_change_ns=received_ns,
     )
 
 
@@ -119,11 +123,14 @@ def ttl_category(intent_type: str, bucket: str, regime: str | None, ttl_by_categ
     return category if category in ttl_by_category else "default"
 
 
-def expires_at_ns(intent: Intent, regime: str | None, ttl_by_category: Mapping[str, float]) -> int:
-    """The earlier of the intent's own TTL and its category's."""
+def expires_at_ns(intent: Intent, regime: str | None, ttl_by_category: Mapping[str, float], received_ns: int) -> int:
+    """The earlier of the intent's own TTL and its category's, measured on execution's
+    clock from the moment it received the intent. The intent's created_ns can only make
+    the life shorter (an intent that waited in the stream while execution was down is
+    as old as it says), never longer: a created_ns "in 2100" is ignored."""
     category = ttl_category(intent.intent_type, intent.bucket, regime, ttl_by_category)
     ttl_s = min(intent.ttl_s, ttl_by_category.get(category, ttl_by_category["default"]))
-    return intent.created_ns + int(ttl_s * 1e9)
+    return min(received_ns, intent.created_ns) + int(ttl_s * 1e9)
 
 
 # --- broker events ---------------------------------------------------------------------------
@@ -187,6 +194,29 @@ def rejected(record: OrderRecord, code: int | None, reason: str) -> OrderRecord:
     return dataclasses.replace(record, status="REJECTED", reject_code=code, reject_reason=reason)
 
 
+def modify_denial(target: OrderRecord, modify_key: str, modify_ref: str, price: float, reason: str, now_ns: int) -> OrderRecord:
+    """The record of a refused MODIFY: REJECTED under the MODIFY intent's own orderRef
+    (never sent, no broker id), so the target order itself is not reported terminal."""
+    return OrderRecord(
+        order_ref=modify_ref,
+        intent_key=modify_key,
+        intent_type=target.intent_type,
+        symbol=target.symbol,
+        side=target.side,
+        qty=target.qty,
+        order_type=target.order_type,
+        limit_price=price,
+        tif=target.tif,
+        bucket=target.bucket,
+        classification=target.classification,
+        created_ns=now_ns,
+        expires_ns=now_ns,
+        status="REJECTED",
+        last_price_change_ns=now_ns,
+        reject_reason=reason,
+    )
+
+
 # --- modify -----------------------------------------------------------------------------------
 
 
@@ -215,6 +245,7 @@ class Limits:
     min_order_qty: int
     liquidity_adv_divisor: int
     liquidity_min_shares: int
+    collar_pct: float  # every price sent (new or modify) within this % of the trusted reference
 
 
 @dataclass(frozen=True)
@@ -267,8 +298,11 @@ class OrderRequest(Protocol):
     classification: str
 
 
-def check_new_order(intent: OrderRequest, view: RiskView, limits: Limits, gate: Gate, adv: int | None) -> Rejection | None:
-    """Every check before a new order; the first that fails names its rule."""
+def check_new_order(
+    intent: OrderRequest, view: RiskView, limits: Limits, gate: Gate, adv: int | None, *, reference: float | None
+) -> Rejection | None:
+    """Every check before a new order; the first that fails names its rule. `reference`
+    is execution's own trusted price for the symbol (None: nothing market-confirmed)."""
     if not gate.account_ok:
         return Rejection("account_interlock", gate.account_reason)
     if gate.halted:
@@ -293,25 +327,22 @@ def check_new_order(intent: OrderRequest, view: RiskView, limits: Limits, gate: 
     closes_position = not increases and intent.qty == abs(position)
     if intent.qty < limits.min_order_qty and not closes_position:
         return Rejection("min_order_qty", f"qty {intent.qty} below the minimum order of {limits.min_order_qty}")
-    if adv is not None:
-        cap = liquidity_cap(adv, limits.liquidity_adv_divisor, limits.liquidity_min_shares)
-        if intent.qty > cap:
-            return Rejection("liquidity_cap", f"qty {intent.qty} above max(ADV/{limits.liquidity_adv_divisor}, {limits.liquidity_min_shares}) = {cap}")
-    price = intent.limit_price or view.marks.get(intent.symbol)
-    if price is None:
-        return Rejection("no_price", f"no limit price and no mark for {intent.symbol}")
-    notional = intent.qty * price
-    if notional > limits.max_order_notional:
-        return Rejection("max_order_notional", f"notional {notional:,.2f} above {limits.max_order_notional:,.2f}")
+    size = check_size(intent.qty, limits, adv)
+    if size is not None:
+        return size
+    priced = check_order_price(intent, reference, limits)
+    if priced is not None:
+        return priced
+    price = intent.limit_price
     # Hard cap on potential gross, with this order added to the working orders.
     mark = view.marks.get(intent.symbol, price)
     before = symbol_potential(view, intent.symbol, mark=mark)
     after = symbol_potential(view, intent.symbol, extra_buy=intent.qty if buy else 0, extra_sell=0 if buy else intent.qty, mark=mark)
-    if after > before:
-        if view.equity is None or view.equity <= 0:
+    if not after <= before:  # (NaN counts as an increase)
+        if view.equity is None or not math.isfinite(view.equity) or view.equity <= 0:
             return Rejection("hard_cap", "equity unknown or not positive: no order may add potential exposure")
         potential_pct = (view.potential_gross_notional - before + after) / view.equity * 100
-        if potential_pct > limits.hard_cap_pct + 1e-9:
+        if not potential_pct <= limits.hard_cap_pct + 1e-9:  # NaN: unknown, refused
             return Rejection(
                 "hard_cap",
                 f"potential gross would be {potential_pct:.2f}% > hard cap {limits.hard_cap_pct:g}%",
@@ -319,12 +350,87 @@ def check_new_order(intent: OrderRequest, view: RiskView, limits: Limits, gate: 
     return None
 
 
-def check_modify(gate: Gate) -> Rejection | None:
+def check_size(qty: int, limits: Limits, adv: int | None) -> Rejection | None:
+    """The liquidity cap: at most max(ADV/1000, 200) shares per order. A symbol without
+    a known ADV gets the floor (unknown is not "unlimited")."""
+    cap = liquidity_cap(adv or 0, limits.liquidity_adv_divisor, limits.liquidity_min_shares)
+    if qty > cap:
+        return Rejection("liquidity_cap", f"qty {qty} above max(ADV/{limits.liquidity_adv_divisor}, {limits.liquidity_min_shares}) = {cap}")
+    return None
+
+
+def check_order_price(intent: OrderRequest, reference: float | None, limits: Limits) -> Rejection | None:
+    """The price checks of a new order (collar, notional): they need no broker and no
+    position, so they also run at receipt, before the intent is even recorded."""
+    if intent.limit_price is None:
+        # A market order has no price the collar could bound: on a stub quote it fills at $0.01.
+        return Rejection("collar", f"{intent.side} {intent.symbol} has no limit price: only limit orders within the collar are sent")
+    return check_price(intent.symbol, intent.qty, intent.limit_price, reference, limits)
+
+
+def check_price(symbol: str, qty: int, price: float, reference: float | None, limits: Limits) -> Rejection | None:
+    """The price collar around execution's own trusted reference, then the order notional.
+    Without a reference the price cannot be checked, so the order is refused whichever
+    way it goes: a decrease at $0.01 moves money as surely as an increase at $2,400."""
+    if not (isinstance(price, (int, float)) and math.isfinite(price) and price > 0):
+        return Rejection("collar", f"price {price!r} is not a positive finite number")
+    if reference is None:
+        return Rejection(
+            "collar",
+            f"no trusted reference for {symbol} (no truth tick, GRPAN or plausible quote yet): price {price:.2f} cannot be checked",
+        )
+    if not within_collar(price, reference, limits.collar_pct):
+        low, high = collar_bounds(reference, limits.collar_pct)
+        return Rejection(
+            "collar",
+            f"price {price:.2f} outside {low:.2f}..{high:.2f} ({limits.collar_pct:g}% around the trusted reference {reference:.2f})",
+        )
+    notional = qty * price
+    if notional > limits.max_order_notional:
+        return Rejection("max_order_notional", f"notional {notional:,.2f} above {limits.max_order_notional:,.2f}")
+    return None
+
+
+def check_modify(
+    record: OrderRecord,
+    new_price: float,
+    qty: int,
+    limits: Limits,
+    gate: Gate,
+    adv: int | None,
+    *,
+    reference: float | None,
+) -> Rejection | None:
+    """A modify is checked like a new order of the same shares at the new price (collar,
+    notional, liquidity cap); only the position checks do not apply, the price does not
+    change the shares. A modify changes the price only: a different quantity is refused."""
     if not gate.account_ok:
         return Rejection("account_interlock", gate.account_reason)
     if gate.halted:
         return Rejection("halted", "trading is HALTED by the operator: only cancels are sent")
+    if qty != record.qty:
+        return Rejection("modify_qty", f"a modify changes the price only: qty {qty} differs from the order's {record.qty}")
+    size = check_size(record.qty, limits, adv)
+    if size is not None:
+        return size
+    return check_price(record.symbol, record.qty, new_price, reference, limits)
+
+
+def broker_position_problem(qty: float, avg_cost: float, max_qty: int) -> str | None:
+    """Why a position the broker reported cannot be used, or None. Even the broker's
+    numbers are checked: a size of 1e400 once took the Brain down and stuck in state."""
+    if not math.isfinite(qty) or qty != int(qty):
+        return f"quantity {qty!r} is not a whole number of shares"
+    if abs(qty) > max_qty:
+        return f"quantity {qty:,.0f} is beyond {max_qty:,} shares"
+    if not math.isfinite(avg_cost):
+        return f"average cost {avg_cost!r} is not a finite number"
     return None
+
+
+def usable_equity(value: float) -> float | None:
+    """NetLiquidation as a number the checks may use; NaN/inf is unknown (None)."""
+    return value if math.isfinite(value) else None
 
 
 # --- account interlock -----------------------------------------------------------------------------

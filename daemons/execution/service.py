@@ -41,12 +41,14 @@ from qe.universe import Instrument
 
 from . import core
 from .broker import BrokerLink, OrderDone
+from .prices import PriceBook
 from .reconcile import OUR_PREFIX, BrokerFill, BrokerOrder, reconcile
 
 log = logging.getLogger(__name__)
 
 SOURCE = "execution"
 STATE_EXECUTION = "state:execution"  # halted flag, equity, account: what load() needs
+PRICES = "state:execution:prices"  # field per symbol: execution's own trusted prices (collar reference)
 CONNECTIVITY_LOST, RESTORED_DATA_LOST, RESTORED_DATA_KEPT = 1100, 1101, 1102
 FARM_BROKEN = {2103, 2105, 2110}
 FARM_OK = {2104, 2106, 2158}
@@ -69,7 +71,10 @@ class BrokerView:
 
 
 class ExecutionService:
-    streams = ("ev.intents", "ev.l1", "ev.control", "ev.session")
+    # ev.l1 and ev.features: execution's own prices (quote gate, collar reference, marks).
+    # A batch is handled in this order: an operator halt and the latest prices that came
+    # with it apply before the intents of the same batch are checked.
+    streams = ("ev.control", "ev.session", "ev.l1", "ev.features", "ev.intents")
     tick_interval_s = 0.0  # every loop iteration: the broker is pumped between reads
 
     def __init__(self, context: Context, broker: BrokerLink) -> None:
@@ -78,6 +83,7 @@ class ExecutionService:
         self.rules = context.rules.execution
         self.hard_cap_pct = context.rules.exposure.hard_cap_pct
         self.default_bucket = context.rules.exposure.default_bucket
+        self.max_quantity = context.rules.plausibility.max_quantity
         self.universe: dict[str, Instrument] = context.universe()
         self.broker = broker
         self.limits = core.Limits(
@@ -86,7 +92,11 @@ class ExecutionService:
             min_order_qty=self.rules.min_order_qty,
             liquidity_adv_divisor=self.rules.liquidity_adv_divisor,
             liquidity_min_shares=self.rules.liquidity_min_shares,
+            collar_pct=context.rules.plausibility.collar_pct,
         )
+        # Market prices are not execution's state: kept across load() (a rebuild after an
+        # unknown commit), learnt again from the streams after a restart.
+        self.prices = PriceBook(context.rules.plausibility.quote)
         self.rate = core.TokenBucket(self.rules.max_messages_per_s, self.rules.message_burst)
         self.redis: redis.Redis | None = None
         self._reset_memory()
@@ -97,7 +107,6 @@ class ExecutionService:
         self.positions: dict[str, int] = {}
         self.position_buckets: dict[str, str] = {}
         self.position_costs: dict[str, tuple[int, float]] = {}  # last published (qty, avg_cost)
-        self.marks: dict[str, float] = {}
         self.equity: float | None = None
         self.halted = False
         self.mode: str | None = None
@@ -130,6 +139,11 @@ class ExecutionService:
             self.positions[symbol.decode()] = int(position["qty"])
             self.position_buckets[symbol.decode()] = position["bucket"]
             self.position_costs[symbol.decode()] = (int(position["qty"]), round(float(position["avg_cost"]), 6))
+        for symbol, raw in r.hgetall(PRICES).items():
+            try:
+                self.prices.restore(symbol.decode(), json.loads(raw))
+            except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
+                log.error("unreadable saved prices skipped", extra={"symbol": repr(symbol)})
         saved = state.read(r, STATE_EXECUTION)
         self.halted = bool(saved.get("halted", False))
         self.equity = saved.get("equity")
@@ -143,11 +157,12 @@ class ExecutionService:
         if kind == "intent":
             self._on_intent(event, effects)
         elif kind == "l1":
-            quote = event.payload
-            if quote.bid and quote.ask:
-                self.marks[quote.symbol] = round((quote.bid + quote.ask) / 2, 4)
-            elif quote.last:
-                self.marks[quote.symbol] = quote.last
+            self._on_quote(event.payload, effects)
+        elif kind == "feature":
+            feature = event.payload
+            tick = feature.truth_tick.price if feature.truth_tick is not None else None
+            if self.prices.on_feature(feature.symbol, tick, feature.grpan_price, feature.last_price):
+                self._save_prices(effects, feature.symbol)
         elif kind == "control":
             self.halted = event.payload.command == "halt"
             effects.hset(STATE_EXECUTION, state.encode_fields({"halted": self.halted}))
@@ -221,14 +236,35 @@ class ExecutionService:
         if intent.action == "CANCEL":
             self._request_cancel(target, "intent", self.clock.now_ns(), effects)
             return
-        rejection = core.check_modify(self._gate())
+        if intent.limit_price is None or not target.live:
+            return  # nothing to re-price
+        modify_ref = order_ref_for(event.idempotency_key)
+        if modify_ref in self.records:
+            metrics.intents_duplicate.inc()
+            return  # this MODIFY was refused already
+        rejection = self._check_modify(target, intent.limit_price, intent.qty)
         if rejection is not None:
-            metrics.orders_rejected.labels(rejection.rule).inc()
-            log.warning("modify refused", extra={"order_ref": target.order_ref, "rule": rejection.rule, "reason": rejection.reason})
+            self._deny_modify(effects, target, event.idempotency_key, intent.limit_price, rejection)
             return
-        if intent.limit_price is not None and target.live:
-            self._save(effects, dataclasses.replace(target, desired_price=intent.limit_price), publish=False)
-            self._apply_waiting_modifies(self.clock.now_ns(), effects)
+        self._save(effects, dataclasses.replace(target, desired_price=intent.limit_price, desired_by=event.idempotency_key), publish=False)
+        self._apply_waiting_modifies(self.clock.now_ns(), effects)
+
+    def _check_modify(self, target: core.OrderRecord, price: float, qty: int) -> core.Rejection | None:
+        return core.check_modify(
+            target, price, qty, self.limits, self._gate(), self._adv(target.symbol), reference=self.prices.reference(target.symbol)
+        )
+
+    def _deny_modify(self, effects: Effects, target: core.OrderRecord, modify_key: str | None, price: float, rejection: core.Rejection) -> None:
+        """A refused MODIFY never reaches the broker; the order keeps working at its price.
+        The denial is published as a REJECTED order of the MODIFY intent itself (its own
+        orderRef, never sent), so that the live order is not reported terminal."""
+        metrics.orders_rejected.labels(rejection.rule).inc()
+        log.warning("modify refused", extra={"order_ref": target.order_ref, "price": price, "rule": rejection.rule, "reason": rejection.reason})
+        if modify_key is None:
+            return  # (a desired price recorded before this version: nothing to publish it under)
+        now_ns = self.clock.now_ns()
+        denial = core.modify_denial(target, modify_key, order_ref_for(modify_key), price, f"{rejection.rule}: modify of {target.order_ref} {target.limit_price} -> {price}: {rejection.reason}", now_ns)
+        self._save(effects, denial)
 
     def _new_order(self, event: Envelope, effects: Effects) -> None:
         intent = event.payload
@@ -238,13 +274,21 @@ class ExecutionService:
             metrics.intents_duplicate.inc()
             log.info("duplicate intent ignored", extra={"intent": key, "order_ref": ref})
             return
-        now_ns = self.clock.now_ns()
-        record = core.record_for_intent(intent, key, ref, core.expires_at_ns(intent, self.regime, self.rules.ttl_s_by_category))
+        now_ns = self.clock.now_ns()  # receipt, on execution's own clock: the TTL runs from here
+        expires_ns = core.expires_at_ns(intent, self.regime, self.rules.ttl_s_by_category, received_ns=now_ns)
+        record = core.record_for_intent(intent, key, ref, expires_ns, received_ns=now_ns)
         if intent.symbol not in self.universe:
             self._save(effects, core.rejected(record, None, f"unknown_symbol: {intent.symbol} is not in the universe"))
             return
         if record.expires_ns <= now_ns:
             self._save(effects, dataclasses.replace(record, status="EXPIRED", reject_reason="ttl: expired before it could be sent"))
+            return
+        # A price outside the collar is refused at once (checked again before sending).
+        priced = core.check_order_price(intent, self.prices.reference(intent.symbol), self.limits)
+        if priced is not None:
+            metrics.orders_rejected.labels(priced.rule).inc()
+            log.warning("pre-trade check refused an order", extra={"order_ref": ref, "rule": priced.rule, "reason": priced.reason})
+            self._save(effects, core.rejected(record, None, f"{priced.rule}: {priced.reason}"))
             return
         # Recorded first (PENDING_SUBMIT); checked and sent in this batch when possible.
         self._save(effects, record)
@@ -258,6 +302,21 @@ class ExecutionService:
             mode=self.mode,
         )
 
+    def _on_quote(self, quote: Any, effects: Effects) -> None:
+        outcome = self.prices.on_quote(
+            quote.symbol, quote.bid, quote.ask, bid_size=quote.bid_size, ask_size=quote.ask_size, flagged=quote.implausible
+        )
+        if outcome.changed:
+            self._save_prices(effects, quote.symbol)
+        if outcome.episode_started:  # once per episode; the alert is market data's
+            log.warning("implausible quote: not a mark, not a reference", extra={"symbol": quote.symbol, "problem": outcome.problem})
+        elif outcome.episode_ended:
+            log.info("quotes plausible again", extra={"symbol": quote.symbol})
+
+    def _save_prices(self, effects: Effects, symbol: str) -> None:
+        """Saved with the batch: after a restart the collar still has its reference."""
+        effects.hset(PRICES, {symbol: json.dumps(self.prices.symbols[symbol].to_json(), separators=(",", ":"))})
+
     def _risk_view(self) -> core.RiskView:
         open_buy: dict[str, int] = {}
         open_sell: dict[str, int] = {}
@@ -268,7 +327,9 @@ class ExecutionService:
                 side[record.symbol] = side.get(record.symbol, 0) + record.remaining_qty
                 if record.limit_price:
                     fallback.setdefault(record.symbol, record.limit_price)
-        marks = {**{s: i.ref_price for s, i in self.universe.items()}, **fallback, **self.marks}
+        # Execution's own trusted prices win; a working order's limit (collar-checked when
+        # sent) and the universe's reference price stand in where it has none.
+        marks = {**{s: i.ref_price for s, i in self.universe.items()}, **fallback, **self.prices.marks()}
         symbols = set(self.positions) | set(open_buy) | set(open_sell)
         total = sum(
             core.potential_notional(self.positions.get(s, 0), open_buy.get(s, 0), open_sell.get(s, 0), marks[s])
@@ -286,7 +347,10 @@ class ExecutionService:
             if record.status != "PENDING_SUBMIT" or record.broker_order_id is not None:
                 continue
             intent_view = _IntentView.of(record)
-            rejection = core.check_new_order(intent_view, self._risk_view(), self.limits, self._gate(), self._adv(record.symbol))
+            rejection = core.check_new_order(
+                intent_view, self._risk_view(), self.limits, self._gate(), self._adv(record.symbol),
+                reference=self.prices.reference(record.symbol),
+            )
             if rejection is not None:
                 metrics.orders_rejected.labels(rejection.rule).inc()
                 log.warning("pre-trade check refused an order", extra={"order_ref": record.order_ref, "rule": rejection.rule, "reason": rejection.reason})
@@ -340,10 +404,19 @@ class ExecutionService:
                 record, record.desired_price, now_ns, self.rules.modify_min_price_change, self.rules.modify_min_interval_s
             )
             if decision == "ignore":
-                self._save(effects, dataclasses.replace(record, desired_price=None), publish=False)
-            elif decision == "apply" and record.broker_order_id is not None and self.rate.take(time.monotonic()):
+                self._save(effects, dataclasses.replace(record, desired_price=None, desired_by=None), publish=False)
+                continue
+            if decision != "apply" or record.broker_order_id is None:
+                continue
+            # Checked again when sent: the reference may have moved while the modify waited.
+            rejection = self._check_modify(record, record.desired_price, record.qty)
+            if rejection is not None:
+                self._save(effects, dataclasses.replace(record, desired_price=None, desired_by=None), publish=False)
+                self._deny_modify(effects, record, record.desired_by, record.desired_price, rejection)
+                continue
+            if self.rate.take(time.monotonic()):
                 modified = dataclasses.replace(
-                    record, limit_price=record.desired_price, desired_price=None, last_price_change_ns=now_ns
+                    record, limit_price=record.desired_price, desired_price=None, desired_by=None, last_price_change_ns=now_ns
                 )
                 self._save(effects, modified)
                 self.outbox.append(("modify", modified, self.view.account))
@@ -424,7 +497,16 @@ class ExecutionService:
             log.warning("broker error on an order", extra={"order_ref": record_ref, "code": code, "text": text})
             self.confirm_after_s = time.monotonic() + self.rules.confirm_delay_s
 
-    def _on_position(self, account: str, symbol: str, qty: int, avg_cost: float, now_ns: int, effects: Effects) -> None:
+    def _on_position(self, account: str, symbol: str, raw_qty: float, avg_cost: float, now_ns: int, effects: Effects) -> None:
+        problem = core.broker_position_problem(raw_qty, avg_cost, self.max_quantity)
+        if problem is not None:
+            # Not saved, not published: the last known position stands (unknown is not zero).
+            log.error("absurd position from the broker ignored", extra={"symbol": symbol, "problem": problem})
+            # (symbol in the text only: a broker symbol need not fit the contract's Symbol pattern)
+            self._alert(effects, now_ns, "absurd_broker_value", "error", f"position {symbol[:40]!r}: {problem}; ignored",
+                        data={"symbol": symbol[:40]}, key=idempotency_key("alert", "absurd_broker_value", symbol, problem))
+            return
+        qty = int(raw_qty)
         previous = self.positions.get(symbol, 0)
         known = self.position_costs.get(symbol)
         if known is not None and known == (qty, round(avg_cost, 6)) or (qty == 0 and symbol not in self.positions and known is None):
@@ -450,7 +532,9 @@ class ExecutionService:
 
     def _on_account_value(self, account: str, tag: str, value: float, now_ns: int, effects: Effects) -> None:
         if tag == "NetLiquidation":
-            self.equity = value
+            self.equity = core.usable_equity(value)
+            if self.equity is None:
+                log.error("NetLiquidation is not a finite number: equity unknown, no increases", extra={"value": repr(value)})
             self._publish_account(now_ns, effects, force=False)
 
     def _publish_account(self, now_ns: int, effects: Effects, force: bool) -> None:
@@ -546,6 +630,13 @@ class ExecutionService:
             self._alert(effects, now_ns, "order_vanished", "warning", f"{ref} was live but the broker no longer knows it", symbol=record.symbol)
         for ref in result.resubmit:
             record = self.records[ref]
+            if record.limit_price is not None:
+                # Priced when first sent; the market may have moved since: the collar again.
+                refused = core.check_price(record.symbol, record.qty, record.limit_price, self.prices.reference(record.symbol), self.limits)
+                if refused is not None:
+                    metrics.orders_rejected.labels(refused.rule).inc()
+                    self._save(effects, core.rejected(record, None, f"{refused.rule}: not resubmitted: {refused.reason}"))
+                    continue
             if record.broker_order_id is not None:
                 # Same broker order id: if the first send did reach the broker after all,
                 # this is a modify of that order, never a second one.
@@ -561,7 +652,7 @@ class ExecutionService:
             self._on_position(self.view.account or "", symbol, 0, 0.0, now_ns, effects)
         for account, tag, value in values:
             if tag == "NetLiquidation":
-                self.equity = value
+                self.equity = core.usable_equity(value)
         self._publish_account(now_ns, effects, force=True)
         self.reconciled = True
         log.info(

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from qe.clock import NS_PER_S
-from qe.config import BUCKET_NAMES, ExposureRules
+from qe.config import BUCKET_NAMES, ExposureRules, PlausibilityRules
 from qe.contracts import TERMINAL_ORDER_STATUSES
 from qe.exposure_math import potential_notional
+from qe.plausibility import quote_verdict, trusted_reference
 
 MARK_SCALE = 10_000  # mark units per dollar
 # Largest position or order quantity accepted (shares), and largest total open quantity
@@ -40,6 +41,7 @@ MARK_SCALE = 10_000  # mark units per dollar
 # mark units) every row value stays below (MAX_QTY + 2 * MAX_OPEN_QTY) * 1e10 < 2**63.
 MAX_QTY = 10_000_000
 MAX_OPEN_QTY = 10 * MAX_QTY
+MAX_MARK_UNITS = 1_000_000 * MARK_SCALE  # prices below $1,000,000 (the contract's limit)
 OPEN_ORDER_STATUSES = frozenset({"PENDING_SUBMIT", "SUBMITTED", "PARTIALLY_FILLED", "PENDING_CANCEL"})
 
 L1_MID, TRUTH_TICK, LAST_KNOWN, NO_PRICE = "l1_mid", "truth_tick", "last_known", "none"
@@ -53,30 +55,59 @@ def to_dollars(units: int) -> float:
     return units / MARK_SCALE
 
 
+def _dollars(units: int | None) -> float | None:
+    return None if units is None else units / MARK_SCALE
+
+
+def finite(value: float | None) -> bool:
+    return value is not None and not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 # --- marks ---------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class MarkInputs:
-    """The prices a mark can come from, with the time each was observed."""
+    """The prices a mark can come from, with the time each was observed. `mid` is the
+    mid of the last quote that passed the quote gate (the last trusted L1 mark);
+    `implausible` is set while the latest quote failed it: the mid is then not current."""
 
     mid: int | None = None  # L1 mid, mark units
     mid_ts_ns: int = 0
     tick: int | None = None  # last truth tick price, mark units
     tick_ts_ns: int = 0
+    grpan: int | None = None  # GRPAN price, mark units (a reference for the quote gate)
+    last_print: int | None = None  # latest trusted print, mark units (confirms a quote that moved)
+    implausible: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"mid": self.mid, "mid_ts_ns": self.mid_ts_ns, "tick": self.tick, "tick_ts_ns": self.tick_ts_ns}
+        return {
+            "mid": self.mid, "mid_ts_ns": self.mid_ts_ns, "tick": self.tick, "tick_ts_ns": self.tick_ts_ns,
+            "grpan": self.grpan, "last_print": self.last_print, "implausible": self.implausible,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "MarkInputs":
-        mid, tick = data["mid"], data["tick"]
+        """Our own saved inputs (fields added later read as unknown); a value that is not a
+        usable price is refused (ValueError) rather than restored."""
+        implausible = data.get("implausible")
         return cls(
-            mid=None if mid is None else int(mid),
+            mid=_saved_units(data["mid"]),
             mid_ts_ns=int(data["mid_ts_ns"]),
-            tick=None if tick is None else int(tick),
+            tick=_saved_units(data["tick"]),
             tick_ts_ns=int(data["tick_ts_ns"]),
+            grpan=_saved_units(data.get("grpan")),
+            last_print=_saved_units(data.get("last_print")),
+            implausible=None if implausible is None else str(implausible)[:200],
         )
+
+
+def _saved_units(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < MAX_MARK_UNITS:
+        raise ValueError(f"saved price {value!r} is not a price in mark units")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +124,14 @@ NO_MARK = Mark(None, NO_PRICE)
 
 
 def resolve_mark(inputs: "MarkInputs | SymbolState | None", now_ns: int, l1_max_age_ns: int, tick_max_age_ns: int) -> Mark:
-    """L1 mid if fresh, else the last truth tick if fresh, else the most recent of the
-    two, flagged stale (SPEC 6, Marks); no price at all: no mark."""
+    """L1 mid if fresh and plausible, else the last truth tick if fresh, else the most
+    recent of the two, flagged stale (SPEC 6, Marks); no price at all: no mark. While the
+    latest quote is implausible the last trusted mid is not current: it only stands as
+    the last known price."""
     if inputs is None:
         return NO_MARK
     mid, tick = inputs.mid, inputs.tick
-    if mid is not None and now_ns - inputs.mid_ts_ns <= l1_max_age_ns:
+    if mid is not None and inputs.implausible is None and now_ns - inputs.mid_ts_ns <= l1_max_age_ns:
         return Mark(mid, L1_MID)
     if tick is not None and now_ns - inputs.tick_ts_ns <= tick_max_age_ns:
         return Mark(tick, TRUTH_TICK)
@@ -159,6 +192,9 @@ class SymbolState:
     mid_ts_ns: int = 0
     tick: int | None = None
     tick_ts_ns: int = 0
+    grpan: int | None = None
+    last_print: int | None = None
+    implausible: str | None = None  # the latest quote's problem (the quote gate), None when it passed
     mark: Mark = NO_MARK
     slot: int = -1
     qty: int = 0
@@ -167,7 +203,11 @@ class SymbolState:
     dirty: bool = False  # changed since the last take_changed()
 
     def mark_inputs(self) -> MarkInputs:
-        return MarkInputs(self.mid, self.mid_ts_ns, self.tick, self.tick_ts_ns)
+        return MarkInputs(self.mid, self.mid_ts_ns, self.tick, self.tick_ts_ns, self.grpan, self.last_print, self.implausible)
+
+    def reference(self) -> float | None:
+        """The quote gate's trusted reference: last truth tick, else GRPAN, else the last trusted mid."""
+        return trusted_reference(_dollars(self.tick), _dollars(self.grpan), _dollars(self.mid))
 
 
 @dataclass(frozen=True)
@@ -211,9 +251,8 @@ class QuantityOutOfRange(ValueError):
     """A quantity beyond what the book accepts; raised before anything is changed."""
 
 
-def _check_qty(qty: int) -> None:
-    if not -MAX_QTY <= qty <= MAX_QTY:
-        raise QuantityOutOfRange(f"quantity {qty} is beyond the {MAX_QTY:,} shares this book accepts")
+class NotFinite(ValueError):
+    """A NaN or infinite number where a price belongs; raised before anything is changed."""
 
 
 def _pct(units: int, equity: float) -> float:
@@ -236,8 +275,11 @@ class ExposureBook:
     # bucket: `width` values), then open buy qty per bucket, then open sell qty per bucket.
     LONG, SHORT, POTENTIAL = 0, 1, 2
 
-    def __init__(self, rules: ExposureRules) -> None:
+    def __init__(self, rules: ExposureRules, plausibility: PlausibilityRules) -> None:
         self.rules = rules
+        self.quote_gate = plausibility.quote
+        # The stricter of the plausibility bound and what the int64 rows can hold.
+        self.max_qty = min(MAX_QTY, plausibility.max_quantity)
         self.bucket_names: tuple[str, ...] = BUCKET_NAMES
         self.bucket_index = {name: index for index, name in enumerate(self.bucket_names)}
         buckets = len(self.bucket_names)
@@ -262,15 +304,24 @@ class ExposureBook:
 
     # -- inputs -----------------------------------------------------------------------------
     def set_equity(self, equity: float | None) -> bool:
-        if equity == self.equity:
+        """The account's NetLiquidation. Unusable values (NaN, <= 0) are kept: they make
+        the exposure "unknown" (status error), never a number computed from them."""
+        same_nan = equity is not None and self.equity is not None and math.isnan(equity) and math.isnan(self.equity)
+        if equity == self.equity or same_nan:
             return False
         self.equity = equity
         return True
 
+    def _check_qty(self, qty: int) -> None:
+        if not -self.max_qty <= qty <= self.max_qty:
+            raise QuantityOutOfRange(f"quantity {qty} is beyond the {self.max_qty:,} shares this book accepts")
+
     def set_position(self, symbol: str, qty: int, bucket: str, avg_cost: float, now_ns: int) -> bool:
         """Absolute position of a symbol (0 removes it). True if anything changed."""
         self._check_bucket(bucket)
-        _check_qty(qty)
+        self._check_qty(qty)
+        if not finite(avg_cost):
+            raise NotFinite(f"avg_cost {avg_cost!r} of {symbol} is not a finite number")
         state = self.known.get(symbol)
         if state is None:
             if qty == 0:
@@ -303,7 +354,8 @@ class ExposureBook:
         non-terminal update of it (late or replayed) is ignored, and so is an update
         that reports fewer fills than one already seen (fills only grow)."""
         self._check_bucket(bucket)
-        _check_qty(open_qty)
+        self._check_qty(open_qty)
+        self._check_qty(filled_qty)
         if side not in ("BUY", "SELL"):
             raise ValueError(f"order side must be BUY or SELL, got {side!r}")
         if order_ref in self.terminal:
@@ -340,28 +392,85 @@ class ExposureBook:
             del self.terminal[ref]
         return old
 
-    def set_quote(self, symbol: str, bid: float, ask: float, ts_ns: int, now_ns: int) -> bool:
-        """A two-sided quote observed at ts_ns: its mid becomes the L1 mark input.
+    def set_quote(
+        self,
+        symbol: str,
+        bid: float | None,
+        ask: float | None,
+        ts_ns: int,
+        now_ns: int,
+        *,
+        bid_size: int = 0,
+        ask_size: int = 0,
+        flagged: str | None = None,
+    ) -> bool:
+        """An L1 quote observed at ts_ns (a time ahead of now counts as now: a stamp in
+        2100 never keeps a quote fresh). It goes through the quote gate against this
+        book's own reference (truth tick / GRPAN / last trusted mid); market data's
+        `flagged` verdict is honoured as is. A plausible two-sided quote's mid becomes the
+        L1 mark input; an implausible one moves no price, it only marks the symbol's mid
+        as not current (`quote_problem`). A valid one-sided quote has no mid: ignored.
         True if the inputs changed (they then need persisting)."""
-        mid = round((to_units(bid) + to_units(ask)) / 2)
         state = self.known.get(symbol)
         if state is None:
             state = self.known[symbol] = SymbolState()
-        elif state.mid == mid and state.mid_ts_ns == ts_ns:
+        problem = flagged or self._gate(state, bid, ask, bid_size, ask_size)
+        if problem is not None:
+            if state.implausible == problem:
+                return False
+            state.implausible = problem
+            self._inputs_changed(symbol, state, now_ns)
+            return True
+        if bid is None or ask is None:
             return False
-        state.mid, state.mid_ts_ns = mid, ts_ns
+        mid = round((to_units(bid) + to_units(ask)) / 2)
+        ts_ns = min(ts_ns, now_ns)
+        if state.mid == mid and state.mid_ts_ns == ts_ns and state.implausible is None:
+            return False
+        state.mid, state.mid_ts_ns, state.implausible = mid, ts_ns, None
         self._inputs_changed(symbol, state, now_ns)
         return True
 
+    def _gate(self, state: SymbolState, bid: float | None, ask: float | None, bid_size: int, ask_size: int) -> str | None:
+        verdict = quote_verdict(
+            bid,
+            ask,
+            reference=state.reference(),
+            confirming_price=_dollars(state.last_print if state.last_print is not None else state.tick),
+            rules=self.quote_gate,
+            bid_size=bid_size,
+            ask_size=ask_size,
+        )
+        return None if verdict.plausible else str(verdict.problem)
+
+    def quote_problem(self, symbol: str) -> str | None:
+        """Why the symbol's latest quote is not trusted, or None."""
+        state = self.known.get(symbol)
+        return None if state is None else state.implausible
+
     def set_truth_tick(self, symbol: str, price: float, ts_ns: int, now_ns: int) -> bool:
-        units = to_units(price)
+        return self.set_feature(symbol, price, ts_ns, None, None, now_ns)
+
+    def set_feature(
+        self, symbol: str, tick: float | None, tick_ts_ns: int, grpan: float | None, last_print: float | None, now_ns: int
+    ) -> bool:
+        """A feature event: the truth tick (a mark input; a time ahead of now counts as
+        now), GRPAN and the latest trusted print (the quote gate's reference and its
+        confirmation). A missing or unusable value leaves the last one in place."""
         state = self.known.get(symbol)
         if state is None:
             state = self.known[symbol] = SymbolState()
-        elif state.tick == units and state.tick_ts_ns == ts_ns:
+        before = (state.tick, state.tick_ts_ns, state.grpan, state.last_print)
+        if finite(tick) and tick > 0:  # type: ignore[operator]
+            state.tick, state.tick_ts_ns = to_units(tick), min(tick_ts_ns, now_ns)  # type: ignore[arg-type]
+        if finite(grpan) and grpan > 0:  # type: ignore[operator]
+            state.grpan = to_units(grpan)  # type: ignore[arg-type]
+        if finite(last_print) and last_print > 0:  # type: ignore[operator]
+            state.last_print = to_units(last_print)  # type: ignore[arg-type]
+        if (state.tick, state.tick_ts_ns, state.grpan, state.last_print) == before:
             return False
-        state.tick, state.tick_ts_ns = units, ts_ns
-        self._inputs_changed(symbol, state, now_ns)
+        if (state.tick, state.tick_ts_ns) != before[:2]:
+            self._inputs_changed(symbol, state, now_ns)
         return True
 
     def mark_inputs(self, symbol: str) -> MarkInputs | None:
@@ -373,6 +482,7 @@ class ExposureBook:
         if state is None:
             state = self.known[symbol] = SymbolState()
         state.mid, state.mid_ts_ns, state.tick, state.tick_ts_ns = inputs.mid, inputs.mid_ts_ns, inputs.tick, inputs.tick_ts_ns
+        state.grpan, state.last_print, state.implausible = inputs.grpan, inputs.last_print, inputs.implausible
         self._inputs_changed(symbol, state, now_ns)
 
     def refresh_marks(self, now_ns: int) -> None:

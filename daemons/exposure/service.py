@@ -84,10 +84,11 @@ class ExposureHandler:
 
     def __init__(self, context: daemon.Context) -> None:
         self.rules = context.rules.exposure
+        self.plausibility = context.rules.plausibility
         self.clock = context.clock
         self.log = context.log
         self.tick_interval_s = self.rules.min_publish_gap_s
-        self.book = core.ExposureBook(self.rules)
+        self.book = core.ExposureBook(self.rules, self.plausibility)
         self._reset_publication()
 
     def _reset_publication(self) -> None:
@@ -102,7 +103,7 @@ class ExposureHandler:
     # -- restart: rebuild from Redis ------------------------------------------------------------
     def load(self, r: redis.Redis) -> None:
         now_ns = self.clock.now_ns()
-        book = core.ExposureBook(self.rules)
+        book = core.ExposureBook(self.rules, self.plausibility)
         pipe = r.pipeline(transaction=True)  # one consistent snapshot
         for key in (MARKS_KEY, EQUITY_KEY, POSITIONS_KEY, TERMINAL_KEY, ORDERS_KEY):
             pipe.hgetall(key)
@@ -114,7 +115,7 @@ class ExposureHandler:
 
         self._restore(MARKS_KEY, marks, lambda symbol, data: book.restore_mark(symbol, core.MarkInputs.from_json(data), now_ns))
         self._restore(EQUITY_KEY, {k: v for k, v in equity.items() if k == b"net_liquidation"},
-                      lambda _field, value: book.set_equity(float(value)))
+                      lambda _field, value: book.set_equity(None if value is None else float(value)))
         self._restore(POSITIONS_KEY, positions, lambda symbol, data: book.set_position(
             symbol, int(data["qty"]), data["bucket"], float(data["avg_cost"]), now_ns))
         self._restore(TERMINAL_KEY, terminal, lambda order_ref, seen_ns: book.terminal.__setitem__(order_ref, int(seen_ns)))
@@ -146,20 +147,18 @@ class ExposureHandler:
         kind = event.type
         book = self.book
         if kind == "l1":
-            if payload.bid is None or payload.ask is None:
-                metrics.exposure_events_ignored.labels("l1_one_sided").inc()
-                return
-            if payload.bid > payload.ask:
-                metrics.exposure_events_ignored.labels("l1_crossed").inc()
-                return
-            if book.set_quote(payload.symbol, payload.bid, payload.ask, event.ts_ns, now_ns):
-                effects.hset(MARKS_KEY, {payload.symbol: _dumps(book.known[payload.symbol].mark_inputs().to_json())})
-                self._changed(event, always_material=False)
+            self._handle_quote(event, payload, effects, now_ns)
         elif kind == "feature":
             tick = payload.truth_tick
-            if tick is None:
-                return
-            if book.set_truth_tick(payload.symbol, tick.price, tick.ts_ns, now_ns):
+            changed = book.set_feature(
+                payload.symbol,
+                None if tick is None else tick.price,
+                0 if tick is None else tick.ts_ns,
+                payload.grpan_price,
+                payload.last_price,
+                now_ns,
+            )
+            if changed:
                 effects.hset(MARKS_KEY, {payload.symbol: _dumps(book.known[payload.symbol].mark_inputs().to_json())})
                 self._changed(event, always_material=False)
         elif kind == "position":
@@ -167,6 +166,9 @@ class ExposureHandler:
                 changed = book.set_position(payload.symbol, payload.qty, payload.bucket, payload.avg_cost, now_ns)
             except core.QuantityOutOfRange as exc:
                 self._ignore(event, "qty_out_of_range", error=str(exc))
+                return
+            except core.NotFinite as exc:
+                self._ignore(event, "not_finite", error=str(exc))
                 return
             if changed:
                 if payload.qty == 0:
@@ -178,12 +180,36 @@ class ExposureHandler:
         elif kind == "account":
             equity = payload.net_liquidation
             if book.set_equity(equity):
-                effects.hset(EQUITY_KEY, {"net_liquidation": _dumps(equity), "account": _dumps(payload.account), "ts_ns": event.ts_ns})
+                # A NaN/inf equity is kept as "unknown" (status error), saved as null, never as NaN.
+                saved = _dumps(equity if core.finite(equity) else None)
+                effects.hset(EQUITY_KEY, {"net_liquidation": saved, "account": _dumps(payload.account), "ts_ns": event.ts_ns})
                 if core.equity_error(equity):
                     self.log.error("unusable equity", extra={"account": payload.account, "error": core.equity_error(equity)})
                 self._changed(event, always_material=True)
         elif kind == "order":
             self._handle_order(event, payload, effects, now_ns)
+
+    def _handle_quote(self, event: Envelope, quote: Any, effects: Effects, now_ns: int) -> None:
+        """Through the quote gate (SPEC 9): an implausible quote never moves a mark."""
+        book = self.book
+        was = book.quote_problem(quote.symbol)
+        changed = book.set_quote(
+            quote.symbol, quote.bid, quote.ask, event.ts_ns, now_ns,
+            bid_size=quote.bid_size, ask_size=quote.ask_size, flagged=quote.implausible,
+        )
+        problem = book.quote_problem(quote.symbol)
+        if problem is not None:
+            metrics.exposure_events_ignored.labels("l1_implausible").inc()
+            if was is None:  # once per episode; the alert is market data's
+                self.log.warning("implausible quote: the mark stays on the last trusted price",
+                                 extra={"symbol": quote.symbol, "problem": problem, "bid": quote.bid, "ask": quote.ask})
+        elif was is not None:
+            self.log.info("quotes plausible again", extra={"symbol": quote.symbol})
+        elif quote.bid is None or quote.ask is None:
+            metrics.exposure_events_ignored.labels("l1_one_sided").inc()
+        if changed:
+            effects.hset(MARKS_KEY, {quote.symbol: _dumps(book.known[quote.symbol].mark_inputs().to_json())})
+            self._changed(event, always_material=False)
 
     def _handle_order(self, event: Envelope, order: Any, effects: Effects, now_ns: int) -> None:
         open_qty = core.open_quantity(order.qty, order.filled_qty, order.remaining_qty)

@@ -85,9 +85,9 @@ ACCESS: dict[str, Access] = {
         reads=("state:session", "state:exposure", "state:broker"),
     ),
     "execution": Access(
-        consumes=("ev.intents", "ev.l1", "ev.control", "ev.session"),
+        consumes=("ev.intents", "ev.l1", "ev.features", "ev.control", "ev.session"),
         publishes=("ev.orders", "ev.positions", "ev.broker", "ev.alerts"),
-        writes=("state:orders", "state:positions", "state:broker", "state:execution"),
+        writes=("state:orders", "state:positions", "state:broker", "state:execution", "state:execution:prices"),
         reads=("state:decision",),
     ),
     # The operator's tool: reads everything; writes the control stream; requeues dead

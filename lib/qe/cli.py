@@ -17,7 +17,8 @@ import redis
 import getpass
 import os
 
-from . import config, streams
+from . import acl, config, daemon, streams
+from . import clock as clock_module
 from .contracts import DLQ_STREAM, STREAM_TYPES, Control, idempotency_key, make_event
 from .streams import DAEMON_KEY
 from .universe import UniverseError, load_universe
@@ -63,27 +64,93 @@ def connect(settings: config.Settings) -> redis.Redis:
     try:
         client.ping()
     except redis.RedisError as exc:
-        raise CliError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+        raise CliError(f"cannot reach Redis at {settings.redis_url_redacted} ({exc})") from exc
     return client
 
 
 # --- commands -------------------------------------------------------------------------------
 
 
-def cmd_check_config(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:
-    rules = config.load_rules(settings.rules_file)
+class CheckFailed(config.ConfigError):
+    """check-config: the first class of checks that failed, with its messages."""
+
+    def __init__(self, check: str, message: str) -> None:
+        super().__init__(message)
+        self.check = check
+
+
+def _checked(check: str, run: Callable[[], Any]) -> Any:
     try:
-        universe = load_universe(settings.universe_file)
-    except UniverseError as exc:
-        raise config.ConfigError(str(exc)) from exc
+        return run()
+    except (config.ConfigError, clock_module.ClockConfigError, UniverseError) as exc:
+        raise CheckFailed(check, str(exc)) from None
+
+
+def _redis_secrets(settings: config.Settings) -> list[str]:
+    """Every daemon's password file in QE_REDIS_SECRETS_DIR (each daemon reads its own
+    at start); all problems at once. Explicit QE_REDIS_USERNAME/PASSWORD_FILE win, as
+    they do in the daemons."""
+    if settings.redis_username or settings.redis_password or settings.redis_secrets_dir is None:
+        return []
+    problems = []
+    for user in acl.ACCESS:
+        try:
+            settings.redis_credentials(user)
+        except config.ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise config.ConfigError("\n  ".join(problems))
+    return [acl.username(user) for user in acl.ACCESS]
+
+
+def _rules_against_the_world(settings: config.Settings, rules: config.RiskRules, universe: dict[str, Any]) -> None:
+    """What daemons check at start beyond the file itself: qe-session's exchange calendar
+    and qe-alerts' ETF guard symbols (they need a ref_price from the universe)."""
+    import exchange_calendars  # slow to import; only this command needs it here
+
+    problems = []
+    if rules.session.calendar not in exchange_calendars.get_calendar_names(include_aliases=True):
+        problems.append(f"session.calendar: unknown exchange calendar {rules.session.calendar!r}")
+    missing = [symbol for symbol in rules.alerts.etf_guard.symbols if symbol not in universe]
+    if missing:
+        problems.append(f"alerts.etf_guard.symbols: {missing} not in the universe ({settings.universe_file})")
+    if problems:
+        raise config.ConfigError(f"{settings.rules_file}:\n  " + "\n  ".join(problems))
+
+
+def _market_data_secrets(settings: config.Settings, rules: config.RiskRules) -> str:
+    if rules.market_data.source == "hammer" and settings.hammer_password is None:
+        raise config.ConfigError("QE_HAMMER_PASSWORD_FILE: required when market_data.source is hammer")
+    return rules.market_data.source
+
+
+def cmd_check_config(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:
+    """What every daemon checks at start, in the order they do; stops at the first
+    class that fails (the environment itself was checked on loading the settings)."""
+    clock = _checked("clock", clock_module.from_env)
+    rules = _checked("rules", lambda: config.load_rules(settings.rules_file))
+    universe = _checked("universe", lambda: _universe(settings))
+    _checked("rules_vs_universe", lambda: _rules_against_the_world(settings, rules, universe))
+    redis_users = _checked("redis_secrets", lambda: _redis_secrets(settings))
+    feed = _checked("market_data", lambda: _market_data_secrets(settings, rules))
+    _checked("metrics", lambda: daemon.check_metrics_endpoint(settings.metrics_host, settings.metrics_port))
     result = {
+        "ok": True,
         "rules_file": str(settings.rules_file),
         "universe_file": str(settings.universe_file),
         "symbols": len(universe),
         "sections": sorted(type(rules).model_fields),
-        "redis_url": settings.redis_url,
+        "redis_url": settings.redis_url_redacted,
+        "redis_users": redis_users,
+        "market_data_source": feed,
+        "metrics": f"{settings.metrics_host}:{settings.metrics_port if settings.metrics_port is not None else 'default'}",
+        "clock": clock.describe(),
     }
     return result, f"configuration OK: {result['rules_file']}, {len(universe)} symbols in {result['universe_file']}"
+
+
+def _universe(settings: config.Settings) -> dict[str, Any]:
+    return load_universe(settings.universe_file)
 
 
 def cmd_streams(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:
@@ -202,7 +269,7 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> tuple[Any
     caps = config.load_rules(settings.rules_file).exposure
     result: dict[str, Any] = {
         "daemons": daemons,
-        "redis_url": settings.redis_url,
+        "redis_url": settings.redis_url_redacted,
         "decision": decision,
         "session": {k: session.get(k) for k in ("now_ny", "trading_day", "regime", "minutes_to_close", "early_close")},
         "exposure": {
@@ -349,10 +416,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = config.load_settings()
         result, human = COMMANDS[name](args, settings)
     except config.ConfigError as exc:
-        print(f"qe {name}: invalid configuration: {exc}", file=sys.stderr)
+        # Redacted and bounded, like a daemon's; --json also gets it as an object.
+        print(config.error_text(f"qe {name}", str(exc)), file=sys.stderr)
+        if args.json:
+            check = exc.check if isinstance(exc, CheckFailed) else "environment"
+            lines = config.bounded(config.redact(str(exc))).splitlines()
+            print(json.dumps({"ok": False, "exit_code": config.EX_CONFIG, "check": check, "errors": lines}, indent=2))
         return config.EX_CONFIG
     except (CliError, redis.RedisError) as exc:
-        print(f"qe {name}: {exc}", file=sys.stderr)
+        print(config.bounded(config.redact(f"qe {name}: {exc}")), file=sys.stderr)
         return EXIT_FAIL
     print(json.dumps(result, indent=2, default=str) if args.json else human)
     return EXIT_OK

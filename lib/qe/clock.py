@@ -15,6 +15,7 @@ daemon computes the same simulated "now" without talking to the others.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -93,10 +94,10 @@ def from_env(environ: dict[str, str] | None = None) -> Clock:
         anchor_text = env.get("QE_CLOCK_ANCHOR", "").strip()
         anchor_ns = int(float(anchor_text) * NS_PER_S) if anchor_text else time.time_ns()
         speed = float(env.get("QE_CLOCK_SPEED", "1") or "1")
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:  # OverflowError: an anchor of inf
         raise ClockConfigError(f"QE_CLOCK_ANCHOR/QE_CLOCK_SPEED: {exc}") from exc
-    if speed <= 0:
-        raise ClockConfigError(f"QE_CLOCK_SPEED must be > 0, got {speed}")
+    if not math.isfinite(speed) or speed <= 0:
+        raise ClockConfigError(f"QE_CLOCK_SPEED must be a finite number > 0, got {speed}")
     return SimClock(start_ns=start_ns, anchor_wall_ns=anchor_ns, speed=speed)
 
 

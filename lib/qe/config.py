@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import sys
 from datetime import time
 from pathlib import Path
 from typing import Any, Literal, NoReturn
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
+import redis
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -41,7 +44,10 @@ class ConfigError(Exception):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: a number must be written as a number. YAML reads `yes`/`on` as true and
+    # pydantic would otherwise take true as 1 and "130" as 130; 100.0 is no int. And
+    # .nan/.inf are no limit.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Retention(Section):
@@ -193,30 +199,27 @@ class BucketLimits(Section):
 
 
 BUCKET_NAMES: tuple[str, ...] = ("LT", "MM_PURE")
-DEFAULT_BUCKETS: dict[str, BucketLimits] = {
-    "LT": BucketLimits(target_pct=80, max_pct=90),
-    "MM_PURE": BucketLimits(target_pct=20, max_pct=30),
-}
 
 
 class ExposureRules(Section):
-    """Exposure limits and the exposure worker's marks and publication cadence."""
+    """Exposure limits and the exposure worker's marks and publication cadence.
+    Safety-critical: no built-in defaults, every field must be in the file."""
 
-    hard_cap_pct: float = Field(default=130, gt=0, le=1000)
-    cap_recovery_target_pct: float = Field(default=123, gt=0, le=1000)
-    buckets: dict[Bucket, BucketLimits] = Field(default_factory=lambda: dict(DEFAULT_BUCKETS))
-    default_bucket: Bucket = "LT"
-    l1_max_age_s: float = Field(default=60, gt=0)
-    truth_tick_max_age_s: float = Field(default=300, gt=0)
-    publish_interval_s: float = Field(default=15, gt=0, le=3600)
+    hard_cap_pct: float = Field(gt=0, le=1000)
+    cap_recovery_target_pct: float = Field(gt=0, le=1000)
+    buckets: dict[Bucket, BucketLimits]
+    default_bucket: Bucket
+    l1_max_age_s: float = Field(gt=0, le=86_400)
+    truth_tick_max_age_s: float = Field(gt=0, le=86_400)
+    publish_interval_s: float = Field(gt=0, le=3600)
     # A change of this many percentage points of gross or potential gross since the
     # last publication is material (position, order and equity changes always are).
-    material_change_pct: float = Field(default=0.5, gt=0)
-    min_publish_gap_s: float = Field(default=0.25, gt=0, le=60)
-    mark_check_interval_s: float = Field(default=1.0, gt=0, le=3600)
+    material_change_pct: float = Field(gt=0, le=100)
+    min_publish_gap_s: float = Field(gt=0, le=60)
+    mark_check_interval_s: float = Field(gt=0, le=3600)
     # How long a terminal order is remembered so a late update cannot reopen it;
     # no shorter than the retention of ev.orders.
-    terminal_order_memory_s: int = Field(default=259_200, ge=3600)
+    terminal_order_memory_s: int = Field(ge=3600, le=30 * SECONDS_PER_DAY)
 
     @field_validator("buckets")
     @classmethod
@@ -242,36 +245,35 @@ class ExposureRules(Section):
 
 
 class ExecutionRules(Section):
-    """The execution service (SPEC 6, Execution)."""
+    """The execution service (SPEC 6, Execution). Safety-critical: no built-in
+    defaults, every field must be in the file."""
 
     # TTL by category; an intent's own ttl_s applies when shorter. "default" is required.
-    ttl_s_by_category: dict[str, float] = Field(
-        default_factory=lambda: {"LT": 120, "MM": 60, "HARD_DERISK": 30, "CLOSE_EXIT": 15, "default": 90}
-    )
-    modify_min_price_change: float = Field(default=0.01, gt=0)
-    modify_min_interval_s: float = Field(default=2.5, ge=0)
-    max_order_notional: float = Field(default=250_000, gt=0)
-    min_order_qty: int = Field(default=100, ge=1)
-    liquidity_adv_divisor: int = Field(default=1000, ge=1)
-    liquidity_min_shares: int = Field(default=200, ge=1)
-    max_messages_per_s: float = Field(default=40, gt=0, lt=50)  # IB allows 50 msg/s
-    message_burst: int = Field(default=10, ge=1)
-    hidden_buckets: list[Literal["LT", "MM_PURE"]] = Field(default_factory=lambda: ["LT"])
-    block_ms: int = Field(default=50, ge=1, le=200)  # short reads: broker callbacks wait at most this
-    connect_timeout_s: float = Field(default=5, gt=0)
-    reconnect_base_s: float = Field(default=1, gt=0)
-    reconnect_cap_s: float = Field(default=60, gt=0)
-    confirm_delay_s: float = Field(default=1.0, ge=0)
-    mode_poll_interval_s: float = Field(default=0.5, gt=0)
-    account_publish_interval_s: float = Field(default=5, gt=0)
+    ttl_s_by_category: dict[str, float]
+    modify_min_price_change: float = Field(gt=0, le=100)
+    modify_min_interval_s: float = Field(ge=0, le=3600)
+    max_order_notional: float = Field(gt=0, le=100_000_000)  # USD per order
+    min_order_qty: int = Field(ge=1, le=1_000_000)
+    liquidity_adv_divisor: int = Field(ge=1, le=1_000_000)
+    liquidity_min_shares: int = Field(ge=1, le=10_000_000)
+    max_messages_per_s: float = Field(gt=0, lt=50)  # IB allows 50 msg/s
+    message_burst: int = Field(ge=1, le=50)
+    hidden_buckets: list[Literal["LT", "MM_PURE"]]
+    block_ms: int = Field(ge=1, le=200)  # short reads: broker callbacks wait at most this
+    connect_timeout_s: float = Field(gt=0, le=600)
+    reconnect_base_s: float = Field(gt=0, le=3600)
+    reconnect_cap_s: float = Field(gt=0, le=3600)
+    confirm_delay_s: float = Field(ge=0, le=600)
+    mode_poll_interval_s: float = Field(gt=0, le=60)
+    account_publish_interval_s: float = Field(gt=0, le=3600)
 
     @model_validator(mode="after")
     def _valid_ttls(self) -> "ExecutionRules":
         if "default" not in self.ttl_s_by_category:
             raise ValueError("ttl_s_by_category needs a 'default' entry")
-        bad = {k: v for k, v in self.ttl_s_by_category.items() if v <= 0}
+        bad = {k: v for k, v in self.ttl_s_by_category.items() if not 0 < v <= SECONDS_PER_DAY}
         if bad:
-            raise ValueError(f"ttl_s_by_category values must be > 0, got {bad}")
+            raise ValueError(f"ttl_s_by_category values must be > 0 and <= {SECONDS_PER_DAY}, got {bad}")
         if self.reconnect_cap_s < self.reconnect_base_s:
             raise ValueError("reconnect_cap_s must be >= reconnect_base_s")
         return self
@@ -313,6 +315,12 @@ class PrintsRules(Section):
     windows_s: dict[str, int] = Field(
         default_factory=lambda: {"10m": 600, "30m": 1800, "1h": 3600, "3h": 10800, "1d": 86400}
     )
+    @field_validator("lit_venues", "dark_venues", "dark_truth_sizes", mode="before")
+    @classmethod
+    def _list_as_tuple(cls, value: Any) -> Any:
+        # YAML has lists, not tuples; strict mode would refuse a list for a tuple.
+        return tuple(value) if isinstance(value, list) else value
+
     # Prints kept per symbol (all sizes, in arrival order; the oldest arrival is
     # dropped first). Also the memory of idempotency keys for dedupe.
     buffer_cap: int = Field(default=5000, ge=20, le=1_000_000)
@@ -552,17 +560,18 @@ class DecisionRules(Section):
 
 
 class DeriskRules(Section):
-    """De-risk playbook sizes and prices (the windows themselves come from the session worker)."""
+    """De-risk playbook sizes and prices (the windows themselves come from the session
+    worker). Safety-critical: no built-in defaults, every field must be in the file."""
 
-    target_gross_pct: float = Field(default=100.0, gt=0)
-    soft_price_offset: float = Field(default=0.01, ge=0)  # sell at truth tick - offset, cover at + offset
-    hard_chunk_fraction: float = Field(default=0.10, gt=0, le=1)
-    hard_max_steps: int = Field(default=10, ge=1)
-    hard_step_interval_s: float = Field(default=10.0, ge=0)
-    cap_recovery_pricing: Literal["aggressive", "passive"] = "aggressive"
-    mm_overnight_max_pct: float = Field(default=15.0, ge=0)
-    l1_max_age_s: float = Field(default=60.0, gt=0)
-    truth_tick_max_age_s: float = Field(default=300.0, gt=0)
+    target_gross_pct: float = Field(gt=0, le=1000)
+    soft_price_offset: float = Field(ge=0, le=100)  # sell at truth tick - offset, cover at + offset
+    hard_chunk_fraction: float = Field(gt=0, le=1)
+    hard_max_steps: int = Field(ge=1, le=1000)
+    hard_step_interval_s: float = Field(ge=0, le=3600)
+    cap_recovery_pricing: Literal["aggressive", "passive"]
+    mm_overnight_max_pct: float = Field(ge=0, le=1000)
+    l1_max_age_s: float = Field(gt=0, le=86_400)
+    truth_tick_max_age_s: float = Field(gt=0, le=86_400)
 
 
 class MarketMakingStrategy(Section):
@@ -666,13 +675,15 @@ class RiskRules(Section):
     streams: dict[str, Retention]
     runtime: Runtime = Runtime()
     session: SessionRules = SessionRules()
-    exposure: ExposureRules = ExposureRules()
-    execution: ExecutionRules = ExecutionRules()
+    # Safety-critical sections (exposure caps, execution limits, de-risk, collars):
+    # required, with every field written out. A missing one is an error, never a default.
+    exposure: ExposureRules
+    execution: ExecutionRules
     prints: PrintsRules = PrintsRules()
     market_data: MarketDataRules = MarketDataRules()
     alerts: AlertsRules = AlertsRules()
     decision: DecisionRules = DecisionRules()
-    derisk: DeriskRules = DeriskRules()
+    derisk: DeriskRules
     strategies: StrategyRules = StrategyRules()
     arbitration: ArbitrationRules = ArbitrationRules()
     plausibility: PlausibilityRules
@@ -723,7 +734,7 @@ class Settings(BaseModel):
     home: Path = Field(default=Path("."), description="QE_HOME: where etc/ lives")
     config_path: Path | None = Field(default=None, description="QE_CONFIG")
     universe_path: Path | None = Field(default=None, description="QE_UNIVERSE")
-    redis_url: str = Field(default="redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://")
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", max_length=2048)
     redis_username: str | None = None
     redis_password: SecretStr | None = None
     # One Redis ACL user per daemon: user qe-<daemon>, password in <dir>/qe-<daemon>.pass.
@@ -739,8 +750,36 @@ class Settings(BaseModel):
     ib_mode: Literal["paper", "live"] = "paper"
     ib_live_accounts: list[str] = Field(default_factory=list)
     ib_client_id_market_data: int = Field(default=12, ge=0)
-    hammer_url: str = Field(default="ws://127.0.0.1:16400", pattern=r"^wss?://")
+    hammer_url: str = Field(default="ws://127.0.0.1:16400", max_length=2048)
     hammer_password: SecretStr | None = None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        return check_redis_url(value)
+
+    @field_validator("hammer_url")
+    @classmethod
+    def _hammer_url(cls, value: str) -> str:
+        _check_network_url(value, ("ws", "wss"))
+        return value
+
+    @field_validator("metrics_host", "ib_host")
+    @classmethod
+    def _host_name(cls, value: str) -> str:
+        if not value or len(value) > 253 or any(ch.isspace() or not ch.isprintable() for ch in value):
+            raise ValueError("must be a host name or address (no spaces, at most 253 characters)")
+        return value
+
+    def __repr_args__(self) -> Any:
+        # repr/str of the settings never show a password written into a URL.
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name in ("redis_url", "hammer_url") else value
+
+    @property
+    def redis_url_redacted(self) -> str:
+        """The Redis URL as it may be printed or logged: any password replaced."""
+        return redact_url(self.redis_url)
 
     @field_validator("ib_live_accounts", mode="before")
     @classmethod
@@ -792,6 +831,80 @@ ENV_FIELDS = {
 SECRET_FILES = {"QE_REDIS_PASSWORD_FILE": "redis_password", "QE_HAMMER_PASSWORD_FILE": "hammer_password"}
 
 
+# --- URLs and secrets ----------------------------------------------------------------------
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+# user:password@ after a scheme (the password greedy to the token's last '@': it may
+# hold one), and password= in a query string.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^\s:/@]*):[^\s]*@")
+_QUERY_PASSWORD = re.compile(r"(?i)([?&;]password=)[^&#\s'\"]*")
+
+
+def redact(text: str) -> str:
+    """Text with every URL password replaced by *** (user names kept); idempotent."""
+    return _QUERY_PASSWORD.sub(r"\1***", _USERINFO.sub(r"\1\2:***@", text))
+
+
+def redact_url(url: str) -> str:
+    """A URL for display: user kept, password replaced by ***."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return redact(url)
+        netloc = f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"
+        return _QUERY_PASSWORD.sub(r"\1***", urlunsplit(parts._replace(netloc=netloc)))
+    except ValueError:
+        return redact(url)
+
+
+def _check_network_url(url: str, schemes: tuple[str, ...]) -> SplitResult:
+    """Scheme, host and port of a URL; ValueError naming what is wrong (never the URL)."""
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ValueError(f"cannot be parsed ({exc})") from None
+    if parts.scheme not in schemes:
+        raise ValueError(f"unknown scheme {parts.scheme!r}; use {' or '.join(s + '://' for s in schemes)}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("the port must be a number from 1 to 65535") from None
+    if parts.scheme != "unix":
+        if not parts.hostname:
+            raise ValueError("no host")
+        if port == 0:
+            raise ValueError("the port must be a number from 1 to 65535")
+    return parts
+
+
+def check_redis_url(url: str) -> str:
+    """The URL if redis-py will accept it as given; ValueError saying why not."""
+    parts = _check_network_url(url, REDIS_SCHEMES)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("unix:// needs the socket path (unix:///path/to/redis.sock)")
+    else:
+        database = parts.path.strip("/")
+        if database and not database.isdigit():
+            raise ValueError(f"the database (path) must be a number, got {database!r}")
+    try:
+        # What the client itself will do with it, short of connecting: query options
+        # it cannot parse, or does not know, fail here instead of at the first command.
+        pool = redis.ConnectionPool.from_url(url)
+        pool.make_connection()
+        pool.disconnect()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not usable by the Redis client: {redact(str(exc))}") from None
+    return url
+
+
+def _shown(value: Any) -> str:
+    text = redact(repr(value))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _describe(exc: ValidationError, names: dict[str, str] | None = None) -> str:
     lines = []
     for error in exc.errors(include_url=False):
@@ -799,21 +912,36 @@ def _describe(exc: ValidationError, names: dict[str, str] | None = None) -> str:
         if names:
             location = names.get(location, location)
         value = error.get("input")
-        shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
-        message = error["msg"].removeprefix("Value error, ")
+        shown = "" if isinstance(value, dict) or value is None else f" (got {_shown(value)})"
+        message = redact(error["msg"].removeprefix("Value error, "))
         lines.append(f"{location or '<root>'}: {message}{shown}")
     return "\n  ".join(lines)
 
 
+MAX_SECRET_BYTES = 4096
+
+
 def _read_secret(path: str, variable: str) -> str:
+    """A password from its file: a regular file, mode 0600 (or stricter), one line."""
     secret_path = Path(path)
     try:
-        mode = secret_path.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise ConfigError(f"{variable}: {path} must not be readable by group/others (mode {mode:04o}; want 0600)")
-        return secret_path.read_text().strip()
+        info = secret_path.stat()
     except OSError as exc:
-        raise ConfigError(f"{variable}: cannot read {path}: {exc.strerror}") from exc
+        raise ConfigError(f"{variable}: cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{variable}: {path} is not a regular file")
+    mode = info.st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(f"{variable}: {path} must not be readable by group/others (mode {mode:04o}; want 0600)")
+    try:
+        secret = read_text_file(secret_path, MAX_SECRET_BYTES).strip()
+    except ValueError as exc:
+        raise ConfigError(f"{variable}: {path}: {exc}") from None
+    if not secret:
+        raise ConfigError(f"{variable}: {path} is empty")
+    if "\n" in secret:
+        raise ConfigError(f"{variable}: {path} must hold the password on one line")
+    return secret
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
@@ -829,14 +957,112 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         raise ConfigError("environment:\n  " + _describe(exc, names)) from None
 
 
+# --- reading the rules file --------------------------------------------------------------
+# The rules file is a few KiB; anything near this is not a rules file (or is an attack).
+MAX_CONFIG_BYTES = 1 << 20
+# Deeper nesting than any rules need; also keeps PyYAML's recursive composer far from
+# Python's recursion limit (100k nested `[` would raise RecursionError).
+MAX_YAML_DEPTH = 32
+
+
+def read_text_file(path: str | Path, max_bytes: int = MAX_CONFIG_BYTES) -> str:
+    """The text of a configuration file, or ValueError saying why it is not one:
+    not a regular file, unreadable, larger than max_bytes, binary (NUL), not UTF-8."""
+    path = Path(path)
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise ValueError("not a regular file")
+            data = handle.read(max_bytes + 1)  # never more: a huge file is refused, not read
+    except OSError as exc:
+        raise ValueError(f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise ValueError(f"larger than {max_bytes} bytes (the limit for a configuration file)")
+    if b"\0" in data:
+        raise ValueError(f"binary, not text (NUL byte at offset {data.index(bytes(1))})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (invalid byte at offset {exc.start})") from None
+
+
+class _YamlRefused(Exception):
+    """A YAML construct the rules file may not use; the message names the line."""
+
+
+class _RulesLoader(yaml.SafeLoader):
+    """SafeLoader without the constructs that make a rules file ambiguous or explosive:
+    anchors and aliases ("billion laughs"), merge keys, nesting beyond MAX_YAML_DEPTH.
+    Duplicate keys are found by `_check_keys` on the composed tree."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _YamlRefused(f"line {line}: YAML anchors and aliases (&name, *name) are not allowed; write the values out")
+        if self.depth >= MAX_YAML_DEPTH:
+            raise _YamlRefused(f"line {line}: nested deeper than {MAX_YAML_DEPTH} levels")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _check_keys(loader: _RulesLoader, node: yaml.Node, path: tuple[str, ...]) -> None:
+    """Refuse duplicate keys (the last one would silently win: a second `exposure:`
+    replaces the whole section), merge keys and non-scalar keys, at every level."""
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_keys(loader, item, (*path, str(index)))
+        return
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict[Any, int] = {}
+    for key_node, value_node in node.value:
+        line = key_node.start_mark.line + 1
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            raise _YamlRefused(f"line {line}: merge keys (<<) are not allowed; write the keys out")
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise _YamlRefused(f"line {line}: a key must be a plain value, not a list or mapping")
+        key = loader.construct_object(key_node)
+        dotted = ".".join((*path, str(key)))
+        if key in first_line:
+            raise _YamlRefused(f"duplicate key {dotted!r} at line {line} (first at line {first_line[key]})")
+        first_line[key] = line
+        _check_keys(loader, value_node, (*path, str(key)))
+
+
+def parse_yaml(text: str) -> Any:
+    """One YAML document, strictly (see _RulesLoader); ValueError with a one-line reason."""
+    loader = _RulesLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_keys(loader, node, ())
+        return loader.construct_document(node)
+    except _YamlRefused as exc:
+        raise ValueError(str(exc)) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"not valid YAML: {' '.join(filter(None, (exc.context, exc.problem)))}{where}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
 def load_rules(path: str | Path) -> RiskRules:
     path = Path(path)
     try:
-        document = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        document = parse_yaml(read_text_file(path))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     try:
@@ -854,6 +1080,36 @@ def load_or_exit(program: str, environ: dict[str, str] | None = None) -> tuple[S
         exit_config_error(program, str(exc))
 
 
+# Error output stays readable (and a hostile file cannot flood the logs).
+MAX_ERROR_LINES = 50
+MAX_ERROR_BYTES = 8192
+MAX_LINE_CHARS = 400
+
+
+def bounded(text: str, max_lines: int = MAX_ERROR_LINES, max_bytes: int = MAX_ERROR_BYTES) -> str:
+    """At most max_lines lines and about max_bytes bytes, then '... N more lines'."""
+    lines = text.splitlines() or [""]
+    kept: list[str] = []
+    size = 0
+    for line in lines:
+        if len(line) > MAX_LINE_CHARS:
+            line = line[: MAX_LINE_CHARS - 3] + "..."
+        cost = len(line.encode()) + 1
+        if len(kept) == max_lines or size + cost > max_bytes:
+            break
+        kept.append(line)
+        size += cost
+    if len(kept) < len(lines):
+        kept.append(f"... {len(lines) - len(kept)} more lines")
+    return "\n".join(kept)
+
+
+def error_text(program: str, message: str) -> str:
+    """The one way a configuration error is shown: redacted and bounded."""
+    return bounded(redact(f"{program}: invalid configuration: {message}"))
+
+
 def exit_config_error(program: str, message: str) -> NoReturn:
-    print(f"{program}: invalid configuration: {message}", file=sys.stderr, flush=True)
+    """Every start-up failure ends here: the exact field and reason, exit 78 (EX_CONFIG)."""
+    print(error_text(program, message), file=sys.stderr, flush=True)
     raise SystemExit(EX_CONFIG)

@@ -9,6 +9,7 @@ Three spellings of one preferred:
 from __future__ import annotations
 
 import csv
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 _DISPLAY_PREFERRED = re.compile(r"^([A-Z.]+) PR([A-Z])$")
 _HAMMER_PREFERRED = re.compile(r"^([A-Z.]+)-([A-Z])$")
 BUCKETS = ("LT", "MM_PURE")
+MAX_ADV = 10**12
+MAX_REF_PRICE = 1_000_000.0
 
 
 class UniverseError(ValueError):
@@ -50,19 +53,26 @@ def liquidity_cap(adv: int, adv_divisor: int, min_shares: int) -> int:
 
 def load_universe(path: str | Path) -> dict[str, Instrument]:
     """Read the universe file; a bad row names its line and field."""
+    from .config import read_text_file  # (config does not import this module)
+
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UniverseError(f"{path}: {exc.strerror}") from exc
+        text = read_text_file(path)  # bounded; unreadable, binary or not UTF-8: refused
+    except ValueError as exc:
+        raise UniverseError(f"{path}: {exc}") from None
     rows = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    reader = csv.DictReader(rows)
+    try:
+        reader = csv.DictReader(rows)
+        fieldnames = reader.fieldnames
+        records = list(reader)
+    except csv.Error as exc:  # e.g. a field over the csv module's size limit
+        raise UniverseError(f"{path}: not valid CSV: {exc}") from None
     required = {"symbol", "bucket_hint", "adv", "group", "ref_price"}
-    missing = required - set(reader.fieldnames or ())
+    missing = required - set(fieldnames or ())
     if missing:
         raise UniverseError(f"{path}: header lacks {sorted(missing)}")
     universe: dict[str, Instrument] = {}
-    for index, row in enumerate(reader, start=2):
+    for index, row in enumerate(records, start=2):
         where = f"{path}: data row {index - 1}"
         symbol = (row["symbol"] or "").strip()
         if not symbol or symbol != symbol.upper():
@@ -75,8 +85,9 @@ def load_universe(path: str | Path) -> dict[str, Instrument]:
             ref_price = float(row["ref_price"])
         except (TypeError, ValueError) as exc:
             raise UniverseError(f"{where}: adv/ref_price: {exc}") from exc
-        if adv < 0 or ref_price <= 0:
-            raise UniverseError(f"{where}: adv must be >= 0 and ref_price > 0")
+        # ref_price is execution's mark of last resort: nan/inf or absurd values are refused.
+        if not (0 <= adv <= MAX_ADV and math.isfinite(ref_price) and 0 < ref_price <= MAX_REF_PRICE):
+            raise UniverseError(f"{where}: adv must be 0..{MAX_ADV} and ref_price a number in (0, {MAX_REF_PRICE}]")
         if symbol in universe:
             raise UniverseError(f"{where}: duplicate symbol {symbol!r}")
         universe[symbol] = Instrument(symbol, bucket, adv, (row["group"] or "").strip(), ref_price)
