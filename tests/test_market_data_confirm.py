@@ -195,7 +195,7 @@ def record_json(symbol: str, key: str, status: str) -> bytes:
         limit_price=24.5, bucket="LT", classification="LT_LONG_INC", priority=20, ttl_s=120, created_ns=T0,
         risk_delta_gross_pct=0.5, reason="test",
     )
-    record = execution_core.record_for_intent(intent, key, order_ref_for(key), T0 + 120 * NS_PER_S)
+    record = execution_core.record_for_intent(intent, key, order_ref_for(key), T0 + 120 * NS_PER_S, T0)
     record = dataclasses.replace(record, status=status)
     return json.dumps(record.to_json(), separators=(",", ":")).encode()
 
