@@ -13,7 +13,9 @@ from zoneinfo import ZoneInfo
 import pytest
 import redis
 
-from qe import config
+from qe import config, streams
+from qe.clock import sim_env
+from qe.contracts import Order, make_event
 from tests.support.fake_hammer import FakeHammer
 from tests.support.processes import DaemonProcess, console_script, daemon_env, wait_until, write_rules
 
@@ -56,7 +58,9 @@ def spawned():
         SPAWNED.pop().kill()
 
 
-def start_market_data(redis_url, tmp_path, hammer: FakeHammer, password="right-password", **market_data) -> DaemonProcess:
+def start_market_data(
+    redis_url, tmp_path, hammer: FakeHammer, password="right-password", env: dict | None = None, **market_data
+) -> DaemonProcess:
     section = {
         "source": "hammer",
         "reconnect_base_s": 0.2,
@@ -71,6 +75,7 @@ def start_market_data(redis_url, tmp_path, hammer: FakeHammer, password="right-p
         QE_UNIVERSE=write_universe(tmp_path),
         QE_HAMMER_URL=hammer.url,
         QE_HAMMER_PASSWORD_FILE=write_password(tmp_path, password),
+        **(env or {}),
     )
     process = DaemonProcess(console_script("qe-market-data"), env, tmp_path / "market-data.log").start()
     SPAWNED.append(process)
@@ -271,4 +276,99 @@ def test_redis_outage_keeps_the_feed_and_loses_no_print(own_redis, tmp_path, ham
     logs = md.log_lines()
     assert any(line.get("msg") == "redis error; keeping the backlog and backing off" for line in logs)
     assert any(line.get("msg") == "redis reachable again" for line in logs)
+    assert md.terminate() == 0
+
+
+# --- issue 13: confirming unchanged quotes; no unpriced risk ----------------------------------------------
+
+SPEED = 120  # simulated seconds per wall second: an hour in 30 s
+CONFIRM_S = 20  # simulated; at most a third of exposure.l1_max_age_s (60)
+L1_MAX_AGE_S = 60
+
+
+def quotes_of(r: redis.Redis, symbol: str) -> list[dict]:
+    return [e for e in stream_events(r, "ev.l1") if e["payload"]["symbol"] == symbol]
+
+
+class Ticking:
+    """A busy symbol keeps the feed as a whole alive (what a real universe does)."""
+
+    def __init__(self, hammer: FakeHammer, sym: str = "AGNCN") -> None:
+        import threading
+
+        self.hammer, self.sym, self.stop = hammer, sym, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.wait(0.03):
+            n += 1
+            self.hammer.push_l1(self.sym, bid=25.30, ask=25.35 + (n % 2) / 100, last=25.32, size=100, volume=10 + n)
+
+    def __enter__(self) -> "Ticking":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=2)
+
+
+def test_a_quote_unchanged_for_a_simulated_hour_stays_current_on_a_live_feed(redis_url, r, tmp_path, hammer):
+    start = datetime(2026, 3, 10, 10, 0, tzinfo=NEW_YORK)  # a Tuesday, market open
+    md = start_market_data(redis_url, tmp_path, hammer, env=sim_env(start, speed=SPEED), confirm_interval_s=CONFIRM_S)
+    wait_until(lambda: hammer.authenticated_clients() and sum(hammer.authenticated_clients()[0].subscribe_batches) == 120,
+               timeout=20, message="subscribed")
+    with Ticking(hammer):
+        hammer.push_l1("CIM-B", bid=24.80, ask=24.90, last=24.85, size=100, volume=500)  # then never again
+        wait_until(lambda: quotes_of(r, "CIM PRB"), message="the quote")
+        time.sleep(3600 / SPEED + 1)
+    quiet = quotes_of(r, "CIM PRB")
+    assert {(q["payload"]["bid"], q["payload"]["ask"]) for q in quiet} == {(24.80, 24.90)}
+    assert len({q["payload"]["quote_ts_ns"] for q in quiet}) == 1  # when it last changed: once
+    vouched = [q["ts_ns"] for q in quiet]
+    assert vouched[-1] - vouched[0] >= 3600 * 1e9  # a whole simulated hour of quiet
+    gaps = sorted(b - a for a, b in zip(vouched, vouched[1:]))
+    assert gaps[-1] <= L1_MAX_AGE_S * 1e9, gaps[-5:]  # current at every moment of the hour
+    assert gaps[len(gaps) // 2] <= (CONFIRM_S + 7) * 1e9  # typically one interval (+ a 50 ms wall tick = 6 s)
+    assert len(quiet) >= 3600 / (CONFIRM_S + 7)
+    assert len({q["idempotency_key"] for q in quiet}) == len(quiet)
+    assert md.terminate() == 0
+
+
+def test_a_quiet_feed_is_not_vouched_for(redis_url, r, tmp_path, hammer):
+    md = start_market_data(redis_url, tmp_path, hammer, confirm_interval_s=1.0)
+    wait_until(lambda: hammer.authenticated_clients() and sum(hammer.authenticated_clients()[0].subscribe_batches) == 120,
+               timeout=20, message="subscribed")
+    with Ticking(hammer):
+        hammer.push_l1("CIM-B", bid=24.80, ask=24.90, last=24.85, size=100, volume=500)
+        wait_until(lambda: len(quotes_of(r, "CIM PRB")) >= 3, timeout=10, message="confirmed")
+    quiet_from = time.time_ns()  # nothing arrives on the feed any more (connected, farm unknown)
+    time.sleep(3.0)
+    late = [q["ts_ns"] for q in stream_events(r, "ev.l1") if q["ts_ns"] > quiet_from + 1.0e9]
+    assert late == []
+    with Ticking(hammer):  # the feed delivers again: the quiet quote is vouched for again
+        wait_until(lambda: any(q["ts_ns"] > quiet_from + 3e9 for q in quotes_of(r, "CIM PRB")), timeout=10,
+                   message="confirmed again")
+    assert md.terminate() == 0
+
+
+def test_an_open_order_outside_the_universe_file_gets_its_symbol_subscribed(redis_url, r, tmp_path, hammer):
+    md = start_market_data(redis_url, tmp_path, hammer)
+    wait_until(lambda: hammer.authenticated_clients() and sum(hammer.authenticated_clients()[0].subscribe_batches) == 120,
+               timeout=20, message="subscribed")
+    # As execution reports an order placed outside quant-engine (its real event shape).
+    order = Order(order_ref="ext-4711", perm_id=4711, symbol="QQQX PRA", side="SELL", qty=500, limit_price=24.1,
+                  bucket="LT", status="SUBMITTED", remaining_qty=500, external=True)
+    streams.Publisher(r, config.load_rules(Path(md.env["QE_CONFIG"]))).publish(
+        "ev.orders", make_event(order, idempotency_key="order:external:4711:SUBMITTED", source="execution",
+                                ts_ns=time.time_ns()))
+    client = hammer.authenticated_clients()[0]
+    wait_until(lambda: "QQQX-A" in client.subscribed, timeout=15, message="subscribed the order's symbol")
+    hammer.push_l1("QQQX-A", bid=24.05, ask=24.15, last=24.10, size=100, volume=900)
+    wait_until(lambda: quotes_of(r, "QQQX PRA"), message="its quote published")
+    time.sleep(6)  # a further holdings check: no second alert
+    added = [e["payload"] for e in stream_events(r, "ev.alerts") if e["payload"]["alert_type"] == "unpriced_symbol_subscribed"]
+    assert [(a["symbol"], a["severity"], a["data"]["open_orders"]) for a in added] == [("QQQX PRA", "warning", ["ext-4711"])]
+    assert client.subscribe_batches[-1] == 1
     assert md.terminate() == 0

@@ -32,7 +32,7 @@ def spawned():
         SPAWNED.pop().kill()
 
 
-def start(command: str, redis_url: str, tmp_path: Path, sim, name: str, **market_data) -> DaemonProcess:
+def start(command: str, redis_url: str, tmp_path: Path, sim, name: str, env: dict | None = None, **market_data) -> DaemonProcess:
     section = {
         "source": "ibkr",
         "reconnect_base_s": 0.2,
@@ -41,7 +41,7 @@ def start(command: str, redis_url: str, tmp_path: Path, sim, name: str, **market
         **market_data,
     }
     rules = write_rules(tmp_path, market_data=section, runtime={"block_ms": 200})
-    env = daemon_env(redis_url, QE_CONFIG=rules, QE_IB_PORT=sim.port, QE_IB_CLIENT_ID_MARKET_DATA=12)
+    env = daemon_env(redis_url, QE_CONFIG=rules, QE_IB_PORT=sim.port, QE_IB_CLIENT_ID_MARKET_DATA=12, **(env or {}))
     process = DaemonProcess(console_script(command), env, tmp_path / f"{name}.log").start()
     SPAWNED.append(process)
     return process
@@ -210,3 +210,128 @@ def test_a_stub_quote_from_ib_is_published_flagged_with_one_alert_and_a_resoluti
     assert [(a["severity"], a["data"]["state"]) for a in symbol_alerts()] == [("warning", "firing"), ("info", "resolved")]
     assert symbol_alerts()[0]["data"]["problem"] == "wide_spread"
     assert md.terminate() == 0
+
+
+# --- issue 13: confirming unchanged quotes; no unpriced risk ----------------------------------------------
+
+CONFIRM_S = 1.0
+
+
+def quotes_of(r: redis.Redis, symbol: str) -> list[dict]:
+    return [e for e in stream_events(r, "ev.l1") if e["payload"]["symbol"] == symbol]
+
+
+def confirmations(r: redis.Redis, symbol: str | None = None) -> list[dict]:
+    return [e for e in stream_events(r, "ev.l1")
+            if e["idempotency_key"].startswith("l1confirm:") and (symbol is None or e["payload"]["symbol"] == symbol)]
+
+
+def frozen_quote(r: redis.Redis, sim, symbol: str) -> tuple[float, float]:
+    """Freeze the simulator's quote of `symbol`; wait until market data published it."""
+    wait_until(lambda: quotes_of(r, symbol), timeout=20, message="a first quote")
+    normal = sim.control.quote(symbol)
+    bid, ask = round(normal["bid"] - 0.01, 2), round(normal["ask"] + 0.01, 2)
+    sim.control.set_quote(symbol, bid, ask, freeze=True)
+    wait_until(lambda: any(q["payload"]["bid"] == bid and q["payload"]["ask"] == ask for q in quotes_of(r, symbol)),
+               message="the frozen quote")
+    return bid, ask
+
+
+def assert_confirmed_unchanged(events: list[dict], bid: float, ask: float, at_least: int) -> None:
+    """Same quote (bid, ask and quote_ts_ns: when it last changed), vouched for at least every
+    interval (envelope ts_ns), each with its own key."""
+    assert len(events) >= at_least, len(events)
+    assert {(e["payload"]["bid"], e["payload"]["ask"]) for e in events} == {(bid, ask)}
+    assert len({e["payload"]["quote_ts_ns"] for e in events}) == 1
+    vouched = [e["ts_ns"] for e in events]
+    assert vouched == sorted(vouched) and len(set(vouched)) == len(vouched)
+    assert max(b - a for a, b in zip(vouched, vouched[1:])) <= (CONFIRM_S + 0.3) * 1e9
+    assert len({e["idempotency_key"] for e in events}) == len(events)
+
+
+def test_an_unchanged_quote_is_confirmed_and_not_while_the_data_farm_is_broken(redis_url, r, tmp_path, sim):
+    symbol = UNIVERSE[5]
+    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data", confirm_interval_s=CONFIRM_S)
+    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    bid, ask = frozen_quote(r, sim, symbol)
+    time.sleep(4 * CONFIRM_S)
+    unchanged = [q for q in quotes_of(r, symbol) if (q["payload"]["bid"], q["payload"]["ask"]) == (bid, ask)]
+    assert_confirmed_unchanged(unchanged, bid, ask, at_least=4)
+    assert unchanged[0]["idempotency_key"].startswith("l1:")  # the change itself, then confirmations
+    assert all(e["idempotency_key"].startswith("l1confirm:") for e in unchanged[1:])
+
+    broken_at = time.time_ns()
+    sim.control.send_code(2103)  # market data farm broken (the simulator keeps quoting)
+    wait_until(lambda: "feed_stale" in alerts(r), timeout=10, message="stale alert")
+    time.sleep(3 * CONFIRM_S)
+    assert [e["ts_ns"] for e in confirmations(r) if e["ts_ns"] > broken_at + CONFIRM_S * 1e9] == []
+    # The simulator also stops quoting while its farm is broken: the daemon says which rule held.
+    paused = [line.get("blocked") for line in md.log_lines() if line.get("msg") == "quote confirmations paused"]
+    assert paused and paused[-1] == "data farm broken", paused
+    ok_at = time.time_ns()
+    sim.control.send_code(2104)  # farm OK: confirmations resume (spread over one interval)
+    wait_until(lambda: len([e for e in confirmations(r, symbol) if e["ts_ns"] > ok_at]) >= 2, timeout=10,
+               message="confirmations resumed")
+    assert md.terminate() == 0
+
+
+def test_confirmations_stop_when_the_feed_drops_and_resume_after_the_reconnect(redis_url, r, tmp_path, sim):
+    symbol = UNIVERSE[6]
+    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data", confirm_interval_s=CONFIRM_S)
+    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    bid, ask = frozen_quote(r, sim, symbol)
+    wait_until(lambda: len(confirmations(r, symbol)) >= 2, timeout=10, message="confirmed")
+    down_at = time.time_ns()
+    sim.control.restart(4.0)  # drop every client, refuse connections for 4 s
+    wait_until(lambda: our_client(sim) is None, timeout=10, message="dropped")
+    wait_until(lambda: our_client(sim) is not None, timeout=30, message="reconnected")
+    # Nothing vouched for between one interval after the drop and the reconnect (>= 4 s later).
+    assert [e["ts_ns"] for e in confirmations(r) if down_at + CONFIRM_S * 1e9 < e["ts_ns"] < down_at + 4e9] == []
+    back_at = time.time_ns()
+    wait_until(lambda: len([e for e in confirmations(r, symbol) if e["ts_ns"] > back_at]) >= 3, timeout=20,
+               message="confirmations after the reconnect")
+    after = [q for q in quotes_of(r, symbol) if q["ts_ns"] > back_at]
+    assert_confirmed_unchanged([q for q in after if q["idempotency_key"].startswith("l1confirm:")], bid, ask, at_least=3)
+    assert md.terminate() == 0
+
+
+def write_universe(tmp_path: Path, symbols: list[str]) -> Path:
+    rows = [line for line in (REPO / "etc" / "universe.csv").read_text().splitlines()
+            if line.startswith(("#", "symbol")) or line.split(",")[0] in symbols]
+    path = tmp_path / "universe-reduced.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_positions_outside_the_universe_file_are_subscribed_priced_and_alerted_once(redis_url, r, tmp_path, sim):
+    """The simulator's demo account holds 19 symbols; market data gets a universe file of 4
+    symbols and learns the rest from what the real execution daemon writes."""
+    reduced = ["CIM PRA", "AGNCN", "ARR PRC", "NLY PRG"]  # 3 held, 1 not
+    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data",
+               env={"QE_UNIVERSE": write_universe(tmp_path, reduced)}, confirm_interval_s=CONFIRM_S)
+    wait_until(lambda: subscriptions(sim) is not None and subscriptions(sim)[0] == len(reduced), timeout=30,
+               message="the reduced universe subscribed")
+    # The writer: the real execution daemon reconciles with the simulator's account.
+    execution = DaemonProcess(
+        console_script("qe-execution"),
+        daemon_env(redis_url, QE_CONFIG=md.env["QE_CONFIG"], QE_IB_PORT=sim.port, QE_CONSUMER_NAME="execution-1"),
+        tmp_path / "execution.log",
+    ).start()
+    SPAWNED.append(execution)
+    wait_until(lambda: r.hlen("state:positions") >= 19, timeout=30, message="execution wrote the positions")
+    held = {name.decode() for name in r.hkeys("state:positions")}
+    outside = held - set(reduced)
+    assert {"PFF", "CIM PRD", "TWO PRC"} <= outside
+    wait_until(lambda: subscriptions(sim)[0] == len(reduced) + len(outside), timeout=30, message="held symbols subscribed")
+    wait_until(lambda: all(quotes_of(r, symbol) for symbol in outside), timeout=20, message="their quotes published")
+    pff = quotes_of(r, "PFF")[-1]["payload"]
+    assert pff["bid"] is not None and pff["ask"] is not None and pff["bid"] < pff["ask"]
+    time.sleep(6)  # more than one holdings re-check: nothing is added or alerted twice
+    added = [e["payload"] for e in stream_events(r, "ev.alerts") if e["payload"]["alert_type"] == "unpriced_symbol_subscribed"]
+    assert sorted(a["symbol"] for a in added) == sorted(outside)
+    assert all(a["severity"] == "warning" and a["data"]["subscribed"] for a in added)
+    logged = [line["symbol"] for line in md.log_lines() if line.get("msg") == "subscribed a symbol missing from the universe file"]
+    assert sorted(logged) == sorted(outside)
+    assert subscriptions(sim)[0] == len(reduced) + len(outside)
+    assert md.terminate() == 0
+    assert execution.terminate() == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import reprlib
+import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -628,3 +629,88 @@ class QuoteGate:
             trust.trusted_mid = verdict.mid
         flagged = quote if quote.implausible == problem else quote.model_copy(update={"implausible": problem})
         return GatedQuote(flagged, verdict, episode=change, episode_since_ns=since)
+
+
+# --- confirming unchanged quotes (SPEC 6 Marks, issue 13) --------------------------------------------
+#
+# L1 is published on change; a quiet preferred can keep one quote for many minutes. So
+# that silence means the feed and not the market, market data re-publishes ("confirms")
+# every symbol's current quote at least every `confirm_interval_s` while the feed is
+# healthy for it. A confirmation is the same payload (same `quote_ts_ns`: the time the
+# quote last changed; same `implausible` flag) in a new envelope whose `ts_ns` is the
+# time market data vouched for it. Consumers: a quote is current while
+# now - envelope ts_ns <= l1_max_age_s.
+
+
+def confirmation_key(quote: L1, vouched_ns: int) -> str:
+    """A confirmation is not a duplicate of the quote it confirms: its own key, from the
+    quote's identity (symbol, time it last changed) and the time it was vouched for."""
+    return idempotency_key("l1confirm", quote.symbol, quote.quote_ts_ns, vouched_ns)
+
+
+def confirm_blocked(
+    *, connected: bool, farm_broken: bool, last_data_ns: int | None, now_ns: int, quiet_after_ns: int
+) -> str | None:
+    """Why no quote may be confirmed now (None: confirmations may go out). The feed as a
+    whole must be connected, no data farm broken, and have delivered a quote or trade
+    within `quiet_after_ns`: a feed that went quiet is not vouched for."""
+    if not connected:
+        return "disconnected"
+    if farm_broken:
+        return "data farm broken"
+    if last_data_ns is None or now_ns - last_data_ns > quiet_after_ns:
+        return "feed quiet"
+    return None
+
+
+class QuoteConfirmer:
+    """The latest published quote of every symbol and when it is next due for a
+    confirmation. Pure: the caller passes `now_ns`.
+
+    Not a flood: a symbol's first confirmation comes at a fixed phase in (0, interval]
+    derived from its name, so quotes that all arrive at a (re)connect are confirmed
+    spread over one interval; afterwards each symbol is due one interval after its last
+    publication (a change or a confirmation), which keeps them spread. After a pause
+    (feed unhealthy) the same phases spread the resumption."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_ns = max(1, int(interval_s * NS_PER_S))
+        self.quotes: dict[str, L1] = {}
+        self.due_ns: dict[str, int] = {}
+        self.paused = False
+
+    def __len__(self) -> int:
+        return len(self.quotes)
+
+    def phase_ns(self, symbol: str) -> int:
+        return 1 + zlib.crc32(symbol.encode()) % self.interval_ns
+
+    def on_published(self, quote: L1, now_ns: int) -> None:
+        """A quote (as published: flagged or not) went out at now_ns."""
+        first = quote.symbol not in self.quotes
+        self.quotes[quote.symbol] = quote
+        self.due_ns[quote.symbol] = now_ns + (self.phase_ns(quote.symbol) if first else self.interval_ns)
+
+    def clear(self) -> None:
+        """The connection is gone: quotes seen on it are not vouched for on the next one."""
+        self.quotes.clear()
+        self.due_ns.clear()
+
+    def due(self, now_ns: int, blocked: str | None, halted: frozenset[str] | set[str] = frozenset()) -> list[L1]:
+        """The quotes to confirm now (each then due again one interval later); none while
+        `blocked`; never a halted symbol's."""
+        if blocked is not None:
+            self.paused = True
+            return []
+        if self.paused:
+            self.paused = False
+            for symbol in self.due_ns:
+                self.due_ns[symbol] = now_ns + self.phase_ns(symbol)
+            return []
+        out = []
+        for symbol, at in self.due_ns.items():
+            if at <= now_ns and symbol not in halted:
+                out.append(self.quotes[symbol])
+                following = at + self.interval_ns  # keep the symbol's phase
+                self.due_ns[symbol] = following if following > now_ns else now_ns + self.interval_ns
+        return out

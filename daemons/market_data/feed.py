@@ -30,12 +30,21 @@ class Notice:
 
 
 @dataclass(frozen=True, slots=True)
+class Halt:
+    """A symbol's trading halt began (halted) or ended, as the feed reports it (IB's
+    halted tick; Hammer Pro reports none)."""
+
+    symbol: str
+    halted: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Malformed:
     reason: str
     detail: str
 
 
-Item = Quote | Trade | Notice | Malformed
+Item = Quote | Trade | Notice | Halt | Malformed
 
 
 class FeedError(Exception):
@@ -64,5 +73,11 @@ class Feed(Protocol):
 
     def maintain(self, now_ns: int, priority: set[str]) -> None:
         """Periodic upkeep (e.g. rotate IB tick-by-tick slots)."""
+
+    def add_symbols(self, symbols: list[str]) -> list[str]:
+        """Subscribe symbols outside the universe file (held or with open orders), now if
+        connected and on every later (re)connect; never unsubscribed. Returns those now
+        subscribed (IB: qualified) or, when not connected, queued for the next connect.
+        Raises FeedDisconnected."""
 
     def close(self) -> None: ...

@@ -150,6 +150,30 @@ class HammerFeed:
     def maintain(self, now_ns: int, priority: set[str]) -> None:
         pass
 
+    def add_symbols(self, symbols: list[str]) -> list[str]:
+        """Symbols outside the universe file (held or with open orders): subscribed now on
+        a live connection (and on every later connect), their ticks polled like the rest."""
+        new = [symbol for symbol in dict.fromkeys(symbols) if symbol not in self.known]
+        if not new:
+            return []
+        self.symbols.extend(new)
+        self.known = frozenset(self.symbols)
+        self.poller.symbols.extend(new)
+        for symbol in new:
+            self.poller.due[symbol] = None
+        if self.ws is None:
+            return new
+        for batch in chunks([to_hammer(symbol) for symbol in new], self.config.l1_batch_size):
+            try:
+                reply = self._request(
+                    {"cmd": "subscribe", "sub": "L1", "streamerID": self.streamer_id, "sym": batch}, "subscribe"
+                )
+            except FeedError as exc:  # no reply in time: the connection is not usable
+                raise FeedDisconnected(str(exc)) from None
+            if not _ok(reply):
+                raise FeedDisconnected(f"L1 subscribe of {batch} failed: {reply.get('result', reply)!r}")
+        return new
+
     # -- requests --------------------------------------------------------------------------------
     def _send(self, message: dict[str, Any]) -> str:
         self.next_req += 1

@@ -28,7 +28,7 @@ from qe.contracts import L1
 from qe.ib import ib, stock
 
 from .core import NS_PER_S, IB_FARM_BROKEN, IB_FARM_OK, IB_RESTORED, OccurrenceCounter, RawTick, plan_tick_by_tick
-from .feed import FeedDisconnected, FeedError, Item, Malformed, Notice, Quote, Trade
+from .feed import FeedDisconnected, FeedError, Halt, Item, Malformed, Notice, Quote, Trade
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class IbkrFeed:
         self.priority: set[str] = set()
         self.counter = OccurrenceCounter()
         self.last_quote: dict[str, tuple] = {}
+        self.halted: set[str] = set()  # symbols whose IB halted tick (49) says halted
         self.items: list[Item] = []
         self.disconnected = False
         self.data_lost = False  # IB 1101: subscriptions are gone
@@ -116,6 +117,7 @@ class IbkrFeed:
         self.disconnected = False
         self.data_lost = False
         self.last_quote.clear()
+        self.halted.clear()
         self.tick_by_tick.clear()
         try:
             client.reqMarketDataType(self.config.market_data_type)
@@ -145,6 +147,24 @@ class IbkrFeed:
                 log.error("IB does not know this symbol; it gets no market data", extra={"symbol": symbol})
         if self.ib is None or not self.ib.isConnected():
             raise ConnectionError("disconnected while qualifying contracts")
+
+    def add_symbols(self, symbols: list[str]) -> list[str]:
+        """Symbols outside the universe file (held at the broker or with open orders):
+        qualified like the universe's and subscribed now if connected (and on every later
+        connect, since they join `self.symbols`). A symbol IB does not know is logged by
+        `_qualify` and left out of the result."""
+        new = [symbol for symbol in dict.fromkeys(symbols) if symbol not in self.symbols]
+        self.symbols.extend(new)
+        if self.ib is None:
+            return new
+        try:
+            self._qualify()
+            added = [symbol for symbol in new if symbol in self.contracts]
+            for symbol in added:
+                self.ib.reqMktData(self.contracts[symbol])
+        except (ConnectionError, OSError) as exc:
+            raise FeedDisconnected(f"IB connection lost while subscribing: {exc}") from None
+        return added
 
     def close(self) -> None:
         if self.ib is not None:
@@ -269,6 +289,13 @@ class IbkrFeed:
         symbol = self.symbol_by_con_id.get(ticker.contract.conId)
         if symbol is None:
             return
+        halted = _number(getattr(ticker, "halted", None))  # tick 49: NaN unknown, 0 trading, 1/2 halted
+        if halted is not None and (halted > 0) != (symbol in self.halted):
+            if halted > 0:
+                self.halted.add(symbol)
+            else:
+                self.halted.discard(symbol)
+            self.items.append(Halt(symbol, halted > 0))
         last = _price(ticker.last)
         values = (
             _price(ticker.bid), _price(ticker.ask), _size(ticker.bidSize), _size(ticker.askSize),

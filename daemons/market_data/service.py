@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import signal
 import threading
 import time
@@ -26,13 +25,14 @@ from qe import config as qe_config
 from qe import daemon as qe_daemon
 from qe import metrics
 from qe.contracts import Alert, Envelope, Severity, idempotency_key, make_event
+from qe.holdings import Holdings, HoldingsReader
 from qe.streams import REDIS_ERRORS, Publisher, default_consumer_name, write_heartbeat
 
 from .core import (
-    NS_PER_S, Backlog, FeedHealth, GatedQuote, QuoteGate, ReconnectBackoff, SeenKeys, l1_key, print_payload, print_refusal,
-    short_repr,
+    NS_PER_S, Backlog, FeedHealth, GatedQuote, QuoteConfirmer, QuoteGate, ReconnectBackoff, SeenKeys, confirm_blocked,
+    confirmation_key, l1_key, print_payload, print_refusal, short_repr,
 )
-from .feed import Feed, FeedAuthError, FeedDisconnected, FeedError, Item, Malformed, Notice, Quote, Trade
+from .feed import Feed, FeedAuthError, FeedDisconnected, FeedError, Halt, Item, Malformed, Notice, Quote, Trade
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ SOURCE = "market-data"
 SESSION_KEY = "state:session"
 SEED_SEEN_MAX = 50_000
 HEALTH_INTERVAL_S = 1.0
+HOLDINGS_INTERVAL_S = 5.0  # positions and open orders are re-read this often (and at every connect)
 SESSION_FRESH_NS = 30 * NS_PER_S
-_SYMBOL = re.compile(r"^[A-Z][A-Z0-9.]*( PR[A-Z])?$")
 
 # Market data's own metrics (only this daemon has them).
 l1_implausible = Counter(
@@ -51,6 +51,19 @@ l1_implausible = Counter(
 )
 l1_implausible_symbols = Gauge(
     "qe_l1_implausible_symbols", "Symbols whose latest quote is implausible (an open episode)", ["source"],
+    registry=metrics.REGISTRY,
+)
+l1_confirmations = Counter(
+    "qe_l1_confirmations_total", "Unchanged quotes re-published to confirm them (not a change)", ["source"],
+    registry=metrics.REGISTRY,
+)
+l1_confirming = Gauge(
+    "qe_l1_confirming", "1 while market data confirms unchanged quotes (feed connected, healthy, not quiet)", ["source"],
+    registry=metrics.REGISTRY,
+)
+symbols_added = Counter(
+    "qe_feed_symbols_added_total",
+    "Symbols held or with open orders but missing from the universe file, subscribed by market data", ["source"],
     registry=metrics.REGISTRY,
 )
 
@@ -114,6 +127,19 @@ class MarketDataService:
         self.malformed_logged = 0
         self.flush_interval_s = self.config.flush_interval_ms / 1000
         self.pending_alerts: list[Envelope] = []
+        # Confirming unchanged quotes (issue 13): the feed as a whole is quiet when no
+        # quote or trade arrived for one confirmation interval.
+        self.confirmer = QuoteConfirmer(self.config.confirm_interval_s)
+        self.confirm_quiet_ns = int(self.config.confirm_interval_s * NS_PER_S)
+        self.last_data_ns: int | None = None  # last quote or trade from the feed (not a connect)
+        self.confirm_blocked: str | None = "not connected yet"
+        self.halted: set[str] = set()
+        # No unpriced risk (issue 13): symbols held or with open orders, universe or not.
+        self.universe = set(feed.symbols)
+        self.holdings = HoldingsReader(self.r)
+        self.held_symbols: set[str] = set()
+        self.added_symbols: set[str] = set()
+        self.next_holdings_at = 0.0
         metrics.feed_connected.labels(self.source).set(0)
         metrics.feed_stale.labels(self.source).set(0)
 
@@ -151,12 +177,16 @@ class MarketDataService:
         else:
             self.stop.wait(max(min(wait, self.next_connect_at - time.monotonic()), 0.001))
         now = time.monotonic()
+        self.confirm_quotes()
         if now >= self.next_flush_at or len(self.backlog) >= self.config.flush_max_events:
             self.flush()
             self.next_flush_at = now + self.flush_interval_s
         if now >= self.next_health_at:
             self.next_health_at = now + HEALTH_INTERVAL_S
             self.check_health()
+            if self.connected and now >= self.next_holdings_at:
+                self.next_holdings_at = now + HOLDINGS_INTERVAL_S
+                self.check_holdings()
             if self.connected:
                 self.maintain_feed()
         if now >= self.next_heartbeat_at:
@@ -179,6 +209,7 @@ class MarketDataService:
             return
         now_ns = self.clock.now_ns()
         self.connected = True
+        self.next_holdings_at = 0.0  # re-read positions and open orders right away
         self.reconnect.reset()
         self.health.on_connected(now_ns)
         metrics.feed_connected.labels(self.source).set(1)
@@ -201,6 +232,9 @@ class MarketDataService:
     def on_disconnect(self, reason: str) -> None:
         self.feed.close()
         self.connected = False
+        self.confirmer.clear()  # quotes of the lost connection are never confirmed on the next
+        self.halted.clear()
+        self.last_data_ns = None
         self.down_since_ns = self.clock.now_ns()
         metrics.feed_connected.labels(self.source).set(0)
         self.alert("feed_disconnected", "warning", f"{self.source} feed disconnected: {reason}", episode=self.down_since_ns)
@@ -208,25 +242,77 @@ class MarketDataService:
 
     def maintain_feed(self) -> None:
         try:
-            priority = self.priority_symbols if self.source == "ibkr" else set()  # only IB has scarce slots
-            self.feed.maintain(self.clock.now_ns(), priority)
+            # Held symbols and symbols with open orders are first in line for IB's scarce
+            # tick-by-tick slots (Hammer has none).
+            priority = self.held_symbols if self.source == "ibkr" else set()
+            self.feed.maintain(self.clock.now_ns(), set(priority))
         except FeedDisconnected as exc:
             self.on_disconnect(str(exc))
 
-    @property
-    def priority_symbols(self) -> set[str]:
-        """Symbols with open positions or orders (from `state:positions` /
-        `state:orders` if their owners write them): first in line for scarce
-        IB tick-by-tick slots. Fields named by symbol, or JSON values with a
-        `symbol` (and a non-zero `qty` for positions), are recognised."""
-        found: set[str] = set()
+    # -- no unpriced risk ----------------------------------------------------------------------------------
+    def check_holdings(self) -> None:
+        """Every symbol held at the broker or with an open order is subscribed, universe
+        file or not (as execution publishes them: qe.holdings). Subscribed ones are never
+        unsubscribed; each is logged, counted and alerted once."""
         try:
-            for key in ("state:positions", "state:orders"):
-                for name, value in self.r.hgetall(key).items():
-                    found |= _symbols_in(name.decode(errors="replace"), value)
-        except REDIS_ERRORS:
-            pass
-        return found
+            holdings = self.holdings.read()
+        except REDIS_ERRORS as exc:
+            log.warning("could not read positions and orders; retrying", extra={"error": f"{type(exc).__name__}: {exc}"})
+            return
+        for problem in holdings.problems[:20]:
+            log.warning("unreadable position or order skipped", extra={"detail": problem[:200]})
+        self.held_symbols = holdings.symbols
+        missing = sorted(holdings.symbols - self.universe - self.added_symbols)
+        if not missing:
+            return
+        try:
+            subscribed = set(self.feed.add_symbols(missing))
+        except FeedDisconnected as exc:
+            self.on_disconnect(str(exc))
+            return
+        self.added_symbols |= set(missing)
+        for symbol in missing:
+            self.unpriced_symbol_added(symbol, holdings, symbol in subscribed)
+
+    def unpriced_symbol_added(self, symbol: str, holdings: Holdings, subscribed: bool) -> None:
+        qty = holdings.positions.get(symbol, 0)
+        orders = sorted(ref for ref, of in holdings.open_orders.items() if of == symbol)
+        why = f"position {qty:+d}" if qty else f"open orders {', '.join(orders[:3])}"
+        symbols_added.labels(self.source).inc()
+        if subscribed:
+            log.warning("subscribed a symbol missing from the universe file", extra={"symbol": symbol, "why": why})
+            severity: Severity = "warning"
+            message = f"{symbol} ({why}) is not in the universe file: market data subscribed it; add it to universe.csv"
+        else:
+            log.error("a held symbol could not be subscribed: it has no market price", extra={"symbol": symbol, "why": why})
+            severity = "error"
+            message = f"{symbol} ({why}) is not in the universe file and the {self.source} feed does not know it: unpriced"
+        self.alert(
+            "unpriced_symbol_subscribed", severity, message, episode=0, symbol=symbol,
+            data={"source": self.source, "position_qty": qty, "open_orders": orders[:10], "subscribed": subscribed},
+            key=idempotency_key("alert", DAEMON, "unpriced_symbol_subscribed", symbol),
+        )
+
+    # -- confirming unchanged quotes ----------------------------------------------------------------------
+    def confirm_quotes(self) -> None:
+        """Re-publish every quote due for a confirmation, while the feed is healthy for it
+        (SPEC 6 Marks): same payload and quote_ts_ns, a new envelope ts_ns (the time market
+        data vouches for it) and its own idempotency key."""
+        now_ns = self.clock.now_ns()
+        blocked = confirm_blocked(
+            connected=self.connected, farm_broken=bool(self.health.broken), last_data_ns=self.last_data_ns,
+            now_ns=now_ns, quiet_after_ns=self.confirm_quiet_ns,
+        )
+        if blocked != self.confirm_blocked:
+            log.info("quote confirmations " + ("paused" if blocked else "running"), extra={"source": self.source, "blocked": blocked})
+            self.confirm_blocked = blocked
+            l1_confirming.labels(self.source).set(0 if blocked else 1)
+        due = self.confirmer.due(now_ns, blocked, self.halted)
+        for quote in due:
+            event = make_event(quote, idempotency_key=confirmation_key(quote, now_ns), source=SOURCE, ts_ns=now_ns)
+            self.backlog.add_l1(quote.symbol, event)
+        if due:
+            l1_confirmations.labels(self.source).inc(len(due))
 
     # -- items -> events ------------------------------------------------------------------------------------
     def take(self, items: list[Item]) -> None:
@@ -246,11 +332,15 @@ class MarketDataService:
         if isinstance(item, Quote):
             metrics.feed_messages.labels(self.source, "l1").inc()
             self.health.on_update(now_ns)
+            self.last_data_ns = now_ns
             self.take_quote(item, now_ns)
         elif isinstance(item, Trade):
             metrics.feed_messages.labels(self.source, "print").inc()
             self.health.on_update(now_ns)
+            self.last_data_ns = now_ns
             self.take_trade(item, now_ns)
+        elif isinstance(item, Halt):
+            self.on_halt(item)
         elif isinstance(item, Notice):
             self.on_notice(item)
         elif isinstance(item, Malformed):
@@ -270,6 +360,16 @@ class MarketDataService:
             self.quote_episode_alert(gated)
         event = make_event(gated.l1, idempotency_key=l1_key(gated.l1), source=SOURCE, ts_ns=now_ns)
         self.backlog.add_l1(gated.l1.symbol, event)
+        self.confirmer.on_published(gated.l1, now_ns)  # confirmed as published: a flag stays
+
+    def on_halt(self, item: Halt) -> None:
+        """A halted symbol's quote is not confirmed: it goes stale at its consumers."""
+        if item.halted:
+            self.halted.add(item.symbol)
+            log.warning("symbol halted: its quote is no longer confirmed", extra={"symbol": item.symbol})
+        else:
+            self.halted.discard(item.symbol)
+            log.info("symbol trading again", extra={"symbol": item.symbol})
 
     def take_trade(self, item: Trade, now_ns: int) -> None:
         refusal = print_refusal(item.tick, now_ns, self.plausibility)
@@ -355,7 +455,7 @@ class MarketDataService:
 
     def alert(
         self, alert_type: str, severity: Severity, message: str, episode: int,
-        symbol: str | None = None, data: dict[str, Any] | None = None,
+        symbol: str | None = None, data: dict[str, Any] | None = None, key: str | None = None,
     ) -> None:
         """Alerts go out with the next flush; the key names the episode (and the symbol
         and severity for per-symbol episodes, so its start and its end differ), so a
@@ -364,7 +464,9 @@ class MarketDataService:
             alert_type=alert_type, severity=severity, symbol=symbol, message=message[:500],
             data=data or {"source": self.source},
         )
-        if symbol is None:
+        if key is not None:
+            pass
+        elif symbol is None:
             key = idempotency_key("alert", DAEMON, alert_type, self.source, episode // 1_000_000)
         else:
             state = "resolved" if severity == "info" else severity
@@ -459,20 +561,6 @@ class MarketDataService:
             if key:
                 self.seen.add(key)
         log.info("dedupe memory seeded", extra={"keys": len(self.seen)})
-
-
-def _symbols_in(name: str, raw: bytes) -> set[str]:
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        value = None
-    if isinstance(value, dict):
-        if "qty" in value and not value.get("qty"):
-            return set()
-        symbol = value.get("symbol")
-        if isinstance(symbol, str):
-            return {symbol}
-    return {name} if _SYMBOL.match(name) else set()
 
 
 def build_feed(context: qe_daemon.Context, symbols: list[str]) -> Feed:

@@ -57,7 +57,7 @@ ACCESS: dict[str, Access] = {
     "market-data": Access(
         publishes=("ev.l1", "ev.prints", "ev.alerts"),
         writes=("state:market_data*",),
-        reads=("ev.prints", "state:session", "state:positions", "state:orders"),
+        reads=("ev.prints", "ev.orders", "state:session", "state:positions", "state:orders"),
     ),
     "prints": Access(
         consumes=("ev.prints",),

@@ -395,6 +395,9 @@ class MarketDataRules(Section):
     # Reconnect: capped exponential backoff with full jitter (SPEC: 3 s doubling to 60 s).
     reconnect_base_s: float = Field(default=3.0, gt=0)
     reconnect_cap_s: float = Field(default=60.0, gt=0)
+    # Unchanged quotes are re-published ("confirmed") at least this often while the feed
+    # is healthy (SPEC 6 Marks); at most a third of exposure.l1_max_age_s (checked below).
+    confirm_interval_s: float = Field(default=10.0, gt=0, le=300)
     ibkr: IbkrFeed = IbkrFeed()
     hammer: HammerFeed = HammerFeed()
 
@@ -694,6 +697,17 @@ class RiskRules(Section):
                     f"session.regimes.{name}.gross_tolerance_pct ({regime.gross_tolerance_pct:g}) is above "
                     f"exposure.hard_cap_pct ({self.exposure.hard_cap_pct:g})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _quotes_confirmed_well_within_their_max_age(self) -> "RiskRules":
+        # A quote is current while now - its last confirmation <= l1_max_age_s: two lost
+        # or late confirmations must not make a healthy quote stale.
+        if self.market_data.confirm_interval_s * 3 > self.exposure.l1_max_age_s:
+            raise ValueError(
+                f"market_data.confirm_interval_s ({self.market_data.confirm_interval_s:g}) must be at most a third of "
+                f"exposure.l1_max_age_s ({self.exposure.l1_max_age_s:g})"
+            )
         return self
 
     @model_validator(mode="after")

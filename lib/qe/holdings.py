@@ -1,0 +1,148 @@
+"""What the account holds and has working, as execution publishes it: the symbols with
+a non-zero position or an open order. Read by market data so that every symbol carrying
+risk is priced, universe file or not (issue 13, "No unpriced risk").
+
+Execution is the writer; the formats read here are exactly what it writes:
+- `state:positions`: one field per symbol, value JSON `{"qty", "avg_cost", "bucket",
+  "account"}`; a flat position is deleted (HDEL).
+- `state:orders`: one field per orderRef, value JSON of its order record (`symbol`,
+  `status`, ...): execution's own orders only.
+- `ev.orders`: `qe.contracts.Order` events, the only place external orders (placed
+  outside quant-engine, `external: true`) appear. The latest event per orderRef wins.
+
+Typed: every value is validated (pydantic); an entry that does not validate is skipped
+and reported, never guessed at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import redis
+from pydantic import BaseModel, ConfigDict, StrictInt, TypeAdapter, ValidationError
+
+from .contracts import TERMINAL_ORDER_STATUSES, DecodeError, Order, OrderStatus, Symbol, decode
+from .state import ORDERS, POSITIONS
+
+ORDERS_STREAM = "ev.orders"
+_SYMBOL = TypeAdapter(Symbol)
+
+
+class _PositionValue(BaseModel):
+    """A `state:positions` value (the symbol is the field name)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    qty: StrictInt
+
+
+class _OrderRecordValue(BaseModel):
+    """The part of a `state:orders` value (execution's order record) that says what is working."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    symbol: Symbol
+    status: OrderStatus
+
+
+def is_open(status: str) -> bool:
+    return status not in TERMINAL_ORDER_STATUSES
+
+
+def positions_from_hash(raw: dict[bytes, bytes]) -> tuple[dict[str, int], list[str]]:
+    """`state:positions` -> ({symbol: non-zero qty}, problems)."""
+    held: dict[str, int] = {}
+    problems: list[str] = []
+    for name, value in raw.items():
+        symbol_text = name.decode(errors="replace")
+        try:
+            symbol = _SYMBOL.validate_python(symbol_text)
+            qty = _PositionValue.model_validate_json(value).qty
+        except ValidationError as exc:
+            problems.append(f"{POSITIONS}[{symbol_text[:40]!r}]: {exc.errors(include_url=False)[0]['msg']}")
+            continue
+        if qty:
+            held[symbol] = qty
+    return held, problems
+
+
+def open_orders_from_hash(raw: dict[bytes, bytes]) -> tuple[dict[str, str], list[str]]:
+    """`state:orders` -> ({orderRef: symbol} of open orders, problems)."""
+    working: dict[str, str] = {}
+    problems: list[str] = []
+    for name, value in raw.items():
+        ref = name.decode(errors="replace")
+        try:
+            record = _OrderRecordValue.model_validate_json(value)
+        except ValidationError as exc:
+            problems.append(f"{ORDERS}[{ref[:40]!r}]: {exc.errors(include_url=False)[0]['msg']}")
+            continue
+        if is_open(record.status):
+            working[ref] = record.symbol
+    return working, problems
+
+
+@dataclass(frozen=True)
+class Holdings:
+    positions: dict[str, int]  # symbol -> non-zero signed qty
+    open_orders: dict[str, str]  # orderRef -> symbol, ours and external
+    problems: tuple[str, ...] = ()
+
+    @property
+    def symbols(self) -> set[str]:
+        """Every symbol that carries risk: held, or with an open order."""
+        return set(self.positions) | set(self.open_orders.values())
+
+
+@dataclass
+class OrderEvents:
+    """The latest `ev.orders` event per orderRef, read incrementally (XRANGE after the
+    last entry seen). Pure apart from `read`."""
+
+    last_id: str = "0-0"
+    latest: dict[str, Order] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def apply(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        for entry_id, fields in entries:
+            self.last_id = entry_id.decode()
+            try:
+                event = decode(ORDERS_STREAM, fields)
+            except DecodeError as exc:
+                self.problems.append(f"{ORDERS_STREAM} {self.last_id}: {exc.reason}")
+                continue
+            order = event.payload
+            assert isinstance(order, Order)
+            self.latest[order.order_ref] = order
+
+    def read(self, r: redis.Redis, page: int = 1000, max_pages: int = 50) -> None:
+        """Read what was appended since the last call (at most page * max_pages entries;
+        the rest on the next call)."""
+        for _ in range(max_pages):
+            entries = r.xrange(ORDERS_STREAM, min=f"({self.last_id}", max="+", count=page)
+            self.apply(entries)
+            if len(entries) < page:
+                return
+
+    @property
+    def open_orders(self) -> dict[str, str]:
+        return {ref: order.symbol for ref, order in self.latest.items() if is_open(order.status)}
+
+
+class HoldingsReader:
+    """Reads positions and open orders from Redis as execution writes them."""
+
+    def __init__(self, r: redis.Redis) -> None:
+        self.r = r
+        self.order_events = OrderEvents()
+
+    def read(self) -> Holdings:
+        """Raises redis errors (the caller retries later)."""
+        positions, position_problems = positions_from_hash(self.r.hgetall(POSITIONS))
+        records, record_problems = open_orders_from_hash(self.r.hgetall(ORDERS))
+        self.order_events.read(self.r)
+        problems = position_problems + record_problems + self.order_events.problems
+        self.order_events.problems = []
+        # ev.orders holds the newest status of every order, external ones included; a
+        # record in state:orders may be newer than the stream page read so far: an order
+        # is open if either says so (never miss risk).
+        open_orders = {**self.order_events.open_orders, **records}
+        return Holdings(positions=positions, open_orders=open_orders, problems=tuple(problems))
