@@ -247,7 +247,7 @@ def test_backlog_collapses_quotes_and_drops_the_oldest_prints_when_full():
 
 # --- plausibility: refusals, the quote gate, hostile feed values --------------------------------------
 
-from daemons.market_data.core import QuoteGate, print_refusal, quote_refusal, short_repr  # noqa: E402
+from daemons.market_data.core import QuoteGate, absurd_quote, print_refusal, short_repr  # noqa: E402
 from daemons.market_data.ibkr import _price as ib_price, _size as ib_size  # noqa: E402
 from qe import config as qe_config  # noqa: E402
 from qe.contracts import L1  # noqa: E402
@@ -265,10 +265,11 @@ def test_stub_quote_is_flagged_wide_spread_and_one_episode_is_opened_and_closed(
     first = gate.on_quote(l1(24.80, 24.90), T0)
     assert first.l1.implausible is None and first.episode is None
     stub = gate.on_quote(l1(0.01, 999_999.0), T0 + 1)
-    assert stub.l1.implausible == "wide_spread" and (stub.l1.bid, stub.l1.ask) == (0.01, 999_999.0)
-    assert stub.episode.started and stub.episode.problem == "wide_spread" and stub.episode_since_ns == T0 + 1
+    # The $999,999 ask is above max_price: removed (consumers' contracts refuse it), flagged.
+    assert stub.l1.implausible == "absurd_price" and (stub.l1.bid, stub.l1.ask) == (0.01, None)
+    assert stub.episode.started and stub.episode.problem == "absurd_price" and stub.episode_since_ns == T0 + 1
     again = gate.on_quote(l1(0.01, 999_999.0), T0 + 2)
-    assert again.l1.implausible == "wide_spread" and again.episode is None  # same episode: no second alert
+    assert again.l1.implausible == "absurd_price" and again.episode is None  # same episode: no second alert
     assert gate.implausible_symbols == 1
     back = gate.on_quote(l1(24.81, 24.90), T0 + 3)
     assert back.l1.implausible is None and back.episode is not None and not back.episode.started
@@ -302,13 +303,18 @@ def test_a_jump_is_flagged_until_prints_confirm_the_new_price():
 
 
 def test_quote_and_print_refusals_are_numbers_no_feed_can_mean():
-    assert quote_refusal(l1(24.8, 24.9, bid_size=PLAUSIBILITY.max_quantity + 1), PLAUSIBILITY) == "quote_size_above_max"
-    assert quote_refusal(l1(24.8, 24.9, last=PLAUSIBILITY.max_price * 2), PLAUSIBILITY) == "last_above_max_price"
-    assert quote_refusal(l1(24.8, 24.9, last=24.85), PLAUSIBILITY) is None
-    # Above max_price and not caught by the gate (no reference yet): refused, not published as good.
+    sized, problem = absurd_quote(l1(24.8, 24.9, bid_size=PLAUSIBILITY.max_quantity + 1), PLAUSIBILITY)
+    assert problem == "absurd_size" and sized.bid_size == 0 and (sized.bid, sized.ask) == (24.8, 24.9)
+    priced, problem = absurd_quote(l1(24.8, 24.9, last=PLAUSIBILITY.max_price * 2), PLAUSIBILITY)
+    assert problem == "absurd_price" and priced.last is None
+    assert absurd_quote(l1(24.8, 24.9, last=24.85), PLAUSIBILITY) == (l1(24.8, 24.9, last=24.85), None)
+    # Above max_price and not caught by the gate (no reference yet): published flagged, the
+    # absurd sides removed -- never dropped, so the feed's last word is the flagged quote.
     gate = QuoteGate(PLAUSIBILITY)
     high = gate.on_quote(l1(50_000.0, 50_000.5), T0)
-    assert high.l1 is None and high.refused == "quote_price_above_max"
+    assert high.l1 is not None and high.l1.implausible == "absurd_price" and (high.l1.bid, high.l1.ask) == (None, None)
+    stub = gate.on_quote(l1(0.01, 999_999.0), T0)
+    assert stub.l1 is not None and stub.l1.implausible == "absurd_price" and (stub.l1.bid, stub.l1.ask) == (0.01, None)
     now = T0
     skew = int(PLAUSIBILITY.max_future_skew_s * NS_PER_S)
     max_age = int(PLAUSIBILITY.prints.max_age_s * NS_PER_S)

@@ -196,9 +196,10 @@ def test_a_stub_quote_from_ib_is_published_flagged_with_one_alert_and_a_resoluti
     wait_until(lambda: of_symbol(), timeout=20, message="a first quote")
     normal = sim.control.quote(symbol)
     sim.control.set_quote(symbol, 0.01, 999_999.0, freeze=True)
-    wait_until(lambda: any(q["bid"] == 0.01 and q["ask"] == 999_999.0 for q in of_symbol()), message="the stub quote")
-    stub = [q for q in of_symbol() if q["bid"] == 0.01 and q["ask"] == 999_999.0]
-    assert all(q["implausible"] == "wide_spread" for q in stub)
+    # The $999,999 ask is above max_price: published without it, flagged.
+    wait_until(lambda: any(q["bid"] == 0.01 and q["ask"] is None for q in of_symbol()), message="the stub quote")
+    stub = [q for q in of_symbol() if q["bid"] == 0.01]
+    assert stub and all(q["implausible"] == "absurd_price" for q in stub)
     sim.control.set_quote(symbol, normal["bid"], normal["ask"], freeze=True)
     wait_until(lambda: of_symbol()[-1]["bid"] == normal["bid"] and of_symbol()[-1]["ask"] == normal["ask"], message="back")
     assert of_symbol()[-1]["implausible"] is None
@@ -208,7 +209,7 @@ def test_a_stub_quote_from_ib_is_published_flagged_with_one_alert_and_a_resoluti
     ]
     wait_until(lambda: len(symbol_alerts()) == 2, message="start and end")
     assert [(a["severity"], a["data"]["state"]) for a in symbol_alerts()] == [("warning", "firing"), ("info", "resolved")]
-    assert symbol_alerts()[0]["data"]["problem"] == "wide_spread"
+    assert symbol_alerts()[0]["data"]["problem"] == "absurd_price"
     assert md.terminate() == 0
 
 

@@ -58,21 +58,21 @@ def test_stub_quote_is_published_flagged_with_one_alert_per_episode_and_a_resolv
     good = push_and_wait(r, hammer, "CIM-B", "CIM PRB", bid=24.84, ask=24.88, volume=100)
     assert good["implausible"] is None
     stubs = [push_and_wait(r, hammer, "CIM-B", "CIM PRB", bid=0.01, ask=999_999.0, volume=100) for _ in range(3)]
-    assert [(q["bid"], q["ask"], q["implausible"]) for q in stubs] == [(0.01, 999_999.0, "wide_spread")] * 3
+    assert [(q["bid"], q["ask"], q["implausible"]) for q in stubs] == [(0.01, None, "absurd_price")] * 3
     back = push_and_wait(r, hammer, "CIM-B", "CIM PRB", bid=24.85, ask=24.88, volume=100)
     assert back["implausible"] is None
 
     wait_until(lambda: len(quote_alerts(r, "CIM PRB")) == 2, message="start and end alerts")
     start, end = [e["payload"] for e in quote_alerts(r, "CIM PRB")]
-    assert (start["severity"], start["data"]["state"], start["data"]["problem"]) == ("warning", "firing", "wide_spread")
-    assert "CIM PRB" in start["message"] and "wide_spread" in start["message"]
+    assert (start["severity"], start["data"]["state"], start["data"]["problem"]) == ("warning", "firing", "absurd_price")
+    assert "CIM PRB" in start["message"] and "absurd_price" in start["message"]
     assert (end["severity"], end["data"]["state"]) == ("info", "resolved")
     assert end["data"]["since_ns"] == start["data"]["since_ns"]
     # Every published L1 and alert is a valid event (the consumers' decoder accepts it).
     for _id, fields in r.xrange("ev.l1"):
         EVENT_TYPES["l1"].model_validate_json(fields[b"event"])
     # A second episode on the same symbol is a new alert.
-    assert push_and_wait(r, hammer, "CIM-B", "CIM PRB", bid=0.01, ask=999_999.0)["implausible"] == "wide_spread"
+    assert push_and_wait(r, hammer, "CIM-B", "CIM PRB", bid=0.01, ask=999_999.0)["implausible"] == "absurd_price"
     wait_until(lambda: len(quote_alerts(r, "CIM PRB")) == 3, message="second episode")
     assert len({e["idempotency_key"] for e in quote_alerts(r, "CIM PRB")}) == 3
     assert any(line.get("msg") == "implausible quote" and line.get("symbol") == "CIM PRB" for line in md.log_lines())
@@ -135,16 +135,17 @@ def test_hostile_hammer_content_is_logged_and_skipped_and_good_updates_keep_flow
     wait_until(lambda: len(prints_of(r, "NYCB PRU")) == 2, message="the good print after the junk")
     wait_until(lambda: any(q["bid"] == 18.41 for q in quotes_of(r, "NYCB PRU")), message="the good quote after the junk")
     assert md.alive()
-    # Nothing bad was published: only the good quotes and prints.
+    # Nothing bad was published as good: only the good prints; the quote with a last of
+    # $500,000 is published flagged, the absurd last removed (never dropped: the feed's
+    # latest word must not leave an older good quote vouched for).
     assert [(p["price"], p["size"]) for p in prints_of(r, "NYCB PRU")] == [(18.45, 100), (18.47, 200)]
-    assert [(q["bid"], q["ask"], q["implausible"]) for q in quotes_of(r, "NYCB PRU")] == [
-        (18.40, 18.47, None), (18.41, 18.47, None)
+    assert [(q["bid"], q["ask"], q["last"], q["implausible"]) for q in quotes_of(r, "NYCB PRU")] == [
+        (18.40, 18.47, None, None), (18.40, 18.47, None, "absurd_price"), (18.41, 18.47, None, None)
     ]
     skipped = [line for line in md.log_lines() if line.get("msg") == "malformed feed message skipped"]
     reasons = {line["reason"] for line in skipped}
     assert {"too_deep", "bad_json", "bad_bid", "bad_volume", "print_size", "print_too_old", "print_future_time"} <= reasons
     assert reasons & {"quote_size_above_max", "bad_l1"}, reasons  # the 1e300 bid size
-    assert reasons & {"last_above_max_price", "bad_l1"}, reasons  # the last of $500,000
     assert "bad_tick" in reasons  # the NaN price
     # Log lines stay bounded, whatever the feed sent.
     assert max(len(json.dumps(line)) for line in md.log_lines()) < 2000

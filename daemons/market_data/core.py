@@ -20,7 +20,16 @@ from redis.backoff import EqualJitterBackoff
 from qe.clock import NS_PER_S
 from qe.config import PlausibilityRules
 from qe.contracts import L1, Print, idempotency_key
-from qe.plausibility import EpisodeChange, PrintProblem, QuoteVerdict, episode_change, print_problem, quote_verdict, trusted_reference
+from qe.plausibility import (
+    EpisodeChange,
+    PrintProblem,
+    QuoteProblem,
+    QuoteVerdict,
+    episode_change,
+    print_problem,
+    quote_verdict,
+    trusted_reference,
+)
 from qe.universe import from_hammer
 
 NS_PER_MS = 1_000_000
@@ -512,14 +521,19 @@ def _above(value: float | None, limit: float) -> bool:
     return value is not None and value > limit
 
 
-def quote_refusal(quote: L1, rules: PlausibilityRules) -> str | None:
-    """Why an L1 from the feed cannot be published at all (None: it can, maybe flagged).
-    Bid and ask are judged by the quote gate, not here."""
-    if max(quote.bid_size, quote.ask_size, quote.last_size or 0) > rules.max_quantity:
-        return "quote_size_above_max"
-    if _above(quote.last, rules.max_price):
-        return "last_above_max_price"
-    return None
+def absurd_quote(quote: L1, rules: PlausibilityRules) -> tuple[L1, QuoteProblem | None]:
+    """The quote with values no preferred can have (a price above `max_price`, a size above
+    `max_quantity`) removed, and the problem they make. Such a quote is still published,
+    flagged: if it were dropped, the last quote market data vouches for would be an older
+    good one while the feed shows garbage."""
+    price_fields = [name for name in ("bid", "ask", "last") if _above(getattr(quote, name), rules.max_price)]
+    size_fields = [name for name in ("bid_size", "ask_size", "last_size") if (getattr(quote, name) or 0) > rules.max_quantity]
+    if not price_fields and not size_fields:
+        return quote, None
+    cleared: dict[str, object] = {name: None for name in price_fields}
+    cleared.update({name: (None if name == "last_size" else 0) for name in size_fields})
+    problem = QuoteProblem.ABSURD_PRICE if price_fields else QuoteProblem.ABSURD_SIZE
+    return quote.model_copy(update=cleared), problem
 
 
 def print_refusal(tick: RawTick, now_ns: int, rules: PlausibilityRules) -> str | None:
@@ -603,9 +617,7 @@ class QuoteGate:
         return problem
 
     def on_quote(self, quote: L1, now_ns: int) -> GatedQuote:
-        refusal = quote_refusal(quote, self.rules)
-        if refusal is not None:
-            return GatedQuote(None, None, refused=refusal)
+        quote, absurd = absurd_quote(quote, self.rules)
         trust = self.trust(quote.symbol)
         verdict = quote_verdict(
             quote.bid,
@@ -616,9 +628,8 @@ class QuoteGate:
             bid_size=quote.bid_size,
             ask_size=quote.ask_size,
         )
-        if verdict.plausible and (_above(quote.bid, self.rules.max_price) or _above(quote.ask, self.rules.max_price)):
-            # Not caught by the gate (no reference yet) but no preferred trades there.
-            return GatedQuote(None, verdict, refused="quote_price_above_max")
+        if absurd is not None:
+            verdict = QuoteVerdict(absurd, None, "a price above max_price or a size above max_quantity")
         problem = None if verdict.problem is None else verdict.problem.value
         change = episode_change(quote.symbol, trust.implausible_since_ns is not None, problem)
         since = trust.implausible_since_ns

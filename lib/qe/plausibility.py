@@ -26,6 +26,7 @@ class QuoteProblem(StrEnum):
     WIDE_SPREAD = "wide_spread"
     JUMP = "jump"
     ABSURD_SIZE = "absurd_size"
+    ABSURD_PRICE = "absurd_price"  # a side or the last price above plausibility.max_price
     NOT_FINITE = "not_finite"
 
 
