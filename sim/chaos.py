@@ -177,6 +177,7 @@ class Journal:
     bad_quotes: list[dict] = field(default_factory=list)
     bad_prints: list[dict] = field(default_factory=list)
     refused: list[dict] = field(default_factory=list)  # bad data the simulator would not take
+    restored: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -418,7 +419,8 @@ class Run:
             reference = checks.simulator_mark(quote) or quote["close"]
             price = round(reference * (1 + action.arg("off_pct") / 100), 2)
             self.sim.inject_print(action.target, price, action.arg("size"), action.arg("venue"))
-            self.journal.add("bad_prints", {"symbol": action.target, "price": price, "reference": reference, **dict(action.args)})
+            self.journal.add("bad_prints", {"symbol": action.target, "price": price, "reference": reference,
+                                            "sim_ns": self.clock.now_ns(), **dict(action.args)})
         return True
 
     def bad_quote(self, symbol: str, variant: str) -> None:
@@ -433,7 +435,8 @@ class Run:
                   "wide": (round(bid * 0.6, 2), round(ask * 1.4, 2))}[variant]
         try:
             self.sim.set_quote(symbol, *wanted)
-            self.journal.add("bad_quotes", {"symbol": symbol, "variant": variant, "bid": wanted[0], "ask": wanted[1]})
+            self.journal.add("bad_quotes", {"symbol": symbol, "variant": variant, "bid": wanted[0], "ask": wanted[1],
+                                            "sim_ns": self.clock.now_ns()})
         except RuntimeError as exc:
             # The simulator only takes 0 < bid < ask: a crossed or zero quote is refused.
             self.journal.add("refused", {"symbol": symbol, "variant": variant, "error": str(exc)[-160:]})
@@ -444,6 +447,7 @@ class Run:
         would let the walk start from the stub, which it never leaves)."""
         saved = self.saved_quotes.pop(symbol, None)
         if saved is not None:
+            self.journal.add("restored", {"symbol": symbol, "sim_ns": self.clock.now_ns()})
             self.sim.set_quote(symbol, saved["bid"], saved["ask"], saved["bid_size"], saved["ask_size"], freeze=False)
         self.sim.unfreeze(symbol)
         self.bad_symbols.discard(symbol)
@@ -686,6 +690,7 @@ class Run:
             "final_gross_pct": state["account"]["gross_pct"],
             "final_exposure_gross_pct": exposures[-1]["gross_pct"] if exposures else None,
         }
+        intents = {order_ref_for(e["idempotency_key"]): e["payload"] for e in self.events("ev.intents")}
         evidence = {
             "duplicate_order_refs": checks.duplicate_order_refs(orders),
             "fills_missing": fill_audit.missing[:20],
@@ -695,6 +700,9 @@ class Run:
             "published_position_mismatches": published_mismatches,
             "potential_gross_max": potential,
             "collar_violations": outside[:20],
+            "collar_violation_intents": [_intent_summary(intents.get(o["order_ref"] or "")) for o in outside[:10]],
+            "bad_data_on_collar_symbols": [b for b in self.journal.bad_quotes + self.journal.bad_prints + self.journal.restored
+                                           if b["symbol"] in {o["symbol"] for o in outside}],
             "pending": pending,
             "dlq_unexpected": _count_by(unexpected_dlq, ("origin_stream", "label")),
             "dlq_unexpected_examples": unexpected_dlq[:5],
@@ -726,6 +734,13 @@ class Run:
                 self.sim_process.wait(15)
             except subprocess.TimeoutExpired:
                 self.sim_process.kill()
+
+
+def _intent_summary(intent: dict | None) -> dict | None:
+    if intent is None:
+        return None
+    keep = ("intent_type", "action", "symbol", "side", "qty", "limit_price", "classification", "reason", "created_ns")
+    return {**{k: intent.get(k) for k in keep}, "numbers": (intent.get("trace") or {}).get("numbers")}
 
 
 def _count_by(rows: list[dict], keys: tuple[str, ...]) -> dict[str, int]:
