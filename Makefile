@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run stop test bench venv clean
+.PHONY: run stop test bench chaos venv clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ test: $(STAMP)
 ## make bench: every benchmark (each ends with one RESULT line)
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+## make chaos: one simulated afternoon under faults, the simulator as referee (control run, then faulted; docs/chaos.md)
+chaos: $(STAMP)
+	$(BIN)/python -m sim.chaos --with-control $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) run build *.egg-info
