@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -467,11 +468,13 @@ def today_session(calendar: str, now_ny_iso: Any) -> tuple[datetime, datetime] |
     import exchange_calendars  # slow to import: only when the market is closed
 
     day = now_ny.date()
-    cal = exchange_calendars.get_calendar(calendar, start=str(day - timedelta(days=7)), end=str(day + timedelta(days=7)))
-    if not cal.is_session(str(day)):
-        return None
-    return (cal.session_open(str(day)).tz_convert(NEW_YORK).to_pydatetime(),
-            cal.session_close(str(day)).tz_convert(NEW_YORK).to_pydatetime())
+    with warnings.catch_warnings():  # pandas deprecation notices are not for the operator
+        warnings.simplefilter("ignore")
+        cal = exchange_calendars.get_calendar(calendar, start=str(day - timedelta(days=7)), end=str(day + timedelta(days=7)))
+        if not cal.is_session(str(day)):
+            return None
+        return (cal.session_open(str(day)).tz_convert(NEW_YORK).to_pydatetime(),
+                cal.session_close(str(day)).tz_convert(NEW_YORK).to_pydatetime())
 
 
 def _expected(args: argparse.Namespace) -> tuple[str, ...]:
@@ -946,6 +949,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = config.load_settings(target.environ)
         redis_doc = redis_info(settings, target.source)
+        if target.source is None and name != "check-config":
+            raise config.ConfigError(refusal(Path.cwd()))
         result, human = COMMANDS[name](args, settings)
     except config.ConfigError as exc:
         # Redacted and bounded, like a daemon's; --json also gets it as an object.
