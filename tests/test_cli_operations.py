@@ -10,10 +10,11 @@ import time
 
 import pytest
 
-from qe import config, operator_ack, streams
+from qe import acl, config, operator_ack, streams
 from qe.contracts import Intent, intent_id_for, make_event, order_ref_for
 from sim.testing import start_in_thread
 from tests.support.processes import REPO, VENV_BIN, DaemonProcess, console_script, daemon_env, wait_until
+from tests.support.redis_server import RedisServer
 
 QE = str(VENV_BIN / "qe")
 RULES = config.load_rules(REPO / "etc" / "risk_rules.yaml")
@@ -122,3 +123,30 @@ def test_halt_against_a_redis_where_nobody_runs_fails_within_the_timeout(redis_u
     as_json = json.loads(qe(env, "--json", "resume", "--reason", "x", "--timeout", "0.5").stdout)
     assert as_json["ok"] is False and set(as_json["missing"]) == {"decision", "execution"}
     assert as_json["redis"]["url"] == redis_url and as_json["redis"]["source"] == "QE_REDIS_URL"
+
+
+def test_halt_is_acknowledged_under_least_privilege(tmp_path):
+    """Each daemon as its own ACL user (as in the demo): the liveness beat, the
+    acknowledgements in the Brain's and execution's commits and qe's reads are allowed."""
+    secrets_dir = tmp_path / "secrets"
+    acl_file = acl.write_acl_file(tmp_path / "users.acl", secrets_dir)
+    server = RedisServer(tmp_path / "redis", extra=["--aclfile", str(acl_file)]).start_with_auth(
+        "qe-cli", acl.password_file(secrets_dir, "cli").read_text().strip())
+    sim = start_in_thread(quote_rate=0.0, print_rate=0.0)
+    env = daemon_env(server.url, QE_IB_PORT=str(sim.port), QE_REDIS_SECRETS_DIR=str(secrets_dir))
+    daemons = {name: DaemonProcess(console_script(f"qe-{name}"), env, tmp_path / f"{name}.log").start()
+               for name in ("decision", "execution")}
+    try:
+        wait_until(lambda: qe(env, "status", "--daemons", "decision,execution").returncode == 0, timeout=30,
+                   message="decision and execution ok")
+        halted = qe(env, "halt", "--reason", "drill")
+        assert halted.returncode == 0, halted.stderr
+        assert "acknowledged by decision and execution" in halted.stdout
+        assert qe(env, "resume", "--reason", "drill over").returncode == 0
+    finally:
+        codes = {name: process.terminate() for name, process in daemons.items()}
+        sim.stop()
+        server.stop()
+    assert codes == {"decision": 0, "execution": 0}, codes
+    for name, process in daemons.items():
+        assert "NOPERM" not in process.output(), name
