@@ -778,7 +778,10 @@ def cmd_control(args: argparse.Namespace, settings: config.Settings) -> tuple[An
     }
     if outcome.complete:
         names = " and ".join(required)
-        return result, f"{done}: acknowledged by {names} in {elapsed:.1f} s (timeout {args.timeout:g} s; event {event.event_id})"
+        skipped = [name for name in operator_ack.REQUIRED if name not in required]
+        unasked = f"; NOT waited for: {', '.join(skipped)}" if skipped else ""
+        return result, (f"{done}: acknowledged by {names} in {elapsed:.1f} s "
+                        f"(timeout {args.timeout:g} s; event {event.event_id}{unasked})")
     now_ns = time.time_ns()
     why = []
     for name, reason in outcome.missing.items():
