@@ -64,7 +64,7 @@ def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
         return "(none)"
     cells = [["" if row.get(column) is None else str(row.get(column)) for column in columns] for row in rows]
     widths = [max(len(column), *(len(cell[i]) for cell in cells)) for i, column in enumerate(columns)]
-    lines = ["  ".join(column.upper().ljust(width) for column, width in zip(columns, widths))]
+    lines = ["  ".join(column.upper().ljust(width) for column, width in zip(columns, widths)).rstrip()]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(lines)
 
@@ -520,7 +520,8 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> tuple[Any
         "broker": {k: broker.get(k) for k in ("connected", "orders_allowed", "account", "mode", "data_farm_ok", "reason")},
     }
     human_rows = [{**row, "heartbeat_age": _age_text(row["heartbeat_age_s"]), "pid": row["pid"] or "-",
-                   "reason": shorten(row["reason"], 60)} for row in daemons]
+                   "reason": shorten(row["reason"] + (f" {_age_text(row['stopped_age_s'])} ago" if row["stopped_age_s"] is not None else ""), 60)}
+                  for row in daemons]
     lines = ["DAEMONS", table(human_rows, ["daemon", "health", "heartbeat_age", "pid", "reason"])]
     lines.append(f"{len(expected) - len(unhealthy)}/{len(expected)} expected daemons ok"
                  + (f"; NOT OK: {', '.join(unhealthy)}" if unhealthy else ""))
