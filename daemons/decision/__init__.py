@@ -32,7 +32,7 @@ from typing import Any
 
 import redis
 
-from qe import daemon, metrics
+from qe import daemon, metrics, operator_ack
 from qe.contracts import (
     Alert,
     Envelope,
@@ -343,6 +343,7 @@ class DecisionHandler:
         elif kind == "control":
             self._handle_control(event, effects)
             self._evaluate(now, effects, event)  # the kill switch acts at once
+            operator_ack.acknowledge(effects, "decision", event, halted=self.view.state.halted, mode=self.view.state.mode)
             return
         else:
             return

@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from qe import failpoints, metrics, state
+from qe import failpoints, metrics, operator_ack, state
 from qe.clock import NEW_YORK
 from qe.contracts import (
     Account,
@@ -166,6 +166,7 @@ class ExecutionService:
         elif kind == "control":
             self.halted = event.payload.command == "halt"
             effects.hset(STATE_EXECUTION, state.encode_fields({"halted": self.halted}))
+            operator_ack.acknowledge(effects, "execution", event, halted=self.halted)
             log.warning("operator control", extra={"command": event.payload.command, "operator": event.payload.operator})
         elif kind == "session":
             self.regime = event.payload.regime

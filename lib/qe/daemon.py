@@ -1,5 +1,6 @@
 """What every daemon's main() does before its loop: config (or exit 78), JSON
-logs, the clock, the metrics endpoint, the Redis client, signal handling."""
+logs, the clock, the metrics endpoint, the Redis client, the liveness beat
+(`qe.liveness`: every second, and a stopped marker on a clean exit), signal handling."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Callable
 import redis
 
 from . import clock as clock_module
-from . import config, log, metrics, streams
+from . import config, liveness, log, metrics, streams
 from .universe import Instrument, UniverseError, load_universe
 
 
@@ -56,6 +57,9 @@ def _start(daemon: str) -> Context:
     logger = log.setup(daemon, settings.log_level)
     serve_metrics(daemon, settings.metrics_host, settings.metrics_port)
     r = redis_client(settings, rules, daemon)
+    # From here on `qe status` sees the daemon: `ok` while it beats, `stopped` after a
+    # clean exit, `down` once the beat expires or its PID is gone.
+    liveness.Beat(r, daemon).start().stop_at_exit()
     logger.info("starting", extra={"clock": clock.describe(), "config": str(settings.rules_file),
                                    "redis_url": settings.redis_url_redacted})
     return Context(daemon, settings, rules, clock, r, logger)

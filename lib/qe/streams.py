@@ -291,7 +291,9 @@ class Handler(Protocol):
 
 
 def write_heartbeat(r: redis.Redis, daemon: str, consumer: str, started_ns: int, **extra: Any) -> None:
-    """The daemon's liveness record in `state:daemon:{daemon}` (read by `qe status`)."""
+    """The loop's progress in the daemon's record `state:daemon:{daemon}`: `ts_ns` is
+    when the loop last got here (`qe status` calls a daemon `stale` when it is old).
+    Whether the process is alive at all is the liveness beat's part (`qe.liveness`)."""
     r.hset(
         DAEMON_KEY.format(daemon=daemon),
         mapping={
