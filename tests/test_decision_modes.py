@@ -111,3 +111,20 @@ def test_bucket_over_max_is_a_flag_not_a_mode():
     assert blocked_buckets({"LT": (91.0, 90.0), "MM_PURE": (29.0, 30.0)}) == {"LT": {"current_pct": 91.0, "max_pct": 90.0}}
     assert blocked_buckets({"LT": (90.0, 90.0)}) == {}
     assert derive_mode(inputs(110, 110, regime="EARLY"), Latches(), "NORMAL", TH).mode == "NORMAL"
+
+
+def test_the_strategies_margin_must_exceed_the_tolerance_band():
+    """Strategies stop adding at tolerance - margin, the tolerance rule releases at
+    tolerance - band: a margin inside the band would let the two fight (issue 13)."""
+    from pydantic import ValidationError
+
+    from tests.support.brain import load_rules
+
+    rules = load_rules()
+    assert rules.strategies.tolerance_margin_pct > rules.decision.tolerance_exit_band_pct
+    for margin, band in ((2.0, 2.0), (1.5, 2.0), (0.0, 0.0)):
+        with pytest.raises(ValidationError, match="tolerance_margin_pct"):
+            load_rules(strategies={"tolerance_margin_pct": margin}, decision={"tolerance_exit_band_pct": band})
+    assert load_rules(strategies={"tolerance_margin_pct": 2.5}).strategies.tolerance_margin_pct == 2.5
+    with pytest.raises(ValidationError):
+        load_rules(strategies={"tolerance_margin_pct": float("nan")})

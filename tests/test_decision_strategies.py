@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from daemons.decision.engine import decide
 from daemons.decision.strategies import build_strategies
-from tests.support.brain import NS, T0, engine_rules, load_rules, market, outstanding, session, view
+from tests.support.brain import NS, T0, engine_rules, exposure, load_rules, market, outstanding, session, view
 
 EQUITY = 1_000_000.0
 MM_UNIVERSE = {"CIM PRC": "MM_PURE", "CIM PRB": "LT", "AGNCN": "LT", "NLY PRF": "LT", "TWO PRA": "LT"}
@@ -148,3 +148,92 @@ def test_band_correctives_are_subject_to_the_bucket_max():
     # Over the max: the band corrects by decreasing instead, and no increase passes.
     v.exposure.buckets["LT"] = v.exposure.buckets["LT"].__class__(91.0, 91.0, 80.0, 90.0)
     assert band(decide(v, engine_rules(), T0)) == [("NLY PRF", "BUY", 200, 24.99, "LT_SHORT_DEC")]
+
+
+# --- no increase above the regime tolerance less the margin (issue 13: no flapping) ----------
+
+LATE_CEILING = 115.0 - 3.0  # LATE tolerance less strategies.tolerance_margin_pct
+MM_ONLY = {"lt_band": {"enabled": False}}
+
+
+def late_view(held_shares, **kw):
+    """CIM PRB held at $25 (held_shares / 400 % of the $1M equity), CIM PRC flat and quoted in LATE."""
+    positions = {"CIM PRB": (held_shares, "LT", 25.0)}
+    markets = {"CIM PRC": market(24.90, 25.10, truth=25.0, grpan=25.00), "CIM PRB": market(24.99, 25.01, truth=25.0)}
+    return view(positions, EQUITY, markets, universe=MM_UNIVERSE, sess=session(T0, regime="LATE"), **kw)
+
+
+def test_mm_quote_landing_exactly_at_tolerance_less_margin_is_kept():
+    v = late_view(44_600)  # 111.5 %: a 200-share bid adds 0.5 % -> exactly 112 %
+    d = decide(v, engine_rules(strategies=MM_ONLY), T0)
+    assert d.state.mode == "NORMAL"
+    assert quotes(d) == [("BUY", 200, 24.95, "MM_LONG_INC"), ("SELL", 200, 25.05, "MM_SHORT_INC")]
+
+
+def test_mm_quote_landing_just_above_is_shrunk_by_the_strategy_itself():
+    v = late_view(44_604)  # 111.51 %: room for $4,900 = 196 shares at the $25 mid
+    d = decide(v, engine_rules(strategies=MM_ONLY), T0)
+    assert quotes(d) == [("BUY", 196, 24.95, "MM_LONG_INC"), ("SELL", 196, 25.05, "MM_SHORT_INC")]
+    bid = next(i.intent for i in d.intents if i.intent.side == "BUY")
+    assert bid.trace["numbers"]["shrunk_from_qty"] == 200
+    assert bid.trace["numbers"]["increase_ceiling_pct"] == LATE_CEILING
+    assert not any(s.reason == "regime_tolerance" for s in d.suppressed)  # never proposed, so nothing to drop
+
+
+def test_no_room_for_min_qty_means_no_increase_but_the_decrease_side_still_quotes():
+    v = late_view(44_704)  # 111.76 %: 100 more shares would take it to 112.01 %
+    v.positions["CIM PRC"] = v.positions["CIM PRB"].__class__(300, "MM_PURE")
+    d = decide(v, engine_rules(strategies=MM_ONLY), T0)
+    assert quotes(d) == [("SELL", 200, 25.05, "MM_LONG_DEC")]
+    assert d.trace["skips"]["tolerance_headroom"]["symbols"] == ["CIM PRC"]
+
+
+def test_the_brains_own_unacknowledged_intents_use_up_the_room():
+    v = late_view(44_400)  # 111.0 %: room for 400 shares
+    assert quotes(decide(v, engine_rules(strategies=MM_ONLY), T0))[0][1] == 200
+    v.put_record(outstanding("pending", "LT_BAND", "CIM PRB", "BUY", 400, 25.00, classification="LT_LONG_INC"))
+    d = decide(v, engine_rules(strategies=MM_ONLY), T0)
+    assert d.trace["brain_potential_pct"] == 112.0  # the snapshot cannot include it yet
+    assert quotes(d) == []
+    assert d.trace["skips"]["tolerance_headroom"]["symbols"] == ["CIM PRC"]
+
+
+def test_lt_band_increase_is_sized_to_the_room():
+    # LT 50 % long (below the 60 % band), LT below its target: the band adds to the smallest long.
+    v = band_view(10000, 10000)
+    v.exposure = exposure({"CIM PRB": (5000, "LT", 25.0), "AGNCN": (5000, "LT", 25.0), "NLY PRF": (-10000, "LT", 25.0)},
+                          EQUITY, open_orders={"NLY PRF": (0, 24_640)},  # potential 111.6 % in LATE
+                          buckets_max={"LT": (80.0, 200.0), "MM_PURE": (20.0, 30.0)})  # the bucket max out of the way
+    v.session = session(T0, regime="LATE")
+    d = decide(v, engine_rules(), T0)
+    assert band(d) == [("AGNCN", "BUY", 160, 24.99, "LT_LONG_INC")]  # 0.5 % wanted (200 sh), 0.4 % of room
+    assert d.intents[0].intent.trace["numbers"]["shrunk_from_qty"] == 200
+
+
+def test_market_making_fills_never_push_potential_over_the_tolerance():
+    """Every increase the Brain proposes fills at once, round after round (the worst
+    case for a market maker): potential gross creeps up to the CLOSE tolerance less
+    the margin (97 %) and stops there; the mode never leaves NORMAL. Without the
+    margin the quotes would take it over 100 % and into SOFT_DERISK."""
+    mm = ("CIM PRC", "CIM PRD", "CIM PRE", "CIM PRF")
+    held = {"CIM PRB": (37_000, "LT", 25.0)}  # 92.5 %; four MM symbols can add up to 4 x 1000 sh = 10 %
+    universe = {**MM_UNIVERSE, **{s: "MM_PURE" for s in mm}}
+    markets = {s: market(24.90, 25.10, truth=25.0, grpan=25.00) for s in (*mm, "CIM PRB")}
+    rules = engine_rules(strategies=MM_ONLY)
+    v = view(held, EQUITY, markets, universe=universe, sess=session(T0, regime="CLOSE", soft=True))
+    potentials, filled = [], 0
+    for _round in range(12):
+        d = decide(v, rules, T0)
+        assert d.state.mode == "NORMAL", d.state.reason
+        for item in d.intents:
+            intent = item.intent
+            if intent.action == "NEW" and intent.classification.endswith("_INC") and intent.side == "BUY":
+                qty, bucket, mark = held.get(intent.symbol, (0, "MM_PURE", 25.0))
+                held[intent.symbol] = (qty + intent.qty, bucket, mark)
+                filled += intent.qty
+        v.exposure = exposure(held, EQUITY)
+        v.positions = {s: v.positions.get("CIM PRB").__class__(q, b) for s, (q, b, _m) in held.items()}
+        potentials.append(v.exposure.potential_pct)
+    assert filled >= 100  # the market maker did add risk ...
+    assert max(potentials) <= 97.0 + 1e-9  # ... but never beyond CLOSE tolerance 100 - margin 3
+    assert potentials[-1] > 96.0  # and used the room it had

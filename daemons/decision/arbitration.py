@@ -16,11 +16,15 @@ arbitrate(candidates, context):
      different purposes): the higher priority wins; on equal priority the
      decrease wins (safer). Two quotes of one market maker are not a conflict.
 
-cap_filter(candidates, book, ...): every increase, highest priority first, is
+cap_filter(candidates, book, ...): every new increase, highest priority first, is
 kept only if the Brain's potential gross (exposure snapshot + unacknowledged
-intents + what this evaluation already let through) stays at or below the hard
-cap, and its bucket's potential at or below the bucket max; otherwise it is
-shrunk to the largest whole-share quantity (>= min qty) that fits, or dropped.
+intents + what this evaluation already let through) stays at or below the
+increase ceiling (the regime's tolerance less `strategies.tolerance_margin_pct`,
+never above the hard cap), and its bucket's potential at or below the bucket
+max; otherwise it is shrunk to the largest whole-share quantity (>= min qty) that
+fits, or dropped. Why the ceiling sits below the tolerance: an increase that took
+potential over the tolerance would make the mode machine de-risk it again at
+once (NORMAL <-> SOFT_DERISK flapping, issue 13).
 """
 
 from __future__ import annotations
@@ -219,24 +223,37 @@ class CapResult:
     deltas: dict[int, float] = field(default_factory=dict)  # index in kept -> potential delta pct
 
 
+def increase_ceiling_pct(tolerance_pct: float | None, margin_pct: float, hard_cap_pct: float) -> float | None:
+    """The potential gross a new risk increase may take the book to: the regime's
+    tolerance less the margin, never above the hard cap. None (no regime, so no
+    tolerance known): no increase at all - unknown is not zero."""
+    if tolerance_pct is None:
+        return None
+    return min(tolerance_pct - margin_pct, hard_cap_pct)
+
+
 def cap_filter(
     candidates: list[Candidate],
     book: PotentialBook,
     *,
     hard_cap_pct: float,
+    increase_ceiling_pct: float | None,
     bucket_max_pct: Mapping[str, float],
     min_qty: int,
     mark_of: Mapping[str, float],
 ) -> CapResult:
-    """Keep decreases and re-pricings as they are; admit increases only within the cap."""
+    """Keep decreases and re-pricings as they are; admit new increases only within
+    the increase ceiling (<= the hard cap) and their bucket's max."""
     result = CapResult()
-    if book.equity <= 0:
+    no_room = "no_equity" if book.equity <= 0 else "no_regime_tolerance" if increase_ceiling_pct is None else None
+    if no_room is not None:
         for candidate in candidates:
             if candidate.is_increase and candidate.keep_key is None:
-                result.suppressed.append(Suppressed(candidate, "no_equity"))
+                result.suppressed.append(Suppressed(candidate, no_room))
             else:
                 result.kept.append(candidate)
         return result
+    ceiling = min(increase_ceiling_pct, hard_cap_pct)  # type: ignore[type-var]
     for candidate in sorted(candidates, key=lambda c: (-c.priority, c.symbol, c.slot)):
         mark = mark_of.get(candidate.symbol) or candidate.limit_price or 0.0
         if not candidate.is_increase or candidate.keep_key is not None:
@@ -251,7 +268,7 @@ def cap_filter(
         def fits(qty: int) -> bool:
             delta = book.delta_pct(candidate.symbol, candidate.side, qty, mark, candidate.bucket)
             return (
-                book.potential_pct + delta <= hard_cap_pct + 1e-9
+                book.potential_pct + delta <= ceiling + 1e-9
                 and book.bucket_potential_pct.get(candidate.bucket, 0.0) + delta <= bucket_max + 1e-9
             )
 
@@ -259,8 +276,8 @@ def cap_filter(
         if not fits(qty):
             qty = _largest_fitting(candidate.qty, fits)
             if qty < min_qty:
-                limit = "hard_cap" if not _fits_cap_only(book, candidate, mark, min_qty, hard_cap_pct) else "bucket_max"
-                result.suppressed.append(Suppressed(candidate, limit))
+                result.suppressed.append(Suppressed(candidate, _binding_limit(book, candidate, mark, min_qty,
+                                                                              hard_cap_pct, ceiling)))
                 continue
         before = book.potential_pct
         delta = book.add(candidate.symbol, candidate.side, qty, mark, candidate.bucket)
@@ -268,7 +285,8 @@ def cap_filter(
             candidate, qty=qty, numbers={**candidate.numbers, "shrunk_from_qty": candidate.qty}
         )
         kept = replace(kept, numbers={**kept.numbers, "brain_potential_before_pct": round(before, 4),
-                                      "brain_potential_after_pct": round(book.potential_pct, 4)})
+                                      "brain_potential_after_pct": round(book.potential_pct, 4),
+                                      "increase_ceiling_pct": round(ceiling, 4)})
         result.deltas[len(result.kept)] = delta
         result.kept.append(kept)
     return result
@@ -286,5 +304,11 @@ def _largest_fitting(upper: int, fits: Any) -> int:
     return low
 
 
-def _fits_cap_only(book: PotentialBook, candidate: Candidate, mark: float, qty: int, cap: float) -> bool:
-    return book.potential_pct + book.delta_pct(candidate.symbol, candidate.side, qty, mark, candidate.bucket) <= cap + 1e-9
+def _binding_limit(book: PotentialBook, candidate: Candidate, mark: float, qty: int, hard_cap: float, ceiling: float) -> str:
+    """Which limit refused `qty` shares: the hard cap, the regime tolerance's margin, or the bucket max."""
+    after = book.potential_pct + book.delta_pct(candidate.symbol, candidate.side, qty, mark, candidate.bucket)
+    if after > hard_cap + 1e-9:
+        return "hard_cap"
+    if after > ceiling + 1e-9:
+        return "regime_tolerance"
+    return "bucket_max"

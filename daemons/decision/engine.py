@@ -39,7 +39,7 @@ from qe.plausibility import clamp_to_collar, within_collar
 
 from . import guards
 from . import rules as rule_access
-from .arbitration import ArbitrationContext, PotentialBook, Suppressed, arbitrate, cap_filter
+from .arbitration import ArbitrationContext, PotentialBook, Suppressed, arbitrate, cap_filter, increase_ceiling_pct
 from .derisk import Holding, LiveOrder, excess_notional, hard_chunk_notional, plan_reduction
 from .model import (
     DERISK_SLOTS,
@@ -56,7 +56,7 @@ from .model import (
 )
 from .modes import Latches, ModeInputs, Thresholds, blocked_buckets, derive_mode
 from .rules import RegimeRule
-from .strategies import Strategy, StrategyContext, build_strategies
+from .strategies import IncreaseRoom, Strategy, StrategyContext, build_strategies
 
 
 @dataclass(frozen=True)
@@ -559,8 +559,13 @@ def decide(
             candidates += overnight.candidates
             skips += overnight.skips
     strategy_numbers: dict[str, Any] = {}
+    # No risk increase above the regime's tolerance less the strategies' margin (no flapping).
+    regime_rule = er.regimes.get(session.regime) if session is not None and session.regime else None
+    ceiling = increase_ceiling_pct(None if regime_rule is None else regime_rule.tolerance_pct,
+                                   cfg.strategies.tolerance_margin_pct, er.hard_cap_pct)
     if mode != "HALTED" and market_open and equity:
-        context = _strategy_context(ev, equity, bucket_target, {n: c for n, (c, _m) in bucket_now.items()})
+        room = None if book is None or ceiling is None else IncreaseRoom(book.overlay(), ceiling)
+        context = _strategy_context(ev, equity, bucket_target, {n: c for n, (c, _m) in bucket_now.items()}, room)
         for strategy in er.strategies:
             if not full and not strategy.per_symbol:
                 continue
@@ -619,6 +624,7 @@ def decide(
             kept,
             book,
             hard_cap_pct=er.hard_cap_pct,
+            increase_ceiling_pct=ceiling,
             bucket_max_pct=bucket_max,
             min_qty=cfg.decision.min_order_qty,
             mark_of={c.symbol: ev.mark_of(c.symbol) or 0.0 for c in kept},
@@ -853,7 +859,8 @@ def _mm_overnight(ev, state: BrainState, session: SessionSnap, brain_buckets: di
     return plan
 
 
-def _strategy_context(ev: _Evaluation, equity: float, bucket_target: dict[str, float], bucket_current: dict[str, float]) -> StrategyContext:
+def _strategy_context(ev: _Evaluation, equity: float, bucket_target: dict[str, float], bucket_current: dict[str, float],
+                      room: IncreaseRoom | None) -> StrategyContext:
     cfg = ev.cfg
     return StrategyContext(
         now_ns=ev.now,
@@ -869,6 +876,7 @@ def _strategy_context(ev: _Evaluation, equity: float, bucket_target: dict[str, f
         l1_max_age_s=cfg.derisk.l1_max_age_s,
         truth_max_age_s=cfg.derisk.truth_tick_max_age_s,
         mark_of=ev.mark_of,
+        room=room,
     )
 
 

@@ -3,9 +3,15 @@
 A strategy is any object with a `name`, a `slots` tuple (its bookkeeping slots)
 and `propose(context, symbols)` returning candidates; `build_strategies` makes
 the enabled ones from the `strategies:` section of risk_rules.yaml (one registry
-entry per strategy). Strategies only say what they would like: modes,
-bucket maxima and the hard cap are applied afterwards by arbitration and the cap
-filter, to every strategy alike.
+entry per strategy). Modes, bucket maxima and the hard cap are applied afterwards
+by arbitration and the cap filter, to every strategy alike.
+
+One limit is the strategies' own: a strategy never proposes a risk increase that
+would take the Brain's potential gross (exposure snapshot + its own unacknowledged
+intents) above the regime's tolerance less `strategies.tolerance_margin_pct`
+(`IncreaseRoom`). Proposing more would only push the mode machine into de-risking
+it again (NORMAL <-> SOFT_DERISK flapping, issue 13); the cap filter applies the
+same ceiling to all strategies together.
 """
 
 from __future__ import annotations
@@ -16,7 +22,45 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from qe.config import LtBandStrategy, MarketMakingStrategy, RiskRules
 
+from .arbitration import PotentialBook
 from .model import NS, Candidate, Market, Outstanding, PositionView, Skip, ceil_cent, classification, floor_cent
+
+
+@dataclass(slots=True)
+class IncreaseRoom:
+    """How much risk a strategy may still add: potential gross up to `ceiling_pct`
+    (the regime's tolerance less the margin, never above the hard cap), counted on
+    an overlay of the Brain's potential book, so its own unacknowledged intents and
+    what this strategy already proposed are included. Each strategy takes a
+    `fresh()` one: strategies do not starve each other here (the cap filter shares
+    the room among them by priority)."""
+
+    book: PotentialBook
+    ceiling_pct: float
+
+    def fresh(self) -> "IncreaseRoom":
+        return IncreaseRoom(self.book.overlay(), self.ceiling_pct)
+
+    def take(self, symbol: str, side: str, qty: int, mark: float, bucket: str, min_qty: int) -> int:
+        """The largest whole-share quantity <= qty (and >= min_qty) that keeps potential
+        gross at or below the ceiling, now counted in the room; 0 when none fits."""
+        if not (math.isfinite(mark) and mark > 0):
+            return 0  # no mark, no way to know what it adds: no increase
+
+        def fits(shares: int) -> bool:
+            return self.book.potential_pct + self.book.delta_pct(symbol, side, shares, mark, bucket) <= self.ceiling_pct + 1e-9
+
+        low, high = 0, qty  # fits is monotone: more shares, more potential
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle - 1)
+        if low < min_qty:
+            return 0
+        self.book.add(symbol, side, low, mark, bucket)
+        return low
+
+    def numbers(self) -> dict[str, float]:
+        return {"brain_potential_pct": round(self.book.potential_pct, 4), "increase_ceiling_pct": round(self.ceiling_pct, 4)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +78,9 @@ class StrategyContext:
     l1_max_age_s: float
     truth_max_age_s: float
     mark_of: Callable[[str], float | None]
+    # What increases may still add (None: the Brain's potential or the regime's
+    # tolerance is unknown, so no increase is proposed at all).
+    room: IncreaseRoom | None
 
 
 @dataclass(slots=True)
@@ -86,14 +133,15 @@ class GrpanMarketMaker:
     def propose(self, context: StrategyContext, symbols: Iterable[str] | None) -> StrategyOutput:
         out = StrategyOutput()
         chosen = self.symbols(context.universe) if symbols is None else [s for s in symbols if self.quotes_symbol(s, context.universe)]
+        room = None if context.room is None else context.room.fresh()
         for symbol in chosen:
             try:
-                self._quote(symbol, context, out)
+                self._quote(symbol, context, room, out)
             except Exception as exc:  # noqa: BLE001 - one symbol's bad numbers must not stop the others
                 out.skips.append(Skip(symbol, "MM_BID", "evaluation_error", {"error": f"{type(exc).__name__}: {exc}"[:200]}))
         return out
 
-    def _quote(self, symbol: str, context: StrategyContext, out: StrategyOutput) -> None:
+    def _quote(self, symbol: str, context: StrategyContext, room: IncreaseRoom | None, out: StrategyOutput) -> None:
         cfg = self.config
         market = context.markets.get(symbol)
         position = context.positions.get(symbol)
@@ -133,6 +181,15 @@ class GrpanMarketMaker:
             order_qty, effect = sized
             direction = ("LONG" if side == "BUY" else "SHORT") if effect == "INC" else ("SHORT" if side == "BUY" else "LONG")
             live = context.live.get((symbol, slot))
+            shrunk: dict[str, Any] = {}
+            if effect == "INC":
+                wanted_qty = order_qty
+                order_qty = _increase_qty(symbol, slot, side, order_qty, classification("MM_PURE", direction, effect),
+                                          price, live, room, context, out)
+                if order_qty == 0:
+                    continue
+                if order_qty < wanted_qty and room is not None and live is None:
+                    shrunk = {"shrunk_from_qty": wanted_qty, **room.numbers()}
             if live is not None and live.limit_price is not None and abs(live.limit_price - price) < cfg.requote_threshold - 1e-9:
                 price = live.limit_price  # not worth a re-quote
             out.candidates.append(
@@ -148,7 +205,7 @@ class GrpanMarketMaker:
                     classification=classification("MM_PURE", direction, effect),
                     priority=context.priority,
                     reason=f"MM quote {side} {order_qty} @ {price:.2f} around GRPAN {market.grpan:.2f}",
-                    numbers={**numbers, "quote_price": price},
+                    numbers={**numbers, "quote_price": price, **shrunk},
                 )
             )
 
@@ -165,6 +222,24 @@ class GrpanMarketMaker:
         if size < min_qty:
             return None
         return size, "INC"
+
+
+def _increase_qty(symbol: str, slot: str, side: str, qty: int, classification_: str, price: float,
+                  live: Outstanding | None, room: IncreaseRoom | None, context: StrategyContext, out: StrategyOutput) -> int:
+    """The quantity of a market maker's increase that fits the room (0: none, skipped).
+
+    The live quote of the slot is already in the Brain's potential: continuing it
+    takes no room, and it is never grown in place (a bigger quote waits for the live
+    one to end), so a quote admitted below the ceiling stays one."""
+    if live is not None and not live.cancel_sent and live.side == side and live.classification == classification_:
+        return min(qty, live.qty)
+    if room is None:
+        out.skips.append(Skip(symbol, slot, "no_increase_room"))
+        return 0
+    fitted = room.take(symbol, side, qty, context.mark_of(symbol) or price, "MM_PURE", context.min_qty)
+    if fitted == 0:
+        out.skips.append(Skip(symbol, slot, "tolerance_headroom", room.numbers()))
+    return fitted
 
 
 # --- (b) LT band keeping ----------------------------------------------------------------------
@@ -245,7 +320,9 @@ class LtBandKeeper:
         if len(live_band) >= cfg.max_live_orders or order_notional <= 0:
             return out
 
+        room = None if context.room is None else context.room.fresh()
         side_holdings = [h for h in holdings if (h[1] > 0) == (direction == "LONG")]
+        shrunk: dict[str, Any] = {}
         side_holdings.sort(key=lambda h: (abs(h[1]) * h[2], h[0]), reverse=(effect == "DEC"))
         for symbol, qty, mark in side_holdings:
             if context.live.other_than(symbol, STRATEGY_SLOTS) or any(live.symbol == symbol for live in live_band):
@@ -261,12 +338,23 @@ class LtBandKeeper:
                 out.skips.append(Skip(symbol, "LT_BAND", "stale_prints"))
                 continue
             order_qty = max(context.min_qty, math.ceil(order_notional / mark - 1e-9))
+            side = "BUY" if (direction == "LONG") == (effect == "INC") else "SELL"
             if effect == "DEC":
                 order_qty = min(order_qty, abs(qty))
                 if order_qty < context.min_qty:
                     out.skips.append(Skip(symbol, "LT_BAND", "below_min_qty", {"position_qty": qty}))
                     continue
-            side = "BUY" if (direction == "LONG") == (effect == "INC") else "SELL"
+            elif room is None:
+                out.skips.append(Skip(symbol, "LT_BAND", "no_increase_room"))
+                continue
+            else:
+                wanted_qty = order_qty
+                order_qty = room.take(symbol, side, order_qty, mark, "LT", context.min_qty)
+                if order_qty == 0:
+                    out.skips.append(Skip(symbol, "LT_BAND", "tolerance_headroom", room.numbers()))
+                    continue
+                if order_qty < wanted_qty:
+                    shrunk = {"shrunk_from_qty": wanted_qty, **room.numbers()}
             price = self._price(side, market)
             out.candidates.append(
                 Candidate(
@@ -282,7 +370,7 @@ class LtBandKeeper:
                     priority=context.priority,
                     reason=f"LT long share {long_share:.1f}% outside {cfg.long_min_pct:g}-{cfg.long_max_pct:g}%",
                     numbers={**out.numbers, "truth_tick": market.truth_price, "bid": market.bid, "ask": market.ask,
-                             "position_qty": qty, "mark": round(mark, 4)},
+                             "position_qty": qty, "mark": round(mark, 4), **shrunk},
                 )
             )
             break

@@ -608,6 +608,10 @@ class LtBandStrategy(Section):
 class StrategyRules(Section):
     mm: MarketMakingStrategy = MarketMakingStrategy()
     lt_band: LtBandStrategy = LtBandStrategy()
+    # No strategy increase may take potential gross above the regime's tolerance less
+    # this margin (so quoting never re-triggers the tolerance de-risk). Must exceed
+    # decision.tolerance_exit_band_pct (checked in RiskRules).
+    tolerance_margin_pct: float = Field(default=3.0, ge=0, le=100)
 
 
 class ArbitrationRules(Section):
@@ -697,6 +701,19 @@ class RiskRules(Section):
                     f"session.regimes.{name}.gross_tolerance_pct ({regime.gross_tolerance_pct:g}) is above "
                     f"exposure.hard_cap_pct ({self.exposure.hard_cap_pct:g})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _strategy_margin_beyond_the_tolerance_band(self) -> "RiskRules":
+        # Strategies stop adding at tolerance - margin; the tolerance rule releases at
+        # tolerance - band. With margin <= band, quotes placed right after the release
+        # would sit inside the band the mode machine just left: the two would fight.
+        margin, band = self.strategies.tolerance_margin_pct, self.decision.tolerance_exit_band_pct
+        if margin <= band:
+            raise ValueError(
+                f"strategies.tolerance_margin_pct ({margin:g}) must be greater than "
+                f"decision.tolerance_exit_band_pct ({band:g})"
+            )
         return self
 
     @model_validator(mode="after")
