@@ -278,7 +278,7 @@ def test_bad_data_in_the_hard_window_never_becomes_an_order(fast_hard, r):
     assert skipped == {"CIM PRB", "AGNCN", "CIM PRC"}
 
     # An absurd position (10**400 shares): quarantined by the Brain, or refused by the contract.
-    world.publish("ev.positions", Position(account="DU123", symbol="CIM PRC", qty=10**400, avg_cost=24.5, bucket="MM_PURE"))
+    world.publish("ev.positions", Position.model_construct(account="DU123", symbol="CIM PRC", qty=10**400, avg_cost=24.5, bucket="MM_PURE"))
     # Exposure unknown (gross missing) twice: de-risk goes on from the last good snapshot.
     unknown = Exposure(equity=EQUITY, long_notional=0, short_notional=0, gross_pct=None, net_pct=None,
                        potential_gross_pct=None, buckets={})

@@ -9,6 +9,7 @@ import math
 from dataclasses import replace
 
 import pytest
+from pydantic import ValidationError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -136,12 +137,16 @@ def test_handler_ingest_judges_real_l1_payloads():
     assert guards.apply_feature(m, feature, T0, T0, PLAUS) is None
     assert guards.apply_l1(m, L1(symbol="CIM PRB", bid=24.99, ask=25.01), T0, PLAUS) is None
     assert m.trusted_mark == 25.0
-    coerced = L1.model_validate_json('{"symbol": "CIM PRB", "bid": true, "ask": 25.01}')
-    assert coerced.bid == 1.0  # the contract (today) coerces; the gate does not care
-    assert guards.apply_l1(m, coerced, T0 + NS, PLAUS) == "wide_spread"
+    with pytest.raises(ValidationError):  # the strict contract refuses `true` for a price ...
+        L1.model_validate_json('{"symbol": "CIM PRB", "bid": true, "ask": 25.01}')
+    coerced = L1.model_construct(symbol="CIM PRB", bid=1.0, ask=25.01, bid_size=0, ask_size=0, last=None,
+                                 last_size=None, venue=None, quote_ts_ns=None, implausible=None)
+    assert guards.apply_l1(m, coerced, T0 + NS, PLAUS) == "wide_spread"  # ... and the gate would catch $1.00 anyway
     assert guards.apply_l1(m, L1(symbol="CIM PRB", bid=0.01, ask=0.02), T0 + NS, PLAUS) == "jump"
     assert guards.apply_l1(m, L1(symbol="CIM PRB", bid=24.99, ask=25.01, implausible="crossed"), T0, PLAUS) == "crossed"
-    assert guards.apply_l1(m, L1(symbol="CIM PRB", bid=24.99, ask=999_999.0), T0, PLAUS) == "absurd_price"
+    over_max = L1.model_construct(symbol="CIM PRB", bid=24.99, ask=999_999.0, bid_size=0, ask_size=0, last=None,
+                                  last_size=None, venue=None, quote_ts_ns=None, implausible=None)
+    assert guards.apply_l1(m, over_max, T0, PLAUS) == "absurd_price"
     assert (m.bid, m.ask, m.flagged) == (None, None, "absurd_price")  # present but unusable; nothing absurd kept
     assert m.trusted_mark == 25.0 and guards.market_problem(m, PLAUS) is None
 
@@ -276,8 +281,11 @@ def test_last_good_snapshot_too_old_for_de_risk():
 
 @pytest.mark.parametrize("gross, status", [(float("nan"), "ok"), (-5.0, "ok"), (None, "ok"), (125.0, "error")])
 def test_exposure_events_from_the_real_contract_are_judged(gross, status):
-    """The seam: an Exposure built by the real contract, decoded into the Brain's snapshot."""
-    payload = Exposure(status=status, error="equity <= 0" if status == "error" else None, equity=EQUITY,
+    """The seam: an Exposure built by the real contract, decoded into the Brain's snapshot.
+    NaN and negative gross are refused by the contract on decode; the Brain's own guard is
+    tested with a payload built past validation (defense in depth)."""
+    build = Exposure if gross is None or gross >= 0 else Exposure.model_construct
+    payload = build(status=status, error="equity <= 0" if status == "error" else None, equity=EQUITY,
                        long_notional=1_250_000, short_notional=0, gross_pct=gross, net_pct=gross,
                        potential_gross_pct=125.0, buckets={"LT": BucketExposure(current_pct=125, potential_pct=125,
                                                                                    target_pct=80, max_pct=90)})
@@ -290,9 +298,9 @@ def test_exposure_events_from_the_real_contract_are_judged(gross, status):
 
 
 def test_absurd_symbol_in_a_snapshot_makes_the_snapshot_unknown():
-    payload = Exposure(equity=EQUITY, long_notional=0, short_notional=0, gross_pct=10.0, net_pct=10.0,
-                       potential_gross_pct=10.0, buckets={},
-                       symbols={"CIM PRB": SymbolExposure(qty=10**400, bucket="LT", mark=25.0, mark_source="l1_mid",
+    payload = Exposure.model_construct(status="ok", error=None, detail="full", equity=EQUITY, long_notional=0, short_notional=0,
+                       gross_pct=10.0, net_pct=10.0, potential_gross_pct=10.0, buckets={}, marks_stale=[],
+                       symbols={"CIM PRB": SymbolExposure.model_construct(qty=10**400, bucket="LT", mark=25.0, mark_source="l1_mid",
                                                           notional=1e300, open_buy_qty=0, open_sell_qty=0,
                                                           potential_notional=0)})
     snap = exposure_snap(make_event(payload, idempotency_key="exposure:2", source="exposure", ts_ns=T0), T0)
@@ -344,11 +352,13 @@ def test_a_failing_strategy_does_not_stop_de_risk(monkeypatch):
 
 def test_absurd_values_never_enter_the_market_record():
     m = Market()
-    absurd = Feature(symbol="CIM PRB", grpan_price=25.0, concentration_pct=70, print_count=10**400,
-                     truth_tick=TruthTick(price=25.0, size=100, venue="NYSE", ts_ns=T0))
+    absurd = Feature.model_construct(symbol="CIM PRB", grpan_price=25.0, concentration_pct=70, print_count=10**400,
+                                     last_price=None, deviation=None, windows={},
+                                     truth_tick=TruthTick(price=25.0, size=100, venue="NYSE", ts_ns=T0))
     assert guards.apply_feature(m, absurd, T0, T0, PLAUS) == "absurd_quantity"
     assert m == Market()  # ignored whole
-    too_dear = Feature(symbol="CIM PRB", grpan_price=999_999.0, concentration_pct=70, print_count=3)
+    too_dear = Feature.model_construct(symbol="CIM PRB", grpan_price=999_999.0, concentration_pct=70, print_count=3,
+                                       last_price=None, deviation=None, windows={}, truth_tick=None)
     assert guards.apply_feature(m, too_dear, T0, T0, PLAUS) == "absurd_price" and m.grpan is None
     assert guards.position_problem(10**400, 24.0, PLAUS) == "absurd_quantity"
     assert guards.position_problem(-(10**9), 24.0, PLAUS) == "absurd_quantity"

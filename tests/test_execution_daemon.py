@@ -360,7 +360,9 @@ def test_a_stub_quote_moves_neither_the_reference_nor_the_marks(execution, sim, 
     execution.start().wait_connected()
     execution.market(24.80, 24.82)
     before = execution.saved_prices(SYMBOL)
-    execution.quote(0.01, 999_999.00)  # the stub quote, as market data forwarded it before the gate
+    # A stub quote as market data forwarded it before the gate (its ask below max_price, so
+    # the contract lets it through and execution's own gate must catch it).
+    execution.quote(0.01, 9_999.00)
     wait_until(lambda: (execution.saved_prices(SYMBOL).get("implausible") or "").startswith("wide_spread"), timeout=15,
                message="stub quote seen as implausible")
     execution.quote(0.01, 0.02, implausible="jump")  # flagged by market data: honoured as is
@@ -401,7 +403,7 @@ def test_modifies_outside_the_collar_never_reach_the_broker(execution, sim, r):
     # The absurd price: refused by execution, or already by the contract (ev.dlq); never sent.
     execution.intent("intent:cmod:1:absurd", action="MODIFY", target_intent_key="intent:cmod:1", limit_price=999_999.99)
     wait_until(lambda: execution.denial("intent:cmod:1:absurd") is not None
-               or any(b"intent:cmod:1:absurd" in fields[b"event"] for _id, fields in r.xrange("ev.dlq")),
+               or any(b"intent:cmod:1:absurd" in fields[b"fields"] for _id, fields in r.xrange("ev.dlq")),
                timeout=15, message="absurd modify refused")
     time.sleep(3.0)  # past the 2.5 s modify interval: still nothing sent
     assert [q["event"] for q in execution.referee("intent:cmod:1")] == ["place"]
@@ -459,7 +461,7 @@ def test_an_intent_created_in_2100_still_expires_by_its_ttl_from_receipt(executi
     received = time.monotonic()
     execution.intent("intent:future:1", limit_price=25.20, ttl_s=3, created_ns=in_2100)  # rests above the ask
     time.sleep(1.0)
-    dead = [f for _id, f in r.xrange("ev.dlq") if b"intent:future:1" in f[b"event"]]
+    dead = [f for _id, f in r.xrange("ev.dlq") if b"intent:future:1" in f[b"fields"]]
     if dead:  # the contract bounds created_ns against the reader's clock: refused before execution
         assert b"created_ns" in dead[0][b"reason"] and sim.control.orders() == []
         return

@@ -250,7 +250,9 @@ def test_a_stub_quote_on_a_held_symbol_does_not_move_gross(redis_url, r, tmp_pat
     feed.position("AGNCN", 1000)
     wait_until(lambda: state_exposure(r).get("gross_pct") == pytest.approx(25.05), message="position marked")
     seen = len(exposures(r))
-    feed.quote("AGNCN", 0.01, 999_999.00)  # the stub quote: once 11 % -> 45,003 % gross
+    # The stub quote (once 11 % -> 45,003 % gross), its ask below max_price so the contract
+    # lets it through and exposure's own gate must catch it.
+    feed.quote("AGNCN", 0.01, 9_999.00)
     wait_until(lambda: saved_mark_inputs(r, "AGNCN").get("implausible") == "wide_spread", message="stub quote gated")
     feed.quote("AGNCN", 25.00, 25.10, implausible="jump")  # market data's verdict is honoured as is
     wait_until(lambda: saved_mark_inputs(r, "AGNCN").get("implausible") == "jump", message="flag honoured")
