@@ -56,8 +56,9 @@ def ok_exposures(system: System, since_ns: int = 0) -> list[dict]:
 
 
 def stub_and_watch(system: System, until: datetime) -> tuple[str, float]:
-    """Stub the largest long's quote, run to `until`; returns (symbol, gross before)."""
-    gross_before = ok_exposures(system)[-1]["gross_pct"]
+    """Stub the largest long's quote, run to `until`; returns (symbol, gross before). The
+    gross before is the broker's own (the referee's), not what exposure said."""
+    gross_before = system.sim.control.state()["account"]["gross_pct"]
     references = reference_mids(system)
     symbol = largest_long(system)
     stubbed_at = system.sim.control.state()["now_ns"]
