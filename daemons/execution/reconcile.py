@@ -42,9 +42,19 @@ class BrokerFill:
     ts_ns: int
 
 
+@dataclass(frozen=True)
+class Step:
+    """One change of one record, in the order it happened: the record after it and the
+    execution that made it (None for a status or id change). Every step is published."""
+
+    record: OrderRecord
+    fill: BrokerFill | None = None
+
+
 @dataclass
 class Reconciliation:
-    records: dict[str, OrderRecord] = field(default_factory=dict)  # changed records only
+    records: dict[str, OrderRecord] = field(default_factory=dict)  # changed records only (final state)
+    steps: list[Step] = field(default_factory=list)  # every change, in order: one per new fill, one per status change
     fills: list[tuple[str, BrokerFill]] = field(default_factory=list)  # (order_ref, fill) newly applied
     external: list[BrokerOrder] = field(default_factory=list)  # not placed by us: report, leave alone
     orphans: list[BrokerOrder] = field(default_factory=list)  # our prefix but no record: report
@@ -63,10 +73,11 @@ def reconcile(
     result = Reconciliation()
     current = dict(records)
 
-    def update(new: OrderRecord | None) -> None:
+    def update(new: OrderRecord | None, fill: BrokerFill | None = None) -> None:
         if new is not None:
             current[new.order_ref] = new
             result.records[new.order_ref] = new
+            result.steps.append(Step(new, fill))
 
     seen_refs: set[str] = set()
     # Fills first: a completed order's status then lands on an already-filled record.
@@ -77,7 +88,7 @@ def reconcile(
         seen_refs.add(fill.order_ref)
         applied = on_fill(_adopt(record, fill.order_id, fill.perm_id), fill.exec_id, fill.qty, fill.price)
         if applied is not None:
-            update(applied)
+            update(applied, fill)
             result.fills.append((fill.order_ref, fill))
     # Open orders before completed ones, so a final status is applied last.
     for order in sorted(broker_orders, key=lambda o: not o.open):

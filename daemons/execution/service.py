@@ -613,15 +613,17 @@ class ExecutionService:
             log.exception("reconciliation failed")
             return
         result = reconcile(self.records, broker_orders, broker_fills, now_ns)
-        fills_by_ref = {ref: fill for ref, fill in result.fills}
-        for ref, record in result.records.items():
+        # Every change in the order it happened: one event per recovered fill (each execId
+        # once: the record keeps the execIds it applied), one per status change.
+        for step in result.steps:
+            record, fill = step.record, step.fill
             if record.broker_order_id is not None:
-                self.by_order_id[record.broker_order_id] = ref
-            fill = fills_by_ref.get(ref)
+                self.by_order_id[record.broker_order_id] = record.order_ref
+            if fill is not None:
+                self.last_fill_bucket[fill.symbol] = record.bucket
+                metrics.fills.inc()
             last_fill = Fill(exec_id=fill.exec_id, qty=fill.qty, price=fill.price, ts_ns=fill.ts_ns) if fill else None
             self._save(effects, record, last_fill=last_fill)
-        for ref, fill in result.fills:
-            self.last_fill_bucket[fill.symbol] = self.records[ref].bucket
         for ref in result.expired:
             self._save(effects, dataclasses.replace(self.records[ref], status="EXPIRED", reject_reason="ttl: expired before the broker had it"))
         for ref in result.rejected:
