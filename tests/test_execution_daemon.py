@@ -318,6 +318,31 @@ def test_delayed_acks_make_no_duplicate(execution, sim, r):
     assert execution.placed("intent:slowack:1") == 1
 
 
+@pytest.mark.parametrize("ack_delay_s", [None, 0.5, 3.0])
+def test_a_normal_place_is_one_request_at_the_broker(execution, sim, r, ack_delay_s):
+    """No check re-sends an order before its acknowledgement could arrive: one `place`
+    and nothing else per orderRef, also when acks are slow (the broker would treat a
+    repeat as a modify: harmless, but noise). Each intent arrives together with IB's
+    "connectivity restored" (1102), so execution reconciles in the very loop that
+    placed it (before the order can be at the broker, let alone acknowledged)."""
+    execution.start().wait_connected()
+    execution.market(24.80, 24.82)
+    keys = [f"intent:oneplace:{n}" for n in range(4)]
+    for key in keys:
+        if ack_delay_s:
+            sim.control.delay_acks(1, seconds=ack_delay_s)
+        sim.control.send_code(1102, "Connectivity between IB and TWS has been restored - data maintained.")
+        execution.intent(key, limit_price=25.00)  # rests
+        execution.wait_status(key, "SUBMITTED", timeout=15)
+    time.sleep(2.0)
+    for key in keys:
+        requests = execution.referee(key)
+        assert [request["event"] for request in requests] == ["place"], (key, requests)
+        assert len(sim.control.orders(order_ref_for(key))) == 1
+    reconciled = [line for line in execution.process.log_lines() if line.get("msg") == "reconciled with the broker"]
+    assert len(reconciled) >= 1 + len(keys)  # the start, then once per 1102
+
+
 # --- lifecycle -------------------------------------------------------------------------------------------
 
 def test_modify_keeps_the_order_id_and_waits_2_5_seconds_then_ttl_cancels(execution, sim, r, tmp_path):

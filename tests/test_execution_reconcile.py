@@ -71,3 +71,13 @@ def test_an_order_adopted_after_a_crash_then_filled_twice():
     assert [s.fill.exec_id for s in result.steps if s.fill] == ["e.1", "e.2"]
     assert result.steps[0].record.perm_id == 70  # the broker's ids are taken with the first step
     assert result.records[REF].status == "FILLED" and result.resubmit == []
+
+
+def test_an_order_whose_place_may_still_be_on_its_way_is_awaited_not_resubmitted():
+    sent = record(broker_order_id=7)  # PENDING_SUBMIT, unknown to the broker's snapshot
+    waiting = reconcile({REF: sent}, [], [], now_ns=1_001 * S, in_flight=frozenset({REF}))
+    assert waiting.resubmit == [] and waiting.awaiting_ack == [REF] and waiting.steps == []
+    later = reconcile({REF: sent}, [], [], now_ns=1_010 * S)  # its ack timeout passed: still unknown
+    assert later.resubmit == [REF] and later.awaiting_ack == []
+    expired = reconcile({REF: sent}, [], [], now_ns=1_700 * S, in_flight=frozenset({REF}))
+    assert expired.expired == [REF] and expired.awaiting_ack == []

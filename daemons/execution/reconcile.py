@@ -59,6 +59,7 @@ class Reconciliation:
     external: list[BrokerOrder] = field(default_factory=list)  # not placed by us: report, leave alone
     orphans: list[BrokerOrder] = field(default_factory=list)  # our prefix but no record: report
     resubmit: list[str] = field(default_factory=list)  # PENDING_SUBMIT, not at the broker, not expired
+    awaiting_ack: list[str] = field(default_factory=list)  # would be resubmitted, but its send may still be on its way
     rejected: list[str] = field(default_factory=list)  # never acknowledged, the broker answered with an error
     expired: list[str] = field(default_factory=list)  # PENDING_SUBMIT, not at the broker, expired: never sent
     vanished: list[str] = field(default_factory=list)  # acknowledged, live, but unknown to the broker now
@@ -69,7 +70,11 @@ def reconcile(
     broker_orders: list[BrokerOrder],
     fills: list[BrokerFill],
     now_ns: int,
+    in_flight: frozenset[str] = frozenset(),
 ) -> Reconciliation:
+    """`in_flight`: orderRefs whose place is queued or was sent on this connection less
+    than the ack timeout ago. The broker may not show them yet; they are never
+    resubmitted (a repeat would reach the broker as a modify), only awaited."""
     result = Reconciliation()
     current = dict(records)
 
@@ -112,6 +117,8 @@ def reconcile(
                 result.rejected.append(ref)
             elif record.expires_ns <= now_ns:
                 result.expired.append(ref)
+            elif ref in in_flight:
+                result.awaiting_ack.append(ref)
             else:
                 result.resubmit.append(ref)
         else:
