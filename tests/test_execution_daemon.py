@@ -202,6 +202,65 @@ def test_connection_dropped_mid_order_and_fill_while_down(execution, sim, r):
     assert position["qty"] == 3000 and position["bucket"] == "LT"
 
 
+def cross(sim, bid: float, size: int = 100) -> None:
+    """The market crosses our resting SELL at 25.00: one fill of `size` shares (one
+    displayed level per market change)."""
+    freeze(sim, bid, round(bid + 0.02, 2), size)
+
+
+def sim_fills(sim, key: str) -> list[dict]:
+    return sim.control.fills(order_ref_for(key))
+
+
+@pytest.mark.parametrize("cut_off", ["drop_on_fill", "restart", "sigkill"])
+def test_every_fill_missed_while_cut_off_is_published_once(execution, sim, r, cut_off):
+    """A resting order fills once while execution listens, then twice more while it is
+    cut off; after it is back, ev.orders holds exactly one fill event per execId at the
+    broker (no more, no fewer, also after a further restart) and the quantities add up."""
+    key = f"intent:multifill:{cut_off}"
+    execution.start().wait_connected()
+    execution.market(24.80, 24.82)
+    execution.intent(key, qty=200, limit_price=25.00)  # rests above the ask (200: the liquidity cap)
+    execution.wait_status(key, "SUBMITTED")
+    cross(sim, 25.00)  # a first fill, heard live
+    wait_until(lambda: len(execution.fills(key)) == 1, timeout=15, message="first fill published live")
+    freeze(sim, 24.80, 24.82)
+    if cut_off == "drop_on_fill":
+        sim.control.refuse_connections(5)  # the next fill aborts our connection; no reconnect for 5 s
+        sim.control.drop_on_fill(1)
+    elif cut_off == "restart":
+        sim.control.restart(down_seconds=5)
+    else:
+        execution.process.kill()
+    if cut_off != "drop_on_fill":
+        wait_until(lambda: cut_off == "sigkill" or r.hget("state:broker", "connected") == b"false", timeout=10, message="cut off")
+    cross(sim, 25.01, size=50)
+    wait_until(lambda: len(sim_fills(sim, key)) == 2, timeout=10, message="second fill at the broker")
+    if cut_off == "drop_on_fill":
+        wait_until(lambda: r.hget("state:broker", "connected") == b"false", timeout=10, message="dropped on the fill")
+    freeze(sim, 24.80, 24.82)
+    cross(sim, 25.00, size=50)
+    wait_until(lambda: len(sim_fills(sim, key)) == 3, timeout=10, message="third fill at the broker")
+    assert len(execution.fills(key)) == 1  # nothing heard while cut off
+    if cut_off == "sigkill":
+        execution.start()
+    execution.wait_status(key, "FILLED", timeout=40)
+    time.sleep(1.5)
+    execution.process.restart()  # a further start reconciles the same executions again
+    execution.wait_connected()
+    time.sleep(2.0)
+    at_broker = sorted(f["exec_id"] for f in sim_fills(sim, key))
+    published = execution.fills(key)
+    assert sorted(f["exec_id"] for f in published) == at_broker  # each execId exactly once
+    assert [f["qty"] for f in published] == [100, 50, 50]
+    last = execution.orders(key)[-1]
+    assert last["status"] == "FILLED" and last["filled_qty"] == 200
+    filled_by_event = [o["filled_qty"] for o in execution.orders(key) if o.get("last_fill")]
+    assert filled_by_event == [100, 150, 200]  # in order, one step per execution
+    assert execution.placed(key) == 1
+    assert json.loads(r.hget("state:positions", SYMBOL))["qty"] == 3000
+
+
 def test_refused_connections_then_orders_flow_after_reconnect(execution, sim, r):
     execution.start().wait_connected()
     execution.market(24.80, 24.82)
@@ -257,6 +316,31 @@ def test_delayed_acks_make_no_duplicate(execution, sim, r):
     assert execution.statuses("intent:slowack:1") == ["PENDING_SUBMIT"]
     execution.wait_status("intent:slowack:1", "SUBMITTED", timeout=15)
     assert execution.placed("intent:slowack:1") == 1
+
+
+@pytest.mark.parametrize("ack_delay_s", [None, 0.5, 3.0])
+def test_a_normal_place_is_one_request_at_the_broker(execution, sim, r, ack_delay_s):
+    """No check re-sends an order before its acknowledgement could arrive: one `place`
+    and nothing else per orderRef, also when acks are slow (the broker would treat a
+    repeat as a modify: harmless, but noise). Each intent arrives together with IB's
+    "connectivity restored" (1102), so execution reconciles in the very loop that
+    placed it (before the order can be at the broker, let alone acknowledged)."""
+    execution.start().wait_connected()
+    execution.market(24.80, 24.82)
+    keys = [f"intent:oneplace:{n}" for n in range(4)]
+    for key in keys:
+        if ack_delay_s:
+            sim.control.delay_acks(1, seconds=ack_delay_s)
+        sim.control.send_code(1102, "Connectivity between IB and TWS has been restored - data maintained.")
+        execution.intent(key, limit_price=25.00)  # rests
+        execution.wait_status(key, "SUBMITTED", timeout=15)
+    time.sleep(2.0)
+    for key in keys:
+        requests = execution.referee(key)
+        assert [request["event"] for request in requests] == ["place"], (key, requests)
+        assert len(sim.control.orders(order_ref_for(key))) == 1
+    reconciled = [line for line in execution.process.log_lines() if line.get("msg") == "reconciled with the broker"]
+    assert len(reconciled) >= 1 + len(keys)  # the start, then once per 1102
 
 
 # --- lifecycle -------------------------------------------------------------------------------------------

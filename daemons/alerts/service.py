@@ -17,7 +17,7 @@ import redis
 
 from qe import config, daemon, metrics
 from qe.contracts import DLQ_STREAM, STREAM_TYPES, Alert, Envelope, make_event
-from qe.streams import Effects
+from qe.streams import Effects, group_lags
 
 from .core import (
     AlertBook,
@@ -281,17 +281,12 @@ class AlertsHandler:
         this worker's market data inputs. A stream that does not exist has no groups."""
         info_streams = ("ev.l1", "ev.prints", DLQ_STREAM)
         pipe = self.redis.pipeline(transaction=False)
-        for stream in LAG_STREAMS:
-            pipe.xinfo_groups(stream)
         for stream in info_streams:
             pipe.xinfo_stream(stream)
         replies = pipe.execute(raise_on_error=False)
         groups: list[GroupLag] = []
-        for stream, reply in zip(LAG_STREAMS, replies):
-            if isinstance(reply, Exception):
-                if "no such key" not in str(reply).lower():
-                    raise reply
-                continue
+        # Lag counted from each group's position (XINFO's own figure is wrong after a Redis restart).
+        for stream, reply in group_lags(self.redis, LAG_STREAMS).items():
             for group in reply:
                 lag = group.get("lag")
                 groups.append(
@@ -301,7 +296,7 @@ class AlertsHandler:
                     )
                 )
         streams: dict[str, dict[str, Any]] = {}
-        for stream, reply in zip(info_streams, replies[len(LAG_STREAMS):]):
+        for stream, reply in zip(info_streams, replies):
             if isinstance(reply, Exception):
                 if "no such key" not in str(reply).lower():
                     raise reply

@@ -42,13 +42,24 @@ class BrokerFill:
     ts_ns: int
 
 
+@dataclass(frozen=True)
+class Step:
+    """One change of one record, in the order it happened: the record after it and the
+    execution that made it (None for a status or id change). Every step is published."""
+
+    record: OrderRecord
+    fill: BrokerFill | None = None
+
+
 @dataclass
 class Reconciliation:
-    records: dict[str, OrderRecord] = field(default_factory=dict)  # changed records only
+    records: dict[str, OrderRecord] = field(default_factory=dict)  # changed records only (final state)
+    steps: list[Step] = field(default_factory=list)  # every change, in order: one per new fill, one per status change
     fills: list[tuple[str, BrokerFill]] = field(default_factory=list)  # (order_ref, fill) newly applied
     external: list[BrokerOrder] = field(default_factory=list)  # not placed by us: report, leave alone
     orphans: list[BrokerOrder] = field(default_factory=list)  # our prefix but no record: report
     resubmit: list[str] = field(default_factory=list)  # PENDING_SUBMIT, not at the broker, not expired
+    awaiting_ack: list[str] = field(default_factory=list)  # would be resubmitted, but its send may still be on its way
     rejected: list[str] = field(default_factory=list)  # never acknowledged, the broker answered with an error
     expired: list[str] = field(default_factory=list)  # PENDING_SUBMIT, not at the broker, expired: never sent
     vanished: list[str] = field(default_factory=list)  # acknowledged, live, but unknown to the broker now
@@ -59,14 +70,19 @@ def reconcile(
     broker_orders: list[BrokerOrder],
     fills: list[BrokerFill],
     now_ns: int,
+    in_flight: frozenset[str] = frozenset(),
 ) -> Reconciliation:
+    """`in_flight`: orderRefs whose place is queued or was sent on this connection less
+    than the ack timeout ago. The broker may not show them yet; they are never
+    resubmitted (a repeat would reach the broker as a modify), only awaited."""
     result = Reconciliation()
     current = dict(records)
 
-    def update(new: OrderRecord | None) -> None:
+    def update(new: OrderRecord | None, fill: BrokerFill | None = None) -> None:
         if new is not None:
             current[new.order_ref] = new
             result.records[new.order_ref] = new
+            result.steps.append(Step(new, fill))
 
     seen_refs: set[str] = set()
     # Fills first: a completed order's status then lands on an already-filled record.
@@ -77,7 +93,7 @@ def reconcile(
         seen_refs.add(fill.order_ref)
         applied = on_fill(_adopt(record, fill.order_id, fill.perm_id), fill.exec_id, fill.qty, fill.price)
         if applied is not None:
-            update(applied)
+            update(applied, fill)
             result.fills.append((fill.order_ref, fill))
     # Open orders before completed ones, so a final status is applied last.
     for order in sorted(broker_orders, key=lambda o: not o.open):
@@ -101,6 +117,8 @@ def reconcile(
                 result.rejected.append(ref)
             elif record.expires_ns <= now_ns:
                 result.expired.append(ref)
+            elif ref in in_flight:
+                result.awaiting_ack.append(ref)
             else:
                 result.resubmit.append(ref)
         else:

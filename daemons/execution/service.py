@@ -53,6 +53,9 @@ CONNECTIVITY_LOST, RESTORED_DATA_LOST, RESTORED_DATA_KEPT = 1100, 1101, 1102
 FARM_BROKEN = {2103, 2105, 2110}
 FARM_OK = {2104, 2106, 2158}
 PACING = 162
+# A place sent on the current connection is awaited this long before reconciliation may
+# resubmit it (the broker may not list it yet; a repeat would reach it as a modify).
+ACK_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -115,6 +118,7 @@ class ExecutionService:
         self.reconciled = False
         self.published_broker_state: tuple | None = None
         self.outbox: list[tuple] = []  # broker messages, sent after the commit that recorded them
+        self.in_flight: dict[str, float] = {}  # orderRef -> monotonic time its place was queued/sent, until acknowledged
         self.confirm_after_s: float | None = None
         self.last_fill_bucket: dict[str, str] = {}
         self.reported_external: set[tuple[int, str]] = set()
@@ -208,6 +212,7 @@ class ExecutionService:
             try:
                 if kind == "place":
                     _, record, account = message
+                    self.in_flight[record.order_ref] = time.monotonic()
                     self.broker.place(record, account, hidden=record.bucket in self.rules.hidden_buckets)
                     self.broker.flush()
                     failpoints.hit("execution.after_send")
@@ -363,8 +368,29 @@ class ExecutionService:
             numbered = dataclasses.replace(record, broker_order_id=order_id)
             self.by_order_id[order_id] = record.order_ref
             self._save(effects, numbered, publish=False)
-            self.outbox.append(("place", numbered, self.view.account))
+            self._queue_place(numbered)
             metrics.orders_sent.inc()
+
+    def _queue_place(self, record: core.OrderRecord) -> None:
+        """Place after the commit; until the broker acknowledges it (or ACK_TIMEOUT_S
+        passes) reconciliation awaits it instead of sending it again."""
+        if self._queued(record.order_ref):
+            return  # already queued in this loop
+        self.in_flight[record.order_ref] = time.monotonic()
+        self.outbox.append(("place", record, self.view.account))
+
+    def _awaited_refs(self, now_s: float) -> frozenset[str]:
+        """Places queued or sent on this connection, not yet acknowledged, within the ack timeout."""
+        for ref in [ref for ref in self.in_flight if self._acknowledged(ref) or now_s - self.in_flight[ref] >= ACK_TIMEOUT_S]:
+            del self.in_flight[ref]
+        return frozenset(self.in_flight)
+
+    def _acknowledged(self, ref: str) -> bool:
+        record = self.records.get(ref)
+        return record is None or record.acknowledged or record.status != "PENDING_SUBMIT"
+
+    def _queued(self, ref: str) -> bool:
+        return any(m[0] == "place" and m[1].order_ref == ref for m in self.outbox)
 
     def _max_order_id(self) -> int:
         return max((r.broker_order_id or 0 for r in self.records.values()), default=0)
@@ -603,6 +629,8 @@ class ExecutionService:
             log.warning("broker disconnected")
         self.view.socket_up = False
         self.reconciled = False
+        # Sends on the lost connection may never have arrived: reconciliation decides anew.
+        self.in_flight = {ref: sent for ref, sent in self.in_flight.items() if self._queued(ref)}
 
     def _reconcile(self, now_ns: int, effects: Effects) -> None:
         session_start = datetime.fromtimestamp(now_ns / 1e9, tz=NEW_YORK).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -613,16 +641,25 @@ class ExecutionService:
         except Exception:  # noqa: BLE001 - the link dropped mid-way: try again once reconnected
             log.exception("reconciliation failed")
             return
-        result = reconcile(self.records, broker_orders, broker_fills, now_ns)
-        fills_by_ref = {ref: fill for ref, fill in result.fills}
-        for ref, record in result.records.items():
+        now_s = time.monotonic()
+        awaited = self._awaited_refs(now_s)
+        result = reconcile(self.records, broker_orders, broker_fills, now_ns, in_flight=awaited)
+        if result.awaiting_ack:
+            # Look again once their acks are due: resubmitted then only if still unknown.
+            due = min(self.in_flight[ref] for ref in result.awaiting_ack) + ACK_TIMEOUT_S
+            self.confirm_after_s = due if self.confirm_after_s is None else min(self.confirm_after_s, due)
+            log.info("awaiting acknowledgements before any resubmission", extra={"order_refs": result.awaiting_ack})
+        # Every change in the order it happened: one event per recovered fill (each execId
+        # once: the record keeps the execIds it applied), one per status change.
+        for step in result.steps:
+            record, fill = step.record, step.fill
             if record.broker_order_id is not None:
-                self.by_order_id[record.broker_order_id] = ref
-            fill = fills_by_ref.get(ref)
+                self.by_order_id[record.broker_order_id] = record.order_ref
+            if fill is not None:
+                self.last_fill_bucket[fill.symbol] = record.bucket
+                metrics.fills.inc()
             last_fill = Fill(exec_id=fill.exec_id, qty=fill.qty, price=fill.price, ts_ns=fill.ts_ns) if fill else None
             self._save(effects, record, last_fill=last_fill)
-        for ref, fill in result.fills:
-            self.last_fill_bucket[fill.symbol] = self.records[ref].bucket
         for ref in result.expired:
             self._save(effects, dataclasses.replace(self.records[ref], status="EXPIRED", reject_reason="ttl: expired before the broker had it"))
         for ref in result.rejected:
@@ -644,7 +681,7 @@ class ExecutionService:
             if record.broker_order_id is not None:
                 # Same broker order id: if the first send did reach the broker after all,
                 # this is a modify of that order, never a second one.
-                self.outbox.append(("place", record, self.view.account))
+                self._queue_place(record)
                 log.warning("resubmitting an order the broker does not have", extra={"order_ref": ref})
         for order in result.external + result.orphans:
             self._report_external(order, now_ns, effects)

@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol, Sequence
 
@@ -358,6 +359,10 @@ class Consumer:
         self._last_handler_error: dict[str, str] = {}
         self._next_tick = 0.0
         self._next_housekeeping = 0.0
+        # Trim-loss accounting (rule 7): new entries handed to this process per stream since
+        # the last observation, and each stream's last observation.
+        self._delivered: Counter[str] = Counter()
+        self._read_bases: dict[str, ReadBase] = {}
         self._next_claim = time.monotonic() + self.config.claim_interval_s
         self.daemon_key = DAEMON_KEY.format(daemon=daemon)
         self.started_ns = time.time_ns()
@@ -433,6 +438,12 @@ class Consumer:
             for stream in self.streams:
                 self._create_group(stream)
             self._groups_ready = True
+            if self.streams:
+                # Where each group stands before this process reads anything (rule 7): the
+                # base every later trim-loss figure of this process is counted from.
+                self._delivered.clear()
+                self._read_bases.clear()
+                self._observe_groups()
         if self._needs_load:
             self.handler.load(self.redis)
             self._needs_load = False
@@ -484,6 +495,8 @@ class Consumer:
             count=self.config.batch_size,
             block=self._block_ms(),
         )
+        for stream, items in reply or ():
+            self._delivered[_text(stream)] += len(items)
         return [
             Entry(stream.decode(), entry_id.decode(), fields, 1)
             for stream, items in reply or ()
@@ -705,51 +718,181 @@ class Consumer:
             pipe.xinfo_stream(stream)
         pipe.hgetall(self.daemon_key)
         replies = pipe.execute()
-        reported = {_text(k): int(v) for k, v in replies[-1].items() if _text(k).startswith("trim_lost:")}
+        saved = {_text(k): _text(v) for k, v in replies[-1].items()}
         effects = Effects(self.policy)
         for index, stream in enumerate(self.streams):
             groups, info = replies[2 * index], replies[2 * index + 1]
             mine = next((g for g in groups if _text(g.get("name")) == self.group), None)
+            delivered = self._delivered.pop(stream, 0)
             if mine is None:
+                self._read_bases.pop(stream, None)
                 continue
-            lag = mine.get("lag")
-            if lag is not None:
-                metrics.consumer_lag.labels(stream, self.group).set(lag)
+            base = self._read_bases.get(stream)
+            if base is not None:
+                base = dataclasses.replace(base, delivered=base.delivered + delivered)
+            saved_base = _parse_mark(saved.get(f"read_base:{stream}"))
+            reading, base = observe_group(
+                mine, info, count_after(self.redis, stream, mine, info), base, saved_base, _parse_mark(saved.get(f"trim_lost:{stream}"))
+            )
+            if base is None:
+                self._read_bases.pop(stream, None)
+            else:
+                self._read_bases[stream] = base
+                if base.exact and base.delivered == 0 and base.reported == 0 and (base.last_delivered_id, base.read) != saved_base:
+                    effects.hset(self.daemon_key, {f"read_base:{stream}": f"{base.last_delivered_id} {base.read}"})
+            if reading.lag is not None:
+                metrics.consumer_lag.labels(stream, self.group).set(reading.lag)
             metrics.consumer_pending.labels(stream, self.group).set(mine.get("pending", 0))
-            lost = _trimmed_unread(mine, info)
-            already = reported.get(f"trim_lost:{stream}", 0)
-            if lost is not None and lost > already:
-                self._report_trimmed_unread(stream, lost - already, lost, effects)
+            if reading.newly_lost:
+                self._report_trimmed_unread(stream, reading, effects)
         commit(self.redis, self.script, effects)
 
-    def _report_trimmed_unread(self, stream: str, newly_lost: int, total: int, effects: Effects) -> None:
-        metrics.trimmed_unprocessed.labels(stream).inc(newly_lost)
+    def _report_trimmed_unread(self, stream: str, reading: "GroupReading", effects: Effects) -> None:
+        metrics.trimmed_unprocessed.labels(stream).inc(reading.newly_lost)
         reason = (
-            f"{newly_lost} entries of {stream} were trimmed before group {self.group} read them "
-            f"({total} in all); raise the retention of {stream} or find why the group lags"
+            f"{reading.newly_lost} entries of {stream} were trimmed before group {self.group} read them "
+            f"(group at {reading.last_delivered_id}); raise the retention of {stream} or find why the group lags"
         )
-        log.error("entries trimmed before processing", extra={"stream": stream, "lost": newly_lost})
-        marker = Entry(stream, f"trimmed-unread-{total}", None, 0)
+        log.error("entries trimmed before processing", extra={"stream": stream, "lost": reading.newly_lost})
+        marker = Entry(stream, f"trimmed-unread-{reading.last_delivered_id}-{reading.newly_lost}", None, 0)
         effects.dead_letter(marker, reason, "trimmed_unread", self.consumer, self.group)
-        effects.hset(self.daemon_key, {f"trim_lost:{stream}": total})
+        if reading.gap_lost:
+            effects.hset(self.daemon_key, {f"trim_lost:{stream}": f"{reading.last_delivered_id} {reading.gap_lost}"})
 
 
-def _trimmed_unread(group: dict[str, Any], info: dict[str, Any]) -> int | None:
-    """Entries of the stream this group will never see because retention trimmed them
-    first: added - read - still present and undelivered. None when Redis cannot tell
-    (Redis < 7, or the group is in the middle of the stream)."""
-    added, entries_read = info.get("entries-added"), group.get("entries-read")
-    if added is None or entries_read is None:
-        return None
+# --- lag and trim loss, without trusting a group's entries-read (rule 7) -------------------------
+#
+# Redis 7.0 does not keep a group's entries-read across a restart: the AOF (and an RDB)
+# brings back the value of the XGROUP CREATE (its ENTRIESREAD), not the reads since, and
+# XINFO's `lag` is computed from it. So:
+# * lag is counted from the group's last-delivered-id (entries present after it);
+# * entries after last-delivered-id can only have been trimmed unread when the stream's
+#   first entry is beyond it (a gap); how many: entries-added (which Redis does keep)
+#   - entries present - entries ever added up to last-delivered-id (`read`);
+# * `read` is measured whenever it is exact (no gap: entries-added - lag) and carried
+#   forward by the entries this process is delivered (`>` reads), so a gap the group
+#   jumped over between two observations is found too: the growth of `read` beyond
+#   what was delivered was trimmed unread.
+
+LAG_COUNT_BOUND = 1000  # entries counted one by one past the group's position; beyond it, an estimate
+_COUNT_AFTER_LUA = "return #redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', tonumber(ARGV[2]))"
+
+
+@dataclass(frozen=True)
+class ReadBase:
+    """Where a group stood at an exact observation, and what happened since (per process)."""
+
+    last_delivered_id: str
+    read: int  # entries ever added up to last_delivered_id (with those trimmed before the group existed)
+    delivered: int = 0  # new entries this process was handed since
+    reported: int = 0  # losses reported since
+    exact: bool = True  # False: `read` is a lower bound (a gap seen first thing after a start)
+
+
+@dataclass(frozen=True)
+class GroupReading:
+    last_delivered_id: str
+    lag: int | None  # entries present and not yet delivered to the group
+    newly_lost: int = 0  # entries trimmed unread, not reported before
+    gap_lost: int = 0  # entries after last_delivered_id trimmed unread (while a gap is seen)
+
+
+def count_after(r: redis.Redis, stream: str, group: dict[str, Any], info: dict[str, Any], bound: int = LAG_COUNT_BOUND) -> int | None:
+    """Entries present after the group's last-delivered-id, counted up to `bound` inside
+    Redis (nothing is transferred); None when the figure follows from XINFO alone."""
     last_delivered = _text(group.get("last-delivered-id")) or "0-0"
     first = info.get("first-entry")
-    if last_delivered == _text(info.get("last-generated-id")):
-        undelivered_present = 0
-    elif first and _id_tuple(_text(first[0])) > _id_tuple(last_delivered):
-        undelivered_present = info.get("length", 0)
-    else:
+    if _id_tuple(last_delivered) >= _id_tuple(_text(info.get("last-generated-id")) or "0-0"):
         return None
-    return max(added - entries_read - undelivered_present, 0)
+    if not first or _id_tuple(_text(first[0])) > _id_tuple(last_delivered):
+        return None
+    return int(r.eval(_COUNT_AFTER_LUA, 1, stream, last_delivered, bound))
+
+
+def group_lag(group: dict[str, Any], info: dict[str, Any], counted_after: int | None, bound: int = LAG_COUNT_BOUND) -> tuple[int, bool, bool]:
+    """(entries present after the group's position, exact?, gap?) (pure)."""
+    position = _id_tuple(_text(group.get("last-delivered-id")) or "0-0")
+    first = info.get("first-entry")
+    length = int(info.get("length", 0))
+    if position >= _id_tuple(_text(info.get("last-generated-id")) or "0-0"):
+        return 0, True, False
+    if not first or _id_tuple(_text(first[0])) > position:
+        return length, True, True  # everything present is after it: what was in between is gone
+    if counted_after is not None and counted_after < bound:
+        return counted_after, True, False
+    # More than `bound` behind: Redis's figure (never below the truth), at most the length.
+    redis_lag = group.get("lag")
+    return (max(bound, min(int(redis_lag), length)) if redis_lag is not None else bound), False, False
+
+
+def observe_group(
+    group: dict[str, Any],
+    info: dict[str, Any],
+    counted_after: int | None,
+    base: ReadBase | None,
+    saved_base: tuple[str, int] | None = None,
+    reported_gap: tuple[str, int] | None = None,
+    bound: int = LAG_COUNT_BOUND,
+) -> tuple[GroupReading, ReadBase | None]:
+    """Lag and trim loss of one group (pure). `base`: this process's last observation
+    (None after a start); `saved_base`: (position, read) of the last exact observation of
+    any process, and `reported_gap`: (position, count) of the last gap reported, both
+    saved in the daemon hash, so a restarted daemon counts right and reports nothing twice."""
+    last_delivered = _text(group.get("last-delivered-id")) or "0-0"
+    lag, exact, gap = group_lag(group, info, counted_after, bound)
+    added = info.get("entries-added")
+    if added is None:  # Redis < 7: no counters, no loss figure
+        return GroupReading(last_delivered, lag), None
+    added = int(added)
+    if not gap:
+        if not exact:
+            return GroupReading(last_delivered, lag), base
+        read = added - lag
+        newly = 0
+        if base is not None:  # entries added up to here that were neither delivered nor reported: trimmed unread
+            newly = max(read - base.read - base.delivered - base.reported, 0)
+        return GroupReading(last_delivered, lag, newly), ReadBase(last_delivered, read)
+    # A gap: every entry after last_delivered that is not present was trimmed unread.
+    if base is not None:
+        read, reported = base.read + base.delivered, base.reported
+    else:
+        # First look since this process started: lower bounds only (never above the truth);
+        # the saved observation is exact when the group has not moved since.
+        known = [int(group["entries-read"])] if group.get("entries-read") is not None else []
+        if saved_base is not None and _id_tuple(saved_base[0] or "0-0") <= _id_tuple(last_delivered):
+            known.append(saved_base[1])
+        read = max(known, default=0)
+        reported = reported_gap[1] if reported_gap is not None and reported_gap[0] == last_delivered else 0
+        base = ReadBase(last_delivered, read, exact=False)
+    gap_lost = max(added - lag - read, 0)
+    newly = max(gap_lost - reported, 0)
+    return GroupReading(last_delivered, lag, newly, gap_lost), dataclasses.replace(base, reported=reported + newly)
+
+
+def group_lags(r: redis.Redis, streams: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """XINFO GROUPS of each existing stream with every group's `lag` counted as above
+    (lag alerts, `qe status`: XINFO's own figure is wrong after a Redis restart)."""
+    result: dict[str, list[dict[str, Any]]] = {}
+    for stream in streams:
+        try:
+            groups, info = r.xinfo_groups(stream), r.xinfo_stream(stream)
+        except redis.ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                continue
+            raise
+        result[stream] = [{**g, "lag": group_lag(g, info, count_after(r, stream, g, info))[0]} for g in groups]
+    return result
+
+
+def _parse_mark(value: str | None) -> tuple[str, int] | None:
+    """'<entry id> <count>' as saved in the daemon hash (an older plain count has no id)."""
+    if not value:
+        return None
+    entry_id, _, count = value.partition(" ")
+    try:
+        return (entry_id, int(count)) if count else ("", int(entry_id))
+    except ValueError:
+        return None
 
 
 def _text(value: Any) -> str | None:
