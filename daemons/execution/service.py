@@ -22,6 +22,7 @@ from typing import Any
 import redis
 
 from qe import failpoints, metrics, state
+from qe.alert_types import RAISED, AlertType
 from qe.clock import NEW_YORK
 from qe.contracts import (
     Account,
@@ -503,7 +504,7 @@ class ExecutionService:
             # Not saved, not published: the last known position stands (unknown is not zero).
             log.error("absurd position from the broker ignored", extra={"symbol": symbol, "problem": problem})
             # (symbol in the text only: a broker symbol need not fit the contract's Symbol pattern)
-            self._alert(effects, now_ns, "absurd_broker_value", "error", f"position {symbol[:40]!r}: {problem}; ignored",
+            self._alert(effects, now_ns, AlertType.ABSURD_BROKER_VALUE, "error", f"position {symbol[:40]!r}: {problem}; ignored",
                         data={"symbol": symbol[:40]}, key=idempotency_key("alert", "absurd_broker_value", symbol, problem))
             return
         qty = int(raw_qty)
@@ -575,7 +576,7 @@ class ExecutionService:
         )
         key = idempotency_key("order", "external", order.perm_id, status)
         effects.publish("ev.orders", self._event(payload, key, now_ns))
-        kind = "orphan_order" if ours else "external_order"
+        kind = AlertType.ORPHAN_ORDER if ours else AlertType.EXTERNAL_ORDER
         self._alert(effects, now_ns, kind, "warning",
                     f"{'our orderRef without a record' if ours else 'order not placed by quant-engine'}: "
                     f"{order.side} {order.qty:g} {order.symbol} (permId {order.perm_id}, client {order.client_id}); left alone",
@@ -630,7 +631,7 @@ class ExecutionService:
         for ref in result.vanished:
             record = self.records[ref]
             self._save(effects, dataclasses.replace(record, status="CANCELLED", reject_reason="not found at the broker on reconciliation"))
-            self._alert(effects, now_ns, "order_vanished", "warning", f"{ref} was live but the broker no longer knows it", symbol=record.symbol)
+            self._alert(effects, now_ns, AlertType.ORDER_VANISHED, "warning", f"{ref} was live but the broker no longer knows it", symbol=record.symbol)
         for ref in result.resubmit:
             record = self.records[ref]
             if record.limit_price is not None:
@@ -730,13 +731,14 @@ class ExecutionService:
         now_ns = self.clock.now_ns()
         effects.publish("ev.orders", self._event(payload, key, now_ns))
         if record.status == "REJECTED":
-            self._alert(effects, now_ns, "order_rejected", "warning", f"{record.order_ref} {record.side} {record.qty} {record.symbol}: {record.reject_reason}",
+            self._alert(effects, now_ns, AlertType.ORDER_REJECTED, "warning", f"{record.order_ref} {record.side} {record.qty} {record.symbol}: {record.reject_reason}",
                         symbol=record.symbol, data={"code": record.reject_code, "intent_key": record.intent_key},
                         key=idempotency_key("alert", "order_rejected", record.order_ref))
 
-    def _alert(self, effects: Effects, now_ns: int, alert_type: str, severity: str, message: str,
+    def _alert(self, effects: Effects, now_ns: int, alert_type: AlertType, severity: str, message: str,
                symbol: str | None = None, data: dict | None = None, key: str | None = None) -> None:
-        payload = Alert(alert_type=alert_type, severity=severity, symbol=symbol, message=message, data=data or {})
+        # Execution's alerts are one-off events (raised, never resolved).
+        payload = Alert(alert_type=alert_type, state=RAISED, severity=severity, symbol=symbol, message=message, data=data or {})
         effects.publish("ev.alerts", self._event(payload, key or idempotency_key("alert", alert_type, now_ns), now_ns))
 
     def _event(self, payload: Any, key: str, now_ns: int) -> Envelope:
