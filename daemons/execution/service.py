@@ -33,6 +33,7 @@ from qe.contracts import (
     Order,
     Position,
     idempotency_key,
+    is_our_order_ref,
     make_event,
     order_ref_for,
 )
@@ -43,7 +44,7 @@ from qe.universe import Instrument
 from . import core
 from .broker import BrokerLink, OrderDone
 from .prices import PriceBook
-from .reconcile import OUR_PREFIX, BrokerFill, BrokerOrder, reconcile
+from .reconcile import BrokerFill, BrokerOrder, reconcile
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ class ExecutionService:
         self.position_costs: dict[str, tuple[int, float]] = {}  # last published (qty, avg_cost)
         self.equity: float | None = None
         self.halted = False
-        self.mode: str | None = None
+        # The Brain's mode and halt as qe.state reads them (unknown: increases refused).
+        self.brain: state.Reading[state.DecisionState] = state.Reading(state.DECISION, problem="not read yet")
         self.regime: str | None = None
         self.view = BrokerView()
         self.reconciled = False
@@ -135,11 +137,13 @@ class ExecutionService:
             self.records[ref.decode()] = record
             if record.broker_order_id is not None:
                 self.by_order_id[record.broker_order_id] = record.order_ref
-        for symbol, raw in r.hgetall(state.POSITIONS).items():
-            position = json.loads(raw)
-            self.positions[symbol.decode()] = int(position["qty"])
-            self.position_buckets[symbol.decode()] = position["bucket"]
-            self.position_costs[symbol.decode()] = (int(position["qty"]), round(float(position["avg_cost"]), 6))
+        positions = state.read_positions(r)
+        for problem in positions.problems.values():
+            log.error("unreadable saved position skipped (reconciliation re-learns it)", extra={"problem": problem})
+        for symbol, position in positions.values.items():
+            self.positions[symbol] = position.qty
+            self.position_buckets[symbol] = position.bucket
+            self.position_costs[symbol] = (position.qty, round(position.avg_cost, 6))
         for symbol, raw in r.hgetall(PRICES).items():
             try:
                 self.prices.restore(symbol.decode(), json.loads(raw))
@@ -148,7 +152,7 @@ class ExecutionService:
         saved = state.read(r, STATE_EXECUTION)
         self.halted = bool(saved.get("halted", False))
         self.equity = saved.get("equity")
-        self.mode = _text(r.hget(state.DECISION, "mode"))
+        self._read_brain(r)
         if self.view.socket_up:
             self._check_account()
         log.info("execution state loaded", extra={"orders": len(self.records), "positions": len(self.positions)})
@@ -188,7 +192,7 @@ class ExecutionService:
             self._reconcile(now_ns, effects)  # confirm local "Cancelled" guesses with the broker
         if now_s - self.last_mode_poll_s >= self.rules.mode_poll_interval_s and self.redis is not None:
             self.last_mode_poll_s = now_s
-            self.mode = _text(self.redis.hget(state.DECISION, "mode"))
+            self._read_brain(self.redis)
         self._expire_and_cancel(now_ns, effects)
         self._apply_waiting_modifies(now_ns, effects)
         self._send_waiting_orders(now_ns, effects)
@@ -295,12 +299,24 @@ class ExecutionService:
         self._save(effects, record)
         self._send_waiting_orders(now_ns, effects, only=ref)
 
+    def _read_brain(self, r: redis.Redis) -> None:
+        """The Brain's mode and halt, through its contract (qe.state); a change of
+        readability is logged once."""
+        reading = state.read_decision(r)
+        if reading.problem != self.brain.problem and reading.problem is not None:
+            log.error("the Brain's mode is unknown: risk-increasing orders refused", extra={"problem": reading.describe()})
+        elif reading.ok and not self.brain.ok:
+            log.info("the Brain's mode is known", extra={"mode": reading.value.mode if reading.value else None})
+        self.brain = reading
+
     def _gate(self) -> core.Gate:
+        brain = self.brain.value
         return core.Gate(
             account_ok=self.view.account_ok,
             account_reason=self.view.account_reason,
-            halted=self.halted or self.mode == "HALTED",
-            mode=self.mode,
+            halted=self.halted or (brain is not None and brain.cancels_only),
+            # None: the Brain's mode is unknown (missing or invalid): no risk increase.
+            mode=brain.mode if brain is not None else None,
         )
 
     def _on_quote(self, quote: Any, effects: Effects) -> None:
@@ -523,7 +539,8 @@ class ExecutionService:
                 # The intent that opened (or flipped) the position gives its bucket.
                 self.position_buckets[symbol] = self.last_fill_bucket.get(symbol) or self._bucket_for(symbol)
             bucket = self.position_buckets[symbol]
-            effects.hset(state.POSITIONS, {symbol: json.dumps({"qty": qty, "avg_cost": avg_cost, "bucket": bucket, "account": account})})
+            stored = state.PositionState(qty=qty, avg_cost=avg_cost, bucket=bucket, account=account)  # type: ignore[arg-type]
+            effects.hset(state.POSITIONS, {symbol: state.position_value(stored)})
         payload = Position(account=account, symbol=symbol, qty=qty, avg_cost=round(avg_cost, 6), bucket=bucket)
         effects.publish("ev.positions", self._event(payload, idempotency_key("position", account, symbol, qty, now_ns), now_ns))
 
@@ -553,7 +570,7 @@ class ExecutionService:
         effects.publish("ev.positions", self._event(payload, idempotency_key("account", self.view.account, now_ns), now_ns))
 
     def _report_external(self, order: BrokerOrder, now_ns: int, effects: Effects) -> None:
-        ours = order.order_ref.startswith(OUR_PREFIX)
+        ours = is_our_order_ref(order.order_ref)
         if ours and order.order_ref in self.records:
             return
         if (order.perm_id, order.status) in self.reported_external:
@@ -701,7 +718,7 @@ class ExecutionService:
     def _save(self, effects: Effects, record: core.OrderRecord, publish: bool = True, last_fill: Fill | None = None) -> None:
         previous = self.records.get(record.order_ref)
         self.records[record.order_ref] = record
-        effects.hset(state.ORDERS, {record.order_ref: json.dumps(record.to_json(), separators=(",", ":"))})
+        effects.hset(state.ORDERS, {record.order_ref: state.order_value(record.to_json())})
         if not publish:
             return
         if previous is not None and last_fill is None and _same_public_state(previous, record):
@@ -769,7 +786,3 @@ class _IntentView:
     @classmethod
     def of(cls, record: core.OrderRecord) -> "_IntentView":
         return cls(record.symbol, record.side, record.qty, record.limit_price, record.classification)
-
-
-def _text(value: Any) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value

@@ -10,7 +10,6 @@ backlog; a malformed message is logged, counted and skipped.
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -24,6 +23,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from qe import config as qe_config
 from qe import daemon as qe_daemon
 from qe import metrics
+from qe import state as qe_state
 from qe.alert_types import RAISED, RESOLVED, AlertState, AlertType
 from qe.contracts import Alert, Envelope, Severity, idempotency_key, make_event
 from qe.holdings import Holdings, HoldingsReader
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 DAEMON = "market-data"
 SOURCE = "market-data"
-SESSION_KEY = "state:session"
 SEED_SEEN_MAX = 50_000
 HEALTH_INTERVAL_S = 1.0
 HOLDINGS_INTERVAL_S = 5.0  # positions and open orders are re-read this often (and at every connect)
@@ -80,11 +79,10 @@ class MarketOpen:
 
     def __call__(self, r: redis.Redis, now_ns: int) -> bool:
         try:
-            market_open, session_now = r.hmget(SESSION_KEY, "market_open", "now_ns")
-            if market_open is not None and session_now is not None:
-                if abs(now_ns - int(json.loads(session_now))) <= SESSION_FRESH_NS:
-                    return bool(json.loads(market_open))
-        except (*REDIS_ERRORS, ValueError, TypeError):
+            session = qe_state.read_session(r).value  # None: missing or invalid -> the calendar
+            if session is not None and abs(now_ns - session.payload.now_ns) <= SESSION_FRESH_NS:
+                return session.payload.market_open
+        except REDIS_ERRORS:
             pass
         import pandas as pd
 
