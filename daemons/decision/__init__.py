@@ -110,6 +110,7 @@ def public_state(state: BrainState) -> qe_state.DecisionState:
     return qe_state.DecisionState(
         mode=state.mode, since_ns=state.since_ns, reason=state.reason,  # type: ignore[arg-type]
         halted=state.halted, halt_reason=state.halt_reason, halt_operator=state.halt_operator,
+        trading_day=state.trading_day, broker_connected=state.broker_connected,
     )
 
 

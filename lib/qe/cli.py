@@ -17,9 +17,9 @@ import redis
 import getpass
 import os
 
-from . import acl, config, daemon, streams
+from . import acl, config, daemon, state, streams
 from . import clock as clock_module
-from .contracts import DLQ_STREAM, STREAM_TYPES, Control, idempotency_key, make_event
+from .contracts import DLQ_STREAM, STREAM_TYPES, Control, idempotency_key, is_our_order_ref, make_event
 from .streams import DAEMON_KEY
 from .universe import UniverseError, load_universe
 
@@ -263,9 +263,11 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> tuple[Any
             }
         )
     decision = cmd_status_decision(r)
-    session = _hash(r, "state:session")
-    exposure = _hash(r, "state:exposure")
-    broker = _hash(r, "state:broker")
+    # Other daemons' state through their contracts (qe.state): a value that is missing or
+    # invalid is shown as such, never as zero.
+    session, session_problem = _snapshot(state.read_session(r))
+    exposure, exposure_problem = _snapshot(state.read_exposure(r))
+    broker, broker_problem = _snapshot(state.read_broker(r))
     caps = config.load_rules(settings.rules_file).exposure
     result: dict[str, Any] = {
         "daemons": daemons,
@@ -278,6 +280,7 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> tuple[Any
         },
         "caps": {"hard_cap_pct": caps.hard_cap_pct, "cap_recovery_target_pct": caps.cap_recovery_target_pct},
         "broker": {k: broker.get(k) for k in ("connected", "orders_allowed", "account", "mode", "data_farm_ok", "reason")},
+        "problems": [p for p in (decision.get("problem"), session_problem, exposure_problem, broker_problem) if p],
     }
     lines = ["DAEMONS", table(daemons, ["daemon", "health", "heartbeat_age", "pid", "consumer"])]
     if decision.get("mode"):
@@ -291,10 +294,20 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> tuple[Any
     if exposure:
         lines += ["", _exposure_lines(exposure, caps.hard_cap_pct)]
     if broker:
-        state = "connected" if broker.get("connected") else "DOWN"
+        link = "connected" if broker.get("connected") else "DOWN"
         allowed = "" if broker.get("orders_allowed", True) else ", orders REFUSED"
-        lines += ["", f"BROKER {state}{allowed}: account {broker.get('account')} ({broker.get('mode')}), {broker.get('reason')}"]
+        lines += ["", f"BROKER {link}{allowed}: account {broker.get('account')} ({broker.get('mode')}), {broker.get('reason')}"]
+    for problem in result["problems"]:
+        if not problem.endswith(": missing"):
+            lines += [f"UNKNOWN {problem}"]
     return result, "\n".join(lines)
+
+
+def _snapshot(reading: state.Reading[state.Snapshot[Any]]) -> tuple[dict[str, Any], str | None]:
+    """A typed state reading as plain JSON values for display, and its problem."""
+    if reading.value is None:
+        return {}, reading.describe()
+    return reading.value.payload.model_dump(mode="json"), None
 
 
 def _pct(value: Any) -> str:
@@ -345,7 +358,7 @@ def cmd_why(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, s
     r = connect(settings)
     for key in sorted((_text(k) for k in r.scan_iter(match="state:decision:why:*")), reverse=True):
         intent_key = args.ref
-        if args.ref.startswith("qe-"):
+        if is_our_order_ref(args.ref):
             found = r.hget(key, args.ref)
             if found is None:
                 continue
@@ -372,9 +385,10 @@ def cmd_why(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, s
 
 
 def cmd_status_decision(r: redis.Redis) -> dict[str, Any]:
-    state = _hash(r, "state:decision")
-    return {k: state.get(k) for k in ("mode", "since_ns", "reason", "halted", "halt_reason", "halt_operator",
-                                      "broker_connected", "trading_day")}
+    reading = state.read_decision(r)
+    if reading.value is None:
+        return {"mode": None, "problem": reading.describe()}
+    return reading.value.model_dump(mode="json")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, config.Settings], tuple[Any, str]]] = {

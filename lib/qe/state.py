@@ -211,6 +211,8 @@ class DecisionState(BaseModel):
     halted: bool = False
     halt_reason: Message = ""
     halt_operator: str = Field(default="", max_length=64)
+    trading_day: str | None = Field(default=None, max_length=10)  # the day the Brain is on
+    broker_connected: bool | None = None  # the Brain's view of the broker (None: not heard yet)
 
     @property
     def reduce_only(self) -> bool:
