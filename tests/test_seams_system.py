@@ -14,7 +14,7 @@ import time
 import pytest
 import redis
 
-from qe import state, streams
+from qe import acl, state, streams
 from qe.config import load_rules
 from qe.contracts import Intent, intent_id_for, is_our_order_ref, make_event, order_ref_for
 from tests.support.processes import wait_until
@@ -29,10 +29,8 @@ PRODUCER_PASSWORD = "test-producer-password"
 def producer(system: System) -> streams.Publisher:
     """A publisher that can append to ev.intents (and its dedupe markers) only."""
     system.r.execute_command(
-        "ACL", "SETUSER", PRODUCER, "reset", "on", f">{PRODUCER_PASSWORD}",
-        "~ev.intents", "~dedupe:ev.intents:*",
-        "+ping", "+hello", "+client|setname", "+client|setinfo", "+multi", "+exec", "+xadd", "+set",
-        "+evalsha", "+eval", "+script|load", "+script|exists",
+        "ACL", "SETUSER", PRODUCER, "reset", "on", f">{PRODUCER_PASSWORD}", "~ev.intents", "~dedupe:ev.intents:*",
+        *acl.CONNECTION_COMMANDS.split(), *acl.SCRIPT_COMMANDS.split(), *acl.PUBLISH_COMMANDS.split(),
     )
     client = redis.Redis(port=system.redis_server.port, username=PRODUCER, password=PRODUCER_PASSWORD)
     assert "NOPERM" in _refused(lambda: client.hset(state.DECISION, "mode", '"NORMAL"'))  # it cannot fake the Brain
