@@ -33,7 +33,7 @@ def producer(system: System) -> streams.Publisher:
         *acl.CONNECTION_COMMANDS.split(), *acl.SCRIPT_COMMANDS.split(), *acl.PUBLISH_COMMANDS.split(),
     )
     client = redis.Redis(port=system.redis_server.port, username=PRODUCER, password=PRODUCER_PASSWORD)
-    assert "NOPERM" in _refused(lambda: client.hset(state.DECISION, "mode", '"NORMAL"'))  # it cannot fake the Brain
+    assert "no permissions" in _refused(lambda: client.hset(state.DECISION, "mode", "\"NORMAL\""))  # it cannot fake the Brain
     return streams.Publisher(client, load_rules(system.rules_file))
 
 
