@@ -8,8 +8,8 @@ import time
 
 import yaml
 
-from qe import cli, config, streams
-from qe.contracts import L1, make_event
+from qe import cli, config, state, streams
+from qe.contracts import L1, BrokerState, BucketExposure, Exposure, Session, make_event
 from tests.support.processes import REPO, VENV_BIN, daemon_env
 
 QE = str(VENV_BIN / "qe")
@@ -68,16 +68,25 @@ def test_streams_and_dlq_round_trip(redis_url, r):
 
 
 def test_status_shows_mode_session_exposure_against_caps_and_broker(redis_url, r):
-    def put(key, **fields):
-        r.hset(key, mapping={k: json.dumps(v) for k, v in fields.items()})
+    # Every value through its writer's code in qe.state (the contracts the CLI reads).
+    now = time.time_ns()
 
-    put("state:decision", mode="SOFT_DERISK", reason="soft de-risk window and gross 112.00% > target 100%", halted=False)
-    put("state:session", now_ny="2026-11-20T15:47:00-05:00", regime="CLOSE", minutes_to_close=13.0, early_close=False, trading_day="2026-11-20")
-    put("state:exposure", status="ok", equity=1_000_000.0, gross_pct=112.0, net_pct=50.0, potential_gross_pct=118.5,
-        buckets={"LT": {"current_pct": 95.0, "potential_pct": 99.0, "target_pct": 80.0, "max_pct": 90.0},
-                 "MM_PURE": {"current_pct": 17.0, "potential_pct": 19.5, "target_pct": 20.0, "max_pct": 30.0}},
-        marks_stale=["PFF"])
-    put("state:broker", connected=False, orders_allowed=False, account="DU1", mode="paper", reason="IB lost connectivity (1100)")
+    def snapshot(key, payload):
+        r.hset(key, mapping=state.snapshot_fields(make_event(payload, idempotency_key=f"{key}:1", source="t", ts_ns=now)))
+
+    r.hset(state.DECISION, mapping=state.decision_fields(state.DecisionState(
+        mode="SOFT_DERISK", since_ns=now, reason="soft de-risk window and gross 112.00% > target 100%")))
+    snapshot(state.SESSION, Session(now_ns=now, now_utc="2026-11-20T20:47:00+00:00", now_ny="2026-11-20T15:47:00-05:00",
+                                    trading_day="2026-11-20", market_open=True, regime="CLOSE", minutes_to_close=13.0,
+                                    soft_derisk_active=True, hard_derisk_active=False, early_close=False))
+    buckets = {"LT": BucketExposure(current_pct=95.0, potential_pct=99.0, target_pct=80.0, max_pct=90.0),
+               "MM_PURE": BucketExposure(current_pct=17.0, potential_pct=19.5, target_pct=20.0, max_pct=30.0)}
+    exposure = Exposure(equity=1_000_000.0, long_notional=810_000.0, short_notional=310_000.0, gross_pct=112.0,
+                        net_pct=50.0, potential_gross_pct=118.5, buckets=buckets, marks_stale=["PFF"])
+    totals, _symbols = state.exposure_fields(make_event(exposure, idempotency_key="exposure:1", source="t", ts_ns=now))
+    r.hset(state.EXPOSURE, mapping=totals)
+    snapshot(state.BROKER, BrokerState(connected=False, orders_allowed=False, account="DU1", mode="paper",
+                                       reason="IB lost connectivity (1100)"))
     shown = qe(redis_url, "status")
     assert shown.returncode == 1  # no daemon runs: the rest is still shown
     human = shown.stdout

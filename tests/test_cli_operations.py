@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from qe import acl, config, operator_ack, streams
-from qe.contracts import Intent, intent_id_for, make_event, order_ref_for
+from qe import acl, config, operator_ack, state, streams
+from qe.contracts import Intent, Print, intent_id_for, make_event, order_ref_for
 from sim.testing import start_in_thread
 from tests.support.processes import REPO, VENV_BIN, DaemonProcess, console_script, daemon_env, wait_until
 from tests.support.redis_server import RedisServer
@@ -26,18 +26,21 @@ def qe(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.Compl
 
 @pytest.fixture
 def system(redis_url, r, tmp_path):
-    """The Brain and execution (against the IB simulator) as real processes."""
+    """The Brain and execution (against the IB simulator) as real processes, with the
+    prints worker so that execution has a trusted reference (truth ticks) for its collar."""
     sim = start_in_thread(quote_rate=0.0, print_rate=0.0)
     env = daemon_env(redis_url, QE_IB_PORT=str(sim.port))
     daemons = {name: DaemonProcess(console_script(f"qe-{name}"), env, tmp_path / f"{name}.log").start()
-               for name in ("decision", "execution")}
+               for name in ("decision", "execution", "prints")}
     wait_until(lambda: r.hget("state:broker", "connected") == b"true", timeout=30, message="execution connected")
+    # Execution refuses increases while the Brain's mode is unknown: wait for the Brain.
+    wait_until(lambda: state.read_decision(r).value is not None, timeout=30, message="the Brain's mode")
     try:
         yield env, sim, daemons
     finally:
         codes = {name: process.terminate() for name, process in daemons.items()}
         sim.stop()
-        assert codes == {"decision": 0, "execution": 0}, codes
+        assert codes == {name: 0 for name in daemons}, codes
 
 
 def intent(r, key: str, symbol: str, side: str, limit_price: float, qty: int = 200) -> None:
@@ -86,6 +89,14 @@ def test_orders_and_fills_as_execution_wrote_them(system, r):
     env, sim, _daemons = system
     sim.control.set_quote("CIM PRB", bid=24.80, ask=24.82, bid_size=1000, ask_size=1000)
     sim.control.set_quote("AGNCN", bid=25.00, ask=25.10, bid_size=1000, ask_size=1000)
+    # Truth ticks through the real prints worker: execution's trusted reference. The
+    # prints are published as market data would (its contract, its stream).
+    publisher = streams.Publisher(r, RULES)
+    for symbol, price in (("CIM PRB", 24.81), ("AGNCN", 25.05)):
+        trade = Print(symbol=symbol, price=price, size=100, venue="NYSE", trade_ts_ns=time.time_ns())
+        publisher.publish("ev.prints", make_event(trade, idempotency_key=f"print:{symbol}", source="market-data", ts_ns=time.time_ns()))
+    wait_until(lambda: {json.loads(f[b"event"])["payload"]["symbol"] for _id, f in r.xrange("ev.features")} >= {"CIM PRB", "AGNCN"},
+               timeout=30, message="truth ticks for both symbols")
     intent(r, "intent:cli:fill", "CIM PRB", "SELL", 24.80)
     intent(r, "intent:cli:rest", "AGNCN", "BUY", 24.00, qty=100)  # far below the market: rests
     wait_until(lambda: "FILLED" in statuses(r, "intent:cli:fill"), timeout=30, message="filled")

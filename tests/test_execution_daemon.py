@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qe import config, streams
+from qe import config, state, streams
 from qe.contracts import L1, Control, Feature, Intent, TruthTick, intent_id_for, make_event, order_ref_for
 from sim.testing import start_in_thread
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until, write_rules
@@ -40,6 +40,11 @@ class Execution:
         self.process.env = {**self.env, **env}
         self.process.start()
         return self
+
+    def brain_mode(self, mode: str) -> None:
+        """The Brain's mode as the Brain writes it (qe.state's writer: the contract execution reads)."""
+        self.r.hset(state.DECISION, mapping=state.decision_fields(state.DecisionState(mode=mode, since_ns=time.time_ns())))
+        time.sleep(1.0)  # execution re-reads the Brain's mode twice a second
 
     def wait_connected(self) -> None:
         wait_until(lambda: self.r.hget("state:broker", "connected") == b"true", timeout=30, message="broker connected")
@@ -367,8 +372,11 @@ def test_modify_keeps_the_order_id_and_waits_2_5_seconds_then_ttl_cancels(execut
 def test_reduce_only_in_derisk_modes_and_cancels_only_when_halted(execution, sim, r):
     execution.start().wait_connected()
     execution.market(24.80, 24.82)
-    r.hset("state:decision", "mode", "SOFT_DERISK")
-    time.sleep(1.0)  # execution re-reads the Brain's mode twice a second
+    # No Brain state yet: its mode is unknown, and unknown is not NORMAL.
+    execution.intent("intent:ro:unknown", side="BUY", classification="LT_LONG_INC", limit_price=24.70, risk_delta_gross_pct=0.5)
+    execution.wait_status("intent:ro:unknown", "REJECTED")
+    assert "reduce_only: mode unknown" in execution.orders("intent:ro:unknown")[-1]["reject_reason"]
+    execution.brain_mode("SOFT_DERISK")
     execution.intent("intent:ro:inc", side="BUY", classification="LT_LONG_INC", limit_price=24.70, risk_delta_gross_pct=0.5)
     execution.intent("intent:ro:dec", limit_price=25.20)
     execution.wait_status("intent:ro:inc", "REJECTED")
@@ -390,6 +398,7 @@ def test_reduce_only_in_derisk_modes_and_cancels_only_when_halted(execution, sim
 
 def test_hard_cap_rejects_an_order_that_would_break_130_percent(execution, sim, r):
     execution.start().wait_connected()
+    execution.brain_mode("NORMAL")
     execution.market(31.44, 31.46, symbol="PFF")
     # Demo portfolio: ~125 % potential gross of ~$1M, short 5,700 PFF. Shorting 4,000 more
     # (~$126k) would take it past 130 %. (Buying 4,000 would not: it only covers the short.)

@@ -16,7 +16,7 @@ from daemons.execution import core as execution_core
 from daemons.market_data.core import NS_PER_S, QuoteConfirmer, confirm_blocked, confirmation_key, l1_key
 from daemons.market_data.feed import Halt, Quote
 from daemons.market_data.ibkr import IbkrFeed
-from qe import config, streams
+from qe import config, state, streams
 from qe.clock import Clock
 from qe.contracts import L1, Intent, Order, intent_id_for, make_event, order_ref_for
 from qe.holdings import HoldingsReader, OrderEvents, open_orders_from_hash, positions_from_hash
@@ -189,7 +189,7 @@ def test_ib_halted_tick_halts_and_resumes_a_symbol():
 
 
 def record_json(symbol: str, key: str, status: str) -> bytes:
-    """A state:orders value exactly as execution writes it (its OrderRecord, to_json, json.dumps)."""
+    """A state:orders value as execution writes it: its OrderRecord through qe.state's writer."""
     intent = Intent(
         intent_id=intent_id_for(key), intent_type="LT_BAND", symbol=symbol, side="BUY", qty=200, order_type="LMT",
         limit_price=24.5, bucket="LT", classification="LT_LONG_INC", priority=20, ttl_s=120, created_ns=T0,
@@ -197,7 +197,7 @@ def record_json(symbol: str, key: str, status: str) -> bytes:
     )
     record = execution_core.record_for_intent(intent, key, order_ref_for(key), T0 + 120 * NS_PER_S, T0)
     record = dataclasses.replace(record, status=status)
-    return json.dumps(record.to_json(), separators=(",", ":")).encode()
+    return state.order_value(record.to_json()).encode()
 
 
 def test_open_orders_from_state_orders_written_as_execution_writes_them():
@@ -213,8 +213,8 @@ def test_open_orders_from_state_orders_written_as_execution_writes_them():
 
 def test_positions_skip_flat_and_unreadable_entries():
     raw = {
-        b"PFF": json.dumps({"qty": -5700, "avg_cost": 31.4, "bucket": "LT", "account": "DU1"}).encode(),
-        b"AGNCN": json.dumps({"qty": 0, "avg_cost": 0.0, "bucket": "LT", "account": "DU1"}).encode(),
+        b"PFF": state.position_value(state.PositionState(qty=-5700, avg_cost=31.4, bucket="LT", account="DU1")).encode(),
+        b"AGNCN": state.position_value(state.PositionState(qty=0, avg_cost=0.0, bucket="LT", account="DU1")).encode(),
         b"not a symbol!": json.dumps({"qty": 5}).encode(),
         b"CIM PRB": json.dumps({"qty": "100"}).encode(),  # a string is not a quantity
     }

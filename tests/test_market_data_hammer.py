@@ -13,9 +13,9 @@ from zoneinfo import ZoneInfo
 import pytest
 import redis
 
-from qe import config, streams
+from qe import config, state, streams
 from qe.clock import sim_env
-from qe.contracts import Order, make_event
+from qe.contracts import Order, Session, make_event
 from tests.support.fake_hammer import FakeHammer
 from tests.support.processes import DaemonProcess, console_script, daemon_env, wait_until, write_rules
 
@@ -91,7 +91,9 @@ def prints_of(r: redis.Redis, symbol: str) -> list[dict]:
 
 
 def alerts(r: redis.Redis) -> list[str]:
-    return [e["payload"]["alert_type"] for e in stream_events(r, "ev.alerts")]
+    """Alert types as published; a resolved one as "<type>:resolved" (the contract's state)."""
+    return [e["payload"]["alert_type"] + (":resolved" if e["payload"]["state"] == "resolved" else "")
+            for e in stream_events(r, "ev.alerts")]
 
 
 def test_quotes_and_prints_flow_subscribed_in_batches_of_50_without_duplicate_prints(redis_url, r, tmp_path, hammer):
@@ -196,7 +198,7 @@ def test_server_drop_reconnects_resubscribes_and_publishes_no_duplicate_prints(r
     wait_until(lambda: r.xlen("ev.l1") >= 1, message="quotes after reconnect")
     time.sleep(0.8)
     assert len(prints_of(r, "NYCB PRU")) == 11
-    wait_until(lambda: {"feed_disconnected", "feed_reconnected"} <= set(alerts(r)), message="alerts")
+    wait_until(lambda: {"feed_disconnected", "feed_disconnected:resolved"} <= set(alerts(r)), message="alerts")
     assert md.terminate() == 0
 
     # A restarted daemon re-reads the same tape: still nothing twice.
@@ -211,7 +213,11 @@ def test_server_drop_reconnects_resubscribes_and_publishes_no_duplicate_prints(r
 def test_silent_feed_in_market_hours_goes_stale_alerts_and_resubscribes(redis_url, r, tmp_path, hammer):
     # The session daemon says the market is open (kept fresh by the test).
     def session_open():
-        r.hset("state:session", mapping={"market_open": "true", "now_ns": json.dumps(time.time_ns())})
+        now = time.time_ns()
+        session = Session(now_ns=now, now_utc="-", now_ny="-", trading_day="2026-11-20", market_open=True, regime="MID",
+                          minutes_to_close=60.0, soft_derisk_active=False, hard_derisk_active=False, early_close=False)
+        event = make_event(session, idempotency_key=f"session:{now}", source="session", ts_ns=now)
+        r.hset(state.SESSION, mapping=state.snapshot_fields(event))  # the session daemon's writer
 
     session_open()
     md = start_market_data(redis_url, tmp_path, hammer, stale_after_s=1.5)
@@ -223,7 +229,7 @@ def test_silent_feed_in_market_hours_goes_stale_alerts_and_resubscribes(redis_ur
     heartbeat = r.hgetall("state:daemon:market-data")
     wait_until(lambda: r.hget("state:daemon:market-data", "feed_stale") == b"1", message="stale in heartbeat")
     hammer.push_l1("AGNCN", bid=25.30, ask=25.35)
-    wait_until(lambda: "feed_recovered" in alerts(r), timeout=10, message="recovered")
+    wait_until(lambda: "feed_stale:resolved" in alerts(r), timeout=10, message="recovered")
     assert heartbeat[b"feed_source"] == b"hammer"
     stale = [e for e in stream_events(r, "ev.alerts") if e["payload"]["alert_type"] == "feed_stale"][0]
     assert stale["payload"]["severity"] == "warning" and "no update" in stale["payload"]["message"]

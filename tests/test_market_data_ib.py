@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from qe import state
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until, write_rules
 
 try:
@@ -52,7 +53,9 @@ def stream_events(r: redis.Redis, stream: str) -> list[dict]:
 
 
 def alerts(r: redis.Redis) -> list[str]:
-    return [e["payload"]["alert_type"] for e in stream_events(r, "ev.alerts")]
+    """Alert types as published; a resolved one as "<type>:resolved" (the contract's state)."""
+    return [e["payload"]["alert_type"] + (":resolved" if e["payload"]["state"] == "resolved" else "")
+            for e in stream_events(r, "ev.alerts")]
 
 
 def our_client(sim) -> dict | None:
@@ -109,7 +112,7 @@ def test_forced_disconnect_reconnects_resubscribes_and_duplicates_nothing_downst
     wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="re-subscribed")
     sim.control.inject_print("CIM PRA", 24.09, 555, "ARCA")
     wait_until(lambda: injected(r, 555), timeout=10, message="print after reconnect")
-    wait_until(lambda: {"feed_disconnected", "feed_reconnected"} <= set(alerts(r)), message="alerts")
+    wait_until(lambda: {"feed_disconnected", "feed_disconnected:resolved"} <= set(alerts(r)), message="alerts")
     time.sleep(1.0)
     assert len(injected(r, 555)) == 1
     assert_no_duplicate_prints(r)
@@ -166,13 +169,14 @@ def test_data_farm_broken_publishes_a_stale_feed_alert(redis_url, r, tmp_path, s
     assert stale["severity"] == "warning" and "2103" in stale["message"] and "usfarm" in stale["message"]
     wait_until(lambda: r.hget("state:daemon:market-data", "feed_stale") == b"1", timeout=10, message="heartbeat")
     sim.control.send_code(2104)
-    wait_until(lambda: "feed_recovered" in alerts(r), timeout=10, message="recovered")
+    wait_until(lambda: "feed_stale:resolved" in alerts(r), timeout=10, message="recovered")
     assert md.terminate() == 0
 
 
 def test_tick_by_tick_slots_go_to_positions_first_and_rotate_the_rest(redis_url, r, tmp_path, sim):
-    r.hset("state:positions", "NLY PRF", json.dumps({"symbol": "NLY PRF", "qty": 1500}))
-    r.hset("state:positions", "PFF", json.dumps({"symbol": "PFF", "qty": 0}))  # flat: no priority
+    # As execution writes them (qe.state's writer).
+    r.hset(state.POSITIONS, "NLY PRF", state.position_value(state.PositionState(qty=1500, avg_cost=24.0, bucket="LT", account="DU1")))
+    r.hset(state.POSITIONS, "PFF", state.position_value(state.PositionState(qty=0, avg_cost=0.0, bucket="LT", account="DU1")))  # flat: no priority
     md = start("qe-market-data", redis_url, tmp_path, sim, "market-data",
                ibkr={"max_tick_by_tick": 2, "tick_by_tick_rotation_s": 1.0})
     wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 2), timeout=30, message="subscribed")

@@ -47,7 +47,7 @@ class Recorder:
         effects.publish(
             "ev.alerts",
             make_event(
-                Alert(alert_type="echo", severity="info", message=key),
+                Alert(alert_type="dlq_growth", state="raised", severity="info", message=key),
                 idempotency_key=f"echo:{key}",
                 source="test",
                 ts_ns=time.time_ns(),
@@ -155,7 +155,7 @@ def test_poison_entry_goes_to_dlq_and_neighbours_are_not_harmed(r):
 
 def test_malformed_payloads_go_to_dlq_with_reason_and_loop_keeps_going(r):
     good = l1_event("CIM PRA", 1)
-    wrong_type = make_event(Alert(alert_type="x", severity="info", message="m"), idempotency_key="a", source="t", ts_ns=1)
+    wrong_type = make_event(Alert(alert_type="dlq_growth", state="raised", severity="info", message="m"), idempotency_key="a", source="t", ts_ns=1)
     r.xadd("ev.l1", {"event": "{not json"})
     r.xadd("ev.l1", {"something": "else"})
     r.xadd("ev.l1", encode(wrong_type))
@@ -263,7 +263,7 @@ def test_group_deleted_under_a_running_consumer_is_recreated(r):
 
 
 def test_publisher_dedupes_on_idempotency_key_where_configured(r):
-    alert = make_event(Alert(alert_type="x", severity="info", message="m"), idempotency_key="alert:1", source="t", ts_ns=1)
+    alert = make_event(Alert(alert_type="dlq_growth", state="raised", severity="info", message="m"), idempotency_key="alert:1", source="t", ts_ns=1)
     publish(r, alert, stream="ev.alerts")
     publish(r, alert, stream="ev.alerts")  # a producer's retry
     assert r.xlen("ev.alerts") == 1

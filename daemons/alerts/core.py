@@ -26,6 +26,7 @@ from typing import Any, Literal, Self
 
 from qe.clock import NEW_YORK, NS_PER_S
 from qe.config import AlertsRules, EtfGuardRules, RateLimit
+from qe.alert_types import RAISED, RESOLVED, AlertState
 from qe.contracts import idempotency_key
 
 Level = Literal["set", "clear", "hold"]
@@ -92,6 +93,7 @@ class AlertOut:
     message: str
     data: dict[str, Any]
     idempotency_key: str
+    state: AlertState = RAISED
 
 
 def condition_key(alert_type: str, subject: str) -> str:
@@ -296,6 +298,7 @@ class AlertBook:
                     "announced_severity": cond.announced,
                 },
                 idempotency_key("alert", cond.alert_type, cond.subject, cond.since_ns, "resolved"),
+                RESOLVED,
             )
         )
 

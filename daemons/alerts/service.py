@@ -327,8 +327,8 @@ class AlertsHandler:
     # -- effects ---------------------------------------------------------------------------------
     def _emit(self, outs: list[AlertOut], effects: Effects, now_ns: int, causation_id: str | None) -> None:
         for out in outs:
-            payload = Alert(alert_type=out.alert_type, severity=out.severity, symbol=out.symbol,
-                            message=out.message, data=out.data)
+            payload = Alert(alert_type=out.alert_type, state=out.state, severity=out.severity,  # type: ignore[arg-type]
+                            symbol=out.symbol, message=out.message, data=out.data)
             event = make_event(payload, idempotency_key=out.idempotency_key, source=SOURCE, ts_ns=now_ns,
                                causation_id=causation_id)
             effects.publish(STREAM, event)

@@ -33,7 +33,19 @@ from typing import Any
 import redis
 
 from qe import daemon, metrics, operator_ack
+from qe import state as qe_state
+from qe.alert_types import (
+    FEED_PRINTS_STALE,
+    FEED_QUOTES_STALE,
+    RAISED,
+    RESOLVED,
+    SYMBOL_PRINTS_STALE,
+    SYMBOL_QUOTES_STALE,
+    AlertState,
+    AlertType,
+)
 from qe.contracts import (
+    MODES,
     Alert,
     Envelope,
     idempotency_key,
@@ -56,13 +68,13 @@ from .model import (
     SessionSnap,
     SymbolSnap,
 )
-from .modes import MODE_SEVERITY, MODES, Latches
+from .modes import MODE_SEVERITY, Latches
 from .strategies import GrpanMarketMaker
 
 log = logging.getLogger("qe.decision")
 
 SOURCE = "decision"
-STATE = "state:decision"
+STATE = qe_state.DECISION
 OUTSTANDING = "state:decision:outstanding"
 GENERATIONS = "state:decision:generations"
 INPUTS = "state:decision:inputs"
@@ -86,9 +98,6 @@ STREAMS = (
     "ev.features",
     "ev.l1",
 )
-# Alerts (from the alerts daemon) that make a symbol's data stale until newer data arrives.
-STALE_QUOTE_ALERTS = frozenset({"stale_l1", "l1_stale"})
-STALE_PRINTS_ALERTS = frozenset({"stale_prints", "prints_stale"})
 
 _dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
@@ -96,10 +105,22 @@ _dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode
 # --- codecs between the plain model and Redis hash values ---------------------------------
 
 
+def public_state(state: BrainState) -> qe_state.DecisionState:
+    """What other daemons read of the Brain (mode, reason, since, halt): qe.state's contract."""
+    return qe_state.DecisionState(
+        mode=state.mode, since_ns=state.since_ns, reason=state.reason,  # type: ignore[arg-type]
+        halted=state.halted, halt_reason=state.halt_reason, halt_operator=state.halt_operator,
+        trading_day=state.trading_day, broker_connected=state.broker_connected,
+    )
+
+
 def encode_state(state: BrainState) -> dict[str, str]:
+    """The public fields in qe.state's encoding (the contract with execution and the
+    CLI), the Brain's private ones (latches, numbers, ...) in its own."""
     values = asdict(state)
     values["latches"] = asdict(state.latches)
-    return {name: _dumps(value) for name, value in values.items()}
+    private = {name: _dumps(value) for name, value in values.items() if name not in qe_state.DECISION_FIELDS}
+    return {**private, **qe_state.decision_fields(public_state(state))}
 
 
 def initial_state() -> BrainState:
@@ -111,8 +132,13 @@ def initial_state() -> BrainState:
 def decode_state(raw: dict[bytes, bytes]) -> BrainState:
     if not raw:
         return initial_state()
-    known = {f.name for f in fields(BrainState)}
-    values: dict[str, Any] = {}
+    public = qe_state.parse_decision(raw)
+    if public.value is None:
+        # Unknown is not zero: start from "no risk increase", loudly.
+        log.error("state:decision unreadable; starting from THROTTLE", extra={"problem": public.problem})
+        return initial_state()
+    known = {f.name for f in fields(BrainState)} - qe_state.DECISION_FIELDS
+    values: dict[str, Any] = public.value.model_dump()
     for name, value in raw.items():
         key = name.decode()
         if key in known:
@@ -220,6 +246,9 @@ class DecisionHandler:
         self.logged_inputs: dict[str, str] = {}  # "kind|symbol" -> problem of the rejected input
         self.logged_errors: dict[str, str] = {}  # symbol -> evaluation error
         self.evaluation_failure: str | None = None
+        # Feed-wide stale alerts raised and not yet resolved (type -> alert ts_ns): while
+        # any is raised no quote is current (SPEC 6 Marks). Kept in state:decision:inputs.
+        self.stale_feeds: dict[str, int] = {}
 
     # -- state -----------------------------------------------------------------------------
     def load(self, r: redis.Redis) -> None:
@@ -243,6 +272,7 @@ class DecisionHandler:
             view.good_exposure = good if guards.exposure_problem(good, plaus) is None else None
         elif view.exposure is not None and view.exposure.problem is None:
             view.good_exposure = view.exposure
+        self.stale_feeds = json.loads(inputs[b"stale_feeds"]) if b"stale_feeds" in inputs else {}
         if b"account_equity" in inputs:
             equity = json.loads(inputs[b"account_equity"])
             view.account_equity = equity if guards.equity_ok(equity) else None
@@ -303,6 +333,8 @@ class DecisionHandler:
             # unusable); the engine judges it by the quote gate before any use.
             market = view.markets.setdefault(payload.symbol, Market())
             problem = guards.apply_l1(market, payload, now, self.plausibility)
+            if self.stale_feeds:
+                market.quote_ts_ns = 0  # the feed is stale: recorded, but not current
             self._log_input("quote", payload.symbol, problem)
             self._market_moved(payload.symbol, event, effects, now)
             return
@@ -435,25 +467,49 @@ class DecisionHandler:
         state.halt_reason = control.reason
         state.halt_operator = control.operator
         log.warning("operator control", extra={"command": control.command, "reason": control.reason, "operator": control.operator})
-        effects.hset(STATE, {k: v for k, v in encode_state(state).items() if k.startswith("halt")})
+        effects.hset(STATE, qe_state.halt_fields(state.halted, state.halt_reason, state.halt_operator))
 
     def _handle_alert(self, event: Envelope, effects: Effects) -> None:
+        """Stale-data alerts (qe.alert_types): a raised one makes the data it names not
+        current; a resolved one never makes anything current (only newer data does),
+        except that it ends a feed-wide episode. Every other alert is not the Brain's."""
         alert = event.payload
         if event.source == SOURCE:
             return
-        stale_quote = alert.alert_type in STALE_QUOTE_ALERTS
-        stale_prints = alert.alert_type in STALE_PRINTS_ALERTS
-        if not (stale_quote or stale_prints):
+        kind = alert.alert_type
+        if kind in FEED_QUOTES_STALE:
+            self._feed_stale(kind, alert.state, event, effects)
             return
-        symbols = [alert.symbol] if alert.symbol else list(self.view.markets)
+        if alert.state != RAISED:
+            return
+        if kind in SYMBOL_QUOTES_STALE or kind in SYMBOL_PRINTS_STALE:
+            if alert.symbol is None:
+                log.warning("per-symbol stale alert without a symbol ignored", extra={"alert_type": kind.value})
+                return
+            self._make_stale([alert.symbol], kind in SYMBOL_QUOTES_STALE, kind in SYMBOL_PRINTS_STALE, before_ns=event.ts_ns)
+        elif kind in FEED_PRINTS_STALE:
+            self._make_stale(list(self.view.markets), False, True, before_ns=event.ts_ns)
+
+    def _feed_stale(self, kind: AlertType, state: AlertState, event: Envelope, effects: Effects) -> None:
+        if state == RAISED:
+            if kind.value not in self.stale_feeds:
+                log.warning("feed stale: no quote is current", extra={"alert_type": kind.value})
+            self.stale_feeds[kind.value] = event.ts_ns
+            self._make_stale(list(self.view.markets), True, False, before_ns=None)
+        elif self.stale_feeds.pop(kind.value, None) is not None:
+            log.info("feed stale episode resolved", extra={"alert_type": kind.value, "still": sorted(self.stale_feeds)})
+        effects.hset(INPUTS, {"stale_feeds": _dumps(self.stale_feeds)})
+
+    def _make_stale(self, symbols: list[str], quotes: bool, prints: bool, before_ns: int | None) -> None:
+        """Data received up to the alert's time (`before_ns`; None: everything received so
+        far) is no longer current: only newer data revives it."""
         for symbol in symbols:
             market = self.view.markets.get(symbol)
             if market is None:
                 continue
-            # Stale from the alert's time on: only data newer than the alert revives it.
-            if stale_quote and market.quote_ts_ns <= event.ts_ns:
+            if quotes and (before_ns is None or market.quote_ts_ns <= before_ns):
                 market.quote_ts_ns = 0
-            if stale_prints and market.truth_ts_ns <= event.ts_ns:
+            if prints and (before_ns is None or market.truth_ts_ns <= before_ns):
                 market.truth_ts_ns = 0
             self.dirty_markets.add(symbol)
         self.dirty = True
@@ -552,7 +608,7 @@ class DecisionHandler:
             if text != self.evaluation_failure:
                 self.evaluation_failure = text
                 log.exception("evaluation failed; nothing decided this time (retried)")
-                self._alert(effects, "decision_evaluation_failed", "critical", f"decision evaluation failed: {text}",
+                self._alert(effects, AlertType.DECISION_EVALUATION_FAILED, RAISED, "critical", f"decision evaluation failed: {text}",
                             {"error": text}, idempotency_key("decision-failed", self.view.state.trading_day, now),
                             trigger)
             return None
@@ -561,12 +617,13 @@ class DecisionHandler:
             self.evaluation_failure = None
         return decision
 
-    def _alert(self, effects: Effects, alert_type: str, severity: str, message: str, data: dict[str, Any], key: str,
-               trigger: Envelope | None, symbol: str | None = None) -> None:
+    def _alert(self, effects: Effects, alert_type: AlertType, state: AlertState, severity: str, message: str,
+               data: dict[str, Any], key: str, trigger: Envelope | None, symbol: str | None = None) -> None:
         effects.publish(
             "ev.alerts",
             make_event(
-                Alert(alert_type=alert_type, severity=severity, symbol=symbol, message=message, data=data),  # type: ignore[arg-type]
+                Alert(alert_type=alert_type, state=state, severity=severity, symbol=symbol,  # type: ignore[arg-type]
+                      message=message, data=data),
                 idempotency_key=key, source=SOURCE, ts_ns=self.clock.now_ns(),
                 causation_id=str(trigger.event_id) if trigger is not None else None,
             ),
@@ -581,14 +638,14 @@ class DecisionHandler:
             snapshot = self.view.exposure.snapshot_id if self.view.exposure else "none"
             if after:
                 log.error("exposure unknown: no risk increase; de-risk from the last good snapshot", extra={"why": after})
-                self._alert(effects, "exposure_unknown", "error",
+                self._alert(effects, AlertType.EXPOSURE_UNKNOWN, RAISED, "error",
                             f"exposure unknown ({after}): no risk-increasing intent; de-risk continues from the last "
                             f"good snapshot while it is at most {self.rules.decision.derisk_max_exposure_age_s:g}s old",
                             {"why": after, "mode": decision.state.mode, "trading_day": day},
                             idempotency_key("decision-exposure-unknown", day, snapshot), trigger)
             else:
                 log.info("exposure known again", extra={"was": before})
-                self._alert(effects, "exposure_known", "info", f"exposure known again (was: {before})",
+                self._alert(effects, AlertType.EXPOSURE_UNKNOWN, RESOLVED, "info", f"exposure known again (was: {before})",
                             {"was": before, "trading_day": day},
                             idempotency_key("decision-exposure-known", day, snapshot), trigger)
         for symbol, error in decision.symbol_errors.items():
@@ -648,7 +705,8 @@ class DecisionHandler:
                 "ev.alerts",
                 make_event(
                     Alert(
-                        alert_type="decision_symbol_skipped",
+                        alert_type=AlertType.DECISION_SYMBOL_SKIPPED,
+                        state=RAISED,
                         severity="info",
                         symbol=skip.symbol,
                         message=f"{skip.slot}: {skip.symbol} skipped ({skip.reason})",
@@ -690,7 +748,8 @@ class DecisionHandler:
             "ev.alerts",
             make_event(
                 Alert(
-                    alert_type="mode_change",
+                    alert_type=AlertType.MODE_CHANGE,
+                    state=RAISED,
                     severity=MODE_SEVERITY[t.to_mode],  # type: ignore[arg-type]
                     message=message,
                     data={"from": t.from_mode, "to": t.to_mode, "rule": t.rule, "reason": t.reason,

@@ -25,10 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from qe.contracts import REDUCE_ONLY_MODES
+
 from .rules import RegimeRule
 
-MODES = ("NORMAL", "THROTTLE", "SOFT_DERISK", "HARD_DERISK", "CAP_RECOVERY", "HALTED")
-DERISK_MODES = frozenset({"SOFT_DERISK", "HARD_DERISK", "CAP_RECOVERY"})
+DERISK_MODES = REDUCE_ONLY_MODES  # the de-risk modes are exactly the reduce-only ones (qe.contracts)
 # Severity of the alert announcing a transition *into* each mode.
 MODE_SEVERITY = {
     "NORMAL": "info",

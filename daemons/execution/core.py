@@ -12,13 +12,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Protocol
 
-from qe.contracts import TERMINAL_ORDER_STATUSES, Intent
+from qe.contracts import OPEN_ORDER_STATUSES, REDUCE_ONLY_MODES, TERMINAL_ORDER_STATUSES, Intent
 from qe.exposure_math import potential_notional
 from qe.plausibility import collar_bounds, within_collar
 from qe.universe import liquidity_cap
 
-LIVE_STATUSES = frozenset({"PENDING_SUBMIT", "SUBMITTED", "PARTIALLY_FILLED", "PENDING_CANCEL"})
-REDUCE_ONLY_MODES = frozenset({"SOFT_DERISK", "HARD_DERISK", "CAP_RECOVERY"})
+LIVE_STATUSES = OPEN_ORDER_STATUSES
 CancelReason = Literal["ttl", "intent", "halt"]
 
 # IB order status -> ours. "Inactive" means the order is not working at the broker
@@ -273,7 +272,7 @@ class Gate:
     account_ok: bool
     account_reason: str
     halted: bool
-    mode: str | None
+    mode: str | None  # the Brain's; None: unknown (no risk increase)
 
 
 def symbol_potential(view: RiskView, symbol: str, extra_buy: int = 0, extra_sell: int = 0, mark: float | None = None) -> float:
@@ -310,8 +309,8 @@ def check_new_order(
     position = view.positions.get(intent.symbol, 0)
     buy = intent.side == "BUY"
     increases = intent.classification.endswith("_INC")
-    if increases and gate.mode in REDUCE_ONLY_MODES:
-        return Rejection("reduce_only", f"mode {gate.mode} allows only risk-reducing orders")
+    if increases and (gate.mode is None or gate.mode in REDUCE_ONLY_MODES):
+        return Rejection("reduce_only", f"mode {gate.mode or 'unknown'} allows only risk-reducing orders")
     if not increases:
         # A decrease may bring the position to zero, never across it, counting the
         # other live orders that reduce the same position.

@@ -1,17 +1,16 @@
 """Reconciliation (pure): our order records against what the broker reports after a
 start or a reconnect — open orders of all clients, completed orders, executions
-since the session start. Matching is by orderRef (ours start with "qe-")."""
+since the session start. Matching is by orderRef (ours: qe.contracts.is_our_order_ref)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
-from qe.contracts import TERMINAL_ORDER_STATUSES
+from qe.contracts import TERMINAL_ORDER_STATUSES, is_our_order_ref
 
 from .core import OrderRecord, on_broker_status, on_fill
 
-OUR_PREFIX = "qe-"
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ def reconcile(
             result.fills.append((fill.order_ref, fill))
     # Open orders before completed ones, so a final status is applied last.
     for order in sorted(broker_orders, key=lambda o: not o.open):
-        if not order.order_ref.startswith(OUR_PREFIX):
+        if not is_our_order_ref(order.order_ref):
             result.external.append(order)
             continue
         record = current.get(order.order_ref)

@@ -22,6 +22,7 @@ from typing import Any
 import redis
 
 from qe import failpoints, metrics, operator_ack, state
+from qe.alert_types import RAISED, AlertType
 from qe.clock import NEW_YORK
 from qe.contracts import (
     Account,
@@ -32,6 +33,7 @@ from qe.contracts import (
     Order,
     Position,
     idempotency_key,
+    is_our_order_ref,
     make_event,
     order_ref_for,
 )
@@ -42,7 +44,7 @@ from qe.universe import Instrument
 from . import core
 from .broker import BrokerLink, OrderDone
 from .prices import PriceBook
-from .reconcile import OUR_PREFIX, BrokerFill, BrokerOrder, reconcile
+from .reconcile import BrokerFill, BrokerOrder, reconcile
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,8 @@ class ExecutionService:
         self.position_costs: dict[str, tuple[int, float]] = {}  # last published (qty, avg_cost)
         self.equity: float | None = None
         self.halted = False
-        self.mode: str | None = None
+        # The Brain's mode and halt as qe.state reads them (unknown: increases refused).
+        self.brain: state.Reading[state.DecisionState] = state.Reading(state.DECISION, problem="not read yet")
         self.regime: str | None = None
         self.view = BrokerView()
         self.reconciled = False
@@ -138,11 +141,13 @@ class ExecutionService:
             self.records[ref.decode()] = record
             if record.broker_order_id is not None:
                 self.by_order_id[record.broker_order_id] = record.order_ref
-        for symbol, raw in r.hgetall(state.POSITIONS).items():
-            position = json.loads(raw)
-            self.positions[symbol.decode()] = int(position["qty"])
-            self.position_buckets[symbol.decode()] = position["bucket"]
-            self.position_costs[symbol.decode()] = (int(position["qty"]), round(float(position["avg_cost"]), 6))
+        positions = state.read_positions(r)
+        for problem in positions.problems.values():
+            log.error("unreadable saved position skipped (reconciliation re-learns it)", extra={"problem": problem})
+        for symbol, position in positions.values.items():
+            self.positions[symbol] = position.qty
+            self.position_buckets[symbol] = position.bucket
+            self.position_costs[symbol] = (position.qty, round(position.avg_cost, 6))
         for symbol, raw in r.hgetall(PRICES).items():
             try:
                 self.prices.restore(symbol.decode(), json.loads(raw))
@@ -151,7 +156,7 @@ class ExecutionService:
         saved = state.read(r, STATE_EXECUTION)
         self.halted = bool(saved.get("halted", False))
         self.equity = saved.get("equity")
-        self.mode = _text(r.hget(state.DECISION, "mode"))
+        self._read_brain(r)
         if self.view.socket_up:
             self._check_account()
         log.info("execution state loaded", extra={"orders": len(self.records), "positions": len(self.positions)})
@@ -192,7 +197,7 @@ class ExecutionService:
             self._reconcile(now_ns, effects)  # confirm local "Cancelled" guesses with the broker
         if now_s - self.last_mode_poll_s >= self.rules.mode_poll_interval_s and self.redis is not None:
             self.last_mode_poll_s = now_s
-            self.mode = _text(self.redis.hget(state.DECISION, "mode"))
+            self._read_brain(self.redis)
         self._expire_and_cancel(now_ns, effects)
         self._apply_waiting_modifies(now_ns, effects)
         self._send_waiting_orders(now_ns, effects)
@@ -300,12 +305,24 @@ class ExecutionService:
         self._save(effects, record)
         self._send_waiting_orders(now_ns, effects, only=ref)
 
+    def _read_brain(self, r: redis.Redis) -> None:
+        """The Brain's mode and halt, through its contract (qe.state); a change of
+        readability is logged once."""
+        reading = state.read_decision(r)
+        if reading.problem != self.brain.problem and reading.problem is not None:
+            log.error("the Brain's mode is unknown: risk-increasing orders refused", extra={"problem": reading.describe()})
+        elif reading.ok and not self.brain.ok:
+            log.info("the Brain's mode is known", extra={"mode": reading.value.mode if reading.value else None})
+        self.brain = reading
+
     def _gate(self) -> core.Gate:
+        brain = self.brain.value
         return core.Gate(
             account_ok=self.view.account_ok,
             account_reason=self.view.account_reason,
-            halted=self.halted or self.mode == "HALTED",
-            mode=self.mode,
+            halted=self.halted or (brain is not None and brain.cancels_only),
+            # None: the Brain's mode is unknown (missing or invalid): no risk increase.
+            mode=brain.mode if brain is not None else None,
         )
 
     def _on_quote(self, quote: Any, effects: Effects) -> None:
@@ -530,7 +547,7 @@ class ExecutionService:
             # Not saved, not published: the last known position stands (unknown is not zero).
             log.error("absurd position from the broker ignored", extra={"symbol": symbol, "problem": problem})
             # (symbol in the text only: a broker symbol need not fit the contract's Symbol pattern)
-            self._alert(effects, now_ns, "absurd_broker_value", "error", f"position {symbol[:40]!r}: {problem}; ignored",
+            self._alert(effects, now_ns, AlertType.ABSURD_BROKER_VALUE, "error", f"position {symbol[:40]!r}: {problem}; ignored",
                         data={"symbol": symbol[:40]}, key=idempotency_key("alert", "absurd_broker_value", symbol, problem))
             return
         qty = int(raw_qty)
@@ -549,7 +566,8 @@ class ExecutionService:
                 # The intent that opened (or flipped) the position gives its bucket.
                 self.position_buckets[symbol] = self.last_fill_bucket.get(symbol) or self._bucket_for(symbol)
             bucket = self.position_buckets[symbol]
-            effects.hset(state.POSITIONS, {symbol: json.dumps({"qty": qty, "avg_cost": avg_cost, "bucket": bucket, "account": account})})
+            stored = state.PositionState(qty=qty, avg_cost=avg_cost, bucket=bucket, account=account)  # type: ignore[arg-type]
+            effects.hset(state.POSITIONS, {symbol: state.position_value(stored)})
         payload = Position(account=account, symbol=symbol, qty=qty, avg_cost=round(avg_cost, 6), bucket=bucket)
         effects.publish("ev.positions", self._event(payload, idempotency_key("position", account, symbol, qty, now_ns), now_ns))
 
@@ -579,7 +597,7 @@ class ExecutionService:
         effects.publish("ev.positions", self._event(payload, idempotency_key("account", self.view.account, now_ns), now_ns))
 
     def _report_external(self, order: BrokerOrder, now_ns: int, effects: Effects) -> None:
-        ours = order.order_ref.startswith(OUR_PREFIX)
+        ours = is_our_order_ref(order.order_ref)
         if ours and order.order_ref in self.records:
             return
         if (order.perm_id, order.status) in self.reported_external:
@@ -602,7 +620,7 @@ class ExecutionService:
         )
         key = idempotency_key("order", "external", order.perm_id, status)
         effects.publish("ev.orders", self._event(payload, key, now_ns))
-        kind = "orphan_order" if ours else "external_order"
+        kind = AlertType.ORPHAN_ORDER if ours else AlertType.EXTERNAL_ORDER
         self._alert(effects, now_ns, kind, "warning",
                     f"{'our orderRef without a record' if ours else 'order not placed by quant-engine'}: "
                     f"{order.side} {order.qty:g} {order.symbol} (permId {order.perm_id}, client {order.client_id}); left alone",
@@ -668,7 +686,7 @@ class ExecutionService:
         for ref in result.vanished:
             record = self.records[ref]
             self._save(effects, dataclasses.replace(record, status="CANCELLED", reject_reason="not found at the broker on reconciliation"))
-            self._alert(effects, now_ns, "order_vanished", "warning", f"{ref} was live but the broker no longer knows it", symbol=record.symbol)
+            self._alert(effects, now_ns, AlertType.ORDER_VANISHED, "warning", f"{ref} was live but the broker no longer knows it", symbol=record.symbol)
         for ref in result.resubmit:
             record = self.records[ref]
             if record.limit_price is not None:
@@ -738,7 +756,7 @@ class ExecutionService:
     def _save(self, effects: Effects, record: core.OrderRecord, publish: bool = True, last_fill: Fill | None = None) -> None:
         previous = self.records.get(record.order_ref)
         self.records[record.order_ref] = record
-        effects.hset(state.ORDERS, {record.order_ref: json.dumps(record.to_json(), separators=(",", ":"))})
+        effects.hset(state.ORDERS, {record.order_ref: state.order_value(record.to_json())})
         if not publish:
             return
         if previous is not None and last_fill is None and _same_public_state(previous, record):
@@ -768,13 +786,14 @@ class ExecutionService:
         now_ns = self.clock.now_ns()
         effects.publish("ev.orders", self._event(payload, key, now_ns))
         if record.status == "REJECTED":
-            self._alert(effects, now_ns, "order_rejected", "warning", f"{record.order_ref} {record.side} {record.qty} {record.symbol}: {record.reject_reason}",
+            self._alert(effects, now_ns, AlertType.ORDER_REJECTED, "warning", f"{record.order_ref} {record.side} {record.qty} {record.symbol}: {record.reject_reason}",
                         symbol=record.symbol, data={"code": record.reject_code, "intent_key": record.intent_key},
                         key=idempotency_key("alert", "order_rejected", record.order_ref))
 
-    def _alert(self, effects: Effects, now_ns: int, alert_type: str, severity: str, message: str,
+    def _alert(self, effects: Effects, now_ns: int, alert_type: AlertType, severity: str, message: str,
                symbol: str | None = None, data: dict | None = None, key: str | None = None) -> None:
-        payload = Alert(alert_type=alert_type, severity=severity, symbol=symbol, message=message, data=data or {})
+        # Execution's alerts are one-off events (raised, never resolved).
+        payload = Alert(alert_type=alert_type, state=RAISED, severity=severity, symbol=symbol, message=message, data=data or {})
         effects.publish("ev.alerts", self._event(payload, key or idempotency_key("alert", alert_type, now_ns), now_ns))
 
     def _event(self, payload: Any, key: str, now_ns: int) -> Envelope:
@@ -805,7 +824,3 @@ class _IntentView:
     @classmethod
     def of(cls, record: core.OrderRecord) -> "_IntentView":
         return cls(record.symbol, record.side, record.qty, record.limit_price, record.classification)
-
-
-def _text(value: Any) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value

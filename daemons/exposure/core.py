@@ -31,7 +31,7 @@ from typing import Any, Iterable
 
 from qe.clock import NS_PER_S
 from qe.config import BUCKET_NAMES, ExposureRules, PlausibilityRules
-from qe.contracts import TERMINAL_ORDER_STATUSES
+from qe.contracts import OPEN_ORDER_STATUSES, TERMINAL_ORDER_STATUSES
 from qe.exposure_math import potential_notional
 from qe.plausibility import quote_verdict, trusted_reference
 
@@ -42,7 +42,6 @@ MARK_SCALE = 10_000  # mark units per dollar
 MAX_QTY = 10_000_000
 MAX_OPEN_QTY = 10 * MAX_QTY
 MAX_MARK_UNITS = 1_000_000 * MARK_SCALE  # prices below $1,000,000 (the contract's limit)
-OPEN_ORDER_STATUSES = frozenset({"PENDING_SUBMIT", "SUBMITTED", "PARTIALLY_FILLED", "PENDING_CANCEL"})
 
 L1_MID, TRUTH_TICK, LAST_KNOWN, NO_PRICE = "l1_mid", "truth_tick", "last_known", "none"
 

@@ -281,10 +281,8 @@ class ExposureHandler:
         key = idempotency_key("exposure", "full", now_ns // NS_PER_S) if full else self._change_key or idempotency_key("exposure", "change", now_ns)
         event = make_event(payload, idempotency_key=key, source=SOURCE, ts_ns=now_ns, causation_id=None if full else self._change_cause)
         effects.publish(OUT_STREAM, event)
-        totals_fields = state.snapshot_fields(event)
-        del totals_fields["symbols"], totals_fields["detail"]
+        totals_fields, symbol_fields = state.exposure_fields(event)  # the contract's encoding (qe.state)
         effects.hset(state.EXPOSURE, totals_fields)
-        symbol_fields = {symbol: line.model_dump_json() for symbol, line in payload.symbols.items()}
         if full:
             effects.command("DEL", state.EXPOSURE_SYMBOLS)
             effects.hset(state.EXPOSURE_SYMBOLS, symbol_fields)

@@ -10,7 +10,6 @@ backlog; a malformed message is logged, counted and skipped.
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -24,6 +23,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from qe import config as qe_config
 from qe import daemon as qe_daemon
 from qe import metrics
+from qe import state as qe_state
+from qe.alert_types import RAISED, RESOLVED, AlertState, AlertType
 from qe.contracts import Alert, Envelope, Severity, idempotency_key, make_event
 from qe.holdings import Holdings, HoldingsReader
 from qe.streams import REDIS_ERRORS, Publisher, default_consumer_name, write_heartbeat
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 DAEMON = "market-data"
 SOURCE = "market-data"
-SESSION_KEY = "state:session"
 SEED_SEEN_MAX = 50_000
 HEALTH_INTERVAL_S = 1.0
 HOLDINGS_INTERVAL_S = 5.0  # positions and open orders are re-read this often (and at every connect)
@@ -79,11 +79,10 @@ class MarketOpen:
 
     def __call__(self, r: redis.Redis, now_ns: int) -> bool:
         try:
-            market_open, session_now = r.hmget(SESSION_KEY, "market_open", "now_ns")
-            if market_open is not None and session_now is not None:
-                if abs(now_ns - int(json.loads(session_now))) <= SESSION_FRESH_NS:
-                    return bool(json.loads(market_open))
-        except (*REDIS_ERRORS, ValueError, TypeError):
+            session = qe_state.read_session(r).value  # None: missing or invalid -> the calendar
+            if session is not None and abs(now_ns - session.payload.now_ns) <= SESSION_FRESH_NS:
+                return session.payload.market_open
+        except REDIS_ERRORS:
             pass
         import pandas as pd
 
@@ -202,7 +201,7 @@ class MarketDataService:
             self.feed.connect()
         except FeedAuthError as exc:
             self.retry_later(str(exc), level=logging.ERROR)
-            self.alert("feed_auth_failed", "error", str(exc), episode=self.down_since_ns)
+            self.alert(AlertType.FEED_AUTH_FAILED, "error", str(exc), episode=self.down_since_ns)
             return
         except FeedError as exc:
             self.retry_later(str(exc), level=logging.WARNING)
@@ -216,7 +215,8 @@ class MarketDataService:
         log.info("feed connected", extra={"source": self.source, "reconnect": self.ever_connected})
         if self.ever_connected:
             self.alert(
-                "feed_reconnected", "info", f"{self.source} feed reconnected and re-subscribed", episode=self.down_since_ns
+                AlertType.FEED_DISCONNECTED, "info", f"{self.source} feed reconnected and re-subscribed",
+                episode=self.down_since_ns, state=RESOLVED,
             )
         self.ever_connected = True
 
@@ -237,7 +237,7 @@ class MarketDataService:
         self.last_data_ns = None
         self.down_since_ns = self.clock.now_ns()
         metrics.feed_connected.labels(self.source).set(0)
-        self.alert("feed_disconnected", "warning", f"{self.source} feed disconnected: {reason}", episode=self.down_since_ns)
+        self.alert(AlertType.FEED_DISCONNECTED, "warning", f"{self.source} feed disconnected: {reason}", episode=self.down_since_ns)
         self.retry_later(reason, level=logging.WARNING)
 
     def maintain_feed(self) -> None:
@@ -288,7 +288,7 @@ class MarketDataService:
             severity = "error"
             message = f"{symbol} ({why}) is not in the universe file and the {self.source} feed does not know it: unpriced"
         self.alert(
-            "unpriced_symbol_subscribed", severity, message, episode=0, symbol=symbol,
+            AlertType.UNPRICED_SYMBOL_SUBSCRIBED, severity, message, episode=0, symbol=symbol,
             data={"source": self.source, "position_qty": qty, "open_orders": orders[:10], "subscribed": subscribed},
             key=idempotency_key("alert", DAEMON, "unpriced_symbol_subscribed", symbol),
         )
@@ -398,7 +398,7 @@ class MarketDataService:
             detail = verdict.detail if verdict is not None else ""
             log.warning("implausible quote", extra={"symbol": change.symbol, "problem": change.problem, "detail": detail})
             self.alert(
-                "l1_implausible", "warning",
+                AlertType.L1_IMPLAUSIBLE, "warning",
                 f"{change.symbol}: implausible quote ({change.problem}: {detail}); published flagged, not a price",
                 episode=since_ns, symbol=change.symbol,
                 data={**data, "state": "firing", "problem": change.problem, "detail": detail},
@@ -407,8 +407,8 @@ class MarketDataService:
             duration_s = round((self.clock.now_ns() - since_ns) / NS_PER_S, 3)
             log.info("quote plausible again", extra={"symbol": change.symbol, "after_s": duration_s})
             self.alert(
-                "l1_implausible", "info", f"resolved: {change.symbol} quote plausible again",
-                episode=since_ns, symbol=change.symbol,
+                AlertType.L1_IMPLAUSIBLE, "info", f"resolved: {change.symbol} quote plausible again",
+                episode=since_ns, symbol=change.symbol, state=RESOLVED,
                 data={**data, "state": "resolved", "duration_s": duration_s},
             )
 
@@ -445,32 +445,33 @@ class MarketDataService:
             metrics.feed_stale.labels(self.source).set(1 if self.health.stale else 0)
             if self.health.stale:
                 log.warning("feed stale", extra={"source": self.source, "reason": change})
-                self.alert("feed_stale", "warning", f"{self.source} feed stale: {change}", episode=now_ns)
+                self.alert(AlertType.FEED_STALE, "warning", f"{self.source} feed stale: {change}", episode=now_ns)
             else:
                 log.info("feed ok again", extra={"source": self.source})
-                self.alert("feed_recovered", "info", f"{self.source} feed delivering again", episode=now_ns)
+                self.alert(AlertType.FEED_STALE, "info", f"{self.source} feed delivering again", episode=now_ns, state=RESOLVED)
         silent = self.health.stale and not self.health.broken
         if silent and self.connected and time.monotonic() - self.last_resubscribe_at >= self.config.stale_after_s:
             self.resubscribe(self.health.reason)
 
     def alert(
-        self, alert_type: str, severity: Severity, message: str, episode: int,
+        self, alert_type: AlertType, severity: Severity, message: str, episode: int,
         symbol: str | None = None, data: dict[str, Any] | None = None, key: str | None = None,
+        state: AlertState = RAISED,
     ) -> None:
         """Alerts go out with the next flush; the key names the episode (and the symbol
         and severity for per-symbol episodes, so its start and its end differ), so a
         retried append is recognised (ev.alerts dedupes on it)."""
         payload = Alert(
-            alert_type=alert_type, severity=severity, symbol=symbol, message=message[:500],
+            alert_type=alert_type, state=state, severity=severity, symbol=symbol, message=message[:500],
             data=data or {"source": self.source},
         )
         if key is not None:
             pass
         elif symbol is None:
-            key = idempotency_key("alert", DAEMON, alert_type, self.source, episode // 1_000_000)
+            key = idempotency_key("alert", DAEMON, alert_type.value, self.source, episode // 1_000_000, state)
         else:
-            state = "resolved" if severity == "info" else severity
-            key = idempotency_key("alert", DAEMON, alert_type, symbol, episode // 1_000_000, state)
+            phase = "resolved" if state == RESOLVED else severity
+            key = idempotency_key("alert", DAEMON, alert_type.value, symbol, episode // 1_000_000, phase)
         self.pending_alerts.append(make_event(payload, idempotency_key=key, source=SOURCE, ts_ns=self.clock.now_ns()))
 
     # -- Redis ---------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from prometheus_client import Counter
 
 from qe import daemon as qe_daemon
 from qe import metrics
+from qe.alert_types import RAISED, RESOLVED, AlertType
 from qe.contracts import Alert, Envelope, Feature, GrpanWindow, Print, TruthTick, idempotency_key, make_event
 from qe.state import snapshot_fields
 from qe.streams import Effects
@@ -228,7 +229,8 @@ class PrintsHandler:
             message = f"resolved: {symbol} prints plausible again ({screening.excluded_in_episode} excluded)"
             data = {"state": "resolved", "since_ns": since_ns, "excluded": screening.excluded_in_episode}
             log.info("prints plausible again", extra={"symbol": symbol, "excluded": screening.excluded_in_episode})
-        alert = Alert(alert_type="print_implausible", severity=severity, symbol=symbol, message=message[:500], data=data)
+        alert = Alert(alert_type=AlertType.PRINT_IMPLAUSIBLE, state=RAISED if screening.episode.started else RESOLVED,
+                      severity=severity, symbol=symbol, message=message[:500], data=data)
         key = idempotency_key("alert", DAEMON, "print_implausible", symbol, since_ns, state)
         effects.publish(
             "ev.alerts",

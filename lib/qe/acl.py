@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .contracts import DLQ_STREAM, STREAM_TYPES
+from .state import BROKER, DECISION, EXPOSURE, ORDERS, POSITIONS, SESSION
 
 USER_PREFIX = "qe-"
 
@@ -53,11 +54,11 @@ class Access:
 
 
 ACCESS: dict[str, Access] = {
-    "session": Access(publishes=("ev.session",), writes=("state:session",)),
+    "session": Access(publishes=("ev.session",), writes=(SESSION,)),
     "market-data": Access(
         publishes=("ev.l1", "ev.prints", "ev.alerts"),
         writes=("state:market_data*",),
-        reads=("ev.prints", "ev.orders", "state:session", "state:positions", "state:orders"),
+        reads=("ev.prints", "ev.orders", SESSION, POSITIONS, ORDERS),
     ),
     "prints": Access(
         consumes=("ev.prints",),
@@ -82,13 +83,13 @@ ACCESS: dict[str, Access] = {
         ),
         publishes=("ev.intents", "ev.alerts"),
         writes=("state:decision*",),
-        reads=("state:session", "state:exposure", "state:broker"),
+        reads=(SESSION, EXPOSURE, BROKER),
     ),
     "execution": Access(
         consumes=("ev.intents", "ev.l1", "ev.features", "ev.control", "ev.session"),
         publishes=("ev.orders", "ev.positions", "ev.broker", "ev.alerts"),
-        writes=("state:orders", "state:positions", "state:broker", "state:execution", "state:execution:prices"),
-        reads=("state:decision",),
+        writes=(ORDERS, POSITIONS, BROKER, "state:execution", "state:execution:prices"),
+        reads=(DECISION,),
     ),
     # The operator's tool: reads everything; writes the control stream; requeues dead
     # letters to any stream except ev.intents (an intent is re-issued by the Brain).

@@ -29,10 +29,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import redis
 
-from . import acl, config, daemon, liveness, operator_ack, streams
+from . import acl, config, daemon, liveness, operator_ack, state, streams
 from . import clock as clock_module
 from .clock import NEW_YORK
-from .contracts import DLQ_STREAM, STREAM_TYPES, Control, DecodeError, decode, idempotency_key, make_event
+from .contracts import DLQ_STREAM, STREAM_TYPES, Control, DecodeError, decode, idempotency_key, is_our_order_ref, make_event
 from .universe import UniverseError, load_universe
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -501,9 +501,11 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> tuple[Any
                                   liveness.pid_alive_here(str(host) if host is not None else None)))
     unhealthy = [f"{row['daemon']} {row['health']}" for row in daemons if row["expected"] and row["health"] != liveness.HEALTHY]
     decision = cmd_status_decision(r)
-    session = _hash(r, "state:session")
-    exposure = _hash(r, "state:exposure")
-    broker = _hash(r, "state:broker")
+    # Other daemons' state through their contracts (qe.state): a value that is missing or
+    # invalid is shown as such, never as zero.
+    session, session_problem = _snapshot(state.read_session(r))
+    exposure, exposure_problem = _snapshot(state.read_exposure(r))
+    broker, broker_problem = _snapshot(state.read_broker(r))
     caps = rules.exposure
     result: dict[str, Any] = {
         "healthy": not unhealthy,
@@ -518,6 +520,7 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> tuple[Any
         },
         "caps": {"hard_cap_pct": caps.hard_cap_pct, "cap_recovery_target_pct": caps.cap_recovery_target_pct},
         "broker": {k: broker.get(k) for k in ("connected", "orders_allowed", "account", "mode", "data_farm_ok", "reason")},
+        "problems": [p for p in (decision.get("problem"), session_problem, exposure_problem, broker_problem) if p],
     }
     human_rows = [{**row, "heartbeat_age": _age_text(row["heartbeat_age_s"]), "pid": row["pid"] or "-",
                    "reason": shorten(row["reason"] + (f" {_age_text(row['stopped_age_s'])} ago" if row["stopped_age_s"] is not None else ""), 60)}
@@ -535,9 +538,12 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> tuple[Any
     if exposure:
         lines += ["", _exposure_lines(exposure, caps.hard_cap_pct)]
     if broker:
-        state = "connected" if broker.get("connected") else "DOWN"
+        link = "connected" if broker.get("connected") else "DOWN"
         allowed = "" if broker.get("orders_allowed", True) else ", orders REFUSED"
-        lines += ["", f"BROKER {state}{allowed}: account {broker.get('account')} ({broker.get('mode')}), {broker.get('reason')}"]
+        lines += ["", f"BROKER {link}{allowed}: account {broker.get('account')} ({broker.get('mode')}), {broker.get('reason')}"]
+    for problem in result["problems"]:
+        if not problem.endswith(": missing"):
+            lines += [f"UNKNOWN {problem}"]
     if unhealthy:
         raise Unhealthy(result, "\n".join(lines), f"not healthy: {', '.join(unhealthy)}")
     return result, "\n".join(lines)
@@ -549,6 +555,13 @@ class Unhealthy(Exception):
     def __init__(self, result: dict[str, Any], human: str, message: str) -> None:
         super().__init__(message)
         self.result, self.human = result, human
+
+
+def _snapshot(reading: state.Reading[state.Snapshot[Any]]) -> tuple[dict[str, Any], str | None]:
+    """A typed state reading as plain JSON values for display, and its problem."""
+    if reading.value is None:
+        return {}, reading.describe()
+    return reading.value.payload.model_dump(mode="json"), None
 
 
 def _pct(value: Any) -> str:
@@ -645,7 +658,8 @@ def cmd_alerts(args: argparse.Namespace, settings: config.Settings) -> tuple[Any
 def system_today(r: redis.Redis) -> date:
     """The trading system's date in New York: the session daemon's clock (the demo's
     is simulated), else the wall clock."""
-    now_ny = _ny(_hash(r, "state:session").get("now_ny"))
+    session, _problem = _snapshot(state.read_session(r))
+    now_ny = _ny(session.get("now_ny"))
     return (now_ny or datetime.now(NEW_YORK)).date()
 
 
@@ -811,7 +825,7 @@ def cmd_why(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, s
     r = _connect(args, settings)
     for key in sorted((_text(k) for k in r.scan_iter(match="state:decision:why:*")), reverse=True):
         intent_key = args.ref
-        if args.ref.startswith("qe-"):
+        if is_our_order_ref(args.ref):
             found = r.hget(key, args.ref)
             if found is None:
                 continue
@@ -838,9 +852,10 @@ def cmd_why(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, s
 
 
 def cmd_status_decision(r: redis.Redis) -> dict[str, Any]:
-    state = _hash(r, "state:decision")
-    return {k: state.get(k) for k in ("mode", "since_ns", "reason", "halted", "halt_reason", "halt_operator",
-                                      "broker_connected", "trading_day")}
+    reading = state.read_decision(r)
+    if reading.value is None:
+        return {"mode": None, "problem": reading.describe()}
+    return reading.value.model_dump(mode="json")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, config.Settings], tuple[Any, str]]] = {

@@ -29,7 +29,7 @@ import hashlib
 import math
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
 
 from pydantic import (
     AfterValidator,
@@ -42,6 +42,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from .alert_types import AlertState, AlertType, state_problem
 
 if TYPE_CHECKING:
     from .config import PlausibilityRules
@@ -176,6 +178,13 @@ Side = Literal["BUY", "SELL"]
 Severity = Literal["info", "warning", "error", "critical"]
 Regime = Literal["OPEN", "EARLY", "MID", "LATE", "CLOSE", "CLOSED"]
 Mode = Literal["NORMAL", "THROTTLE", "SOFT_DERISK", "HARD_DERISK", "CAP_RECOVERY", "HALTED"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+# The Brain's modes, by what they allow (SPEC 6 Decision modes, Execution). One place:
+# execution refuses risk-increasing orders in REDUCE_ONLY_MODES and sends only
+# cancels when HALTED; the Brain issues no risk-increasing intent in INCREASE_BLOCKING_MODES.
+REDUCE_ONLY_MODES: frozenset[Mode] = frozenset({"SOFT_DERISK", "HARD_DERISK", "CAP_RECOVERY"})
+HALTED_MODE: Mode = "HALTED"
+INCREASE_BLOCKING_MODES: frozenset[Mode] = REDUCE_ONLY_MODES | {"THROTTLE", HALTED_MODE}
 OrderStatus = Literal[
     "PENDING_SUBMIT",
     "SUBMITTED",
@@ -186,7 +195,10 @@ OrderStatus = Literal[
     "REJECTED",
     "EXPIRED",
 ]
-TERMINAL_ORDER_STATUSES = frozenset({"FILLED", "CANCELLED", "REJECTED", "EXPIRED"})
+# Every status is either open (the order may still trade: it counts in potential) or
+# terminal (it never will again). One place for both sets.
+TERMINAL_ORDER_STATUSES: frozenset[OrderStatus] = frozenset({"FILLED", "CANCELLED", "REJECTED", "EXPIRED"})
+OPEN_ORDER_STATUSES: frozenset[OrderStatus] = frozenset(get_args(OrderStatus)) - TERMINAL_ORDER_STATUSES
 Classification = Literal[
     "LT_LONG_INC", "LT_LONG_DEC", "LT_SHORT_INC", "LT_SHORT_DEC",
     "MM_LONG_INC", "MM_LONG_DEC", "MM_SHORT_INC", "MM_SHORT_DEC",
@@ -284,11 +296,22 @@ class Feature(Payload):
 
 
 class Alert(Payload):
-    alert_type: str = Field(min_length=1, max_length=64)
+    # One of qe.alert_types.AlertType (its value in JSON; a producer may pass the
+    # enum member or its exact value, nothing else).
+    alert_type: Annotated[AlertType, Field(strict=False)]
+    # Explicit: a condition is raised, then resolved; a one-off event is only raised.
+    state: AlertState
     severity: Severity
     symbol: Symbol | None = None
     message: Message
     data: JsonObject = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _state_fits_type(self) -> "Alert":
+        problem = state_problem(self.alert_type, self.state)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
 
 
 class BrokerState(Payload):
@@ -638,9 +661,17 @@ def idempotency_key(kind: str, *parts: object) -> str:
     return f"{key[:120]}~{digest}"
 
 
+ORDER_REF_PREFIX = "qe-"  # every orderRef quant-engine sends starts with it; nothing else does
+
+
 def order_ref_for(intent_key: str) -> str:
     """The short IB orderRef of an intent: stable, so a restarted service finds its orders."""
-    return "qe-" + hashlib.sha256(intent_key.encode()).hexdigest()[:20]
+    return ORDER_REF_PREFIX + hashlib.sha256(intent_key.encode()).hexdigest()[:20]
+
+
+def is_our_order_ref(order_ref: str | None) -> bool:
+    """An orderRef quant-engine made (order_ref_for); anything else is external."""
+    return order_ref is not None and order_ref.startswith(ORDER_REF_PREFIX)
 
 
 def intent_id_for(intent_key: str) -> str:

@@ -2,11 +2,9 @@
 a non-zero position or an open order. Read by market data so that every symbol carrying
 risk is priced, universe file or not (issue 13, "No unpriced risk").
 
-Execution is the writer; the formats read here are exactly what it writes:
-- `state:positions`: one field per symbol, value JSON `{"qty", "avg_cost", "bucket",
-  "account"}`; a flat position is deleted (HDEL).
-- `state:orders`: one field per orderRef, value JSON of its order record (`symbol`,
-  `status`, ...): execution's own orders only.
+Execution is the writer; its contracts are qe.state's readers:
+- `state:positions` (qe.state.read_positions): a flat position is deleted (HDEL).
+- `state:orders` (qe.state.read_orders): execution's own orders only.
 - `ev.orders`: `qe.contracts.Order` events, the only place external orders (placed
   outside quant-engine, `external: true`) appear. The latest event per orderRef wins.
 
@@ -19,65 +17,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import redis
-from pydantic import BaseModel, ConfigDict, StrictInt, TypeAdapter, ValidationError
 
-from .contracts import TERMINAL_ORDER_STATUSES, DecodeError, Order, OrderStatus, Symbol, decode
-from .state import ORDERS, POSITIONS
+from . import state
+from .contracts import OPEN_ORDER_STATUSES, DecodeError, Order, decode
 
 ORDERS_STREAM = "ev.orders"
-_SYMBOL = TypeAdapter(Symbol)
-
-
-class _PositionValue(BaseModel):
-    """A `state:positions` value (the symbol is the field name)."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    qty: StrictInt
-
-
-class _OrderRecordValue(BaseModel):
-    """The part of a `state:orders` value (execution's order record) that says what is working."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    symbol: Symbol
-    status: OrderStatus
 
 
 def is_open(status: str) -> bool:
-    return status not in TERMINAL_ORDER_STATUSES
+    return status in OPEN_ORDER_STATUSES
 
 
 def positions_from_hash(raw: dict[bytes, bytes]) -> tuple[dict[str, int], list[str]]:
     """`state:positions` -> ({symbol: non-zero qty}, problems)."""
-    held: dict[str, int] = {}
-    problems: list[str] = []
-    for name, value in raw.items():
-        symbol_text = name.decode(errors="replace")
-        try:
-            symbol = _SYMBOL.validate_python(symbol_text)
-            qty = _PositionValue.model_validate_json(value).qty
-        except ValidationError as exc:
-            problems.append(f"{POSITIONS}[{symbol_text[:40]!r}]: {exc.errors(include_url=False)[0]['msg']}")
-            continue
-        if qty:
-            held[symbol] = qty
-    return held, problems
+    positions = state.parse_positions(raw)
+    held = {symbol: position.qty for symbol, position in positions.values.items() if position.qty}
+    return held, list(positions.problems.values())
 
 
 def open_orders_from_hash(raw: dict[bytes, bytes]) -> tuple[dict[str, str], list[str]]:
     """`state:orders` -> ({orderRef: symbol} of open orders, problems)."""
-    working: dict[str, str] = {}
-    problems: list[str] = []
-    for name, value in raw.items():
-        ref = name.decode(errors="replace")
-        try:
-            record = _OrderRecordValue.model_validate_json(value)
-        except ValidationError as exc:
-            problems.append(f"{ORDERS}[{ref[:40]!r}]: {exc.errors(include_url=False)[0]['msg']}")
-            continue
-        if is_open(record.status):
-            working[ref] = record.symbol
-    return working, problems
+    orders = state.parse_orders(raw)
+    working = {ref: order.symbol for ref, order in orders.values.items() if order.open}
+    return working, list(orders.problems.values())
 
 
 @dataclass(frozen=True)
@@ -136,8 +98,8 @@ class HoldingsReader:
 
     def read(self) -> Holdings:
         """Raises redis errors (the caller retries later)."""
-        positions, position_problems = positions_from_hash(self.r.hgetall(POSITIONS))
-        records, record_problems = open_orders_from_hash(self.r.hgetall(ORDERS))
+        positions, position_problems = positions_from_hash(self.r.hgetall(state.POSITIONS))
+        records, record_problems = open_orders_from_hash(self.r.hgetall(state.ORDERS))
         self.order_events.read(self.r)
         problems = position_problems + record_problems + self.order_events.problems
         self.order_events.problems = []

@@ -97,7 +97,7 @@ def good_payload(stream: str, n: int, now_ns: int, symbol: str) -> Any:
                        deviation=0.01, windows={"5m": window},
                        truth_tick=TruthTick(price=24.81, size=100, venue="NYSE", ts_ns=now_ns))
     if stream == "ev.alerts":
-        return Alert(alert_type="corpus_note", severity="info", symbol=symbol, message=f"corpus good {n}",
+        return Alert(alert_type="new_daily_high", state="raised", severity="info", symbol=symbol, message=f"corpus good {n}",
                      data={"n": n, "ratio": 0.5, "tags": ["a", "b"]})
     if stream == "ev.positions":
         if n % 2:
@@ -330,7 +330,7 @@ def valid_absurd_payloads(stream: str, now_ns: int, symbol: str) -> list[tuple[s
                                           deviation=-9999.0, truth_tick=TruthTick(price=0.01, size=max_qty, venue="X",
                                                                                   ts_ns=now_ns)))]
     if stream == "ev.alerts":
-        return [("alert_stale_all", Alert(alert_type="l1_stale", severity="critical", symbol=None, message="",
+        return [("alert_stale_all", Alert(alert_type="l1_stale", state="raised", severity="critical", symbol=None, message="",
                                           data={"deep": [[[[[[1]]]]]]}))]
     if stream == "ev.positions":
         return [("position_max_qty", Position(account="DU123", symbol=symbol, qty=max_qty, avg_cost=9999.99, bucket="LT")),

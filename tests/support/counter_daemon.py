@@ -43,7 +43,7 @@ class CounterHandler:
         effects.publish(
             "ev.alerts",
             make_event(
-                Alert(alert_type="test_echo", severity="info", symbol=symbol, message="seen"),
+                Alert(alert_type="dlq_growth", state="raised", severity="info", symbol=symbol, message="seen"),
                 idempotency_key=f"echo:{event.idempotency_key}",
                 source="test-counter",
                 ts_ns=self.clock.now_ns(),
