@@ -5,7 +5,9 @@ pass `promtool check metrics`."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 import re
 import shutil
 import subprocess
@@ -14,6 +16,7 @@ import urllib.request
 
 import yaml
 
+import daemons
 from qe import metrics
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until
 from tests.support.system_tools import require_tool
@@ -32,17 +35,27 @@ def run_promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedPr
                           cwd=PROMETHEUS_DIR)
 
 
+def every_daemon_metric() -> list:
+    """Every metric any daemon owns (importing the daemons declares their own)."""
+    for module in pkgutil.walk_packages(daemons.__path__, daemons.__name__ + "."):
+        if not module.name.endswith(".__main__"):  # importing __main__ would run the daemon
+            importlib.import_module(module.name)
+    return metrics.all_collectors()
+
+
 def known_series_names() -> set[str]:
-    """Every series name the registry can expose (counters with _total, histograms
-    with _bucket/_sum/_count), whether or not a label set has been used yet."""
+    """Every series name a daemon can expose (counters with _total, histograms
+    with _bucket/_sum/_count), whether or not a label set has been used yet. No
+    `_created` series: they are disabled."""
     names = set()
-    for family in metrics.REGISTRY.collect():
-        if family.type == "counter":
-            names |= {family.name + "_total", family.name + "_created"}
-        elif family.type == "histogram":
-            names |= {family.name + suffix for suffix in ("_bucket", "_sum", "_count", "_created")}
-        else:
-            names.add(family.name)
+    for collector in every_daemon_metric():
+        for family in collector.describe():
+            if family.type == "counter":
+                names.add(family.name + "_total")
+            elif family.type == "histogram":
+                names |= {family.name + suffix for suffix in ("_bucket", "_sum", "_count")}
+            else:
+                names.add(family.name)
     return names
 
 
@@ -173,16 +186,20 @@ EXPOSE_EVERYTHING = r"""
 import importlib, pkgutil, sys, time
 import daemons, qe
 from prometheus_client import start_http_server
+import daemons
 from qe import metrics
 for package in (qe, daemons):
     for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
         if not module.name.endswith(".__main__"):  # importing __main__ would run the daemon
             importlib.import_module(module.name)
+from prometheus_client import CollectorRegistry
+everything = CollectorRegistry()
 # Give every labelled metric one child so its samples are linted too.
-for collector in list(metrics.REGISTRY._collector_to_names):
+for collector in metrics.all_collectors():
+    everything.register(collector)
     if getattr(collector, "_labelnames", ()):
         collector.labels(*["x"] * len(collector._labelnames))
-server, _thread = start_http_server(0, addr="127.0.0.1", registry=metrics.REGISTRY)
+server, _thread = start_http_server(0, addr="127.0.0.1", registry=everything)
 print(server.server_address[1], flush=True)
 time.sleep(60)
 """
