@@ -527,6 +527,7 @@ class Broker:
         # The referee: one ordered log of requests, order states, fills and faults, and
         # the worst-case potential gross after every event that can change it.
         self.log = RefereeLog(referee_log_cap)
+        self.faults_fired: Counter[str] = Counter()  # by fault, never evicted (sim/metrics.py)
         self.exposure = PotentialGross()
         for symbol in self.account.positions:
             self.exposure.set_symbol(symbol, *self._exposure_of(symbol))
@@ -657,6 +658,7 @@ class Broker:
         }
 
     def log_fault(self, fault: str, **detail: Any) -> None:
+        self.faults_fired[fault] += 1
         self.log.record(self.now_ns(), "fault", {"fault": fault, **detail})
 
     # --------------------------------------------------------------- requests

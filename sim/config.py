@@ -134,6 +134,11 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, "").strip() or default
 
 
+def _optional_port(text: str) -> int | None:
+    """A port setting where empty or negative means "not served"."""
+    return None if text in ("", "none") or int(text) < 0 else int(text)
+
+
 @dataclass
 class SimConfig:
     """Everything the simulator needs; CLI flags and QE_SIM_* variables fill it."""
@@ -144,6 +149,8 @@ class SimConfig:
     port: int = 4002  # IB Gateway paper default
     control_host: str = "127.0.0.1"
     control_port: int = 4012
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # Prometheus endpoint (sim/metrics.py); None: not served
     seed: int = 42
     quote_rate: float = 1.0  # quote updates per symbol per wall second
     print_rate: float = 0.3  # prints per symbol per wall second
@@ -167,6 +174,7 @@ class SimConfig:
             host=_env("QE_SIM_HOST", "127.0.0.1"),
             port=int(_env("QE_SIM_PORT", "4002")),
             control_port=int(_env("QE_SIM_CONTROL_PORT", "4012")),
+            metrics_port=_optional_port(_env("QE_SIM_METRICS_PORT", "")),
             seed=int(_env("QE_SIM_SEED", "42")),
             quote_rate=float(_env("QE_SIM_QUOTE_RATE", "1.0")),
             print_rate=float(_env("QE_SIM_PRINT_RATE", "0.3")),

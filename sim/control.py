@@ -40,6 +40,8 @@ import urllib.parse
 import urllib.request
 from typing import TYPE_CHECKING, Any
 
+from .metrics import FAULT_COMMANDS
+
 if TYPE_CHECKING:  # pragma: no cover
     from .server import SimServer
 
@@ -108,6 +110,7 @@ class ControlServer:
             url = urllib.parse.urlsplit(target)
             query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
             status, payload = 200, self.route(method.upper(), url.path.rstrip("/") or "/", query, body)
+            self._count_fault_command(method.upper(), url.path.strip("/"))
         except ControlError as exc:
             status, payload = exc.status, {"error": exc.message}
         except (json.JSONDecodeError, ValueError) as exc:
@@ -131,6 +134,10 @@ class ControlServer:
             pass
         finally:
             writer.close()
+
+    def _count_fault_command(self, method: str, command: str) -> None:
+        if method == "POST" and command in FAULT_COMMANDS:
+            self.sim.faults_injected[command] += 1
 
     def route(self, method: str, path: str, query: dict[str, str], body: dict) -> Any:
         sim = self.sim

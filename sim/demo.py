@@ -24,7 +24,7 @@ from pathlib import Path
 
 import redis
 
-from qe import acl
+from qe import acl, metrics
 from qe.config import redact_url
 from qe.clock import NEW_YORK
 
@@ -133,6 +133,7 @@ def start(args: argparse.Namespace) -> int:
     env["QE_DEMO_REDIS_SERVER"] = redis_server_binary()
     env["QE_IB_PORT"] = str(free_port(DEFAULT_IB_PORT))
     env["QE_SIM_CONTROL_PORT"] = str(free_port(DEFAULT_SIM_CONTROL_PORT))
+    env["QE_SIM_METRICS_PORT"] = str(metrics.DEFAULT_PORTS["ib-sim"])  # etc/prometheus/prometheus.yml scrapes it
 
     day = date.fromisoformat(args.day) if args.day else recent_full_trading_day(datetime.now(NEW_YORK).date())
     hour, minute = (int(part) for part in args.start_time.split(":"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -258,6 +259,8 @@ class SimServer:
         self.market_events = 0
         self.ticks_sent = 0
         self.stopped: asyncio.Event | None = None  # created in start(), on the loop
+        self.faults_injected: collections.Counter[str] = collections.Counter()  # control API fault commands
+        self.metrics: Any = None  # sim.metrics.MetricsEndpoint when config.metrics_port is set
 
     # ----------------------------------------------------------------- set-up
 
@@ -294,12 +297,17 @@ class SimServer:
         self.control_port = await self.control.start(self.config.control_host, self.config.control_port)
         self.tasks.append(asyncio.create_task(self._market_loop(), name="market"))
         self.tasks.append(asyncio.create_task(self._account_loop(), name="account"))
+        if self.config.metrics_port is not None:
+            from .metrics import MetricsEndpoint
+
+            self.metrics = MetricsEndpoint(self, self.config.metrics_host, self.config.metrics_port)
         log.info(
             "listening",
             extra={
                 "host": self.config.host,
                 "port": self.port,
                 "control_port": self.control_port,
+                "metrics_port": self.metrics.port if self.metrics is not None else None,
                 "account": self.broker.account.account_id,
                 "symbols": len(self.universe),
                 "seed": self.config.seed,
@@ -327,6 +335,9 @@ class SimServer:
         self._close_listener()
         if self.control is not None:
             await self.control.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         for session in list(self.sessions):
             session.close()
         if self.stopped is not None:
@@ -1215,6 +1226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=env.host, help="listen address (QE_SIM_HOST)")
     p.add_argument("--port", type=int, default=env.port, help="TWS API port, 0 = any free port (QE_SIM_PORT, default 4002)")
     p.add_argument("--control-port", type=int, default=env.control_port, help="control HTTP port, 0 = any (QE_SIM_CONTROL_PORT)")
+    p.add_argument("--metrics-port", type=int, default=-1 if env.metrics_port is None else env.metrics_port,
+                   help="Prometheus metrics port, 0 = any, -1 = none (QE_SIM_METRICS_PORT; the demo uses 9108)")
     p.add_argument("--universe", default=env.universe_path, help="universe CSV (QE_SIM_UNIVERSE)")
     p.add_argument("--account-file", default=env.account_path, help="account YAML (QE_SIM_ACCOUNT); 'none' = empty account")
     p.add_argument("--seed", type=int, default=env.seed, help="market seed (QE_SIM_SEED)")
@@ -1241,6 +1254,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         host=args.host,
         port=args.port,
         control_port=args.control_port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         seed=args.seed,
         quote_rate=args.quote_rate,
         print_rate=args.print_rate,

@@ -51,6 +51,7 @@ class RunningSim:
 
     port: int
     control_port: int
+    metrics_port: int | None = None  # the Prometheus endpoint (processes started here serve one)
     thread: SimThread | None = None
     process: subprocess.Popen | None = None
     output: list[str] = field(default_factory=list)
@@ -109,6 +110,8 @@ def start_process(
         args += ["--port", "0"]
     if "--control-port" not in args:
         args += ["--control-port", "0"]
+    if "--metrics-port" not in args:
+        args += ["--metrics-port", "0"]
     if "--universe" not in args:
         args += ["--universe", str(DEFAULT_UNIVERSE)]
     if "--account-file" not in args:
@@ -136,7 +139,9 @@ def start_process(
         if entry.get("msg") == "listening":
             reader = threading.Thread(target=_drain, args=(proc.stdout, output), daemon=True)
             reader.start()
-            return RunningSim(int(entry["port"]), int(entry["control_port"]), process=proc, output=output, reader=reader)
+            metrics_port = int(entry["metrics_port"]) if entry.get("metrics_port") is not None else None
+            return RunningSim(int(entry["port"]), int(entry["control_port"]), metrics_port, process=proc, output=output,
+                              reader=reader)
     proc.kill()
     proc.wait(5)
     proc.stdout.close()

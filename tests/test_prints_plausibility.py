@@ -122,7 +122,7 @@ def test_excluded_prints_are_counted_by_reason(redis_url, r):
     handler = PrintsHandler(SimpleNamespace(clock=Clock(), rules=RULES))
     handler.load(r)
     tape = Tape("NLY PRF", time.time_ns() - 60 * S)
-    sample = lambda reason: metrics.REGISTRY.get_sample_value("qe_prints_excluded_total", {"reason": reason}) or 0.0
+    sample = lambda reason: metrics.registry_for("prints").get_sample_value("qe_prints_excluded_total", {"reason": reason}) or 0.0
     before = {reason: sample(reason) for reason in ("far_from_reference", "absurd_size", "future_time", "too_old")}
     effects = streams.Effects(streams.StreamPolicy(RULES.streams))
     old_ns = time.time_ns() - int(RULES.plausibility.prints.max_age_s * S) - S

@@ -5,7 +5,9 @@ pass `promtool check metrics`."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 import re
 import shutil
 import subprocess
@@ -14,7 +16,10 @@ import urllib.request
 
 import yaml
 
+import daemons
 from qe import metrics
+from sim import metrics as sim_metrics
+from sim.testing import start_process
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until
 from tests.support.system_tools import require_tool
 
@@ -32,18 +37,36 @@ def run_promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedPr
                           cwd=PROMETHEUS_DIR)
 
 
+def every_daemon_metric() -> list:
+    """Every metric any daemon owns (importing the daemons declares their own)."""
+    for module in pkgutil.walk_packages(daemons.__path__, daemons.__name__ + "."):
+        if not module.name.endswith(".__main__"):  # importing __main__ would run the daemon
+            importlib.import_module(module.name)
+    return metrics.all_collectors()
+
+
 def known_series_names() -> set[str]:
-    """Every series name the registry can expose (counters with _total, histograms
-    with _bucket/_sum/_count), whether or not a label set has been used yet."""
+    """Every series name a daemon can expose (counters with _total, histograms
+    with _bucket/_sum/_count), whether or not a label set has been used yet. No
+    `_created` series: they are disabled."""
     names = set()
-    for family in metrics.REGISTRY.collect():
-        if family.type == "counter":
-            names |= {family.name + "_total", family.name + "_created"}
-        elif family.type == "histogram":
-            names |= {family.name + suffix for suffix in ("_bucket", "_sum", "_count", "_created")}
-        else:
-            names.add(family.name)
+    for collector in every_daemon_metric():
+        for family in collector.describe():
+            if family.type == "counter":
+                names.add(family.name + "_total")
+            elif family.type == "histogram":
+                names |= {family.name + suffix for suffix in ("_bucket", "_sum", "_count")}
+            else:
+                names.add(family.name)
     return names
+
+
+def simulator_series_names() -> set[str]:
+    """What the simulator's endpoint (sim/metrics.py) serves, the demo's `ib-sim` target."""
+    numbers = {key: 0 for key in ("orders", "orders_rejected", "open_orders", "fills", "filled_shares",
+                                  "connected_clients", "accepting", "potential_gross_ratio", "potential_gross_max_ratio")}
+    families = sim_metrics.families({**numbers, "faults_injected": {}, "faults_fired": {}})
+    return {sample.name for family in families for sample in family.samples}
 
 
 # --- prometheus.yml and alerts.yml ------------------------------------------------------------
@@ -152,7 +175,9 @@ def test_dashboard_covers_what_the_desk_watches():
 
 def test_dashboard_expressions_use_metrics_that_exist():
     referenced = {name for t in targets(dashboard()) for name in METRIC_NAME.findall(t["expr"])}
-    assert referenced and not referenced - known_series_names(), referenced - known_series_names()
+    known = known_series_names() | simulator_series_names()
+    assert referenced and not referenced - known, referenced - known
+    assert "qe_sim_referee_potential_gross_ratio" in referenced  # the demo's simulator has its panel
 
 
 def test_dashboard_expressions_are_valid_promql(tmp_path):
@@ -178,11 +203,14 @@ for package in (qe, daemons):
     for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
         if not module.name.endswith(".__main__"):  # importing __main__ would run the daemon
             importlib.import_module(module.name)
+from prometheus_client import CollectorRegistry
+everything = CollectorRegistry()
 # Give every labelled metric one child so its samples are linted too.
-for collector in list(metrics.REGISTRY._collector_to_names):
+for collector in metrics.all_collectors():
+    everything.register(collector)
     if getattr(collector, "_labelnames", ()):
         collector.labels(*["x"] * len(collector._labelnames))
-server, _thread = start_http_server(0, addr="127.0.0.1", registry=metrics.REGISTRY)
+server, _thread = start_http_server(0, addr="127.0.0.1", registry=everything)
 print(server.server_address[1], flush=True)
 time.sleep(60)
 """
@@ -227,3 +255,48 @@ def test_a_running_daemons_endpoint_passes_promtool(redis_url, r, tmp_path):
 def test_promtool_check_metrics_can_fail():
     result = check_metrics("# HELP qe_bad_minutes x\n# TYPE qe_bad_minutes gauge\nqe_bad_minutes 1\n")
     assert result.returncode != 0 and "seconds" in result.stdout + result.stderr
+
+
+def test_the_simulators_endpoint_passes_promtool():
+    sim = start_process(["--account-file", "none", "--quote-rate", "0", "--print-rate", "0"])
+    try:
+        assert sim.metrics_port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{sim.metrics_port}/metrics", timeout=10).read().decode()
+    finally:
+        assert sim.stop() == 0
+    assert {"qe_sim_orders_total", "qe_sim_fills_total", "qe_sim_connected_clients",
+            "qe_sim_referee_potential_gross_ratio"} <= {line.split("{")[0].split()[0] for line in text.splitlines()
+                                                        if line and not line.startswith("#")}
+    assert 'qe_sim_faults_injected_total{fault="reject_next"} 0.0' in text  # every fault at 0 from the start
+    result = check_metrics(text)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- each daemon's own registry ----------------------------------------------------------------
+
+
+def exported_by(daemon: str) -> set[str]:
+    every_daemon_metric()
+    return {family.name for family in metrics.registry_for(daemon).collect()}
+
+
+def test_a_daemon_exports_only_the_metrics_it_owns():
+    assert {d for d in metrics.DEFAULT_PORTS if "qe_broker_connected" in exported_by(d)} == {"execution", "decision"}
+    assert {d for d in metrics.DEFAULT_PORTS if "qe_exposure_gross_ratio" in exported_by(d)} == {"exposure"}
+    assert {d for d in metrics.DEFAULT_PORTS if "qe_l1_implausible" in exported_by(d)} == {"market-data"}
+    assert {d for d in metrics.DEFAULT_PORTS if "qe_prints_excluded" in exported_by(d)} == {"prints"}
+    assert "qe_events_consumed" not in exported_by("market-data")  # it consumes nothing
+    assert "qe_events_published" in exported_by("market-data")
+    every_metric = {family.name for collector in metrics.all_collectors() for family in collector.describe()}
+    owned_by_someone = set().union(*(exported_by(d) for d in metrics.DEFAULT_PORTS if d != "ib-sim"))
+    assert owned_by_someone == every_metric  # no metric without an owner
+
+
+def test_unknown_values_start_as_nan_and_no_created_series():
+    script = ("from prometheus_client import generate_latest; from qe import metrics; "
+              "print(generate_latest(metrics.registry_for('exposure')).decode())")
+    text = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True,
+                          cwd=REPO).stdout
+    assert "qe_exposure_gross_ratio NaN" in text and "qe_exposure_potential_gross_ratio NaN" in text
+    assert "qe_redis_up NaN" in text
+    assert "_created" not in text

@@ -62,6 +62,8 @@ ALERT_TYPES = (
     "broker_orders_refused", "l1_stale", "l1_feed_stale", "prints_stale", "prints_feed_stale",
     "etf_move_vs_close", "etf_move_fast", "dlq_growth", "consumer_lag",
 )
+for _alert_type in ALERT_TYPES:  # at 0 from the start: increase() sees the first suppression
+    metrics.alerts_suppressed.labels(_alert_type)
 
 
 def _text(value: Any) -> str:

@@ -701,6 +701,8 @@ class DecisionHandler:
             view.reported_skips.add(field)
             effects.hset(SKIPS, {field: now})
             metrics.decision_skips.labels(skip.reason).inc()
+            log.info("symbol skipped", extra={"symbol": skip.symbol, "slot": skip.slot, "reason": skip.reason,
+                                              "numbers": skip.numbers, "trading_day": day})
             effects.publish(
                 "ev.alerts",
                 make_event(

@@ -24,6 +24,33 @@ log = logging.getLogger(__name__)
 ACCOUNT_TAGS = {"NetLiquidation", "BuyingPower"}
 CLIENT_ID_IN_USE = 326
 
+# How each broker code is logged (one JSON line, by `BrokerLink._on_error`).
+ORDER_CANCELLED = 202  # info after our own cancel (a TTL or a de-risk replace); warning otherwise
+FARM_OK = frozenset({2104, 2106, 2158, 2107, 2108, 2119})  # data farms connected / on demand: normal
+WARNING_CODES = frozenset({1101, 1102, 399, 404, 10148, 10147})  # plus every other 2100-2199 (IB's warnings)
+# ib_async logs the same codes itself, at error for 202, and a whole `Trade(...)` repr
+# (2 KB) when it marks an order cancelled: those lines are dropped, ours replaces them.
+MAX_CANCELS_REMEMBERED = 10_000
+IB_LINES_LOGGED_HERE = ("Error ", "Warning ", "Canceled order: ", "IBKR API validation warning: ")
+
+
+def broker_code_level(code: int, after_own_cancel: bool) -> int:
+    """The log level of one broker code: expected news at info, IB's warnings at warning."""
+    if code in FARM_OK or (code == ORDER_CANCELLED and after_own_cancel):
+        return logging.INFO
+    if code == ORDER_CANCELLED or code in WARNING_CODES or 2100 <= code < 2200:
+        return logging.WARNING
+    return logging.ERROR
+
+
+def _not_logged_here(record: logging.LogRecord) -> bool:
+    """Filter for ib_async's wrapper logger: keep only what BrokerLink does not log itself."""
+    return not (isinstance(record.msg, str) and record.msg.startswith(IB_LINES_LOGGED_HERE))
+
+
+for _wrapper_logger in ("ib_async.wrapper", "ib_insync.wrapper"):
+    logging.getLogger(_wrapper_logger).addFilter(_not_logged_here)
+
 
 def _ns(moment: Any) -> int:
     if isinstance(moment, datetime):
@@ -74,6 +101,8 @@ class BrokerLink:
         self.next_attempt_s = 0.0
         self.last_error = ""
         self.last_code: int | None = None
+        # Order ids we asked to cancel, oldest first (their 202 is expected news).
+        self.cancels_sent: dict[int, None] = {}
         self._wire_events()
 
     # -- callbacks: plain data into the inbox -------------------------------------------------
@@ -106,7 +135,19 @@ class BrokerLink:
     def _on_error(self, req_id: int, code: int, text: str, contract: Any = None) -> None:
         if req_id == -1:
             self.last_code = code  # e.g. 326 during a connect attempt, which then times out
+        self._log_broker_code(req_id, code, text)
         self.inbox.append(("error", req_id, code, text))
+
+    def _log_broker_code(self, req_id: int, code: int, text: str) -> None:
+        """One JSON line per broker code, plain fields only (never an object's repr)."""
+        level = broker_code_level(code, after_own_cancel=req_id in self.cancels_sent)
+        fields: dict[str, Any] = {"code": code, "req_id": req_id, "text": str(text)[:300]}
+        trade = self._trade(req_id) if req_id > 0 else None
+        if trade is not None:
+            fields.update(order_ref=trade.order.orderRef, symbol=getattr(trade.contract, "symbol", None))
+        if code == ORDER_CANCELLED:
+            self.cancels_sent.pop(req_id, None)
+        log.log(level, "broker message", extra=fields)
 
     def _on_position(self, position: Any) -> None:
         # Raw numbers: the service checks them (an int() of an infinite size would raise here).
@@ -198,6 +239,9 @@ class BrokerLink:
         return wrapper.trades.get(wrapper.orderKey(wrapper.clientId, order_id, 0))
 
     def cancel(self, order_id: int) -> None:
+        self.cancels_sent[order_id] = None
+        if len(self.cancels_sent) > MAX_CANCELS_REMEMBERED:
+            del self.cancels_sent[next(iter(self.cancels_sent))]
         trade = self._trade(order_id)
         if trade is not None:
             self.ib.cancelOrder(trade.order)

@@ -518,6 +518,9 @@ class ExecutionService:
         last_fill = Fill(exec_id=fill.exec_id, qty=fill.qty, price=fill.price, ts_ns=fill.ts_ns, commission=commission)
         self._save(effects, new, last_fill=last_fill)
         metrics.fills.inc()
+        log.info("fill", extra={"symbol": fill.symbol, "side": fill.side, "qty": fill.qty, "price": fill.price,
+                                "exec_id": fill.exec_id, "order_ref": record.order_ref, "commission": commission,
+                                "filled_qty": new.filled_qty, "order_qty": new.qty, "status": new.status})
 
     def _on_error(self, req_id: int, code: int, text: str, now_ns: int, effects: Effects) -> None:
         self.view.last_code = code
@@ -538,7 +541,7 @@ class ExecutionService:
         if record_ref is not None:
             record = self.records[record_ref]
             self._save(effects, core.on_error(record, code, text), publish=False)
-            log.warning("broker error on an order", extra={"order_ref": record_ref, "code": code, "text": text})
+            # Logged once, at its level, by BrokerLink ("broker message": 202 after our cancel is info).
             self.confirm_after_s = time.monotonic() + self.rules.confirm_delay_s
 
     def _on_position(self, account: str, symbol: str, raw_qty: float, avg_cost: float, now_ns: int, effects: Effects) -> None:

@@ -44,28 +44,28 @@ HEALTH_INTERVAL_S = 1.0
 HOLDINGS_INTERVAL_S = 5.0  # positions and open orders are re-read this often (and at every connect)
 SESSION_FRESH_NS = 30 * NS_PER_S
 
-# Market data's own metrics (only this daemon has them).
-l1_implausible = Counter(
+# Market data's own metrics (only this daemon exports them: see qe.metrics.owned_by).
+l1_implausible = metrics.owned_by(DAEMON)(Counter(
     "qe_l1_implausible_total", "Quotes published flagged by the quote gate, by reason", ["source", "reason"],
-    registry=metrics.REGISTRY,
-)
-l1_implausible_symbols = Gauge(
+    registry=None,
+))
+l1_implausible_symbols = metrics.owned_by(DAEMON)(Gauge(
     "qe_l1_implausible_symbols", "Symbols whose latest quote is implausible (an open episode)", ["source"],
-    registry=metrics.REGISTRY,
-)
-l1_confirmations = Counter(
+    registry=None,
+))
+l1_confirmations = metrics.owned_by(DAEMON)(Counter(
     "qe_l1_confirmations_total", "Unchanged quotes re-published to confirm them (not a change)", ["source"],
-    registry=metrics.REGISTRY,
-)
-l1_confirming = Gauge(
+    registry=None,
+))
+l1_confirming = metrics.owned_by(DAEMON)(Gauge(
     "qe_l1_confirming", "1 while market data confirms unchanged quotes (feed connected, healthy, not quiet)", ["source"],
-    registry=metrics.REGISTRY,
-)
-symbols_added = Counter(
+    registry=None,
+))
+symbols_added = metrics.owned_by(DAEMON)(Counter(
     "qe_feed_symbols_added_total",
     "Symbols held or with open orders but missing from the universe file, subscribed by market data", ["source"],
-    registry=metrics.REGISTRY,
-)
+    registry=None,
+))
 
 
 class MarketOpen:

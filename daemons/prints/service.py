@@ -41,12 +41,12 @@ BUFFER_KEY = "state:prints:buffer:{symbol}"
 FEATURES_KEY = "state:features:{symbol}"
 SCREEN_KEY = "state:prints:gate"  # hash: symbol -> PrintScreen JSON (the print gate's memory)
 
-prints_excluded = Counter(
+prints_excluded = metrics.owned_by(DAEMON)(Counter(
     "qe_prints_excluded_total",
     "Prints kept out of truth ticks and GRPAN by the print gate (or dropped from saved state), by reason",
     ["reason"],
-    registry=metrics.REGISTRY,
-)
+    registry=None,
+))
 
 def _window(result: WindowResult) -> GrpanWindow:
     return GrpanWindow(

@@ -333,6 +333,7 @@ class Consumer:
         self.group = group
         self.handler = handler
         self.streams = list(handler.streams)
+        metrics.declare_consumed(self.streams)  # per-stream series at 0 before the first event
         # A daemon that must also drive another event loop (ib_async) reads with a shorter
         # BLOCK; a handler may read bigger batches than the default (`batch_size`).
         overrides = {"block_ms": block_ms, "batch_size": getattr(handler, "batch_size", None)}

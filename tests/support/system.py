@@ -1,6 +1,9 @@
 """The whole system as real subprocesses for system tests: the IB simulator (the
-referee), session, market data, prints, exposure, decision and execution on one
-sped-up simulated clock, over a private Redis."""
+referee), session, market data, prints, exposure, decision and execution (and
+alerts, on request) on one sped-up simulated clock, over a private Redis.
+
+Every process serves its metrics on a free port (QE_METRICS_PORT=0, the
+simulator's --metrics-port 0); `metrics_url` reads the bound one from its log."""
 
 from __future__ import annotations
 
@@ -24,7 +27,14 @@ SPEED = 30.0  # simulated seconds per wall second: half an hour in a minute
 
 
 class System:
-    def __init__(self, tmp_path: Path, start: datetime, sim_args: list[str] | None = None, speed: float = SPEED) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        start: datetime,
+        sim_args: list[str] | None = None,
+        speed: float = SPEED,
+        daemons: tuple[str, ...] = DAEMONS,
+    ) -> None:
         self.tmp_path = tmp_path
         self.redis_server = RedisServer(tmp_path / "redis", fsync="everysec").start()
         self.r = self.redis_server.client()
@@ -41,9 +51,10 @@ class System:
         )
         env = daemon_env(self.redis_server.url, QE_IB_PORT=str(self.sim.port), QE_CONFIG=str(self.rules_file), **self.clock_env)
         self.daemons = {
-            name: DaemonProcess(console_script(f"qe-{name}"), env, tmp_path / f"{name}.log").start() for name in DAEMONS
+            name: DaemonProcess(console_script(f"qe-{name}"), env, tmp_path / f"{name}.log").start() for name in daemons
         }
         self.env = env
+        self.killed: set[str] = set()
 
     def sim_now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.now_ns() / 1e9, tz=NEW_YORK)
@@ -72,11 +83,26 @@ class System:
     def qe(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(VENV_BIN / "qe"), *args], env=self.env, capture_output=True, text=True, timeout=60)
 
+    def metrics_url(self, name: str, timeout: float = 30.0) -> str:
+        """The daemon's metrics endpoint, as it logged it once listening."""
+        process = self.daemons[name]
+
+        def logged() -> str | None:
+            assert process.alive(), f"{name} died:\n{process.output()[-3000:]}"
+            return next((line["metrics_url"] for line in process.log_lines() if line.get("msg") == "metrics endpoint up"), None)
+
+        return str(wait_until(logged, timeout=timeout, message=f"{name}'s metrics endpoint"))
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one daemon (it is left out of stop()'s clean-exit check)."""
+        self.daemons[name].kill()
+        self.killed.add(name)
+
     def stop(self) -> None:
-        codes = {name: process.terminate(timeout=30) for name, process in self.daemons.items()}
+        codes = {name: process.terminate(timeout=30) for name, process in self.daemons.items() if name not in self.killed}
         self.sim.stop()
         self.redis_server.stop()
-        assert codes == {name: 0 for name in DAEMONS}, codes
+        assert codes == {name: 0 for name in codes}, codes
 
 
 def new_york(day: str, hhmm: str) -> datetime:
