@@ -23,6 +23,7 @@ def assert_plain_json_lines(lines: list[dict]) -> None:
 
 
 def test_execution_logs_fills_and_broker_codes_at_their_level_without_reprs(execution, sim):
+    execution.brain_mode("NORMAL")  # a Brain's mode exists: its absence is (rightly) an error line
     execution.start().wait_connected()
     execution.market(24.80, 24.82)
     execution.intent("intent:logs:fill", limit_price=24.80, qty=200)  # SELL at the bid: fills
