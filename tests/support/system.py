@@ -36,8 +36,9 @@ class System:
         rules["market_data"]["ibkr"]["max_tick_by_tick"] = 25  # the simulator allows it (see sim/demo.py)
         self.rules_file = tmp_path / "risk_rules.yaml"
         self.rules_file.write_text(yaml.safe_dump(rules))
+        # sim_args: e.g. ["--universe", ..., "--account-file", ...] (the daemons keep QE_UNIVERSE).
         self.sim = start_process(
-            ["--quote-rate", "1.0", "--print-rate", "0.5", "--no-fill-on-prints"], env=self.clock_env
+            ["--quote-rate", "1.0", "--print-rate", "0.5", "--no-fill-on-prints", *(sim_args or [])], env=self.clock_env
         )
         env = daemon_env(self.redis_server.url, QE_IB_PORT=str(self.sim.port), QE_CONFIG=str(self.rules_file), **self.clock_env)
         self.daemons = {
