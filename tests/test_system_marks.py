@@ -124,3 +124,40 @@ def test_a_position_outside_the_universe_counts_at_its_fallback_mark_and_blocks_
                    message="the Brain no longer blocks increases for ZZZ PRA")
     finally:
         system.stop()
+
+
+def test_the_brain_never_takes_the_broker_above_130_percent_whatever_the_snapshots_miss(tmp_path):
+    """The demo book (125 %) in a regime whose tolerance is the hard cap itself, so market
+    making and band keeping run right up to 130 %: every exposure snapshot lags the
+    orders execution acknowledges by up to a publication, and the Brain counts its own
+    orders until a snapshot includes their ev.orders entry. The referee (the broker's own
+    potential gross, at its own marks, after every order event) never sees more than 130 %
+    from an order."""
+
+    def at_the_cap(rules: dict) -> None:
+        rules["session"]["regimes"]["EARLY"]["gross_tolerance_pct"] = 130
+        rules["arbitration"]["drop_mm_increases_above_gross_pct"] = 130
+        rules["strategies"]["mm"].update(quote_size=800, max_position_shares=5000)  # quotes that hit the cap
+
+    system = System(tmp_path, new_york(DAY, "10:30"), rules_update=at_the_cap)
+    try:
+        system.run_until(new_york(DAY, "10:40"))
+        increases = [i for i in system.intents() if i["action"] == "NEW" and i["classification"].endswith("_INC")]
+        assert increases, "nothing was tried near the cap"
+        placed = [q for q in system.sim.control.requests() if q["event"] == "place"]
+        assert placed
+        log = system.sim.control.referee_log(kind="request")["entries"]
+        assert log
+        worst = system.sim.control.referee()["potential_gross"]["max"]
+        # The broker-side maximum: at most the cap when it came from an order of ours; the
+        # market alone (a quote move of a held symbol) may move it a little, never an order.
+        if worst["event"] in ("place", "modify"):
+            assert worst["pct"] <= 130.0 + 1e-6, worst
+        else:
+            assert worst["pct"] <= 130.5, worst
+        traces = [i["trace"].get("brain_potential_pct") or 0 for i in increases]
+        assert max(traces) <= 130.0 + 1e-6
+        (tmp_path / "near_cap.txt").write_text(f"{worst}\n{sorted(traces)[-5:]}\n")
+        assert worst["pct"] >= 128.0, worst  # the book really ran at the cap
+    finally:
+        system.stop()

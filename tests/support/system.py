@@ -24,7 +24,8 @@ SPEED = 30.0  # simulated seconds per wall second: half an hour in a minute
 
 
 class System:
-    def __init__(self, tmp_path: Path, start: datetime, sim_args: list[str] | None = None, speed: float = SPEED) -> None:
+    def __init__(self, tmp_path: Path, start: datetime, sim_args: list[str] | None = None, speed: float = SPEED,
+                 rules_update=None) -> None:
         self.tmp_path = tmp_path
         self.redis_server = RedisServer(tmp_path / "redis", fsync="everysec").start()
         self.r = self.redis_server.client()
@@ -34,6 +35,8 @@ class System:
         self.clock = qe_clock.from_env(self.clock_env)
         rules = yaml.safe_load((REPO / "etc" / "risk_rules.yaml").read_text())
         rules["market_data"]["ibkr"]["max_tick_by_tick"] = 25  # the simulator allows it (see sim/demo.py)
+        if rules_update is not None:
+            rules_update(rules)  # a scenario's own settings (the parsed risk_rules.yaml, changed in place)
         self.rules_file = tmp_path / "risk_rules.yaml"
         self.rules_file.write_text(yaml.safe_dump(rules))
         # sim_args: e.g. ["--universe", ..., "--account-file", ...] (the daemons keep QE_UNIVERSE).
