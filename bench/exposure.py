@@ -107,7 +107,7 @@ class Events:
 
 
 def make_handler(rules: config.RiskRules) -> ExposureHandler:
-    context = SimpleNamespace(rules=rules, clock=Clock(), log=logging.getLogger("bench"))
+    context = SimpleNamespace(rules=rules, clock=Clock(), log=logging.getLogger("bench"), universe=dict)
     return ExposureHandler(context)  # type: ignore[arg-type]
 
 

@@ -17,7 +17,8 @@ from daemons.decision.derisk import (
 from dataclasses import replace
 
 from daemons.decision.engine import decide
-from tests.support.brain import DAY, NS, T0, engine_rules, market, outstanding, session, view
+from daemons.decision.model import Market
+from tests.support.brain import DAY, NS, T0, engine_rules, load_rules, market, outstanding, session, view
 
 # --- pricing ---------------------------------------------------------------------------------
 
@@ -319,3 +320,65 @@ def test_an_odd_lot_position_is_closed_whole_and_orders_respect_the_liquidity_ca
     assert [c.qty for c in plan_odd.candidates] == [50]  # below the 100 minimum, but the whole position
     big = replace(holding("BIG", 5000), max_order_qty=200)
     assert [c.qty for c in plan([big], excess=100_000.0).candidates] == [200]
+
+
+# --- issue 13: quiet quotes, reduce-only room --------------------------------------------------
+
+
+def quiet_markets(now: int) -> dict:
+    """Every quote unchanged for 10 minutes (quote_ts_ns) but confirmed by market data
+    5 s ago (the envelope ts_ns), ingested as the handler does; truth ticks 30 s old."""
+    from daemons.decision import guards
+    from qe.contracts import L1
+
+    rules = load_rules().plausibility
+    out = {}
+    for symbol, m in markets().items():
+        quiet = Market(truth_price=m.truth_price, truth_ts_ns=now - 30 * NS, grpan=m.truth_price, feature_ts_ns=now - 30 * NS)
+        l1 = L1(symbol=symbol, bid=m.bid, ask=m.ask, bid_size=500, ask_size=500, quote_ts_ns=now - 600 * NS)
+        assert guards.apply_l1(quiet, l1, now - 5 * NS, now, rules) is None
+        out[symbol] = quiet
+    return out
+
+
+def test_cap_recovery_acts_on_a_quiet_book_whose_quotes_are_confirmed():
+    v = view(portfolio(135), EQUITY, quiet_markets(T0), sess=session(T0, regime="EARLY"))
+    d = decide(v, engine_rules(), T0)
+    assert d.state.mode == "CAP_RECOVERY"
+    assert [i for i in d.intents if i.intent.intent_type == "CAP_RECOVERY"], d.skips
+    assert "stale_l1" not in {s.reason for s in d.skips}
+
+
+def test_hard_derisk_acts_on_a_quiet_book_and_stops_once_confirmations_stop():
+    sess = session(T0, regime="CLOSE", hard=True, minutes_to_close=1.5)
+    v = view(portfolio(110), EQUITY, quiet_markets(T0), sess=sess)
+    d = decide(v, engine_rules(), T0)
+    assert d.state.mode == "HARD_DERISK"
+    assert [i for i in d.intents if i.intent.intent_type == "HARD_DERISK"]
+    # No confirmation for more than l1_max_age_s (feed down, farm broken, halted):
+    # not current any more, skipped as stale.
+    later = T0 + 56 * NS
+    v2 = view(portfolio(110), EQUITY, quiet_markets(T0), sess=session(later, regime="CLOSE", hard=True, minutes_to_close=1))
+    d2 = decide(v2, engine_rules(), later)
+    assert not [i for i in d2.intents if i.intent.intent_type == "HARD_DERISK" and i.intent.action == "NEW"]
+    assert "stale_l1" in {s.reason for s in d2.skips}
+
+
+def test_reduce_only_room_adds_the_orders_the_snapshot_does_not_include():
+    """The issue's repro: short 5,472 with 369 working in the snapshot and 100 of the
+    Brain's own not yet in it: room 5,003 (not 5,472 - max(369, 100) = 5,103)."""
+    from daemons.decision.engine import _Evaluation, _holding
+
+    positions = {"NLY PRG": (-5472, "MM_PURE", 25.0)}
+    v = view(positions, EQUITY, {"NLY PRG": market(24.96, 25.04, truth=24.99)}, open_orders={"NLY PRG": (369, 0)})
+    v.exposure = v.good_exposure = replace(v.exposure, orders_through="1700000000000-7")
+    v.put_record(outstanding("ours", "CAP_RECOVERY", "NLY PRG", "BUY", 100, 25.04, bucket="MM_PURE",
+                             classification="MM_SHORT_DEC", status="SUBMITTED", last_order_id="1700000000000-9"))
+    ev = _Evaluation(v, engine_rules(), T0)
+    assert ev.open_reducing_qty("NLY PRG", -5472) == 469
+    holding = _holding(ev, "HARD_DERISK", "NLY PRG", v.positions["NLY PRG"])
+    assert holding.available == 5003
+    # Once the snapshot includes our order it is counted once, in the snapshot's 469.
+    v.exposure = v.good_exposure = replace(v.exposure, orders_through="1700000000000-9",
+                                           symbols={"NLY PRG": replace(v.exposure.symbols["NLY PRG"], open_buy=469)})
+    assert _Evaluation(v, engine_rules(), T0).open_reducing_qty("NLY PRG", -5472) == 469

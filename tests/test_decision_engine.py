@@ -7,6 +7,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dataclasses import replace
+
 from daemons.decision.engine import decide, intent_key
 from qe.contracts import intent_id_for, order_ref_for
 from tests.support.brain import DAY, NS, T0, engine_rules, exposure, load_rules, market, outstanding, session, view
@@ -136,16 +138,24 @@ def test_unacknowledged_intents_count_toward_the_cap():
     assert d.trace["brain_potential_pct"] == 130.199  # 129.7 + 200 x $24.95 (no mark for CIM PRD: its limit price)
 
 
-def test_acknowledged_intent_stops_counting_once_a_newer_snapshot_exists():
+def test_acknowledged_intent_counts_until_the_snapshot_includes_its_order_event():
+    """By ev.orders entry id, never by clocks: a snapshot PUBLISHED after the order was
+    acknowledged (ts_ns later) but that did not consume its order event still misses it."""
     v = mm_view()
     record = outstanding("k", "MM_BID", "CIM PRD", "BUY", 200, 24.95, bucket="MM_PURE", classification="MM_LONG_INC",
-                         status="SUBMITTED", last_order_ts_ns=T0 - NS)
+                         status="SUBMITTED", last_order_ts_ns=T0 - NS, last_order_id="1700000000000-5")
     v.put_record(record)
     base = v.exposure.potential_pct
-    d = decide(v, engine_rules(**NO_BAND), T0)
-    assert d.trace["brain_potential_pct"] == round(base, 4)  # the snapshot (T0) already includes it
-    record.last_order_ts_ns = T0 + 1
-    d = decide(v, engine_rules(**NO_BAND), T0 + 2)
+    v.exposure = replace(v.exposure, ts_ns=T0 + NS, orders_through="1700000000000-4")  # published later, read less
+    v.good_exposure = v.exposure
+    d = decide(v, engine_rules(**NO_BAND), T0 + 2 * NS)
+    assert d.trace["brain_potential_pct"] == round(base + 0.5, 4)  # counted: the snapshot does not include it
+    assert "k" not in d.removed
+    v.exposure = v.good_exposure = replace(v.exposure, orders_through="1700000000000-5")
+    d = decide(v, engine_rules(**NO_BAND), T0 + 2 * NS)
+    assert d.trace["brain_potential_pct"] == round(base, 4)  # included: not counted twice
+    v.exposure = v.good_exposure = replace(v.exposure, orders_through=None)  # a snapshot that read nothing
+    d = decide(v, engine_rules(**NO_BAND), T0 + 2 * NS)
     assert d.trace["brain_potential_pct"] == round(base + 0.5, 4)
 
 
@@ -224,3 +234,23 @@ def test_after_a_reject_the_symbol_cools_down():
     cooled = hard_view(now_ns=later)
     cooled.rejected["AGNCN"] = T0 - 5 * NS
     assert {i.intent.symbol for i in decide(cooled, rules, later).intents} == {"AGNCN"}
+
+
+def test_a_position_priced_only_by_a_fallback_counts_and_blocks_increases():
+    """Issue 13: a symbol outside the universe with no quote or truth tick yet counts at
+    the broker's average cost in the Brain's gross, and no risk increase goes out."""
+    from daemons.decision.model import PositionView
+
+    v = mm_view()
+    v.positions["ZZZ PRA"] = PositionView(4000, "LT", 25.0)  # no market data, not in the universe
+    d = decide(v, engine_rules(**NO_BAND), T0)
+    assert "unpriced_positions" in d.trace["increases_blocked"]
+    assert d.trace["unpriced_positions"] == ["ZZZ PRA"]
+    assert not [i for i in d.intents if i.intent.classification.endswith("_INC")]
+    without = decide(mm_view(), engine_rules(**NO_BAND), T0)
+    assert d.trace["brain_gross_pct"] == round(without.trace["brain_gross_pct"] + 4000 * 25.0 / EQUITY * 100, 4)
+    # Once the market prices it, increases are allowed again.
+    v.markets["ZZZ PRA"] = market(24.90, 25.10, truth=25.0, grpan=25.0)
+    d = decide(v, engine_rules(**NO_BAND), T0)
+    assert "unpriced_positions" not in d.trace["increases_blocked"]
+    assert [i for i in d.intents if i.intent.classification.endswith("_INC")]

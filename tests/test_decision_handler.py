@@ -83,7 +83,7 @@ def test_absurd_position_never_reaches_the_view_or_state(handler):
     handler.handle(event(Position.model_construct(account="DU1", symbol="CIM PRB", qty=10**400, avg_cost=24.5, bucket="LT"), "p2"), effects)
     assert handler.view.positions["CIM PRB"].qty == 20000  # the last sane one
     assert handler.view.input_problems == {"CIM PRB": "absurd_quantity"}
-    assert json.loads(hsets(effects, brain.POSITIONS)["CIM PRB"]) == [20000, "LT"]
+    assert json.loads(hsets(effects, brain.POSITIONS)["CIM PRB"]) == [20000, "LT", 24.5]
     assert hsets(effects, brain.QUARANTINE) == {"CIM PRB": "absurd_quantity"}
     assert not any(re.search(r"\d{60}", v) for op in effects.ops for v in op)  # no 400-digit number anywhere
     # A sane update lifts the quarantine.

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qe.marks import Mark, MarkRules, MarkSource, resolve
 from daemons.decision import exposure_snap
 from daemons.decision import guards
 from daemons.decision.engine import decide
@@ -121,11 +122,13 @@ def test_lt_band_skips_an_implausible_quote():
 def test_implausible_quote_never_moves_the_mark():
     rules = PLAUS
     m = stub(24.99, 25.01)
-    assert guards.judged(m, rules).mark(T0, 60, 300) == (25.0, True)
+    marks = MarkRules.of(60, 300)
+    assert resolve(guards.judged(m, rules).mark_inputs(None, None), T0, marks) == Mark(25.0, MarkSource.L1_MID)
     bad = stub(0.01, 25.01, truth=None, grpan=None)
     bad.trusted_mark, bad.trusted_ts_ns = 25.0, T0 - 10 * NS
     assert guards.judged(bad, rules).quote_problem == "wide_spread"
-    assert guards.judged(bad, rules).mark(T0, 60, 300) == (25.0, False)  # the last trusted mark, flagged stale
+    stale = resolve(guards.judged(bad, rules).mark_inputs(None, None), T0, marks)
+    assert (stale.price, stale.source) == (25.0, MarkSource.LAST_KNOWN)  # the last trusted mark, flagged stale
 
 
 def test_handler_ingest_judges_real_l1_payloads():
@@ -135,25 +138,25 @@ def test_handler_ingest_judges_real_l1_payloads():
     feature = Feature(symbol="CIM PRB", grpan_price=25.0, concentration_pct=70, print_count=12,
                       truth_tick=TruthTick(price=25.0, size=100, venue="NYSE", ts_ns=T0))
     assert guards.apply_feature(m, feature, T0, T0, PLAUS) is None
-    assert guards.apply_l1(m, L1(symbol="CIM PRB", bid=24.99, ask=25.01), T0, PLAUS) is None
+    assert guards.apply_l1(m, L1(symbol="CIM PRB", bid=24.99, ask=25.01), T0, T0, PLAUS) is None
     assert m.trusted_mark == 25.0
     with pytest.raises(ValidationError):  # the strict contract refuses `true` for a price ...
         L1.model_validate_json('{"symbol": "CIM PRB", "bid": true, "ask": 25.01}')
     coerced = L1.model_construct(symbol="CIM PRB", bid=1.0, ask=25.01, bid_size=0, ask_size=0, last=None,
                                  last_size=None, venue=None, quote_ts_ns=None, implausible=None)
-    assert guards.apply_l1(m, coerced, T0 + NS, PLAUS) == "wide_spread"  # ... and the gate would catch $1.00 anyway
-    assert guards.apply_l1(m, L1(symbol="CIM PRB", bid=0.01, ask=0.02), T0 + NS, PLAUS) == "jump"
-    assert guards.apply_l1(m, L1(symbol="CIM PRB", bid=24.99, ask=25.01, implausible="crossed"), T0, PLAUS) == "crossed"
+    assert guards.apply_l1(m, coerced, T0 + NS, T0 + NS, PLAUS) == "wide_spread"  # ... and the gate would catch $1.00 anyway
+    assert guards.apply_l1(m, L1(symbol="CIM PRB", bid=0.01, ask=0.02), T0 + NS, T0 + NS, PLAUS) == "jump"
+    assert guards.apply_l1(m, L1(symbol="CIM PRB", bid=24.99, ask=25.01, implausible="crossed"), T0, T0, PLAUS) == "crossed"
     over_max = L1.model_construct(symbol="CIM PRB", bid=24.99, ask=999_999.0, bid_size=0, ask_size=0, last=None,
                                   last_size=None, venue=None, quote_ts_ns=None, implausible=None)
-    assert guards.apply_l1(m, over_max, T0, PLAUS) == "absurd_price"
+    assert guards.apply_l1(m, over_max, T0, T0, PLAUS) == "absurd_price"
     assert (m.bid, m.ask, m.flagged) == (None, None, "absurd_price")  # present but unusable; nothing absurd kept
     assert m.trusted_mark == 25.0 and guards.market_problem(m, PLAUS) is None
 
 
 def test_a_first_quote_without_reference_is_not_trusted():
     m = Market()
-    assert guards.apply_l1(m, L1(symbol="CIM PRB", bid=0.01, ask=0.02), T0, PLAUS) is None  # nothing to judge a jump by
+    assert guards.apply_l1(m, L1(symbol="CIM PRB", bid=0.01, ask=0.02), T0, T0, PLAUS) is None  # nothing to judge a jump by
     assert m.trusted_mark is None and guards.reference_of(m) is None
 
 
@@ -374,7 +377,7 @@ def test_times_from_2100_are_bounded_by_the_brains_clock():
     assert guards.apply_feature(m, Feature(symbol="CIM PRB", grpan_price=25.0, concentration_pct=70, print_count=3,
                                            truth_tick=TruthTick(price=25.0, size=100, venue="NYSE",
                                                                 ts_ns=YEAR_2100_NS)), YEAR_2100_NS, T0, PLAUS) is None
-    guards.apply_l1(m, L1(symbol="CIM PRB", bid=24.99, ask=25.01, quote_ts_ns=YEAR_2100_NS), T0, PLAUS)
+    guards.apply_l1(m, L1(symbol="CIM PRB", bid=24.99, ask=25.01, quote_ts_ns=YEAR_2100_NS), YEAR_2100_NS, T0, PLAUS)
     assert m.quote_ts_ns == T0 and m.truth_ts_ns == T0 and m.feature_ts_ns == T0
     later = T0 + 61 * NS
     assert not m.quote_fresh(later, 60)  # stale after l1_max_age_s on the Brain's clock

@@ -124,7 +124,7 @@ def _good_effects_visible(daemon: str, snapshot: dict[str, Any]) -> list[str]:
         need("session snapshot = last good session", (inputs.get("session") or {}).get("snapshot_id") == "corpus:ev.session:7")
         need("exposure snapshot = last good exposure", (inputs.get("exposure") or {}).get("snapshot_id") == "corpus:ev.exposure:7")
         need("equity of the last good account event", inputs.get("account_equity") == 1_000_007.0)
-        need("position of the last good position event", snapshot["positions"].get(GOOD_SYMBOL) == [1006, "LT"])
+        need("position of the last good position event", (snapshot["positions"].get(GOOD_SYMBOL) or [])[:2] == [1006, "LT"])  # [qty, bucket, avg_cost]
         need("market of the good quotes/features", GOOD_SYMBOL in snapshot["markets"])
     elif daemon == "execution":
         refs = {o["order_ref"] for o in snapshot["sim_orders"]}

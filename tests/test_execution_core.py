@@ -8,6 +8,7 @@ import pytest
 
 from daemons.execution import core
 from qe.contracts import Intent
+from qe.marks import Mark, MarkSource
 
 S = 1_000_000_000
 TTL = {"LT": 120, "MM": 60, "HARD_DERISK": 30, "CLOSE_EXIT": 15, "default": 90}
@@ -253,6 +254,32 @@ def test_hard_cap_lets_reducing_orders_through_above_the_cap():
     sell = intent(side="SELL", classification="LT_LONG_DEC", qty=1000, limit_price=25.0)
     v = view(positions={"CIM PRB": 60_000})  # 150 %
     assert core.check_new_order(sell, v, LIMITS, OPEN, adv=10**9, reference=REF) is None
+
+
+def test_the_issues_repro_a_position_outside_the_universe_counts_at_its_fallback_and_blocks_increases():
+    """40,000 sh @ $25 priced by the market plus 14,000 sh with no market price (average
+    cost $25): 135 % gross, not 100 %; a BUY is refused, a decrease still goes."""
+    marks = {
+        "CIM PRB": Mark(25.0, MarkSource.L1_MID),
+        "ZZZ PRA": Mark(25.0, MarkSource.FALLBACK, "no market price yet: the broker's average cost"),
+    }
+    v = core.risk_view(1_000_000.0, {"CIM PRB": 40_000, "ZZZ PRA": 14_000}, {}, {}, marks)
+    assert v.potential_gross_notional == 1_350_000.0 and v.unpriced.keys() == {"ZZZ PRA"}
+    rejection = core.check_new_order(intent(qty=200, limit_price=25.0), v, LIMITS, OPEN, adv=10**9, reference=REF)
+    assert rejection.rule == "unpriced_positions" and "ZZZ PRA" in rejection.reason
+    sell = intent(side="SELL", classification="LT_LONG_DEC", qty=1000, limit_price=25.0)
+    assert core.check_new_order(sell, v, LIMITS, OPEN, adv=10**9, reference=REF) is None
+    # Priced by the market: the hard cap decides (135 % + the order > 130 %).
+    priced = core.risk_view(1_000_000.0, {"CIM PRB": 40_000, "ZZZ PRA": 14_000}, {}, {},
+                            {**marks, "ZZZ PRA": Mark(25.0, MarkSource.TRUTH_TICK)})
+    assert core.check_new_order(intent(qty=200, limit_price=25.0), priced, LIMITS, OPEN, adv=10**9, reference=REF).rule == "hard_cap"
+
+
+def test_a_symbol_without_any_price_is_unpriced_not_zero():
+    v = core.risk_view(1_000_000.0, {"CIM PRB": 1000}, {"ZZZ PRA": 500}, {}, {"CIM PRB": Mark(25.0, MarkSource.L1_MID),
+                                                                             "ZZZ PRA": Mark(None, MarkSource.NONE, "no price")})
+    assert v.unpriced == {"ZZZ PRA": "no price"}
+    assert core.check_new_order(intent(), v, LIMITS, OPEN, adv=10**9, reference=REF).rule == "unpriced_positions"
 
 
 def test_no_equity_means_no_added_exposure():

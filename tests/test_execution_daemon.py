@@ -71,6 +71,22 @@ class Execution:
         mid = round((bid + ask) / 2, 4)
         wait_until(lambda: self.saved_prices(symbol).get("trusted_mid") == pytest.approx(mid), timeout=15, message=f"{symbol} mid {mid}")
 
+    def price_the_book(self) -> None:
+        """A truth tick at the simulator's quote for every held symbol (as the prints worker
+        publishes it), then wait until execution holds each as its own price."""
+        now = time.time_ns()
+        ticks = {}
+        for position in self.sim.control.state()["positions"]:
+            symbol = position["symbol"]
+            quote = self.sim.control.quote(symbol)
+            tick = round((quote["bid"] + quote["ask"]) / 2, 2)
+            ticks[symbol] = tick
+            self.publish_market("ev.features", Feature(
+                symbol=symbol, grpan_price=tick, concentration_pct=80.0, print_count=10, last_price=tick,
+                truth_tick=TruthTick(price=tick, size=100, venue="NYSE", ts_ns=now)), f"test:feature:{symbol}:{tick}:{now}")
+        wait_until(lambda: all(self.saved_prices(s).get("truth_tick") == t for s, t in ticks.items()), timeout=15,
+                   message="every held symbol priced")
+
     def quote(self, bid: float, ask: float, symbol: str = SYMBOL, size: int = 1000, implausible: str | None = None) -> None:
         """An L1 as market data publishes it (with its quote-gate verdict)."""
         now = time.time_ns()
@@ -396,10 +412,27 @@ def test_reduce_only_in_derisk_modes_and_cancels_only_when_halted(execution, sim
     assert execution.placed("intent:ro:dec2") == 0
 
 
+def test_held_symbols_without_a_market_price_block_increases(execution, sim, r):
+    """Issue 13: until the market prices every held symbol, they count at their fallback
+    marks (average cost) and no risk-increasing order goes out; decreases still do."""
+    execution.start().wait_connected()
+    execution.market(31.44, 31.46, symbol="PFF")  # only PFF is priced
+    execution.intent("intent:unpriced:1", symbol="PFF", side="SELL", qty=200, limit_price=31.45,
+                     classification="LT_SHORT_INC", intent_type="LT_BAND", risk_delta_gross_pct=0.6)
+    execution.wait_status("intent:unpriced:1", "REJECTED")
+    reason = execution.orders("intent:unpriced:1")[-1]["reject_reason"]
+    assert reason.startswith("unpriced_positions: 22 symbol(s) not priced by the market") and "average cost" in reason
+    execution.intent("intent:unpriced:dec", symbol="PFF", side="BUY", qty=200, limit_price=31.46,
+                     classification="LT_SHORT_DEC", intent_type="SOFT_DERISK")
+    execution.wait_status("intent:unpriced:dec", "FILLED")
+    assert execution.placed("intent:unpriced:1") == 0 and execution.placed("intent:unpriced:dec") == 1
+
+
 def test_hard_cap_rejects_an_order_that_would_break_130_percent(execution, sim, r):
     execution.start().wait_connected()
     execution.brain_mode("NORMAL")
     execution.market(31.44, 31.46, symbol="PFF")
+    execution.price_the_book()
     # Demo portfolio: ~125 % potential gross of ~$1M, short 5,700 PFF. Shorting 4,000 more
     # (~$126k) would take it past 130 %. (Buying 4,000 would not: it only covers the short.)
     execution.intent("intent:cap:1", symbol="PFF", side="SELL", qty=4000, limit_price=31.45,

@@ -106,7 +106,8 @@ def test_hand_computed_portfolio_with_shorts_and_orders_on_both_sides():
     assert lines["AGNCN"] == core.SymbolDetail("AGNCN", 1000, "LT", 25.05, "l1_mid", 25_050.0, 300, 500, pytest.approx(32_565.0))
     assert lines["CIM PRB"] == core.SymbolDetail("CIM PRB", -400, "LT", 24.85, "truth_tick", pytest.approx(-9_940.0), 100, 0, pytest.approx(9_940.0))
     assert lines["NLY PRG"].mark_source == "l1_mid" and lines["NLY PRG"].potential_notional == pytest.approx(7_440.0)
-    assert lines["TWO PRA"] == core.SymbolDetail("TWO PRA", 0, "LT", None, "none", 0.0, 100, 0, 0.0)
+    assert lines["TWO PRA"] == core.SymbolDetail("TWO PRA", 0, "LT", None, "none", 0.0, 100, 0, 0.0,
+                                                  "no price at all: no market price, average cost or reference price")
 
 
 def test_the_payload_carries_exactly_the_spec_quantities():
@@ -170,18 +171,26 @@ def test_a_symbol_going_flat_leaves_the_book_and_reads_as_zeros():
     assert book.totals_units == book.recount()
 
 
-def test_mark_resolution_order_and_exact_age_limits():
-    l1_age, tick_age = 60 * S, 300 * S
-    inputs = core.MarkInputs(mid=250_500, mid_ts_ns=NOW - 60 * S, tick=250_000, tick_ts_ns=NOW - 10 * S)
-    assert core.resolve_mark(inputs, NOW, l1_age, tick_age) == core.Mark(250_500, "l1_mid")  # exactly 60 s: fresh
-    assert core.resolve_mark(inputs, NOW + 1, l1_age, tick_age) == core.Mark(250_000, "truth_tick")
-    assert core.resolve_mark(inputs, NOW + 290 * S + 1, l1_age, tick_age) == core.Mark(250_000, "last_known")  # tick newer
-    older_tick = core.MarkInputs(mid=250_500, mid_ts_ns=NOW - 100 * S, tick=250_000, tick_ts_ns=NOW - 400 * S)
-    assert core.resolve_mark(older_tick, NOW, l1_age, tick_age) == core.Mark(250_500, "last_known")  # mid newer
-    assert core.resolve_mark(core.MarkInputs(tick=240_000, tick_ts_ns=NOW), NOW, l1_age, tick_age).source == "truth_tick"
-    assert core.resolve_mark(core.MarkInputs(), NOW, l1_age, tick_age) == core.NO_MARK
-    assert core.resolve_mark(None, NOW, l1_age, tick_age) == core.NO_MARK
-    assert core.Mark(1, "last_known").stale and core.NO_MARK.stale and not core.Mark(1, "truth_tick").stale
+def test_the_book_marks_with_the_shared_rule_and_its_inputs():
+    """The rule itself is tested in test_marks.py; here: the book gathers the right
+    inputs (envelope time of the latest L1, truth tick, average cost, reference)."""
+    book = core.ExposureBook(RULES, PLAUSIBILITY, {"AGNCN": 24.0, "TWO PRA": 23.0})
+    book.set_equity(100_000.0)
+    book.set_position("AGNCN", 1000, "LT", 25.0, NOW)
+    assert (book.detail("AGNCN").mark, book.detail("AGNCN").mark_source) == (25.0, "fallback")  # average cost
+    order(book, "o1", "TWO PRA", "BUY", 100)
+    assert (book.detail("TWO PRA").mark, book.detail("TWO PRA").mark_source) == (23.0, "fallback")  # universe reference
+    assert book.unpriced_symbols().keys() == {"AGNCN", "TWO PRA"}
+    book.set_quote("AGNCN", 25.00, 25.10, NOW, NOW)
+    assert (book.detail("AGNCN").mark, book.detail("AGNCN").mark_source) == (25.05, "l1_mid")
+    # A confirmation of the unchanged quote (later envelope time) keeps it current.
+    assert book.set_quote("AGNCN", 25.00, 25.10, NOW + 50 * S, NOW + 50 * S) is True
+    book.refresh_marks(NOW + 100 * S)
+    assert book.detail("AGNCN").mark_source == "l1_mid"
+    book.refresh_marks(NOW + 110 * S + 1)
+    assert book.detail("AGNCN").mark_source == "last_known" and "AGNCN" in book.stale_symbols()
+    assert book.unpriced_symbols().keys() == {"TWO PRA"}
+    assert book.totals_units == book.recount()
 
 
 def test_marks_age_on_refresh_only_and_the_stale_list_follows():
@@ -264,8 +273,8 @@ def test_unknown_bucket_side_or_huge_quantity_is_refused():
 
 
 def test_marks_and_orders_round_trip_through_json():
-    inputs = core.MarkInputs(mid=250_500, mid_ts_ns=NOW, tick=None, tick_ts_ns=0)
-    assert core.MarkInputs.from_json(inputs.to_json()) == inputs
+    inputs = core.SavedPrices(mid=250_500, mid_ts_ns=NOW, tick=None, tick_ts_ns=0)
+    assert core.SavedPrices.from_json(inputs.to_json()) == inputs
     open_order = core.OpenOrder("o1", "AGNCN", "BUY", "LT", 300, 0)
     assert core.OpenOrder.from_json("o1", open_order.to_json()) == open_order
 
@@ -315,8 +324,10 @@ def test_the_stub_quote_is_caught_even_with_no_reference_at_all():
     book.set_position("AGNCN", 1000, "LT", 25.0, NOW)
     book.set_quote("AGNCN", 0.01, 999_999.00, NOW, NOW)
     assert book.quote_problem("AGNCN") == "wide_spread"
-    assert book.detail("AGNCN").mark is None and book.totals().gross_pct == 0.0
-    assert book.stale_symbols() == ["AGNCN"]  # unknown, reported; never a $500,000 mark
+    # Never a $500,000 mark: the position counts at its fallback (average cost), reported.
+    assert (book.detail("AGNCN").mark, book.detail("AGNCN").mark_source) == (25.0, "fallback")
+    assert book.totals().gross_pct == 25.0
+    assert book.stale_symbols() == ["AGNCN"]
 
 
 def test_a_real_move_confirmed_by_prints_is_followed():
@@ -361,14 +372,14 @@ def test_nan_equity_is_unknown_once_not_a_change_on_every_event():
 
 
 def test_new_mark_inputs_round_trip_and_old_saved_inputs_still_load():
-    inputs = core.MarkInputs(mid=250_500, mid_ts_ns=NOW, tick=251_000, tick_ts_ns=NOW, grpan=250_000, last_print=250_100,
+    inputs = core.SavedPrices(mid=250_500, mid_ts_ns=NOW, tick=251_000, tick_ts_ns=NOW, grpan=250_000, last_print=250_100,
                              implausible="wide_spread")
-    assert core.MarkInputs.from_json(inputs.to_json()) == inputs
+    assert core.SavedPrices.from_json(inputs.to_json()) == inputs
     old_format = {"mid": 250_500, "mid_ts_ns": NOW, "tick": None, "tick_ts_ns": 0}
-    assert core.MarkInputs.from_json(old_format) == core.MarkInputs(mid=250_500, mid_ts_ns=NOW)
+    assert core.SavedPrices.from_json(old_format) == core.SavedPrices(mid=250_500, mid_ts_ns=NOW)
     for bad in (float("nan"), -1, True, 10**30):
         with pytest.raises(ValueError):
-            core.MarkInputs.from_json({**old_format, "mid": bad})
+            core.SavedPrices.from_json({**old_format, "mid": bad})
 
 
 # --- properties ---------------------------------------------------------------------------------------

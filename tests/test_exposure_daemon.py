@@ -108,22 +108,30 @@ def test_events_in_exposure_out_with_incremental_change_publications(redis_url, 
     wait_until(lambda: r.exists("state:exposure"), message="start-up publication")
     feed = Feed(r, rules)
     feed.portfolio()
-    wait_until(lambda: state_exposure(r).get("potential_gross_pct") == pytest.approx(49.945), message="portfolio published")
+    # TWO PRA (an open BUY of 100, no market price yet) counts at the universe's reference
+    # price 23.10: 49.945 % + 2.31 % (unknown is not zero).
+    wait_until(lambda: state_exposure(r).get("potential_gross_pct") == pytest.approx(52.255), message="portfolio published")
     totals = state_exposure(r)
     assert (totals["status"], totals["equity"]) == ("ok", 100_000.0)
     assert (totals["long_notional"], totals["short_notional"]) == (pytest.approx(30_010.0), pytest.approx(9_940.0))
     assert (totals["gross_pct"], totals["net_pct"]) == (pytest.approx(39.95), pytest.approx(20.07))
-    assert totals["buckets"]["LT"] == {"current_pct": pytest.approx(34.99), "potential_pct": pytest.approx(42.505), "target_pct": 80.0, "max_pct": 90.0}
+    assert totals["buckets"]["LT"] == {"current_pct": pytest.approx(34.99), "potential_pct": pytest.approx(44.815), "target_pct": 80.0, "max_pct": 90.0}
     assert totals["buckets"]["MM_PURE"] == {"current_pct": pytest.approx(4.96), "potential_pct": pytest.approx(7.44), "target_pct": 20.0, "max_pct": 30.0}
     assert totals["marks_stale"] == ["TWO PRA"]
+    # The snapshot says exactly which entries it includes: the last ones of each stream.
+    last_order_id = r.xrevrange("ev.orders", count=1)[0][0].decode()
+    last_position_id = r.xrevrange("ev.positions", count=1)[0][0].decode()
+    assert (totals["orders_through"], totals["positions_through"]) == (last_order_id, last_position_id)
     assert "symbols" not in totals  # the per-symbol picture lives in its own hash
     lines = state_symbols(r)  # built only from change publications: the full picture anyway
     assert set(lines) == {"AGNCN", "CIM PRB", "NLY PRG", "TWO PRA"}
     assert lines["AGNCN"] == {"qty": 1000, "bucket": "LT", "mark": 25.05, "mark_source": "l1_mid", "notional": 25_050.0,
-                              "open_buy_qty": 300, "open_sell_qty": 500, "potential_notional": pytest.approx(32_565.0)}
+                              "open_buy_qty": 300, "open_sell_qty": 500, "potential_notional": pytest.approx(32_565.0),
+                              "mark_reason": None}
     assert lines["CIM PRB"]["mark_source"] == "truth_tick"
-    assert lines["TWO PRA"] == {"qty": 0, "bucket": "LT", "mark": None, "mark_source": "none", "notional": 0.0,
-                                "open_buy_qty": 100, "open_sell_qty": 0, "potential_notional": 0.0}
+    assert lines["TWO PRA"] == {"qty": 0, "bucket": "LT", "mark": 23.1, "mark_source": "fallback", "notional": 0.0,
+                                "open_buy_qty": 100, "open_sell_qty": 0, "potential_notional": pytest.approx(2310.0),
+                                "mark_reason": "no market price yet: the universe's reference price"}
     published = exposures(r)
     assert published[0].payload.detail == "full"
     changes = published[1:]

@@ -67,6 +67,7 @@ from .model import (
     PositionView,
     SessionSnap,
     SymbolSnap,
+    included,
 )
 from .modes import MODE_SEVERITY, Latches
 from .strategies import GrpanMarketMaker
@@ -195,6 +196,8 @@ def exposure_snap(event: Envelope, now_ns: int | None = None) -> ExposureSnap:
             name: SymbolSnap(s.qty, s.bucket, s.mark, s.open_buy_qty, s.open_sell_qty) for name, s in p.symbols.items()
         },
         problem=(p.error or "exposure status error")[:200] if p.status != "ok" else None,
+        orders_through=p.orders_through,
+        positions_through=p.positions_through,
     )
 
 
@@ -226,13 +229,14 @@ class DecisionHandler:
         self.tick_interval_s = context.rules.decision.tick_interval_s
         instruments = context.universe()
         self.universe = {symbol: inst.bucket_hint for symbol, inst in instruments.items()}
+        self.reference_prices = {symbol: inst.ref_price for symbol, inst in instruments.items()}
         limits = context.rules.execution
         self.order_caps = {
             symbol: liquidity_cap(inst.adv, limits.liquidity_adv_divisor, limits.liquidity_min_shares)
             for symbol, inst in instruments.items()
         }
         self.mm = next((s for s in self.engine_rules.strategies if isinstance(s, GrpanMarketMaker)), None)
-        self.view = BrainView(universe=dict(self.universe), order_caps=self.order_caps)
+        self.view = BrainView(universe=dict(self.universe), order_caps=self.order_caps, reference_prices=self.reference_prices)
         self.dirty = True
         self.last_eval_ns = 0
         self.dirty_markets: set[str] = set()
@@ -252,7 +256,7 @@ class DecisionHandler:
 
     # -- state -----------------------------------------------------------------------------
     def load(self, r: redis.Redis) -> None:
-        view = BrainView(universe=dict(self.universe), order_caps=self.order_caps)
+        view = BrainView(universe=dict(self.universe), order_caps=self.order_caps, reference_prices=self.reference_prices)
         view.state = decode_state(r.hgetall(STATE))
         for key, raw in r.hgetall(OUTSTANDING).items():
             view.put_record(Outstanding.from_record(json.loads(raw)))
@@ -278,9 +282,10 @@ class DecisionHandler:
             view.account_equity = equity if guards.equity_ok(equity) else None
         view.input_problems = {k.decode(): v.decode() for k, v in r.hgetall(QUARANTINE).items()}
         for key, raw in r.hgetall(POSITIONS).items():
-            symbol, (qty, bucket) = key.decode(), json.loads(raw)
+            symbol, (qty, bucket, *rest) = key.decode(), json.loads(raw)
+            avg_cost = rest[0] if rest and guards.price_ok(rest[0], plaus) else None  # saved before issue 13: none
             if guards.qty_ok(qty, plaus, signed=True):
-                view.positions[symbol] = PositionView(qty, bucket)
+                view.positions[symbol] = PositionView(qty, bucket, avg_cost)
             else:
                 view.input_problems[symbol] = "absurd_quantity"
         for key, raw in r.hgetall(MARKETS).items():
@@ -332,7 +337,9 @@ class DecisionHandler:
             # The quote is recorded as received (an absurd or flagged one as present but
             # unusable); the engine judges it by the quote gate before any use.
             market = view.markets.setdefault(payload.symbol, Market())
-            problem = guards.apply_l1(market, payload, now, self.plausibility)
+            # Current = vouched for by market data within l1_max_age_s: the envelope's ts_ns
+            # (a change or a confirmation), never quote_ts_ns (when it last changed).
+            problem = guards.apply_l1(market, payload, event.ts_ns, now, self.plausibility)
             if self.stale_feeds:
                 market.quote_ts_ns = 0  # the feed is stale: recorded, but not current
             self._log_input("quote", payload.symbol, problem)
@@ -363,7 +370,7 @@ class DecisionHandler:
             view.account_equity = payload.net_liquidation
             effects.hset(INPUTS, {"account_equity": _dumps(payload.net_liquidation)})
         elif kind == "order":
-            if not self._handle_order(event, effects):
+            if not self._handle_order(event, effects, effects.entry.entry_id if effects.entry else None):
                 return
         elif kind == "broker":
             state = view.state
@@ -383,7 +390,7 @@ class DecisionHandler:
         if now - self.last_eval_ns >= self.rules.decision.evaluate_min_gap_s * NS:
             self._evaluate(now, effects, event)
 
-    def _handle_order(self, event: Envelope, effects: Effects) -> bool:
+    def _handle_order(self, event: Envelope, effects: Effects, entry_id: str | None) -> bool:
         order = event.payload
         record = self.view.outstanding.get(order.intent_key) if order.intent_key else None
         if record is None:
@@ -403,6 +410,10 @@ class DecisionHandler:
         record.status = order.status
         record.filled_qty = max(record.filled_qty, order.filled_qty)
         record.last_order_ts_ns = max(record.last_order_ts_ns, ts)
+        # Which ev.orders entry the Brain read: the exposure snapshot includes it once its
+        # `orders_through` reaches this id (stream ids, not clocks).
+        if entry_id is not None and not included(entry_id, record.last_order_id):
+            record.last_order_id = entry_id
         if order.limit_price is not None and not record.cancel_sent and guards.price_ok(order.limit_price, self.plausibility):
             record.limit_price = order.limit_price
         self.view.put_record(record)
@@ -440,8 +451,8 @@ class DecisionHandler:
             return True  # evaluate: the symbol is now unknown
         if view.input_problems.pop(symbol, None) is not None:
             effects.hdel(QUARANTINE, symbol)
-        view.positions[symbol] = PositionView(position.qty, position.bucket)
-        effects.hset(POSITIONS, {symbol: _dumps([position.qty, position.bucket])})
+        view.positions[symbol] = PositionView(position.qty, position.bucket, position.avg_cost or None)
+        effects.hset(POSITIONS, {symbol: _dumps([position.qty, position.bucket, position.avg_cost])})
         if view.settling.pop(symbol, None) is not None:
             effects.hdel(SETTLING, symbol)
         return True

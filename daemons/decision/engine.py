@@ -35,6 +35,7 @@ from typing import Any, Iterable
 from qe.config import RiskRules
 from qe.contracts import Intent, idempotency_key, intent_id_for
 
+from qe.marks import Mark, MarkRules, MarkSource, resolve
 from qe.plausibility import clamp_to_collar, within_collar
 
 from . import guards
@@ -103,6 +104,7 @@ class BrainView:
     outstanding: dict[str, Outstanding] = field(default_factory=dict)
     generations: dict[str, int] = field(default_factory=dict)
     universe: dict[str, str] = field(default_factory=dict)  # symbol -> bucket hint
+    reference_prices: dict[str, float] = field(default_factory=dict)  # symbol -> universe ref price (a fallback mark)
     order_caps: dict[str, int] = field(default_factory=dict)  # symbol -> liquidity cap (shares per order)
     rejected: dict[str, int] = field(default_factory=dict)  # symbol -> ns of execution's last reject
     settling: dict[str, int] = field(default_factory=dict)  # symbol -> ns of a fill awaiting its position
@@ -136,10 +138,10 @@ class BrainView:
         self.pending_book = None
         # An unusable snapshot has seen nothing: judge by the last good one.
         usable = self.exposure if self.exposure is not None and self.exposure.problem is None else self.good_exposure
-        snapshot_ts = usable.ts_ns if usable else 0
+        through = usable.orders_through if usable else None
         self.unseen = {
             key for key in self.unseen
-            if key in self.outstanding and self.outstanding[key].counts_in_potential(snapshot_ts, now_ns, grace_s)
+            if key in self.outstanding and self.outstanding[key].counts_in_potential(through, now_ns, grace_s)
         }
 
 
@@ -251,11 +253,12 @@ class _Evaluation:
         self.now = now_ns
         self.grace = self.cfg.decision.unacked_grace_s
         self.live = LiveIndex(view, now_ns, self.grace)
-        self._marks: dict[str, float | None] = {}
+        self._marks: dict[str, Mark[float]] = {}
+        self.mark_rules = MarkRules.from_rules(er.rules)
         self._markets: dict[str, Market | None] = {}
         self._positions: dict[str, PositionView] | None = None
         self.errors: dict[str, str] = {}  # symbol -> why evaluating it failed (the symbol is skipped)
-        self.unpriced: list[str] = []  # held symbols with no mark at all (their notional is unknown)
+        self.unpriced: list[str] = []  # held symbols the market has not priced (a fallback mark, or none)
         self.skips: list[Skip] = []  # found outside the planners (collar, containment)
         # Unknown is not zero: the latest snapshot, if usable; else the last good one,
         # while it is young enough to size de-risk; else none.
@@ -291,21 +294,29 @@ class _Evaluation:
         """The trusted reference of the collar (truth tick, GRPAN, last trusted mark)."""
         return guards.reference_of(self.view.markets.get(symbol))
 
-    def mark_of(self, symbol: str) -> float | None:
-        if symbol in self._marks:
-            return self._marks[symbol]
-        derisk = self.cfg.derisk
-        market = self.market(symbol)
-        mark, fresh = (None, False) if market is None else market.mark(self.now, derisk.l1_max_age_s, derisk.truth_tick_max_age_s)
-        if not fresh:
+    def mark(self, symbol: str) -> Mark[float]:
+        """The symbol's mark by the one rule (qe.marks); the Brain only gathers its inputs:
+        its own judged market, the position's average cost, the universe's reference
+        price (else the exposure snapshot's mark, for a symbol outside the universe)."""
+        found = self._marks.get(symbol)
+        if found is not None:
+            return found
+        market = self.market(symbol) or Market()
+        position = self.view.positions.get(symbol)
+        avg_cost = position.avg_cost if position is not None and position.qty else None
+        reference = self.view.reference_prices.get(symbol)
+        if reference is None:
             snap = self.basis.symbols.get(symbol) if self.basis else None
-            if snap is not None and snap.mark:
-                mark = snap.mark
-        if mark is not None and not guards.price_ok(mark, self.plaus):
-            self.errors.setdefault(symbol, f"mark {mark!r} is not a plausible price")
-            mark = None
+            reference = snap.mark if snap is not None else None
+        mark = resolve(market.mark_inputs(avg_cost, reference), self.now, self.mark_rules)
+        if mark.price is not None and not guards.price_ok(mark.price, self.plaus):
+            self.errors.setdefault(symbol, f"mark {mark.price!r} is not a plausible price")
+            mark = Mark(None, MarkSource.NONE, f"mark {mark.price!r} is not a plausible price")
         self._marks[symbol] = mark
         return mark
+
+    def mark_of(self, symbol: str) -> float | None:
+        return self.mark(symbol).price
 
     def position_qty(self, symbol: str) -> tuple[int, str | None]:
         position = self.view.positions.get(symbol)
@@ -341,16 +352,22 @@ class _Evaluation:
         return positions
 
     def open_reducing_qty(self, symbol: str, qty: int, exclude_key: str | None = None) -> int:
-        """Shares of `symbol` already covered by open orders that reduce the position."""
+        """Shares of `symbol` already covered by open orders that reduce the position:
+        every reducing order the exposure snapshot includes (anyone's), PLUS the Brain's
+        own live ones the snapshot does not include (by ev.orders entry id). Never the
+        larger of the two: they are different orders."""
         reducing_side = "SELL" if qty > 0 else "BUY"
-        ours = 0
+        snap = self.basis.symbols.get(symbol) if self.basis else None
+        in_snapshot = 0 if snap is None else (snap.open_sell if reducing_side == "SELL" else snap.open_buy)
+        through = self.basis.orders_through if self.basis else None
+        unseen = 0
         for key in self.view.by_symbol.get(symbol, ()):
             record = self.view.outstanding[key]
-            if record.side == reducing_side and key != exclude_key and record.live(self.now, self.grace):
-                ours += record.remaining_qty
-        snap = self.basis.symbols.get(symbol) if self.basis else None
-        theirs = 0 if snap is None else (snap.open_sell if reducing_side == "SELL" else snap.open_buy)
-        return max(ours, theirs)
+            if record.side != reducing_side or key == exclude_key or not record.live(self.now, self.grace):
+                continue
+            if snap is None or record.counts_in_potential(through, self.now, self.grace):
+                unseen += record.remaining_qty
+        return in_snapshot + unseen
 
     def settling(self, symbol: str) -> bool:
         since = self.view.settling.get(symbol)
@@ -375,10 +392,12 @@ class _Evaluation:
         total = 0.0
         buckets: dict[str, float] = {}
         for symbol, position in self.all_positions().items():
+            # Every held position counts, at its fallback mark until the market prices it;
+            # such a position blocks risk increases (unpriced).
+            if symbol not in self.errors and not self.mark(symbol).market_priced:
+                self.unpriced.append(symbol)
             notional = self.contain(symbol, "gross", lambda: _notional(position.qty, self.mark_of(symbol)))
             if notional is None:
-                if symbol not in self.errors:
-                    self.unpriced.append(symbol)
                 continue
             total += notional
             buckets[position.bucket] = buckets.get(position.bucket, 0.0) + notional
@@ -397,7 +416,7 @@ class _Evaluation:
         )
         for key in sorted(self.view.unseen):
             record = self.view.outstanding.get(key)
-            if record is not None and record.counts_in_potential(exposure.ts_ns, self.now, self.grace):
+            if record is not None and record.counts_in_potential(exposure.orders_through, self.now, self.grace):
                 mark = self.mark_of(record.symbol) or record.limit_price or 0.0
                 self.contain(record.symbol, "potential", lambda: book.add(record.symbol, record.side, record.qty, mark,
                                                                            record.bucket))
@@ -669,12 +688,12 @@ def decide(
 
     # Bookkeeping records nobody needs any more (terminal and seen by exposure).
     if full:
-        snapshot_ts = basis.ts_ns if basis else 0  # an unusable snapshot has seen nothing
+        through = basis.orders_through if basis else None  # an unusable snapshot has seen nothing
         for key, record in view.outstanding.items():
             if key in decision.records:
                 continue
             done = record.terminal or record.expired(now_ns, ev.grace)
-            if done and not record.counts_in_potential(snapshot_ts, now_ns, ev.grace):
+            if done and not record.counts_in_potential(through, now_ns, ev.grace):
                 decision.removed.append(key)
 
     skips += ev.skips

@@ -72,13 +72,15 @@ def age_within(ts_ns: int, now_ns: int, max_age_s: float) -> bool:
 # --- ingest guards ---------------------------------------------------------------------------
 
 
-def apply_l1(market: Market, l1: Any, now_ns: int, rules: PlausibilityRules) -> str | None:
+def apply_l1(market: Market, l1: Any, vouched_ns: int, now_ns: int, rules: PlausibilityRules) -> str | None:
     """Record an L1 quote in `market`; returns why it is not usable (None: usable).
+    `vouched_ns` is the L1 event's envelope ts_ns: when market data vouched for the quote
+    (docs/market_data.md); its age decides whether the quote is current (qe.marks).
 
     An absurd quote is recorded as *present but unusable* (sides cleared, flagged), so
     the previous quote cannot stay fresh and no absurd number reaches saved state. A
     plausible quote with a reference moves the last trusted mark."""
-    market.quote_ts_ns = received_ns(l1.quote_ts_ns, now_ns)
+    market.quote_ts_ns = received_ns(vouched_ns, now_ns)
     problem = None
     for side in ("bid", "ask"):
         value = getattr(l1, side)

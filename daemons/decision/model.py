@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qe.clock import NS_PER_S as NS
-from qe.contracts import TERMINAL_ORDER_STATUSES
+from qe.contracts import TERMINAL_ORDER_STATUSES, stream_id_key
+from qe.marks import MarkInputs, quote_current
 
 from .modes import Latches
 
@@ -48,7 +49,10 @@ def effect_of(classification_name: str) -> str:
 class Market:
     """What the Brain knows of one symbol's market (from ev.l1 and ev.features).
 
-    Every timestamp is on the Brain's clock at receipt (guards.received_ns). The quote
+    Every timestamp is on the Brain's clock at receipt (guards.received_ns).
+    `quote_ts_ns` is when market data last VOUCHED for the quote (the L1 envelope's
+    ts_ns: a change or a confirmation of an unchanged quote), not when it last changed
+    (docs/market_data.md): a quiet quote on a confirming feed stays current. The quote
     is as received; `guards.judged` gives the copy pricing may see (an implausible
     quote removed, `quote_problem` naming why). New fields go at the end: the state
     encoding is positional."""
@@ -71,42 +75,40 @@ class Market:
     quote_problem: str | None = None  # set on judged copies only
 
     def quote_fresh(self, now_ns: int, max_age_s: float) -> bool:
-        """A usable two-sided quote: present, plausible, not crossed, and confirmed
-        within max_age_s of the Brain's clock (a future time is not fresh)."""
+        """A usable two-sided quote: present, plausible, not crossed, and CURRENT (qe.marks:
+        vouched for by the feed within max_age_s of the Brain's clock; a future time is
+        not fresh)."""
         return (
             self.bid is not None
             and self.ask is not None
-            and self.quote_problem is None
-            and not self.flagged
             and self.ask >= self.bid
-            and abs(now_ns - self.quote_ts_ns) <= max_age_s * NS
+            and quote_current(self.quote_ts_ns, now_ns, int(max_age_s * NS), quote_problem=self.quote_problem or self.flagged)
         )
 
     def truth_fresh(self, now_ns: int, max_age_s: float) -> bool:
         return self.truth_price is not None and abs(now_ns - self.truth_ts_ns) <= max_age_s * NS
 
-    def mark(self, now_ns: int, l1_max_age_s: float, truth_max_age_s: float) -> tuple[float | None, bool]:
-        """(mark, fresh) per SPEC Marks: a current and plausible L1 mid, else a fresh
-        truth tick, else the last known trusted price (the more recent of the last truth
-        tick and the last trusted mark). An implausible quote never gives a mark."""
-        if self.quote_fresh(now_ns, l1_max_age_s):
-            return (self.bid + self.ask) / 2, True  # type: ignore[operator]
-        if self.truth_fresh(now_ns, truth_max_age_s):
-            return self.truth_price, True
-        known: list[tuple[int, float]] = []
-        if self.truth_price is not None:
-            known.append((self.truth_ts_ns, self.truth_price))
-        if self.trusted_mark is not None:
-            known.append((self.trusted_ts_ns, self.trusted_mark))
-        if known:
-            return max(known)[1], False
-        return None, False
+    def mark_inputs(self, avg_cost: float | None, reference: float | None) -> MarkInputs[float]:
+        """The marks rule's inputs (qe.marks) from this market (a judged copy: an
+        implausible quote has no bid/ask and names its problem). A plausible two-sided
+        quote gives the mid with its vouched time; otherwise the last trusted mark stands
+        as the mid, current only while its own vouched time is."""
+        problem = self.quote_problem or self.flagged or None
+        if problem is None and self.bid is not None and self.ask is not None and self.ask >= self.bid:
+            mid, vouched = (self.bid + self.ask) / 2, self.quote_ts_ns
+        else:
+            mid, vouched = self.trusted_mark, self.trusted_ts_ns
+        return MarkInputs(
+            mid=mid, mid_vouched_ns=vouched, quote_problem=problem,
+            tick=self.truth_price, tick_ts_ns=self.truth_ts_ns, avg_cost=avg_cost, reference=reference,
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class PositionView:
     qty: int
     bucket: str
+    avg_cost: float | None = None  # the broker's average cost: a fallback mark (qe.marks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +140,9 @@ class ExposureSnap:
     buckets: dict[str, BucketSnap]
     symbols: dict[str, SymbolSnap]
     problem: str | None = None  # why the snapshot is unusable (guards.exposure_problem); numbers then dropped
+    # What it includes: the last ev.orders / ev.positions entry ids exposure had consumed.
+    orders_through: str | None = None
+    positions_through: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +183,7 @@ class Outstanding:
     last_order_ts_ns: int = 0
     cancel_sent: bool = False
     modifies: int = 0
+    last_order_id: str | None = None  # ev.orders entry id of its latest order event (the Brain's read)
 
     @property
     def terminal(self) -> bool:
@@ -196,12 +202,13 @@ class Outstanding:
     def live(self, now_ns: int, grace_s: float) -> bool:
         return not self.terminal and not self.expired(now_ns, grace_s)
 
-    def counts_in_potential(self, snapshot_ts_ns: int, now_ns: int, grace_s: float) -> bool:
-        """Still to be added on top of the exposure snapshot: not yet acknowledged, or
-        the snapshot predates its latest order event (so it cannot include it)."""
+    def counts_in_potential(self, orders_through: str | None, now_ns: int, grace_s: float) -> bool:
+        """Still to be added on top of the exposure snapshot: not yet acknowledged (and not
+        expired), or its latest order event is not among the ev.orders entries the
+        snapshot includes (`orders_through`). Stream ids, never two processes' clocks."""
         if self.status is None:
             return not self.expired(now_ns, grace_s)
-        return self.last_order_ts_ns >= snapshot_ts_ns
+        return not included(self.last_order_id, orders_through)
 
     def to_record(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
@@ -209,6 +216,14 @@ class Outstanding:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "Outstanding":
         return cls(**record)
+
+
+def included(entry_id: str | None, through: str | None) -> bool:
+    """Is the stream entry `entry_id` among those a snapshot consumed up to `through`?
+    Unknown either way is "not included" (counted again: conservative)."""
+    if entry_id is None or through is None:
+        return False
+    return stream_id_key(entry_id) <= stream_id_key(through)
 
 
 @dataclass(slots=True)

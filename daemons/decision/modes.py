@@ -155,6 +155,10 @@ def _derive(inputs: ModeInputs, latches: Latches, previous_mode: str, th: Thresh
             return ModeResult("SOFT_DERISK", "tolerance_derisk", text, numbers, latches)
         return ModeResult("THROTTLE", "tolerance_throttle", text + " (no de-risk in this regime)", numbers, latches)
 
+    if inputs.regime is None:
+        # No session yet: the regime's tolerance is unknown, so "within every limit"
+        # cannot be claimed (unknown is not zero).
+        return ModeResult("THROTTLE", "no_session", "no session yet: regime tolerance unknown", numbers, latches)
     return ModeResult("NORMAL", "normal", "within every limit", numbers, latches)
 
 

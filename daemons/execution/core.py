@@ -14,6 +14,7 @@ from typing import Literal, Mapping, Protocol
 
 from qe.contracts import OPEN_ORDER_STATUSES, REDUCE_ONLY_MODES, TERMINAL_ORDER_STATUSES, Intent
 from qe.exposure_math import potential_notional
+from qe.marks import Mark
 from qe.plausibility import collar_bounds, within_collar
 from qe.universe import liquidity_cap
 
@@ -249,7 +250,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class RiskView:
-    """Execution's own view: broker positions, its own live orders, marks, equity."""
+    """Execution's own view: every broker position, every open order at the broker (its
+    own and external ones), marks by the one rule (qe.marks), equity."""
 
     equity: float | None
     positions: Mapping[str, int]
@@ -257,6 +259,9 @@ class RiskView:
     open_sell: Mapping[str, int]
     marks: Mapping[str, float]
     potential_gross_notional: float  # Σ potential_notional over symbols, kept incrementally
+    # Symbols with a position or open order the market has not priced (a fallback mark,
+    # or no price at all) -> why: no risk increase until it does (SPEC 6, Marks).
+    unpriced: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -273,6 +278,26 @@ class Gate:
     account_reason: str
     halted: bool
     mode: str | None  # the Brain's; None: unknown (no risk increase)
+
+
+def risk_view(
+    equity: float | None,
+    positions: Mapping[str, int],
+    open_buy: Mapping[str, int],
+    open_sell: Mapping[str, int],
+    marks: Mapping[str, "Mark[float]"],
+) -> RiskView:
+    """The view from its parts; every symbol with a position or an open order counts at
+    its mark, fallback included; a symbol without any price is listed as unpriced."""
+    symbols = set(positions) | set(open_buy) | set(open_sell)
+    prices = {s: m.price for s, m in marks.items() if m.price is not None}
+    total = sum(
+        potential_notional(positions.get(s, 0), open_buy.get(s, 0), open_sell.get(s, 0), prices[s])
+        for s in symbols
+        if s in prices
+    )
+    unpriced = {s: marks[s].reason if s in marks else "no mark" for s in symbols if s not in marks or not marks[s].market_priced}
+    return RiskView(equity, positions, open_buy, open_sell, prices, total, unpriced)
 
 
 def symbol_potential(view: RiskView, symbol: str, extra_buy: int = 0, extra_sell: int = 0, mark: float | None = None) -> float:
@@ -311,6 +336,9 @@ def check_new_order(
     increases = intent.classification.endswith("_INC")
     if increases and (gate.mode is None or gate.mode in REDUCE_ONLY_MODES):
         return Rejection("reduce_only", f"mode {gate.mode or 'unknown'} allows only risk-reducing orders")
+    if increases and view.unpriced:
+        named = ", ".join(f"{symbol} ({why})" for symbol, why in sorted(view.unpriced.items())[:5])
+        return Rejection("unpriced_positions", f"{len(view.unpriced)} symbol(s) not priced by the market: {named}; no risk increase")
     if not increases:
         # A decrease may bring the position to zero, never across it, counting the
         # other live orders that reduce the same position.

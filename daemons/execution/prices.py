@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from qe.config import QuoteGateRules
+from qe.marks import Mark, MarkInputs, MarkRules, resolve
 from qe.plausibility import episode_change, quote_verdict, trusted_reference
 
 
@@ -35,6 +36,8 @@ class SymbolPrices:
     last_print: float | None = None  # the latest trusted print: confirms a quote that moved
     trusted_mid: float | None = None  # mid of the last quote that passed the gate
     implausible: str | None = None  # the latest quote's problem; None when it passed
+    mid_vouched_ns: int = 0  # envelope ts_ns of the latest L1 carrying trusted_mid (execution's clock at most)
+    truth_tick_ts_ns: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -49,7 +52,14 @@ class SymbolPrices:
             last_print=_usable(data.get("last_print")),
             trusted_mid=_usable(data.get("trusted_mid")),
             implausible=str(implausible)[:200] if implausible is not None else None,
+            mid_vouched_ns=_time(data.get("mid_vouched_ns")),
+            truth_tick_ts_ns=_time(data.get("truth_tick_ts_ns")),
         )
+
+
+def _time(value: Any) -> int:
+    """A saved time; anything else (missing in state saved before issue 13) is "never"."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +84,18 @@ class PriceBook:
     def restore(self, symbol: str, data: Mapping[str, Any]) -> None:
         self.symbols[symbol] = SymbolPrices.from_json(data)
 
-    def on_feature(self, symbol: str, truth_tick: float | None, grpan: float | None, last_print: float | None) -> bool:
+    def on_feature(
+        self, symbol: str, truth_tick: float | None, grpan: float | None, last_print: float | None, tick_ts_ns: int = 0
+    ) -> bool:
         """A feature event: a missing value leaves the last known one in place. True if
-        anything changed."""
+        anything changed. `tick_ts_ns`: the truth tick's time, bounded by the caller's clock."""
         prices = self._prices(symbol)
-        before = (prices.truth_tick, prices.grpan, prices.last_print)
-        prices.truth_tick = _usable(truth_tick) or prices.truth_tick
+        before = (prices.truth_tick, prices.truth_tick_ts_ns, prices.grpan, prices.last_print)
+        if _usable(truth_tick) is not None:
+            prices.truth_tick, prices.truth_tick_ts_ns = _usable(truth_tick), tick_ts_ns
         prices.grpan = _usable(grpan) or prices.grpan
         prices.last_print = _usable(last_print) or prices.last_print
-        return (prices.truth_tick, prices.grpan, prices.last_print) != before
+        return (prices.truth_tick, prices.truth_tick_ts_ns, prices.grpan, prices.last_print) != before
 
     def on_quote(
         self,
@@ -93,12 +106,15 @@ class PriceBook:
         bid_size: int = 0,
         ask_size: int = 0,
         flagged: str | None = None,
+        vouched_ns: int = 0,
     ) -> QuoteOutcome:
         """Gate one L1 quote. Market data's flag is honoured as is; otherwise the shared
         quote gate decides against this book's own reference. Only a plausible two-sided
-        quote moves the trusted mid; a one-sided valid quote changes nothing."""
+        quote moves the trusted mid; a one-sided valid quote changes nothing. `vouched_ns`:
+        the L1 envelope's ts_ns (when market data vouched for it; bounded by the caller's
+        clock): a confirmation of an unchanged quote keeps it current (qe.marks)."""
         prices = self._prices(symbol)
-        before = (prices.trusted_mid, prices.implausible)
+        before = (prices.trusted_mid, prices.implausible, prices.mid_vouched_ns)
         if flagged:
             problem: str | None = f"flagged by market data: {flagged}"
         else:
@@ -113,12 +129,12 @@ class PriceBook:
             )
             problem = None if verdict.plausible else f"{verdict.problem}: {verdict.detail}"
             if verdict.plausible and verdict.mid is not None:
-                prices.trusted_mid = round(verdict.mid, 4)
+                prices.trusted_mid, prices.mid_vouched_ns = round(verdict.mid, 4), vouched_ns
         change = episode_change(symbol, prices.implausible is not None, problem)
         prices.implausible = problem
         return QuoteOutcome(
             problem,
-            changed=(prices.trusted_mid, prices.implausible) != before,
+            changed=(prices.trusted_mid, prices.implausible, prices.mid_vouched_ns) != before,
             episode_started=change is not None and change.started,
             episode_ended=change is not None and not change.started,
         )
@@ -131,11 +147,23 @@ class PriceBook:
             return None
         return trusted_reference(prices.truth_tick, prices.grpan, prices.trusted_mid)
 
-    def marks(self) -> dict[str, float]:
-        """Marks for the hard-cap check: the last trusted mid, else the reference."""
-        marks = {}
-        for symbol, prices in self.symbols.items():
-            mark = prices.trusted_mid or trusted_reference(prices.truth_tick, prices.grpan, None)
-            if mark is not None:
-                marks[symbol] = mark
-        return marks
+    def mark(
+        self,
+        symbol: str,
+        now_ns: int,
+        rules: MarkRules,
+        *,
+        avg_cost: float | None = None,
+        reference: float | None = None,
+        feed_problem: str | None = None,
+    ) -> Mark[float]:
+        """The symbol's mark for the hard-cap check, by the one rule (qe.marks): execution's
+        own trusted mid while current, else a fresh truth tick, else the last known price,
+        else the position's average cost / `reference` (fallback)."""
+        prices = self.symbols.get(symbol) or SymbolPrices()
+        inputs = MarkInputs(
+            mid=prices.trusted_mid, mid_vouched_ns=prices.mid_vouched_ns, quote_problem=prices.implausible,
+            feed_problem=feed_problem, tick=prices.truth_tick, tick_ts_ns=prices.truth_tick_ts_ns,
+            avg_cost=_usable(avg_cost), reference=_usable(reference),
+        )
+        return resolve(inputs, now_ns, rules)

@@ -25,6 +25,7 @@ from qe import failpoints, metrics, operator_ack, state
 from qe.alert_types import RAISED, AlertType
 from qe.clock import NEW_YORK
 from qe.contracts import (
+    TERMINAL_ORDER_STATUSES,
     Account,
     Alert,
     BrokerState,
@@ -38,6 +39,7 @@ from qe.contracts import (
     order_ref_for,
 )
 from qe.daemon import Context
+from qe.marks import MarkRules
 from qe.streams import Effects
 from qe.universe import Instrument
 
@@ -102,6 +104,7 @@ class ExecutionService:
         # Market prices are not execution's state: kept across load() (a rebuild after an
         # unknown commit), learnt again from the streams after a restart.
         self.prices = PriceBook(context.rules.plausibility.quote)
+        self.mark_rules = MarkRules.from_rules(context.rules)
         self.rate = core.TokenBucket(self.rules.max_messages_per_s, self.rules.message_burst)
         self.redis: redis.Redis | None = None
         self._reset_memory()
@@ -125,6 +128,9 @@ class ExecutionService:
         self.confirm_after_s: float | None = None
         self.last_fill_bucket: dict[str, str] = {}
         self.reported_external: set[tuple[int, str]] = set()
+        # Open orders at the broker without a record of ours (external, orphans): perm id ->
+        # the order. They can fill, so the hard-cap check counts them. Re-learnt on reconcile.
+        self.external_open: dict[int, BrokerOrder] = {}
         self.last_account_publish_s = 0.0
         self.last_mode_poll_s = 0.0
         self.last_equity_published: float | None = None
@@ -166,11 +172,12 @@ class ExecutionService:
         if kind == "intent":
             self._on_intent(event, effects)
         elif kind == "l1":
-            self._on_quote(event.payload, effects)
+            self._on_quote(event.payload, min(event.ts_ns, self.clock.now_ns()), effects)
         elif kind == "feature":
             feature = event.payload
             tick = feature.truth_tick.price if feature.truth_tick is not None else None
-            if self.prices.on_feature(feature.symbol, tick, feature.grpan_price, feature.last_price):
+            tick_ts = min(feature.truth_tick.ts_ns, self.clock.now_ns()) if feature.truth_tick is not None else 0
+            if self.prices.on_feature(feature.symbol, tick, feature.grpan_price, feature.last_price, tick_ts):
                 self._save_prices(effects, feature.symbol)
         elif kind == "control":
             self.halted = event.payload.command == "halt"
@@ -325,9 +332,11 @@ class ExecutionService:
             mode=brain.mode if brain is not None else None,
         )
 
-    def _on_quote(self, quote: Any, effects: Effects) -> None:
+    def _on_quote(self, quote: Any, vouched_ns: int, effects: Effects) -> None:
+        # vouched_ns: the L1 envelope's ts_ns (a change or a confirmation), not quote_ts_ns.
         outcome = self.prices.on_quote(
-            quote.symbol, quote.bid, quote.ask, bid_size=quote.bid_size, ask_size=quote.ask_size, flagged=quote.implausible
+            quote.symbol, quote.bid, quote.ask, bid_size=quote.bid_size, ask_size=quote.ask_size, flagged=quote.implausible,
+            vouched_ns=vouched_ns,
         )
         if outcome.changed:
             self._save_prices(effects, quote.symbol)
@@ -340,26 +349,34 @@ class ExecutionService:
         """Saved with the batch: after a restart the collar still has its reference."""
         effects.hset(PRICES, {symbol: json.dumps(self.prices.symbols[symbol].to_json(), separators=(",", ":"))})
 
-    def _risk_view(self) -> core.RiskView:
+    def _risk_view(self, now_ns: int) -> core.RiskView:
+        """Every open order at the broker (ours with a broker id, external and orphan ones)
+        and every position, at marks by the one rule (qe.marks); execution only gathers
+        the inputs: its own trusted prices, the average cost, the universe's reference
+        price (else a working order's limit, collar-checked when it was sent)."""
         open_buy: dict[str, int] = {}
         open_sell: dict[str, int] = {}
-        fallback: dict[str, float] = {}
-        for record in self.records.values():
-            if record.live and record.broker_order_id is not None:
-                side = open_buy if record.side == "BUY" else open_sell
-                side[record.symbol] = side.get(record.symbol, 0) + record.remaining_qty
-                if record.limit_price:
-                    fallback.setdefault(record.symbol, record.limit_price)
-        # Execution's own trusted prices win; a working order's limit (collar-checked when
-        # sent) and the universe's reference price stand in where it has none.
-        marks = {**{s: i.ref_price for s, i in self.universe.items()}, **fallback, **self.prices.marks()}
-        symbols = set(self.positions) | set(open_buy) | set(open_sell)
-        total = sum(
-            core.potential_notional(self.positions.get(s, 0), open_buy.get(s, 0), open_sell.get(s, 0), marks[s])
-            for s in symbols
-            if s in marks
-        )
-        return core.RiskView(self.equity, self.positions, open_buy, open_sell, marks, total)
+        limits: dict[str, float] = {}
+        working = [(r.symbol, r.side, r.remaining_qty, r.limit_price) for r in self.records.values()
+                   if r.live and r.broker_order_id is not None]
+        working += [(o.symbol, o.side, max(int(o.qty - o.filled), 0), o.limit_price) for o in self.external_open.values()]
+        for symbol, side, qty, limit in working:
+            book = open_buy if side == "BUY" else open_sell
+            book[symbol] = book.get(symbol, 0) + qty
+            if limit:
+                limits.setdefault(symbol, limit)
+        feed_problem = None if self.view.farm_ok else "a market data farm is broken"
+        marks = {}
+        for symbol in set(self.positions) | set(open_buy) | set(open_sell):
+            instrument = self.universe.get(symbol)
+            cost = self.position_costs.get(symbol)
+            marks[symbol] = self.prices.mark(
+                symbol, now_ns, self.mark_rules,
+                avg_cost=cost[1] if cost and cost[0] else None,
+                reference=instrument.ref_price if instrument else limits.get(symbol),
+                feed_problem=feed_problem,
+            )
+        return core.risk_view(self.equity, self.positions, open_buy, open_sell, marks)
 
     def _send_waiting_orders(self, now_ns: int, effects: Effects, only: str | None = None) -> None:
         """PENDING_SUBMIT records without a broker order id: check, number, queue for sending."""
@@ -371,7 +388,7 @@ class ExecutionService:
                 continue
             intent_view = _IntentView.of(record)
             rejection = core.check_new_order(
-                intent_view, self._risk_view(), self.limits, self._gate(), self._adv(record.symbol),
+                intent_view, self._risk_view(now_ns), self.limits, self._gate(), self._adv(record.symbol),
                 reference=self.prices.reference(record.symbol),
             )
             if rejection is not None:
@@ -494,6 +511,8 @@ class ExecutionService:
     def _on_status(self, order_ref: str, order_id: int, perm_id: int, ib_status: str, filled: float, local_error: int, effects: Effects) -> None:
         record = self._record_for(order_ref, order_id)
         if record is None:
+            if perm_id in self.external_open and not local_error:
+                self._track_external(perm_id, self.external_open[perm_id], ib_status, filled)
             return
         if local_error:
             # ib_async's own guess after an error ("Cancelled"): confirm with the broker.
@@ -603,6 +622,7 @@ class ExecutionService:
         ours = is_our_order_ref(order.order_ref)
         if ours and order.order_ref in self.records:
             return
+        self._track_external(order.perm_id, order, order.status, order.filled)
         if (order.perm_id, order.status) in self.reported_external:
             return
         self.reported_external.add((order.perm_id, order.status))
@@ -629,6 +649,13 @@ class ExecutionService:
                     f"{order.side} {order.qty:g} {order.symbol} (permId {order.perm_id}, client {order.client_id}); left alone",
                     symbol=order.symbol, data={"perm_id": order.perm_id, "status": order.status},
                     key=idempotency_key("alert", kind, order.perm_id))
+
+    def _track_external(self, perm_id: int, order: BrokerOrder, ib_status: str, filled: float) -> None:
+        status = core.IB_STATUS.get(ib_status, "SUBMITTED")
+        if not perm_id or status in TERMINAL_ORDER_STATUSES or not order.open:
+            self.external_open.pop(perm_id, None)
+        else:
+            self.external_open[perm_id] = dataclasses.replace(order, status=ib_status, filled=filled)
 
     # -- connection and reconciliation ---------------------------------------------------------------------
     def _on_connected(self) -> None:
@@ -665,6 +692,7 @@ class ExecutionService:
         now_s = time.monotonic()
         awaited = self._awaited_refs(now_s)
         result = reconcile(self.records, broker_orders, broker_fills, now_ns, in_flight=awaited)
+        self.external_open = {}  # the broker's full list follows: external and orphan open orders
         if result.awaiting_ack:
             # Look again once their acks are due: resubmitted then only if still unknown.
             due = min(self.in_flight[ref] for ref in result.awaiting_ack) + ACK_TIMEOUT_S

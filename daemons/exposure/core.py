@@ -27,12 +27,13 @@ from __future__ import annotations
 import math
 from array import array
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from qe.clock import NS_PER_S
 from qe.config import BUCKET_NAMES, ExposureRules, PlausibilityRules
 from qe.contracts import OPEN_ORDER_STATUSES, TERMINAL_ORDER_STATUSES
 from qe.exposure_math import potential_notional
+from qe.marks import Mark, MarkInputs, MarkRules, MarkSource, resolve
 from qe.plausibility import quote_verdict, trusted_reference
 
 MARK_SCALE = 10_000  # mark units per dollar
@@ -43,7 +44,6 @@ MAX_QTY = 10_000_000
 MAX_OPEN_QTY = 10 * MAX_QTY
 MAX_MARK_UNITS = 1_000_000 * MARK_SCALE  # prices below $1,000,000 (the contract's limit)
 
-L1_MID, TRUTH_TICK, LAST_KNOWN, NO_PRICE = "l1_mid", "truth_tick", "last_known", "none"
 
 
 def to_units(price: float) -> int:
@@ -63,13 +63,18 @@ def finite(value: float | None) -> bool:
 
 
 # --- marks ---------------------------------------------------------------------------------
+# The rule is qe.marks (one rule for exposure, the Brain and execution); the book only
+# gathers its inputs, in mark units.
+
+NO_MARK: Mark[int] = Mark(None, MarkSource.NONE, "no price at all")
 
 
 @dataclass(slots=True)
-class MarkInputs:
-    """The prices a mark can come from, with the time each was observed. `mid` is the
-    mid of the last quote that passed the quote gate (the last trusted L1 mark);
-    `implausible` is set while the latest quote failed it: the mid is then not current."""
+class SavedPrices:
+    """A symbol's price inputs as saved in `state:exposure:marks`. `mid` is the mid of the
+    last quote that passed the quote gate (the last trusted L1 mark) and `mid_ts_ns` the
+    envelope ts_ns of the latest L1 event that carried it (when market data last vouched
+    for it); `implausible` is set while the latest quote failed the gate."""
 
     mid: int | None = None  # L1 mid, mark units
     mid_ts_ns: int = 0
@@ -86,7 +91,7 @@ class MarkInputs:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "MarkInputs":
+    def from_json(cls, data: dict[str, Any]) -> "SavedPrices":
         """Our own saved inputs (fields added later read as unknown); a value that is not a
         usable price is refused (ValueError) rather than restored."""
         implausible = data.get("implausible")
@@ -107,38 +112,6 @@ def _saved_units(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < MAX_MARK_UNITS:
         raise ValueError(f"saved price {value!r} is not a price in mark units")
     return value
-
-
-@dataclass(frozen=True, slots=True)
-class Mark:
-    units: int | None
-    source: str  # l1_mid | truth_tick | last_known | none
-
-    @property
-    def stale(self) -> bool:
-        return self.source == LAST_KNOWN or self.source == NO_PRICE
-
-
-NO_MARK = Mark(None, NO_PRICE)
-
-
-def resolve_mark(inputs: "MarkInputs | SymbolState | None", now_ns: int, l1_max_age_ns: int, tick_max_age_ns: int) -> Mark:
-    """L1 mid if fresh and plausible, else the last truth tick if fresh, else the most
-    recent of the two, flagged stale (SPEC 6, Marks); no price at all: no mark. While the
-    latest quote is implausible the last trusted mid is not current: it only stands as
-    the last known price."""
-    if inputs is None:
-        return NO_MARK
-    mid, tick = inputs.mid, inputs.tick
-    if mid is not None and inputs.implausible is None and now_ns - inputs.mid_ts_ns <= l1_max_age_ns:
-        return Mark(mid, L1_MID)
-    if tick is not None and now_ns - inputs.tick_ts_ns <= tick_max_age_ns:
-        return Mark(tick, TRUTH_TICK)
-    if mid is None and tick is None:
-        return NO_MARK
-    if tick is None or (mid is not None and inputs.mid_ts_ns >= inputs.tick_ts_ns):
-        return Mark(mid, LAST_KNOWN)
-    return Mark(tick, LAST_KNOWN)
 
 
 # --- orders ----------------------------------------------------------------------------------
@@ -184,25 +157,35 @@ IGNORED_AFTER_TERMINAL, IGNORED_STALE = "ignored_after_terminal", "ignored_stale
 @dataclass(slots=True)
 class SymbolState:
     """Everything the book knows about one symbol, in one object (one lookup per event):
-    its price inputs (as MarkInputs), and while it has a position or open orders its
-    resolved mark, position and row `slot` in the book's array (-1 while not exposed)."""
+    its price inputs, and while it has a position or open orders its resolved mark
+    (qe.marks), position and row `slot` in the book's array (-1 while not exposed)."""
 
     mid: int | None = None
-    mid_ts_ns: int = 0
+    mid_ts_ns: int = 0  # envelope ts_ns of the latest L1 carrying `mid`: when the feed vouched for it
     tick: int | None = None
     tick_ts_ns: int = 0
     grpan: int | None = None
     last_print: int | None = None
     implausible: str | None = None  # the latest quote's problem (the quote gate), None when it passed
-    mark: Mark = NO_MARK
+    mark: Mark[int] = NO_MARK
     slot: int = -1
     qty: int = 0
     bucket: str | None = None  # the position's bucket
     avg_cost: float = 0.0
     dirty: bool = False  # changed since the last take_changed()
+    reference_price: int | None = None  # the universe's reference price, mark units (last-resort mark)
 
-    def mark_inputs(self) -> MarkInputs:
-        return MarkInputs(self.mid, self.mid_ts_ns, self.tick, self.tick_ts_ns, self.grpan, self.last_print, self.implausible)
+    def saved_prices(self) -> SavedPrices:
+        return SavedPrices(self.mid, self.mid_ts_ns, self.tick, self.tick_ts_ns, self.grpan, self.last_print, self.implausible)
+
+    def mark_inputs(self) -> MarkInputs[int]:
+        """The marks rule's inputs, in mark units (exposure knows nothing of feed health:
+        market data stops confirming when it cannot vouch, and the quote ages out)."""
+        avg_cost = to_units(self.avg_cost) if self.qty and finite(self.avg_cost) and self.avg_cost > 0 else None
+        return MarkInputs(
+            mid=self.mid, mid_vouched_ns=self.mid_ts_ns, quote_problem=self.implausible,
+            tick=self.tick, tick_ts_ns=self.tick_ts_ns, avg_cost=avg_cost, reference=self.reference_price,
+        )
 
     def reference(self) -> float | None:
         """The quote gate's trusted reference: last truth tick, else GRPAN, else the last trusted mid."""
@@ -220,6 +203,7 @@ class SymbolDetail:
     open_buy_qty: int
     open_sell_qty: int
     potential_notional: float
+    mark_reason: str | None = None  # why the mark is stale or a fallback (None while current)
 
 
 @dataclass(frozen=True)
@@ -274,8 +258,11 @@ class ExposureBook:
     # bucket: `width` values), then open buy qty per bucket, then open sell qty per bucket.
     LONG, SHORT, POTENTIAL = 0, 1, 2
 
-    def __init__(self, rules: ExposureRules, plausibility: PlausibilityRules) -> None:
+    def __init__(self, rules: ExposureRules, plausibility: PlausibilityRules,
+                 reference_prices: Mapping[str, float] | None = None) -> None:
         self.rules = rules
+        # The universe's reference prices: the last-resort mark of a held symbol (qe.marks).
+        self.reference_prices = {s: to_units(p) for s, p in (reference_prices or {}).items() if finite(p) and p > 0}
         self.quote_gate = plausibility.quote
         # The stricter of the plausibility bound and what the int64 rows can hold.
         self.max_qty = min(MAX_QTY, plausibility.max_quantity)
@@ -289,15 +276,14 @@ class ExposureBook:
         self.row_width = self.width + 2 * buckets
         self.rows = array("q")
         self.free_slots: list[int] = []
-        self.l1_max_age_ns = int(rules.l1_max_age_s * NS_PER_S)
-        self.tick_max_age_ns = int(rules.truth_tick_max_age_s * NS_PER_S)
+        self.mark_rules = MarkRules.of(rules.l1_max_age_s, rules.truth_tick_max_age_s)
         self.totals_units = [0] * self.width
         self.known: dict[str, SymbolState] = {}  # every symbol seen (prices, positions, orders)
         self.symbols: dict[str, SymbolState] = {}  # the exposed ones: a position or open orders
         self.orders: dict[str, OpenOrder] = {}
         self.terminal: dict[str, int] = {}  # order_ref -> clock ns it was seen terminal
         self.equity: float | None = None
-        self.stale: set[str] = set()  # exposed symbols whose mark is stale or missing
+        self.stale: set[str] = set()  # exposed symbols whose mark is stale, a fallback or missing
         self.changed: list[str] = []  # symbols whose line changed since take_changed()
         self.stale_changed = False
 
@@ -325,16 +311,17 @@ class ExposureBook:
         if state is None:
             if qty == 0:
                 return False
-            state = self.known[symbol] = SymbolState()
+            state = self._state(symbol)
         new_bucket = bucket if qty != 0 else None
         if state.qty == qty and state.bucket == new_bucket and state.avg_cost == avg_cost:
             return False
         if qty == 0 and state.slot < 0:
             state.avg_cost = avg_cost  # flat and not exposed: nothing to count
             return False
+        state.qty, state.bucket, state.avg_cost = qty, new_bucket, avg_cost
         if state.slot < 0:
             self._expose(symbol, state, now_ns)
-        state.qty, state.bucket, state.avg_cost = qty, new_bucket, avg_cost
+        state.mark = self._resolve(state, now_ns)  # the average cost is a fallback mark
         self._apply(symbol, state)
         return True
 
@@ -412,7 +399,7 @@ class ExposureBook:
         True if the inputs changed (they then need persisting)."""
         state = self.known.get(symbol)
         if state is None:
-            state = self.known[symbol] = SymbolState()
+            state = self._state(symbol)
         problem = flagged or self._gate(state, bid, ask, bid_size, ask_size)
         if problem is not None:
             if state.implausible == problem:
@@ -458,7 +445,7 @@ class ExposureBook:
         confirmation). A missing or unusable value leaves the last one in place."""
         state = self.known.get(symbol)
         if state is None:
-            state = self.known[symbol] = SymbolState()
+            state = self._state(symbol)
         before = (state.tick, state.tick_ts_ns, state.grpan, state.last_print)
         if finite(tick) and tick > 0:  # type: ignore[operator]
             state.tick, state.tick_ts_ns = to_units(tick), min(tick_ts_ns, now_ns)  # type: ignore[arg-type]
@@ -472,23 +459,20 @@ class ExposureBook:
             self._inputs_changed(symbol, state, now_ns)
         return True
 
-    def mark_inputs(self, symbol: str) -> MarkInputs | None:
+    def saved_prices(self, symbol: str) -> SavedPrices | None:
         state = self.known.get(symbol)
-        return None if state is None else state.mark_inputs()
+        return None if state is None else state.saved_prices()
 
-    def restore_mark(self, symbol: str, inputs: MarkInputs, now_ns: int) -> None:
-        state = self.known.get(symbol)
-        if state is None:
-            state = self.known[symbol] = SymbolState()
+    def restore_mark(self, symbol: str, inputs: SavedPrices, now_ns: int) -> None:
+        state = self._state(symbol)
         state.mid, state.mid_ts_ns, state.tick, state.tick_ts_ns = inputs.mid, inputs.mid_ts_ns, inputs.tick, inputs.tick_ts_ns
         state.grpan, state.last_print, state.implausible = inputs.grpan, inputs.last_print, inputs.implausible
         self._inputs_changed(symbol, state, now_ns)
 
     def refresh_marks(self, now_ns: int) -> None:
         """Re-resolve every exposed symbol's mark at now_ns (marks age with time)."""
-        l1_age, tick_age = self.l1_max_age_ns, self.tick_max_age_ns
         for symbol, state in self.symbols.items():
-            mark = resolve_mark(state, now_ns, l1_age, tick_age)
+            mark = self._resolve(state, now_ns)
             if mark != state.mark:
                 state.mark = mark
                 self._apply(symbol, state, may_remove=False)
@@ -534,12 +518,17 @@ class ExposureBook:
     def stale_symbols(self) -> list[str]:
         return sorted(self.stale)
 
+    def unpriced_symbols(self) -> dict[str, str]:
+        """Exposed symbols the market has not priced (a fallback mark or none): symbol ->
+        why. They count at their fallback mark, and block risk increases downstream."""
+        return {symbol: state.mark.reason for symbol, state in self.symbols.items() if not state.mark.market_priced}
+
     def detail(self, symbol: str) -> SymbolDetail:
         """A symbol's line; a symbol that went flat (no position, no orders) reads as zeros."""
         state = self.symbols.get(symbol)
         if state is None:
-            return SymbolDetail(symbol, 0, self.rules.default_bucket, None, NO_PRICE, 0.0, 0, 0, 0.0)
-        units = state.mark.units
+            return SymbolDetail(symbol, 0, self.rules.default_bucket, None, str(MarkSource.NONE), 0.0, 0, 0, 0.0)
+        units = state.mark.price
         base = state.slot * self.row_width
         buckets = len(self.bucket_names)
         return SymbolDetail(
@@ -547,7 +536,8 @@ class ExposureBook:
             qty=state.qty,
             bucket=state.bucket or self._order_bucket(state),
             mark=None if units is None else to_dollars(units),
-            mark_source=state.mark.source,
+            mark_source=str(state.mark.source),
+            mark_reason=state.mark.reason or None,
             notional=0.0 if units is None else to_dollars(state.qty * units),
             open_buy_qty=sum(self.rows[base + self.buy_at : base + self.buy_at + buckets]),
             open_sell_qty=sum(self.rows[base + self.sell_at : base + self.sell_at + buckets]),
@@ -577,6 +567,15 @@ class ExposureBook:
         return totals
 
     # -- internals --------------------------------------------------------------------------------
+    def _state(self, symbol: str) -> SymbolState:
+        state = self.known.get(symbol)
+        if state is None:
+            state = self.known[symbol] = SymbolState(reference_price=self.reference_prices.get(symbol))
+        return state
+
+    def _resolve(self, state: SymbolState, now_ns: int) -> Mark[int]:
+        return resolve(state.mark_inputs(), now_ns, self.mark_rules)
+
     def _check_bucket(self, bucket: str) -> None:
         if bucket not in self.bucket_index:
             raise ValueError(f"unknown bucket {bucket!r}")
@@ -595,7 +594,7 @@ class ExposureBook:
         else:
             state.slot = len(self.rows) // self.row_width
             self.rows.extend((0,) * self.row_width)
-        state.mark = resolve_mark(state, now_ns, self.l1_max_age_ns, self.tick_max_age_ns)
+        state.mark = self._resolve(state, now_ns)
         self.symbols[symbol] = state
 
     def exposed(self, state: SymbolState) -> bool:
@@ -614,7 +613,7 @@ class ExposureBook:
     def _add_open(self, order: OpenOrder, sign: int, now_ns: int) -> None:
         state = self.known.get(order.symbol)
         if state is None:
-            state = self.known[order.symbol] = SymbolState()
+            state = self._state(order.symbol)
         if state.slot < 0:
             self._expose(order.symbol, state, now_ns)
         offset = self.buy_at if order.side == "BUY" else self.sell_at
@@ -624,13 +623,13 @@ class ExposureBook:
     def _inputs_changed(self, symbol: str, state: SymbolState, now_ns: int) -> None:
         if state.slot < 0:
             return  # not exposed: nothing depends on this mark yet
-        mark = resolve_mark(state, now_ns, self.l1_max_age_ns, self.tick_max_age_ns)
+        mark = self._resolve(state, now_ns)
         if mark != state.mark:
             state.mark = mark
             self._apply(symbol, state, may_remove=False)
 
     def _contribution(self, state: SymbolState) -> tuple[int, ...]:
-        mark = state.mark.units
+        mark = state.mark.price
         if mark is None:
             return self.zero
         buckets = len(self.bucket_names)

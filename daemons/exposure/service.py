@@ -17,7 +17,7 @@ import redis
 
 from qe import daemon, metrics, state
 from qe.clock import NS_PER_S
-from qe.contracts import BucketExposure, Envelope, Exposure, SymbolExposure, idempotency_key, make_event
+from qe.contracts import Alert, BucketExposure, Envelope, Exposure, SymbolExposure, idempotency_key, make_event
 from qe.streams import Effects
 
 from . import core
@@ -31,6 +31,9 @@ ORDERS_KEY = "state:exposure:orders"
 TERMINAL_KEY = "state:exposure:orders_terminal"
 MARKS_KEY = "state:exposure:marks"
 EQUITY_KEY = "state:exposure:equity"
+# The last entry id consumed from ev.orders / ev.positions (the snapshot says what it includes).
+CONSUMED_KEY = "state:exposure:consumed"
+INCLUDED_STREAMS = ("ev.orders", "ev.positions")
 PRUNE_INTERVAL_NS = 3600 * NS_PER_S
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -46,10 +49,13 @@ def symbol_payload(line: core.SymbolDetail) -> SymbolExposure:
         open_buy_qty=line.open_buy_qty,
         open_sell_qty=line.open_sell_qty,
         potential_notional=line.potential_notional,
+        mark_reason=line.mark_reason,
     )
 
 
-def exposure_payload(totals: core.Totals, stale: list[str], lines: list[core.SymbolDetail], detail: str) -> Exposure:
+def exposure_payload(
+    totals: core.Totals, stale: list[str], lines: list[core.SymbolDetail], detail: str, consumed: dict[str, str] | None = None
+) -> Exposure:
     ok = totals.status == "ok"
     equity = totals.equity if totals.equity is not None and math.isfinite(totals.equity) else 0.0
     return Exposure(
@@ -76,6 +82,8 @@ def exposure_payload(totals: core.Totals, stale: list[str], lines: list[core.Sym
         else {},
         symbols={line.symbol: symbol_payload(line) for line in lines},
         marks_stale=stale,
+        orders_through=(consumed or {}).get("ev.orders"),
+        positions_through=(consumed or {}).get("ev.positions"),
     )
 
 
@@ -88,7 +96,11 @@ class ExposureHandler:
         self.clock = context.clock
         self.log = context.log
         self.tick_interval_s = self.rules.min_publish_gap_s
-        self.book = core.ExposureBook(self.rules, self.plausibility)
+        # The universe's reference prices: the last-resort (fallback) mark of a held symbol.
+        self.reference_prices = {symbol: inst.ref_price for symbol, inst in context.universe().items()}
+        self.book = core.ExposureBook(self.rules, self.plausibility, self.reference_prices)
+        self.consumed: dict[str, str] = {}  # stream -> last entry id handled (ev.orders, ev.positions)
+        self.unpriced_alerted: set[str] = set()  # symbols alerted as priced only by a fallback
         self._reset_publication()
 
     def _reset_publication(self) -> None:
@@ -103,17 +115,18 @@ class ExposureHandler:
     # -- restart: rebuild from Redis ------------------------------------------------------------
     def load(self, r: redis.Redis) -> None:
         now_ns = self.clock.now_ns()
-        book = core.ExposureBook(self.rules, self.plausibility)
+        book = core.ExposureBook(self.rules, self.plausibility, self.reference_prices)
         pipe = r.pipeline(transaction=True)  # one consistent snapshot
-        for key in (MARKS_KEY, EQUITY_KEY, POSITIONS_KEY, TERMINAL_KEY, ORDERS_KEY):
+        for key in (MARKS_KEY, EQUITY_KEY, POSITIONS_KEY, TERMINAL_KEY, ORDERS_KEY, CONSUMED_KEY):
             pipe.hgetall(key)
-        marks, equity, positions, terminal, orders = pipe.execute()
+        marks, equity, positions, terminal, orders, consumed = pipe.execute()
+        self.consumed = {k.decode(): v.decode() for k, v in consumed.items() if k.decode() in INCLUDED_STREAMS}
 
         def restore_order(order_ref: str, data: dict[str, Any]) -> None:
             order = core.OpenOrder.from_json(order_ref, data)
             book.apply_order(order_ref, order.symbol, order.side, order.bucket, "SUBMITTED", order.open_qty, order.filled_qty, now_ns)
 
-        self._restore(MARKS_KEY, marks, lambda symbol, data: book.restore_mark(symbol, core.MarkInputs.from_json(data), now_ns))
+        self._restore(MARKS_KEY, marks, lambda symbol, data: book.restore_mark(symbol, core.SavedPrices.from_json(data), now_ns))
         self._restore(EQUITY_KEY, {k: v for k, v in equity.items() if k == b"net_liquidation"},
                       lambda _field, value: book.set_equity(None if value is None else float(value)))
         self._restore(POSITIONS_KEY, positions, lambda symbol, data: book.set_position(
@@ -142,6 +155,15 @@ class ExposureHandler:
 
     # -- events ------------------------------------------------------------------------------------
     def handle(self, event: Envelope, effects: Effects) -> None:
+        self._apply(event, effects)
+        # Only once handled: the snapshot claims to include every entry up to this id.
+        entry = effects.entry
+        if entry is not None and entry.stream in INCLUDED_STREAMS:
+            self.consumed[entry.stream] = entry.entry_id
+            effects.hset(CONSUMED_KEY, {entry.stream: entry.entry_id})
+            self._pending = True  # a reader waits for a snapshot that includes it
+
+    def _apply(self, event: Envelope, effects: Effects) -> None:
         now_ns = self.clock.now_ns()
         payload: Any = event.payload
         kind = event.type
@@ -159,7 +181,7 @@ class ExposureHandler:
                 now_ns,
             )
             if changed:
-                effects.hset(MARKS_KEY, {payload.symbol: _dumps(book.known[payload.symbol].mark_inputs().to_json())})
+                effects.hset(MARKS_KEY, {payload.symbol: _dumps(book.known[payload.symbol].saved_prices().to_json())})
                 self._changed(event, always_material=False)
         elif kind == "position":
             try:
@@ -208,7 +230,7 @@ class ExposureHandler:
         elif quote.bid is None or quote.ask is None:
             metrics.exposure_events_ignored.labels("l1_one_sided").inc()
         if changed:
-            effects.hset(MARKS_KEY, {quote.symbol: _dumps(book.known[quote.symbol].mark_inputs().to_json())})
+            effects.hset(MARKS_KEY, {quote.symbol: _dumps(book.known[quote.symbol].saved_prices().to_json())})
             self._changed(event, always_material=False)
 
     def _handle_order(self, event: Envelope, order: Any, effects: Effects, now_ns: int) -> None:
@@ -277,7 +299,7 @@ class ExposureHandler:
         book.take_stale_changed()
         totals = book.totals()
         lines = book.details() if full else book.details(sorted(changed))
-        payload = exposure_payload(totals, book.stale_symbols(), lines, "full" if full else "changed")
+        payload = exposure_payload(totals, book.stale_symbols(), lines, "full" if full else "changed", self.consumed)
         key = idempotency_key("exposure", "full", now_ns // NS_PER_S) if full else self._change_key or idempotency_key("exposure", "change", now_ns)
         event = make_event(payload, idempotency_key=key, source=SOURCE, ts_ns=now_ns, causation_id=None if full else self._change_cause)
         effects.publish(OUT_STREAM, event)
@@ -292,11 +314,33 @@ class ExposureHandler:
         self._pending = False
         self._change_key = self._change_cause = None
         self._published_ratios = book.ratios()
+        self._alert_unpriced(now_ns, effects)
         metrics.exposure_publications.labels(payload.detail).inc()
         metrics.exposure_marks_stale.set(len(payload.marks_stale))
         nan = float("nan")
         metrics.exposure_gross.set(nan if payload.gross_pct is None else payload.gross_pct / 100)
         metrics.exposure_potential_gross.set(nan if payload.potential_gross_pct is None else payload.potential_gross_pct / 100)
+
+    def _alert_unpriced(self, now_ns: int, effects: Effects) -> None:
+        """Once per symbol and episode: a held symbol the market has not priced counts at
+        its fallback mark (average cost / reference price) and blocks risk increases."""
+        unpriced = self.book.unpriced_symbols()
+        for symbol in sorted(set(unpriced) - self.unpriced_alerted):
+            line = self.book.detail(symbol)
+            why = unpriced[symbol]
+            self.log.warning("position not priced by the market: counted at its fallback mark",
+                             extra={"symbol": symbol, "mark": line.mark, "why": why})
+            alert = Alert(
+                alert_type="unpriced_position", severity="warning", symbol=symbol,
+                message=f"{symbol}: {line.qty} shares not priced by the market ({why}); counted at "
+                        f"{line.mark if line.mark is not None else 'no price'} in gross and potential; no risk increase",
+                data={"qty": line.qty, "mark": line.mark, "mark_source": line.mark_source, "why": why},
+            )
+            key = idempotency_key("alert", "exposure", "unpriced_position", symbol, now_ns // NS_PER_S)
+            effects.publish("ev.alerts", make_event(alert, idempotency_key=key, source=SOURCE, ts_ns=now_ns))
+        for symbol in self.unpriced_alerted - set(unpriced):
+            self.log.info("position priced by the market again", extra={"symbol": symbol})
+        self.unpriced_alerted = set(unpriced)
 
 
 def run() -> int:

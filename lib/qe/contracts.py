@@ -225,6 +225,14 @@ BrokerCode = Annotated[int, Field(ge=-1, le=1_000_000)]  # IB error/status codes
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 Message = Annotated[str, Field(max_length=MAX_MESSAGE)]
 JsonObject = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
+# A Redis stream entry id "<ms>-<seq>".
+StreamId = Annotated[str, Field(max_length=41, pattern=r"^[0-9]{1,20}-[0-9]{1,20}$")]
+
+
+def stream_id_key(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as a sortable key: ids of one stream order its entries."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 # Strict everywhere: no coercion between types, no NaN/inf, no unknown field, and
 # every str bounded (fields that need more declare their own max_length).
@@ -360,11 +368,14 @@ class SymbolExposure(Payload):
     qty: SignedQuantity
     bucket: Bucket
     mark: Price | None
-    mark_source: Literal["l1_mid", "truth_tick", "last_known", "none"]
+    # qe.marks.MarkSource: "fallback" = no market price yet (the broker's average cost or
+    # the universe's reference price): counted, and no risk increase until priced.
+    mark_source: Literal["l1_mid", "truth_tick", "last_known", "fallback", "none"]
     notional: Money  # signed: qty * mark
     open_buy_qty: Quantity
     open_sell_qty: Quantity
     potential_notional: NonNegativeMoney
+    mark_reason: Text | None = None  # why the mark is stale or a fallback (None while current)
 
 
 class Exposure(Payload):
@@ -384,6 +395,11 @@ class Exposure(Payload):
     buckets: dict[Bucket, BucketExposure]
     symbols: dict[Symbol, SymbolExposure] = Field(default_factory=dict, max_length=MAX_SYMBOLS)
     marks_stale: list[Symbol] = Field(default_factory=list, max_length=MAX_SYMBOLS)
+    # What the snapshot includes: the last ev.orders / ev.positions entry ids the exposure
+    # worker had consumed (every entry up to and including it). Readers compare stream ids
+    # (stream_id_key), never two processes' clocks. None: nothing consumed yet.
+    orders_through: StreamId | None = None
+    positions_through: StreamId | None = None
 
 
 class Session(Payload):

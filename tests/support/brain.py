@@ -62,7 +62,8 @@ def market(bid: float, ask: float, truth: float | None = None, grpan: float | No
 
 
 def exposure(positions: dict[str, tuple[int, str, float]], equity: float, ts_ns: int = T0,
-             open_orders: dict[str, tuple[int, int]] | None = None, buckets_max=None) -> ExposureSnap:
+             open_orders: dict[str, tuple[int, int]] | None = None, buckets_max=None,
+             orders_through: str | None = None) -> ExposureSnap:
     """positions: symbol -> (qty, bucket, mark). Percentages computed like the exposure worker."""
     open_orders = open_orders or {}
     symbols = {}
@@ -82,7 +83,7 @@ def exposure(positions: dict[str, tuple[int, str, float]], equity: float, ts_ns:
         snapshot_id=f"exposure:{ts_ns}", event_id=f"ev-exposure-{ts_ns}", ts_ns=ts_ns, ok=equity > 0, equity=equity,
         gross_pct=gross / equity * 100, potential_pct=potential / equity * 100,
         buckets={b: BucketSnap(bucket_cur[b] / equity * 100, bucket_pot[b] / equity * 100, *limits[b]) for b in limits},
-        symbols=symbols,
+        symbols=symbols, orders_through=orders_through,
     )
 
 
@@ -104,13 +105,14 @@ def view(positions: dict[str, tuple[int, str, float]], equity: float, markets: d
 
 def outstanding(key: str, slot: str, symbol: str, side: str, qty: int, price: float, *, bucket="LT",
                 classification="LT_LONG_DEC", issued_ns: int = T0, status=None, purpose=None, ttl_s=90.0,
-                last_order_ts_ns=0) -> Outstanding:
+                last_order_ts_ns=0, last_order_id: str | None = None) -> Outstanding:
     from daemons.decision.model import PURPOSE_OF_SLOT
 
     return Outstanding(
         key=key, slot=slot, symbol=symbol, side=side, qty=qty, bucket=bucket, classification=classification,
         order_type="LMT", limit_price=price, priority=60, intent_type=purpose or PURPOSE_OF_SLOT[slot], ttl_s=ttl_s,
         issued_ns=issued_ns, last_change_ns=issued_ns, status=status, last_order_ts_ns=last_order_ts_ns,
+        last_order_id=last_order_id,
     )
 
 

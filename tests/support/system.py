@@ -34,6 +34,7 @@ class System:
         sim_args: list[str] | None = None,
         speed: float = SPEED,
         daemons: tuple[str, ...] = DAEMONS,
+        rules_update=None,
     ) -> None:
         self.tmp_path = tmp_path
         self.redis_server = RedisServer(tmp_path / "redis", fsync="everysec").start()
@@ -44,10 +45,13 @@ class System:
         self.clock = qe_clock.from_env(self.clock_env)
         rules = yaml.safe_load((REPO / "etc" / "risk_rules.yaml").read_text())
         rules["market_data"]["ibkr"]["max_tick_by_tick"] = 25  # the simulator allows it (see sim/demo.py)
+        if rules_update is not None:
+            rules_update(rules)  # a scenario's own settings (the parsed risk_rules.yaml, changed in place)
         self.rules_file = tmp_path / "risk_rules.yaml"
         self.rules_file.write_text(yaml.safe_dump(rules))
+        # sim_args: e.g. ["--universe", ..., "--account-file", ...] (the daemons keep QE_UNIVERSE).
         self.sim = start_process(
-            ["--quote-rate", "1.0", "--print-rate", "0.5", "--no-fill-on-prints"], env=self.clock_env
+            ["--quote-rate", "1.0", "--print-rate", "0.5", "--no-fill-on-prints", *(sim_args or [])], env=self.clock_env
         )
         env = daemon_env(self.redis_server.url, QE_IB_PORT=str(self.sim.port), QE_CONFIG=str(self.rules_file), **self.clock_env)
         self.daemons = {
