@@ -43,6 +43,7 @@ from .broker import (
 )
 from .config import AccountSpec, SimConfig, SimConfigError, load_account
 from .contracts import Catalogue
+from .handlers_reference import ReferenceHandlers
 from .market import Market, MarketConfig, PrintEvent, QuoteEvent
 
 log = logging.getLogger("sim.server")
@@ -224,7 +225,7 @@ class Session(asyncio.Protocol):
             self.error(req_id if isinstance(req_id, int) else -1, 321, f"Error validating request.-'' : cause - {exc}")
 
 
-class SimServer:
+class SimServer(ReferenceHandlers):
     def __init__(self, config: SimConfig, clock: qe_clock.Clock | None = None) -> None:
         self.config = config
         self.clock = clock or qe_clock.from_env()
@@ -516,13 +517,30 @@ class SimServer:
 
     def on_PlaceOrder(self, s: Session, r: P.PlaceOrder) -> None:
         assert s.client_id is not None
-        if r.what_if:
-            s.error(r.order_id, 321, "Error validating request.-'whatIf' : cause - what-if previews are not simulated")
-            return
         info = self.catalogue.resolve(r.contract)
+        if r.what_if:
+            self._what_if(s, r, info)
+            return
         ack = self._take_ack_fault()
         events = self.broker.place(s.client_id, r, info)
         self.dispatch(events, origin=s, ack_fault=ack)
+
+    def _what_if(self, s: Session, r: P.PlaceOrder, info: P.ContractInfo | None) -> None:
+        """A what-if preview: one openOrder carrying the margin and commission figures; no order."""
+        result = self.broker.what_if(r, info)
+        if isinstance(result, tuple):
+            s.error(r.order_id, *result)
+            return
+        assert info is not None
+        fields = P.OrderFields(
+            order_id=r.order_id, client_id=s.client_id or 0, perm_id=0, contract=info, action=r.action,
+            total_quantity=r.total_quantity, order_type=r.order_type,
+            lmt_price=r.lmt_price if r.order_type == "LMT" else None, aux_price=None, tif=r.tif or "DAY",
+            account=self.broker.account.account_id, order_ref=r.order_ref, outside_rth=r.outside_rth,
+            hidden=r.hidden, display_size=r.display_size, parent_id=r.parent_id, status="PreSubmitted",
+            remaining=r.total_quantity, extra={"what_if": True, "order_state": result.order_state()},
+        )
+        s.send(P.open_order(fields))
 
     def on_CancelOrder(self, s: Session, r: P.CancelOrder) -> None:
         assert s.client_id is not None
