@@ -38,6 +38,7 @@ from .broker import (
     OrderError,
     OrderUpdate,
     PositionChange,
+    Precautions,
     exec_fields,
     exec_time_text,
 )
@@ -283,6 +284,7 @@ class SimServer(ReferenceHandlers):
             perm_id_base=int(self.config.extra.get("perm_id_base") or 1_000_000_000 + (boot % 100_000) * 10_000),
             fill_on_prints=self.config.fill_on_prints,
             referee_log_cap=self.config.referee_log_cap,
+            precautions=Precautions(**spec.checks),
         )
 
     async def start(self) -> None:
@@ -1134,6 +1136,7 @@ class SimServer(ReferenceHandlers):
             "orders": len(self.broker.all_orders()),
             "executions": len(self.broker.executions),
             "faults": self.broker.faults.describe(),
+            "checks": self.broker.precautions.describe(),
             "referee": self.broker.referee(),
             "market": {
                 "quote_rate": self.market.config.quote_rate,
