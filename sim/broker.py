@@ -600,6 +600,7 @@ class Broker:
         self.precautions = precautions or Precautions()
         self.faults = Faults()
         self.orders: dict[tuple[int, int], Order] = {}  # (client_id, order_id)
+        self.max_order_id = 0  # highest order id seen from any client (seeded from the order-id file)
         self.by_perm_id: dict[int, Order] = {}
         self.rejected: list[Order] = []  # placeOrder requests refused outright
         self.executions: list[Execution] = []
@@ -616,10 +617,14 @@ class Broker:
 
     # ---------------------------------------------------------------- queries
 
-    def next_order_id(self, client_id: int) -> int:
-        used = [oid for (cid, oid) in self.orders if cid == client_id]
-        used += [o.order_id for o in self.rejected if o.client_id == client_id]
-        return max(used, default=0) + 1
+    def next_order_id(self, client_id: int | None = None) -> int:
+        """IB's nextValidId: one sequence for the account, above every order id any client
+        has used (placed, rejected or what-if), in this process or a previous one."""
+        return self.max_order_id + 1
+
+    def saw_order_id(self, order_id: int) -> None:
+        if order_id > self.max_order_id:
+            self.max_order_id = order_id
 
     def marks(self) -> dict[str, float]:
         return {symbol: self.mark(symbol) for symbol in self.market.books}
@@ -745,6 +750,7 @@ class Broker:
 
     def place(self, client_id: int, req: PlaceOrder, info: ContractInfo | None) -> list[BrokerEvent]:
         now = self.now_ns()
+        self.saw_order_id(req.order_id)
         key = (client_id, req.order_id)
         existing = self.orders.get(key)
         record = self._open_request(self._request_record("modify" if existing is not None else "place", req, now), client_id, req.order_id)
@@ -862,6 +868,7 @@ class Broker:
     def what_if(self, req: PlaceOrder, info: ContractInfo | None) -> WhatIf | tuple[int, str]:
         """IB's what-if preview: margin before / change / after and commission if the order
         filled completely now (the far touch, capped by the limit). Nothing is booked."""
+        self.saw_order_id(req.order_id)
         problem = self._validate(req, info)
         if problem is not None:
             return problem

@@ -184,7 +184,8 @@ class SimConfig:
     max_tick_by_tick: int = 50  # simultaneous tick-by-tick subscriptions (IB: 10190 beyond)
     max_market_data_lines: int = 1000  # simultaneous reqMktData lines (IB: 101 beyond)
     account_update_s: float = 10.0  # push account values/portfolio to subscribers (IB: ~180 s)
-    master_client_id: int | None = 0  # receives every client's order updates
+    master_client_id: int | None = None  # receives every client's order updates (IB: none unless configured)
+    order_id_file: str | None = None  # keeps the account's highest order id across simulator processes
     fill_on_prints: bool = True  # resting limits also fill when the tape trades through them
     farm_codes_on_connect: bool = True  # send 2104/2106/2158 after connect, like the gateway
     max_write_buffer: int = 8 * 1024 * 1024  # above this, market data to that client is dropped
@@ -193,7 +194,7 @@ class SimConfig:
 
     @classmethod
     def from_env(cls) -> "SimConfig":
-        master = _env("QE_SIM_MASTER_CLIENT_ID", "0")
+        master = _env("QE_SIM_MASTER_CLIENT_ID", "none")
         return cls(
             universe_path=_env("QE_SIM_UNIVERSE", _env("QE_UNIVERSE", "etc/universe.csv")),
             account_path=_env("QE_SIM_ACCOUNT", "etc/sim_account.yaml"),
@@ -207,4 +208,5 @@ class SimConfig:
             account_update_s=float(_env("QE_SIM_ACCOUNT_UPDATE_S", "10")),
             referee_log_cap=int(_env("QE_SIM_REFEREE_LOG_CAP", "100000")),
             master_client_id=None if master.lower() in ("", "none", "-1") else int(master),
+            order_id_file=_env("QE_SIM_ORDER_ID_FILE", "") or None,
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -226,6 +227,34 @@ class Session(asyncio.Protocol):
             self.error(req_id if isinstance(req_id, int) else -1, 321, f"Error validating request.-'' : cause - {exc}")
 
 
+class OrderIdStore:
+    """The account's highest order id in a small file, so nextValidId stays above every id
+    seen across simulator processes (IB keeps it across gateway restarts). No file: memory only."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.saved = 0
+
+    def load(self) -> int:
+        if not self.path or not os.path.exists(self.path):
+            return 0
+        try:
+            with open(self.path) as f:
+                self.saved = int(json.load(f)["max_order_id"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SimConfigError(f"{self.path}: unreadable order-id file: {exc}") from exc
+        return self.saved
+
+    def save(self, max_order_id: int) -> None:
+        if not self.path or max_order_id <= self.saved:
+            return
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"max_order_id": max_order_id}, f)
+        os.replace(tmp, self.path)
+        self.saved = max_order_id
+
+
 class SimServer(ReferenceHandlers):
     def __init__(self, config: SimConfig, clock: qe_clock.Clock | None = None) -> None:
         self.config = config
@@ -241,6 +270,8 @@ class SimServer(ReferenceHandlers):
         )
         self.account_spec = self._load_account_spec()
         self.broker = self._new_broker(self.account_spec)
+        self.order_ids = OrderIdStore(config.order_id_file)
+        self.broker.saw_order_id(self.order_ids.load())
         self.sessions: set[Session] = set()
         self.mkt_by_symbol: dict[str, list[MarketSub]] = {}
         self.tbt_by_symbol: dict[str, list[MarketSub]] = {}
@@ -522,10 +553,11 @@ class SimServer(ReferenceHandlers):
         info = self.catalogue.resolve(r.contract)
         if r.what_if:
             self._what_if(s, r, info)
-            return
-        ack = self._take_ack_fault()
-        events = self.broker.place(s.client_id, r, info)
-        self.dispatch(events, origin=s, ack_fault=ack)
+        else:
+            ack = self._take_ack_fault()
+            events = self.broker.place(s.client_id, r, info)
+            self.dispatch(events, origin=s, ack_fault=ack)
+        self.order_ids.save(self.broker.max_order_id)
 
     def _what_if(self, s: Session, r: P.PlaceOrder, info: P.ContractInfo | None) -> None:
         """A what-if preview: one openOrder carrying the margin and commission figures; no order."""
@@ -777,10 +809,10 @@ class SimServer(ReferenceHandlers):
             elif isinstance(event, OrderError):
                 message = P.error(event.order_id, event.code, event.text)
                 targets = self.order_sessions(event.client_id)
-                # Errors about an order go to its own client only (as in IB).
+                # Errors about an order go to its own client only (as in IB): never to
+                # another client under an id that is not its own (a global cancel of
+                # another client's order while that client is away tells no one).
                 targets = [t for t in targets if t.client_id == event.client_id]
-                if not targets and origin is not None:
-                    targets = [origin]
                 for target in targets:
                     self._deliver(target, (event.client_id, event.order_id), [message], event.ack and target is origin, ack_fault)
         if changed_positions:
@@ -1247,6 +1279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account-update-s", type=float, default=env.account_update_s, help="account push period, seconds")
     p.add_argument("--master-client-id", type=int, default=env.master_client_id if env.master_client_id is not None else -1,
                    help="client id that sees every order (-1: none)")
+    p.add_argument("--order-id-file", default=env.order_id_file,
+                   help="file keeping the highest order id across restarts (QE_SIM_ORDER_ID_FILE; default: none)")
     p.add_argument("--referee-log-cap", type=int, default=env.referee_log_cap,
                    help="entries kept in the referee log (QE_SIM_REFEREE_LOG_CAP, default 100000)")
     p.add_argument("--no-fill-on-prints", action="store_true", help="resting limits fill only when quotes cross them")
@@ -1272,6 +1306,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         master_client_id=None if args.master_client_id < 0 else args.master_client_id,
         fill_on_prints=not args.no_fill_on_prints,
         referee_log_cap=args.referee_log_cap,
+        order_id_file=args.order_id_file or None,
     )
 
 
