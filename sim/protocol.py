@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 SERVER_VERSION = 176
-MIN_CLIENT_VERSION = 100  # v100+ is the length-prefixed protocol we speak
+MIN_CLIENT_VERSION = SERVER_VERSION  # only the v176 layouts are encoded (see negotiate)
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # bigger than any sane request; guards memory
 
 UNSET_DOUBLE = 1.7976931348623157e308
@@ -114,6 +114,19 @@ def parse_handshake(buffer: bytes) -> tuple[Handshake, int] | None:
     except ValueError as exc:
         raise ProtocolError(f"bad version string {text!r}") from exc
     return Handshake(min_version, max_version, options.strip()), 8 + size
+
+
+def negotiate(handshake: Handshake) -> tuple[int | None, str]:
+    """The version to speak with this client, or (None, why) to refuse it.
+
+    This server encodes only the v176 layouts, so a client must accept 176: one whose
+    minimum is above 176 is told 176 (its own check then gives up) and dropped; one whose
+    maximum is below 176 is dropped before any reply (no layout it did not agree to)."""
+    if handshake.min_version > SERVER_VERSION:
+        return None, f"client needs v{handshake.min_version}+, this server speaks v{SERVER_VERSION}"
+    if handshake.max_version < SERVER_VERSION:
+        return None, f"client speaks at most v{handshake.max_version}; only the v{SERVER_VERSION} layouts are simulated"
+    return SERVER_VERSION, ""
 
 
 def handshake_reply(version: int, connection_time: str) -> bytes:

@@ -153,9 +153,15 @@ class Session(asyncio.Protocol):
                     return
                 handshake, consumed = parsed
                 del self.buffer[:consumed]
-                if handshake.max_version < P.MIN_CLIENT_VERSION:
-                    raise P.ProtocolError(f"client versions v{handshake.min_version}..{handshake.max_version} too old")
-                self.version = min(P.SERVER_VERSION, handshake.max_version)
+                version, why = P.negotiate(handshake)
+                if version is None:
+                    log.warning("client version refused", extra={"peer": self.peer, "min": handshake.min_version,
+                                                                  "max": handshake.max_version, "reason": why})
+                    if handshake.min_version > P.SERVER_VERSION:
+                        self.send(P.handshake_reply(P.SERVER_VERSION, self.server.connection_time_text()))
+                    self.close()
+                    return
+                self.version = version
                 self.send(P.handshake_reply(self.version, self.server.connection_time_text()))
             for fields in P.split_frames(self.buffer):
                 self.handle(fields)
