@@ -38,10 +38,11 @@ import logging
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .server import SimServer
+# The simulator this serves: a sim.server.SimServer (not imported here: server.py starts
+# the control server, so this module stays free of the server to keep imports one-way).
+SimServer = Any
 
 log = logging.getLogger("sim.control")
 
