@@ -103,6 +103,7 @@ class Order:
     created_ns: int = 0
     updated_ns: int = 0
     held: bool = False  # forced partial fill: wait for the next market change
+    transmitted: bool = True  # False: placed with transmit=False, held at the broker, not working
     reject_reason: str = ""
     history: list[dict] = field(default_factory=list)
 
@@ -397,6 +398,85 @@ class CommissionModel:
         return round(fee, 4)
 
 
+@dataclass
+class Precautions:
+    """IB's pre-trade checks for the account (account file ``checks:``, POST /config).
+
+    ``price_cap_pct``: a limit more aggressive than the far touch by more than this
+    percentage is refused (IB's precautionary "Percentage constraint", code 163);
+    ``max_order_size`` / ``max_order_value``: IB's Size Limit (383) and Total Value Limit
+    (451); ``margin``: Reg-T initial margin after the order must not exceed equity with
+    loan value (201 "YOUR ORDER IS NOT ACCEPTED..."). None switches a check off.
+    """
+
+    price_cap_pct: float | None = 3.0
+    max_order_size: int | None = None
+    max_order_value: float | None = None
+    margin: bool = True
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# Reg-T for stocks: 50 % initial on both sides; maintenance 25 % long, 30 % short.
+REG_T_INITIAL = 0.50
+MAINT_LONG = 0.25
+MAINT_SHORT = 0.30
+
+
+@dataclass(frozen=True)
+class MarginFigures:
+    equity_with_loan: float
+    init_margin: float
+    maint_margin: float
+
+
+def margin_figures(cash: float, quantities: dict[str, int], marks: dict[str, float]) -> MarginFigures:
+    """Reg-T figures of an account holding ``quantities`` (signed shares) at ``marks``."""
+    long_mv = short_mv = 0.0
+    for symbol, qty in quantities.items():
+        if not qty:
+            continue
+        value = qty * marks[symbol]
+        if qty > 0:
+            long_mv += value
+        else:
+            short_mv -= value
+    equity = cash + long_mv - short_mv
+    return MarginFigures(equity, REG_T_INITIAL * (long_mv + short_mv), MAINT_LONG * long_mv + MAINT_SHORT * short_mv)
+
+
+@dataclass(frozen=True)
+class WhatIf:
+    """The effect of an order if it filled completely (IB's what-if OrderState)."""
+
+    before: MarginFigures
+    after: MarginFigures
+    commission: float
+    price: float
+
+    def order_state(self) -> dict[str, str | float]:
+        def money(v: float) -> str:
+            return f"{v:.2f}"
+
+        b, a = self.before, self.after
+        return {
+            "initMarginBefore": money(b.init_margin),
+            "maintMarginBefore": money(b.maint_margin),
+            "equityWithLoanBefore": money(b.equity_with_loan),
+            "initMarginChange": money(a.init_margin - b.init_margin),
+            "maintMarginChange": money(a.maint_margin - b.maint_margin),
+            "equityWithLoanChange": money(a.equity_with_loan - b.equity_with_loan),
+            "initMarginAfter": money(a.init_margin),
+            "maintMarginAfter": money(a.maint_margin),
+            "equityWithLoanAfter": money(a.equity_with_loan),
+            "commission": self.commission,
+            "minCommission": self.commission,
+            "maxCommission": self.commission,
+            "commissionCurrency": "USD",
+        }
+
+
 class Account:
     """Cash, positions and P&L of the one simulated account."""
 
@@ -459,8 +539,8 @@ class Account:
         net_liq = self.cash + long_mv - short_mv
         gross = long_mv + short_mv
         # Reg T style: 50 % initial on both sides; 25 % / 30 % maintenance long / short.
-        init_margin = 0.5 * gross
-        maint_margin = 0.25 * long_mv + 0.30 * short_mv
+        init_margin = REG_T_INITIAL * gross
+        maint_margin = MAINT_LONG * long_mv + MAINT_SHORT * short_mv
         available = net_liq - init_margin
         excess = net_liq - maint_margin
         return {
@@ -505,6 +585,7 @@ class Broker:
         commission: CommissionModel | None = None,
         fill_on_prints: bool = True,
         referee_log_cap: int = 100_000,
+        precautions: Precautions | None = None,
     ) -> None:
         self.account = account
         self.market = market
@@ -516,8 +597,10 @@ class Broker:
         self.exec_seq = 0
         self.commission_model = commission or CommissionModel()
         self.fill_on_prints = fill_on_prints
+        self.precautions = precautions or Precautions()
         self.faults = Faults()
         self.orders: dict[tuple[int, int], Order] = {}  # (client_id, order_id)
+        self.max_order_id = 0  # highest order id seen from any client (seeded from the order-id file)
         self.by_perm_id: dict[int, Order] = {}
         self.rejected: list[Order] = []  # placeOrder requests refused outright
         self.executions: list[Execution] = []
@@ -535,10 +618,14 @@ class Broker:
 
     # ---------------------------------------------------------------- queries
 
-    def next_order_id(self, client_id: int) -> int:
-        used = [oid for (cid, oid) in self.orders if cid == client_id]
-        used += [o.order_id for o in self.rejected if o.client_id == client_id]
-        return max(used, default=0) + 1
+    def next_order_id(self, client_id: int | None = None) -> int:
+        """IB's nextValidId: one sequence for the account, above every order id any client
+        has used (placed, rejected or what-if), in this process or a previous one."""
+        return self.max_order_id + 1
+
+    def saw_order_id(self, order_id: int) -> None:
+        if order_id > self.max_order_id:
+            self.max_order_id = order_id
 
     def marks(self) -> dict[str, float]:
         return {symbol: self.mark(symbol) for symbol in self.market.books}
@@ -665,6 +752,7 @@ class Broker:
 
     def place(self, client_id: int, req: PlaceOrder, info: ContractInfo | None) -> list[BrokerEvent]:
         now = self.now_ns()
+        self.saw_order_id(req.order_id)
         key = (client_id, req.order_id)
         existing = self.orders.get(key)
         record = self._open_request(self._request_record("modify" if existing is not None else "place", req, now), client_id, req.order_id)
@@ -760,6 +848,71 @@ class Broker:
             return 201, f"Order rejected - reason:Invalid account code {req.account!r}"
         return None
 
+    # ------------------------------------------------------- pre-trade checks
+
+    def _estimated_price(self, symbol: str, buy: bool, lmt_cents: int | None) -> float:
+        """The price an order would trade at now: the far touch, capped by its limit."""
+        book = self.market.books[symbol]
+        touch = book.ask if buy else book.bid
+        if lmt_cents is None or touch <= 0:
+            return (touch if touch > 0 else (lmt_cents or book.mid)) / 100
+        return (min(lmt_cents, touch) if buy else max(lmt_cents, touch)) / 100
+
+    def _margin_after(self, symbol: str, signed_qty: int, price: float) -> tuple[MarginFigures, MarginFigures, float]:
+        marks = self.marks()
+        quantities = {s: p.qty for s, p in self.account.positions.items() if p.qty}
+        before = margin_figures(self.account.cash, quantities, marks)
+        commission = self.commission_model.commission(abs(signed_qty), price)
+        quantities[symbol] = quantities.get(symbol, 0) + signed_qty
+        after = margin_figures(self.account.cash - signed_qty * price - commission, quantities, marks)
+        return before, after, commission
+
+    def what_if(self, req: PlaceOrder, info: ContractInfo | None) -> WhatIf | tuple[int, str]:
+        """IB's what-if preview: margin before / change / after and commission if the order
+        filled completely now (the far touch, capped by the limit). Nothing is booked."""
+        self.saw_order_id(req.order_id)
+        problem = self._validate(req, info)
+        if problem is not None:
+            return problem
+        assert info is not None
+        buy = req.action == "BUY"
+        lmt = round(req.lmt_price * 100) if req.order_type == "LMT" else None
+        price = self._estimated_price(info.symbol, buy, lmt)
+        qty = int(req.total_quantity)
+        before, after, commission = self._margin_after(info.symbol, qty if buy else -qty, price)
+        return WhatIf(before, after, commission, price)
+
+    def _precaution(self, order_id: int, symbol: str, buy: bool, qty: int, lmt_cents: int | None) -> tuple[int, str] | None:
+        """IB's precautionary settings and margin check for an order of ``qty`` more shares."""
+        rules = self.precautions
+        where = "Restriction is specified in Precautionary Settings of Global Configuration/Presets."
+        book = self.market.books[symbol]
+        if rules.price_cap_pct is not None and lmt_cents is not None:
+            touch = book.ask if buy else book.bid
+            if touch > 0:
+                limit = touch * (1 + rules.price_cap_pct / 100) if buy else touch * (1 - rules.price_cap_pct / 100)
+                if (buy and lmt_cents > limit + 1e-9) or (not buy and lmt_cents < limit - 1e-9):
+                    return 163, (f'The following order "ID:{order_id}" price exceeds the Percentage constraint of '
+                                 f"{rules.price_cap_pct:g}%. {where}")
+        if rules.max_order_size is not None and qty > rules.max_order_size:
+            return 383, f'The following order "ID:{order_id}" size exceeds the Size Limit of {rules.max_order_size}. {where}'
+        price = self._estimated_price(symbol, buy, lmt_cents)
+        if rules.max_order_value is not None and qty * price > rules.max_order_value:
+            return 451, (f'The following order "ID:{order_id}" value estimate of {qty * price:,.2f} USD exceeds the '
+                         f"Total Value Limit of {rules.max_order_value:,.0f} USD. {where}")
+        if rules.margin and qty > 0:
+            before, after, _ = self._margin_after(symbol, qty if buy else -qty, price)
+            if after.init_margin > after.equity_with_loan and after.init_margin > before.init_margin:
+                return 201, ("Order rejected - reason:YOUR ORDER IS NOT ACCEPTED. IN ORDER TO OBTAIN THE DESIRED POSITION "
+                             f"YOUR EQUITY WITH LOAN VALUE [{after.equity_with_loan:.2f} USD] MUST EXCEED THE INITIAL "
+                             f"MARGIN [{after.init_margin:.2f} USD]")
+        return None
+
+    def _transmit(self, order: Order) -> None:
+        """The order goes to the exchange: it can trade from now on."""
+        order.transmitted = True
+        self.live_by_symbol.setdefault(order.symbol, []).append(order)
+
     def _new_order(self, client_id: int, req: PlaceOrder, info: ContractInfo | None, now: int) -> list[BrokerEvent]:
         if req.order_id <= 0:
             return self._reject(client_id, req, info, 321, "Error validating request.-'bO' : cause - Invalid order id", now)
@@ -770,6 +923,11 @@ class Broker:
             self.faults.reject_next -= 1
             return self._reject(client_id, req, info, self.faults.reject_code, self.faults.reject_text, now)
         assert info is not None
+        buy = req.action == "BUY"
+        lmt = round(req.lmt_price * 100) if req.order_type == "LMT" else None
+        problem = self._precaution(req.order_id, info.symbol, buy, int(req.total_quantity), lmt)
+        if problem is not None:
+            return self._reject(client_id, req, info, *problem, now)
         order = Order(
             client_id=client_id,
             order_id=req.order_id,
@@ -793,9 +951,17 @@ class Broker:
         order.history.append(self._request_record("place", req, now))
         self.orders[(client_id, req.order_id)] = order
         self.by_perm_id[order.perm_id] = order
-        self.live_by_symbol.setdefault(order.symbol, []).append(order)
-
         events: list[BrokerEvent] = []
+        if not req.transmit:
+            # Held at the broker (IB: the order is created but not transmitted); a later
+            # placeOrder with the same id and transmit=True sends it to the exchange.
+            order.transmitted = False
+            order.status = "PreSubmitted"
+            order.history.append({"ts_ns": now, "event": "held_untransmitted"})
+            events.append(self._update(order, open_order=True, ack=True))
+            return events
+        self._transmit(order)
+
         # Like the real gateway: PreSubmitted first, then Submitted once "at the exchange".
         order.status = "PreSubmitted"
         events.append(self._update(order, open_order=True, ack=True))
@@ -853,6 +1019,9 @@ class Broker:
             problem = (105, "Order being modified does not match original order.")
         if problem is None and int(req.total_quantity) <= order.filled:
             problem = (105, f"Order being modified does not match original order: quantity {req.total_quantity} is not above filled {order.filled}")
+        if problem is None:
+            lmt = round(req.lmt_price * 100) if req.order_type == "LMT" else None
+            problem = self._precaution(order.order_id, order.symbol, order.is_buy, int(req.total_quantity) - order.filled, lmt)
         if problem is not None:
             code, text = problem
             order.history.append({"ts_ns": now, "event": "modify_rejected", "code": code, "text": text})
@@ -867,6 +1036,11 @@ class Broker:
         if req.order_ref:
             order.order_ref = req.order_ref
         order.updated_ns = now
+        if not order.transmitted:
+            if not req.transmit:
+                return [self._update(order, open_order=True, ack=True)]  # still held
+            self._transmit(order)
+            order.history.append({"ts_ns": now, "event": "transmitted"})
         order.status = "Submitted"
         events: list[BrokerEvent] = [self._update(order, open_order=True, ack=True)]
         self._referee_touch(order.symbol, "modify", order, now)

@@ -9,6 +9,11 @@ Account file (YAML)::
     positions:
       - {symbol: "CIM PRB", qty: 3000, avg_cost: 24.60, bucket: LT}
       - {symbol: "AGNCO", qty: -1500, avg_cost: 24.10, bucket: MM_PURE}
+    checks:                     # IB's pre-trade checks (optional; these are the defaults)
+      price_cap_pct: 3          # precautionary Percentage constraint (163); null = off
+      max_order_size: null      # Size Limit in shares (383)
+      max_order_value: null     # Total Value Limit in USD (451)
+      margin: true              # Reg-T initial margin vs equity with loan (201)
 
 qty is signed (negative = short); bucket is informational for the simulator but
 must equal the universe's bucket_hint for that symbol (a mismatch is a config error).
@@ -48,6 +53,7 @@ class AccountSpec:
     equity: float | None
     cash: float | None
     positions: tuple[SeedPosition, ...]
+    checks: dict[str, Any] = field(default_factory=dict)  # Precautions overrides (validated)
 
     @property
     def is_paper(self) -> bool:
@@ -75,7 +81,7 @@ def load_account(path: str | Path, universe: dict[str, Instrument]) -> AccountSp
 def parse_account(raw: Any, universe: dict[str, Instrument], where: str = "account") -> AccountSpec:
     if not isinstance(raw, dict):
         raise SimConfigError(f"{where}: expected a mapping at the top level")
-    unknown = set(raw) - {"account", "currency", "equity", "cash", "positions"}
+    unknown = set(raw) - {"account", "currency", "equity", "cash", "positions", "checks"}
     if unknown:
         raise SimConfigError(f"{where}: unknown keys {sorted(unknown)}")
     account_id = str(raw.get("account", "")).strip()
@@ -127,7 +133,34 @@ def parse_account(raw: Any, universe: dict[str, Instrument], where: str = "accou
                 f"{universe[symbol].bucket_hint!r} for {symbol!r}"
             )
         positions.append(SeedPosition(symbol, qty, avg_cost, bucket))
-    return AccountSpec(account_id, currency, equity, cash, tuple(positions))
+    return AccountSpec(account_id, currency, equity, cash, tuple(positions), parse_checks(raw.get("checks"), where))
+
+
+def parse_checks(raw: Any, where: str) -> dict[str, Any]:
+    """The account file's ``checks:`` (IB's pre-trade checks); absent keys keep the defaults."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SimConfigError(f"{where}: checks: expected a mapping")
+    unknown = set(raw) - {"price_cap_pct", "max_order_size", "max_order_value", "margin"}
+    if unknown:
+        raise SimConfigError(f"{where}: checks: unknown keys {sorted(unknown)}")
+    checks: dict[str, Any] = {}
+    for key, kind in (("price_cap_pct", float), ("max_order_size", int), ("max_order_value", float)):
+        if key not in raw:
+            continue
+        value = raw[key]
+        if value is None:
+            checks[key] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise SimConfigError(f"{where}: checks: {key} must be a positive number or null, got {value!r}")
+        checks[key] = kind(value)
+    if "margin" in raw:
+        if not isinstance(raw["margin"], bool):
+            raise SimConfigError(f"{where}: checks: margin must be true or false")
+        checks["margin"] = raw["margin"]
+    return checks
 
 
 def _env(name: str, default: str) -> str:
@@ -158,7 +191,8 @@ class SimConfig:
     max_tick_by_tick: int = 50  # simultaneous tick-by-tick subscriptions (IB: 10190 beyond)
     max_market_data_lines: int = 1000  # simultaneous reqMktData lines (IB: 101 beyond)
     account_update_s: float = 10.0  # push account values/portfolio to subscribers (IB: ~180 s)
-    master_client_id: int | None = 0  # receives every client's order updates
+    master_client_id: int | None = None  # receives every client's order updates (IB: none unless configured)
+    order_id_file: str | None = None  # keeps the account's highest order id across simulator processes
     fill_on_prints: bool = True  # resting limits also fill when the tape trades through them
     farm_codes_on_connect: bool = True  # send 2104/2106/2158 after connect, like the gateway
     max_write_buffer: int = 8 * 1024 * 1024  # above this, market data to that client is dropped
@@ -167,7 +201,7 @@ class SimConfig:
 
     @classmethod
     def from_env(cls) -> "SimConfig":
-        master = _env("QE_SIM_MASTER_CLIENT_ID", "0")
+        master = _env("QE_SIM_MASTER_CLIENT_ID", "none")
         return cls(
             universe_path=_env("QE_SIM_UNIVERSE", _env("QE_UNIVERSE", "etc/universe.csv")),
             account_path=_env("QE_SIM_ACCOUNT", "etc/sim_account.yaml"),
@@ -182,4 +216,5 @@ class SimConfig:
             account_update_s=float(_env("QE_SIM_ACCOUNT_UPDATE_S", "10")),
             referee_log_cap=int(_env("QE_SIM_REFEREE_LOG_CAP", "100000")),
             master_client_id=None if master.lower() in ("", "none", "-1") else int(master),
+            order_id_file=_env("QE_SIM_ORDER_ID_FILE", "") or None,
         )

@@ -38,12 +38,13 @@ import logging
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .metrics import FAULT_COMMANDS
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .server import SimServer
+# The simulator this serves: a sim.server.SimServer (not imported here: server.py starts
+# the control server, so this module stays free of the server to keep imports one-way).
+SimServer = Any
 
 log = logging.getLogger("sim.control")
 
@@ -280,7 +281,17 @@ class ControlServer:
         if "referee_log_cap" in body:
             sim.config.referee_log_cap = max(1, _num(body, "referee_log_cap", int))
             sim.broker.log.resize(sim.config.referee_log_cap)
+        checks = sim.broker.precautions
+        for key, kind in (("price_cap_pct", float), ("max_order_size", int), ("max_order_value", float)):
+            if key in body:  # null switches the check off
+                value = _num(body, key, kind)
+                if value is not None and value <= 0:
+                    raise ControlError(400, f"'{key}' must be > 0 or null")
+                setattr(checks, key, value)
+        if "margin_check" in body:
+            checks.margin = bool(body["margin_check"])
         return {
+            "checks": checks.describe(),
             "quote_rate": market.quote_rate,
             "print_rate": market.print_rate,
             "max_tick_by_tick": sim.config.max_tick_by_tick,
@@ -394,7 +405,8 @@ class SimControl:
         return self._post("/print", symbol=symbol, price=price, size=size, venue=venue, conditions=conditions)
 
     def configure(self, **settings: Any) -> dict:
-        return self._post("/config", **settings)
+        """POST /config; ``None`` is sent as null (it switches a check such as ``max_order_size`` off)."""
+        return self._request("POST", "/config", settings)
 
     def reset(self) -> dict:
         return self._post("/reset")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 SERVER_VERSION = 176
-MIN_CLIENT_VERSION = 100  # v100+ is the length-prefixed protocol we speak
+MIN_CLIENT_VERSION = SERVER_VERSION  # only the v176 layouts are encoded (see negotiate)
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # bigger than any sane request; guards memory
 
 UNSET_DOUBLE = 1.7976931348623157e308
@@ -116,6 +116,19 @@ def parse_handshake(buffer: bytes) -> tuple[Handshake, int] | None:
     return Handshake(min_version, max_version, options.strip()), 8 + size
 
 
+def negotiate(handshake: Handshake) -> tuple[int | None, str]:
+    """The version to speak with this client, or (None, why) to refuse it.
+
+    This server encodes only the v176 layouts, so a client must accept 176: one whose
+    minimum is above 176 is told 176 (its own check then gives up) and dropped; one whose
+    maximum is below 176 is dropped before any reply (no layout it did not agree to)."""
+    if handshake.min_version > SERVER_VERSION:
+        return None, f"client needs v{handshake.min_version}+, this server speaks v{SERVER_VERSION}"
+    if handshake.max_version < SERVER_VERSION:
+        return None, f"client speaks at most v{handshake.max_version}; only the v{SERVER_VERSION} layouts are simulated"
+    return SERVER_VERSION, ""
+
+
 def handshake_reply(version: int, connection_time: str) -> bytes:
     return encode([version, connection_time])
 
@@ -205,7 +218,16 @@ class FieldReader:
         self.req_id = self.int(name, default=-1)
         return self.req_id
 
+    def count(self, name: str, limit: int = 10_000) -> int:
+        """A repeat count: 0 <= n <= limit (a negative or absurd count is malformed)."""
+        n = self.int(name)
+        if n < 0 or n > limit:
+            raise MalformedRequest(self.msg_id, self.req_id, f"field '{name}' is out of range: {n}")
+        return n
+
     def skip(self, count: int = 1) -> None:
+        if count < 0:
+            raise MalformedRequest(self.msg_id, self.req_id, f"negative field count {count}")
         self.pos += count
 
     def remaining(self) -> int:
@@ -436,6 +458,154 @@ class ReqCompletedOrders:
     api_only: bool
 
 
+# Reference data, news, scanners, research and other requests answered from static or
+# universe data (sim/handlers_reference.py).
+
+
+@dataclass(frozen=True)
+class ReqSecDefOptParams:
+    req_id: int
+    underlying_symbol: str
+    fut_fop_exchange: str
+    underlying_sec_type: str
+    underlying_con_id: int
+
+
+@dataclass(frozen=True)
+class ReqSmartComponents:
+    req_id: int
+    bbo_exchange: str
+
+
+@dataclass(frozen=True)
+class ReqMktDepthExchanges:
+    pass
+
+
+@dataclass(frozen=True)
+class ReqNewsProviders:
+    pass
+
+
+@dataclass(frozen=True)
+class ReqNewsArticle:
+    req_id: int
+    provider_code: str
+    article_id: str
+
+
+@dataclass(frozen=True)
+class ReqHistoricalNews:
+    req_id: int
+    con_id: int
+    provider_codes: str
+
+
+@dataclass(frozen=True)
+class ReqUserInfo:
+    req_id: int
+
+
+@dataclass(frozen=True)
+class ReqFundamentalData:
+    req_id: int
+    contract: ContractRef
+    report_type: str
+
+
+@dataclass(frozen=True)
+class ReqScannerParameters:
+    pass
+
+
+@dataclass(frozen=True)
+class ReqScannerSubscription:
+    req_id: int
+    number_of_rows: int
+    instrument: str
+    location_code: str
+    scan_code: str
+    above_price: float
+    below_price: float
+    above_volume: int
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """A cancel for a request family that needs no answer (scanner, fundamentals, depth, ...)."""
+
+    msg_id: int
+    name: str
+    req_id: int
+
+
+@dataclass(frozen=True)
+class ReqWshMetaData:
+    req_id: int
+
+
+@dataclass(frozen=True)
+class ReqWshEventData:
+    req_id: int
+    con_id: int
+
+
+@dataclass(frozen=True)
+class ReqMatchingSymbols:
+    req_id: int
+    pattern: str
+
+
+@dataclass(frozen=True)
+class ReqMarketRule:
+    market_rule_id: int
+
+
+@dataclass(frozen=True)
+class ReqSoftDollarTiers:
+    req_id: int
+
+
+@dataclass(frozen=True)
+class ReqFamilyCodes:
+    pass
+
+
+@dataclass(frozen=True)
+class QueryDisplayGroups:
+    req_id: int
+
+
+@dataclass(frozen=True)
+class OptionComputation:
+    """calculateImpliedVolatility (54) / calculateOptionPrice (55): needs an option contract."""
+
+    msg_id: int
+    req_id: int
+    contract: ContractRef
+
+
+@dataclass(frozen=True)
+class ExerciseOptions:
+    req_id: int
+    contract: ContractRef
+
+
+@dataclass(frozen=True)
+class RequestFA:
+    fa_data_type: int
+
+
+@dataclass(frozen=True)
+class ReplaceFA:
+    req_id: int
+
+
+@dataclass(frozen=True)
+class ReqNewsBulletins:
+    all_messages: bool
+
+
 @dataclass(frozen=True)
 class Unsupported:
     """A request we recognise but do not simulate; req_id is -1 when it has none."""
@@ -457,7 +627,7 @@ def _req_mkt_data(r: FieldReader) -> ReqMktData:
     req_id = r.req("tickerId")
     contract = read_contract(r)
     if contract.sec_type == "BAG":
-        legs = r.int("comboLegsCount")
+        legs = r.count("comboLegsCount")
         r.skip(4 * legs)
     if r.bool("deltaNeutralContractPresent"):
         r.skip(3)
@@ -512,10 +682,10 @@ def _place_order(r: FieldReader) -> PlaceOrder:
 def _read_what_if(r: FieldReader, is_bag: bool) -> bool:
     """Walk the variable-length tail of placeOrder (client layout at server 176) to whatIf."""
     if is_bag:
-        legs = r.int("comboLegsCount")
+        legs = r.count("comboLegsCount")
         r.skip(8 * legs)
-        r.skip(r.int("orderComboLegsCount"))
-        r.skip(2 * r.int("smartComboRoutingParamsCount"))
+        r.skip(r.count("orderComboLegsCount"))
+        r.skip(2 * r.count("smartComboRoutingParamsCount"))
     r.skip(8)  # "", discretionaryAmt, goodAfterTime, goodTillDate, faGroup, faMethod, faPercentage, faProfile
     r.skip(22)  # modelCode .. volatilityType
     if r.str("deltaNeutralOrderType"):
@@ -533,7 +703,7 @@ def _read_what_if(r: FieldReader, is_bag: bool) -> bool:
     if r.bool("deltaNeutralContractPresent"):
         r.skip(3)
     if r.str("algoStrategy"):
-        r.skip(2 * r.int("algoParamsCount"))
+        r.skip(2 * r.count("algoParamsCount"))
     r.skip(1)  # algoId
     return r.bool("whatIf")
 
@@ -571,6 +741,59 @@ def _req_tick_by_tick(r: FieldReader) -> ReqTickByTick:
     number = r.int("numberOfTicks") if r.remaining() else 0
     ignore = r.bool("ignoreSize") if r.remaining() else False
     return ReqTickByTick(req_id, contract, tick_type, number, ignore)
+
+
+def _req_fundamental_data(r: FieldReader) -> ReqFundamentalData:
+    r.skip()  # version
+    req_id = r.req()
+    contract = ContractRef(
+        con_id=r.int("conId"),
+        symbol=r.str("symbol"),
+        sec_type=r.str("secType"),
+        exchange=r.str("exchange"),
+        primary_exchange=r.str("primaryExchange"),
+        currency=r.str("currency"),
+        local_symbol=r.str("localSymbol"),
+    )
+    return ReqFundamentalData(req_id, contract, r.str("reportType"))
+
+
+def _req_scanner_subscription(r: FieldReader) -> ReqScannerSubscription:
+    req_id = r.req("tickerId")
+    return ReqScannerSubscription(
+        req_id=req_id,
+        number_of_rows=r.int("numberOfRows", -1),
+        instrument=r.str("instrument"),
+        location_code=r.str("locationCode"),
+        scan_code=r.str("scanCode"),
+        above_price=r.float("abovePrice"),
+        below_price=r.float("belowPrice"),
+        above_volume=r.int("aboveVolume", UNSET_INTEGER),
+    )
+
+
+def _option_computation(r: FieldReader):
+    msg_id = r.msg_id
+    r.skip()  # version
+    req_id = r.req()
+    return OptionComputation(msg_id, req_id, read_contract(r))
+
+
+def _exercise_options(r: FieldReader) -> ExerciseOptions:
+    r.skip()  # version
+    req_id = r.req()
+    con_id = r.int("conId")
+    symbol, sec_type = r.str("symbol"), r.str("secType")
+    return ExerciseOptions(req_id, ContractRef(con_id=con_id, symbol=symbol, sec_type=sec_type))
+
+
+def _cancel(msg_id: int, name: str, versioned: bool):
+    def parse(r: FieldReader) -> CancelRequest:
+        if versioned:
+            r.skip()
+        return CancelRequest(msg_id, name, r.req())
+
+    return parse
 
 
 def _versioned(builder):
@@ -613,64 +836,63 @@ _PARSERS = {
     97: _req_tick_by_tick,
     98: lambda r: CancelTickByTick(r.req()),
     99: lambda r: ReqCompletedOrders(r.bool("apiOnly") if r.remaining() else False),
+    12: _versioned(lambda r: ReqNewsBulletins(r.bool("allMsgs") if r.remaining() else False)),
+    18: _versioned(lambda r: RequestFA(r.int("faDataType"))),
+    19: _versioned(lambda r: (r.skip(2), ReplaceFA(r.req() if r.remaining() else -1))[1]),
+    21: _exercise_options,
+    22: _req_scanner_subscription,
+    23: _cancel(23, "cancelScannerSubscription", versioned=True),
+    24: _versioned(lambda r: ReqScannerParameters()),
+    52: _req_fundamental_data,
+    53: _cancel(53, "cancelFundamentalData", versioned=True),
+    54: _option_computation,
+    55: _option_computation,
+    56: _cancel(56, "cancelCalculateImpliedVolatility", versioned=True),
+    57: _cancel(57, "cancelCalculateOptionPrice", versioned=True),
+    67: _versioned(lambda r: QueryDisplayGroups(r.req())),
+    78: lambda r: ReqSecDefOptParams(r.req(), r.str("underlyingSymbol"), r.str("futFopExchange"), r.str("underlyingSecType"), r.int("underlyingConId")),
+    79: lambda r: ReqSoftDollarTiers(r.req()),
+    80: lambda r: ReqFamilyCodes(),
+    81: lambda r: ReqMatchingSymbols(r.req(), r.str("pattern")),
+    82: lambda r: ReqMktDepthExchanges(),
+    83: lambda r: ReqSmartComponents(r.req(), r.str("bboExchange")),
+    84: lambda r: ReqNewsArticle(r.req(), r.str("providerCode"), r.str("articleId")),
+    85: lambda r: ReqNewsProviders(),
+    86: lambda r: ReqHistoricalNews(r.req(), r.int("conId"), r.str("providerCodes")),
+    91: lambda r: ReqMarketRule(r.int("marketRuleId")),
+    100: lambda r: ReqWshMetaData(r.req()),
+    101: _cancel(101, "cancelWshMetaData", versioned=False),
+    102: lambda r: ReqWshEventData(r.req(), r.int("conId") if r.remaining() else 0),
+    103: _cancel(103, "cancelWshEventData", versioned=False),
+    104: lambda r: ReqUserInfo(r.req()),
+    # Cancels that IB does not answer.
+    11: _cancel(11, "cancelMktDepth", versioned=True),
+    13: _versioned(lambda r: CancelRequest(13, "cancelNewsBulletins", -1)),
+    14: _versioned(lambda r: CancelRequest(14, "setServerLogLevel", -1)),
+    25: _cancel(25, "cancelHistoricalData", versioned=True),
+    51: _cancel(51, "cancelRealTimeBars", versioned=True),
+    89: _cancel(89, "cancelHistogramData", versioned=False),
+    90: _cancel(90, "cancelHeadTimeStamp", versioned=False),
 }
 
 # Known requests we do not simulate: name, and where the request id sits
 # (index into the fields, or None when the request has none).
 UNSUPPORTED: dict[int, tuple[str, int | None]] = {
     10: ("reqMktDepth", 2),
-    11: ("cancelMktDepth", 2),
-    12: ("reqNewsBulletins", None),
-    13: ("cancelNewsBulletins", None),
-    14: ("setServerLogLevel", None),
-    18: ("requestFA", None),
-    19: ("replaceFA", None),
     20: ("reqHistoricalData", 1),
-    21: ("exerciseOptions", 2),
-    22: ("reqScannerSubscription", 1),
-    23: ("cancelScannerSubscription", 2),
-    24: ("reqScannerParameters", None),
-    25: ("cancelHistoricalData", 2),
     50: ("reqRealTimeBars", 2),
-    51: ("cancelRealTimeBars", 2),
-    52: ("reqFundamentalData", 2),
-    53: ("cancelFundamentalData", 2),
-    54: ("calculateImpliedVolatility", 2),
-    55: ("calculateOptionPrice", 2),
-    56: ("cancelCalculateImpliedVolatility", 2),
-    57: ("cancelCalculateOptionPrice", 2),
     65: ("verifyRequest", None),
     66: ("verifyMessage", None),
-    67: ("queryDisplayGroups", 2),
     68: ("subscribeToGroupEvents", 2),
     69: ("updateDisplayGroup", 2),
     70: ("unsubscribeFromGroupEvents", 2),
     72: ("verifyAndAuthRequest", None),
     73: ("verifyAndAuthMessage", None),
-    78: ("reqSecDefOptParams", 1),
-    79: ("reqSoftDollarTiers", 1),
-    80: ("reqFamilyCodes", None),
-    81: ("reqMatchingSymbols", 1),
-    82: ("reqMktDepthExchanges", None),
-    83: ("reqSmartComponents", 1),
-    84: ("reqNewsArticle", 1),
-    85: ("reqNewsProviders", None),
-    86: ("reqHistoricalNews", 1),
     87: ("reqHeadTimeStamp", 1),
     88: ("reqHistogramData", 1),
-    89: ("cancelHistogramData", 1),
-    90: ("cancelHeadTimeStamp", 1),
-    91: ("reqMarketRule", None),
     92: ("reqPnL", 1),
-    93: ("cancelPnL", 1),
     94: ("reqPnLSingle", 1),
-    95: ("cancelPnLSingle", 1),
     96: ("reqHistoricalTicks", 1),
-    100: ("reqWshMetaData", 1),
-    101: ("cancelWshMetaData", 1),
-    102: ("reqWshEventData", 1),
-    103: ("cancelWshEventData", 1),
-    104: ("reqUserInfo", 1),
 }
 
 
@@ -930,6 +1152,21 @@ class OrderFields:
     extra: dict = field(default_factory=dict)
 
 
+_ORDER_STATE_TEXT = ("initMarginBefore", "maintMarginBefore", "equityWithLoanBefore", "initMarginChange",
+                     "maintMarginChange", "equityWithLoanChange", "initMarginAfter", "maintMarginAfter",
+                     "equityWithLoanAfter")
+
+
+def _order_state_fields(state: dict) -> list[Any]:
+    """The OrderState part of openOrder (what-if figures; empty for a normal order)."""
+    fields: list[Any] = [state.get(key, "") for key in _ORDER_STATE_TEXT]
+    for key in ("commission", "minCommission", "maxCommission"):
+        value = state.get(key)
+        fields.append("" if value is None else value)
+    fields += [state.get("commissionCurrency", ""), state.get("warningText", "")]
+    return fields
+
+
 def _opt_price(value: float | None) -> Any:
     return "" if value is None else value
 
@@ -1011,22 +1248,9 @@ def open_order(o: OrderFields) -> bytes:
         False,  # deltaNeutralContract present
         "",  # algoStrategy
         False,  # solicited
-        False,  # whatIf
+        bool(o.extra.get("what_if")),  # whatIf
         o.status,
-        "",  # initMarginBefore
-        "",  # maintMarginBefore
-        "",  # equityWithLoanBefore
-        "",  # initMarginChange
-        "",  # maintMarginChange
-        "",  # equityWithLoanChange
-        "",  # initMarginAfter
-        "",  # maintMarginAfter
-        "",  # equityWithLoanAfter
-        "",  # commission
-        "",  # minCommission
-        "",  # maxCommission
-        "",  # commissionCurrency
-        "",  # warningText
+        *_order_state_fields(o.extra.get("order_state") or {}),
         False,  # randomizeSize
         False,  # randomizePrice
         0,  # conditions count
@@ -1296,3 +1520,107 @@ def account_update_multi(req_id: int, account: str, model_code: str, key: str, v
 
 def account_update_multi_end(req_id: int) -> bytes:
     return encode([ACCOUNT_UPDATE_MULTI_END, 1, req_id])
+
+
+# Reference data and other answers (server -> client).
+RECEIVE_FA = 16
+SCANNER_PARAMETERS = 19
+SCANNER_DATA = 20
+DISPLAY_GROUP_LIST = 67
+SECURITY_DEFINITION_OPTION_PARAMETER_END = 76
+SOFT_DOLLAR_TIERS = 77
+FAMILY_CODES = 78
+SYMBOL_SAMPLES = 79
+MKT_DEPTH_EXCHANGES = 80
+SMART_COMPONENTS = 82
+NEWS_PROVIDERS = 85
+HISTORICAL_NEWS_END = 87
+MARKET_RULE = 93
+WSH_META_DATA = 104
+WSH_EVENT_DATA = 105
+USER_INFO = 107
+
+
+def sec_def_opt_params_end(req_id: int) -> bytes:
+    return encode([SECURITY_DEFINITION_OPTION_PARAMETER_END, req_id])
+
+
+def smart_components(req_id: int, components: Sequence[tuple[int, str, str]]) -> bytes:
+    fields: list[Any] = [SMART_COMPONENTS, req_id, len(components)]
+    for bit, exchange, letter in components:
+        fields += [bit, exchange, letter]
+    return encode(fields)
+
+
+def mkt_depth_exchanges(rows: Sequence[tuple[str, str, str, str, int]]) -> bytes:
+    fields: list[Any] = [MKT_DEPTH_EXCHANGES, len(rows)]
+    for row in rows:
+        fields += list(row)
+    return encode(fields)
+
+
+def news_providers(providers: Sequence[tuple[str, str]]) -> bytes:
+    fields: list[Any] = [NEWS_PROVIDERS, len(providers)]
+    for code, name in providers:
+        fields += [code, name]
+    return encode(fields)
+
+
+def historical_news_end(req_id: int, has_more: bool) -> bytes:
+    return encode([HISTORICAL_NEWS_END, req_id, has_more])
+
+
+def user_info(req_id: int, white_branding_id: str) -> bytes:
+    return encode([USER_INFO, req_id, white_branding_id])
+
+
+def scanner_parameters(xml: str) -> bytes:
+    return encode([SCANNER_PARAMETERS, 1, xml])
+
+
+def scanner_data(req_id: int, rows: Sequence[tuple[int, "ContractInfo"]]) -> bytes:
+    fields: list[Any] = [SCANNER_DATA, 3, req_id, len(rows)]
+    for rank, c in rows:
+        fields += [rank, c.con_id, c.symbol, c.sec_type, "", 0, "", c.primary_exchange, c.currency,
+                   c.local_symbol or c.symbol, c.trading_class or c.symbol, c.trading_class or c.symbol,
+                   "", "", "", ""]  # distance, benchmark, projection, legsStr
+    return encode(fields)
+
+
+def wsh_meta_data(req_id: int, data_json: str) -> bytes:
+    return encode([WSH_META_DATA, req_id, data_json])
+
+
+def wsh_event_data(req_id: int, data_json: str) -> bytes:
+    return encode([WSH_EVENT_DATA, req_id, data_json])
+
+
+def symbol_samples(req_id: int, contracts: Sequence["ContractInfo"], version: int = SERVER_VERSION) -> bytes:
+    fields: list[Any] = [SYMBOL_SAMPLES, req_id, len(contracts)]
+    for c in contracts:
+        fields += [c.con_id, c.symbol, c.sec_type, c.primary_exchange, c.currency, 0]  # no derivatives
+        if version >= 176:
+            fields += [c.long_name, ""]  # description, issuerId
+    return encode(fields)
+
+
+def market_rule(rule_id: int, increments: Sequence[tuple[float, float]]) -> bytes:
+    fields: list[Any] = [MARKET_RULE, rule_id, len(increments)]
+    for low_edge, increment in increments:
+        fields += [low_edge, increment]
+    return encode(fields)
+
+
+def soft_dollar_tiers(req_id: int) -> bytes:
+    return encode([SOFT_DOLLAR_TIERS, req_id, 0])
+
+
+def family_codes(codes: Sequence[tuple[str, str]]) -> bytes:
+    fields: list[Any] = [FAMILY_CODES, len(codes)]
+    for account, code in codes:
+        fields += [account, code]
+    return encode(fields)
+
+
+def display_group_list(req_id: int, groups: str) -> bytes:
+    return encode([DISPLAY_GROUP_LIST, 1, req_id, groups])

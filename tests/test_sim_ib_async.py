@@ -244,17 +244,3 @@ def test_request_ids_time_and_market_data_type(ib_connect):
     ib.client.reqIds(1)
     ib.sleep(0.2)
     assert errors == []
-
-
-def test_master_client_sees_other_clients_orders(sim_control, ib_connect):
-    master = ib_connect(client_id=0)
-    worker = ib_connect(client_id=3)
-    seen = []
-    master.openOrderEvent += lambda trade: seen.append(trade.order.orderRef)
-    trade = worker.placeOrder(qualified(worker, "RITM PRA"), LimitOrder("BUY", 100, 20.00, orderRef="from-3"))
-    wait_until(worker, lambda: trade.orderStatus.status == "Submitted")
-    wait_until(master, lambda: "from-3" in seen)
-    assert [t.order.orderRef for t in master.reqOpenOrders()] == ["from-3"]
-    assert [t.order.orderRef for t in worker.reqOpenOrders()] == ["from-3"]
-    other = ib_connect(client_id=4)
-    assert other.reqOpenOrders() == []
