@@ -84,7 +84,7 @@ def test_stub_quote_in_normal_trading(tmp_path):
 
 def test_stub_quote_in_the_hard_derisk_window(tmp_path):
     # 10x: the two-minute hard window lasts 12 wall seconds, enough on a loaded machine.
-    system = System(tmp_path, new_york(DAY, "15:56") + timedelta(seconds=30), speed=10.0)
+    system = System(tmp_path, new_york(DAY, "15:57") + timedelta(seconds=15), speed=10.0)
     try:
         system.run_until(new_york(DAY, "15:58") + timedelta(seconds=5))
         symbol, _gross = stub_and_watch(system, new_york(DAY, "16:00") + timedelta(seconds=30))
