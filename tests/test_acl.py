@@ -25,7 +25,7 @@ def acl_redis(tmp_path: Path):
     secrets_dir = tmp_path / "secrets"
     acl_file = acl.write_acl_file(tmp_path / "users.acl", secrets_dir)
     server = RedisServer(tmp_path / "redis", extra=["--aclfile", str(acl_file)]).start_with_auth(
-        "qe-cli", acl.password_file(secrets_dir, "cli").read_text().strip()
+        "qe-admin", acl.password_file(secrets_dir, acl.ADMIN).read_text().strip()
     )
     yield server, secrets_dir
     server.stop()
