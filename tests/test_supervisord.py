@@ -86,6 +86,11 @@ def supervisor(tmp_path: Path):
     sup = Supervisor(root, env)
     subprocess.run([str(VENV_BIN / "supervisord"), "-c", str(sup.conf)], env=env, check=True, timeout=30)
     try:
+        # The administrative step of every install: the runtime's function library, as
+        # qe-admin (daemons may only FCALL it; those up first back off until it is there).
+        loaded = subprocess.run([str(VENV_BIN / "python"), "-m", "qe.admin", "load-functions", "--wait", "30"],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert loaded.returncode == 0, loaded.stdout + loaded.stderr
         yield sup
     finally:
         sup.ctl("shutdown")

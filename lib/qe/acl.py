@@ -13,8 +13,9 @@ separately), so a grant never leaks onto another key:
 
 * root: connection commands, `FCALL`/`FCALL_RO` (the runtime's functions, `qe.functions`;
   no `EVAL`, `SCRIPT` or `FUNCTION`), and the state commands (hash, list, `SET`,
-  `DEL`, `EXPIRE`) on the daemon's own state keys and heartbeat; `EXISTS` on the
-  marker key `qe:group:<its group>` that says which consumer group it owns.
+  `DEL`, `EXPIRE`) on the daemon's own state keys and heartbeat.
+* `(%R~qe:group:<its group> +strlen)`: the marker that says which consumer group it
+  owns; the functions check it (`qe.functions`). Nobody has STRLEN on anything else.
 * `(%W~<output streams> +xadd)`: appends only; retention is the producer's `XADD
   MAXLEN ~`/`MINID ~` (no `DEL`, `UNLINK`, `EXPIRE`, `XTRIM` on any stream, for anyone).
 * `(%W~dedupe:<daemon>:* +set)`: its own dedupe markers, nobody else's.
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .contracts import DLQ_STREAM, STREAM_TYPES
-from .functions import GROUP_KEY
+from .functions import GROUP_CHECK_COMMAND, GROUP_KEY
 from .state import BROKER, DECISION, EXPOSURE, ORDERS, POSITIONS, SESSION
 
 USER_PREFIX = "qe-"
@@ -157,8 +158,8 @@ def user_rule(daemon: str, password: str) -> str:
     parts.append(STATE_COMMANDS)
     parts += [f"%RW~{pattern}" for pattern in access.writes]
     parts.append(f"%RW~state:daemon:{daemon}")
-    if access.group:
-        parts.append(f"%R~{GROUP_KEY.format(group=access.group)}")  # checked by the functions
+    if access.group:  # checked by the functions (acl_check_cmd), never a real key
+        parts.append(f"(%R~{GROUP_KEY.format(group=access.group)} +{GROUP_CHECK_COMMAND})")
     consumer = bool(access.consumes)
     publishes = list(access.publishes) + ([DLQ_STREAM] if consumer else [])
     if publishes:

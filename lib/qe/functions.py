@@ -25,8 +25,8 @@ it only adds checks a plain command cannot make.
 * `qe_version()`: the library's version, so a daemon can tell an old library.
 
 Group ownership is written in the ACL file itself: user `qe-<daemon>` may
-`EXISTS` the (never created) key `qe:group:<its group>` and no other such key,
-and the functions ask Redis whether the caller may (`acl_check_cmd`). Redis ACLs
+`STRLEN` the (never created) key `qe:group:<its group>`, no other user has `STRLEN`
+on anything, and the functions ask Redis whether the caller may (`acl_check_cmd`). Redis ACLs
 cannot restrict a group name in a command sent directly (XREADGROUP, XACK, XCLAIM
 take the group as an argument, not a key), so a client that bypasses the runtime
 and sends XACK itself with another daemon's group on a stream it also consumes is
@@ -40,6 +40,7 @@ import redis
 LIBRARY_NAME = "qe"
 VERSION = "1"
 GROUP_KEY = "qe:group:{group}"  # ACL marker of group ownership; never created
+GROUP_CHECK_COMMAND = "strlen"  # granted on GROUP_KEY only, to the owner only
 
 LIBRARY = r"""#!lua name=qe
 
@@ -51,8 +52,10 @@ local GROUP_COMMANDS = {
   XSETID = true, XTRIM = true,
 }
 
+-- The ACL grants STRLEN on qe:group:<group> to the group's owner and STRLEN on nothing
+-- else to anyone (a broad read grant, like the operator's, includes no STRLEN).
 local function owns_group(group)
-  return redis.acl_check_cmd('EXISTS', 'qe:group:' .. group)
+  return redis.acl_check_cmd('STRLEN', 'qe:group:' .. group)
 end
 
 local function refuse(message)
