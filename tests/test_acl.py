@@ -448,3 +448,44 @@ def test_alerts_sees_lag_of_every_group_without_reading_the_streams(matrix):
     clients["execution"].hset("state:daemon:execution", "lag:ev.intents", counted["execution_service"])
     seen = {g["name"].decode(): g["lag"] for g in streams.group_lags(alerts, ["ev.intents"])["ev.intents"]}
     assert seen["execution_service"] == counted["execution_service"]
+
+
+def test_a_daemon_started_before_the_functions_are_loaded_waits_for_them(acl_redis):
+    """The demo and supervisord start daemons while the admin step runs: until the library
+    is there a consumer backs off (a Redis error, never a crash), then works."""
+    server, secrets_dir = acl_redis
+    admin = client(server, secrets_dir, acl.ADMIN)
+    admin.function_delete(functions.LIBRARY_NAME)
+    execution = client(server, secrets_dir, "execution")
+    assert functions.loaded_version(execution) is None
+    with pytest.raises(functions.FunctionsMissing, match="load-functions"):
+        functions.check(execution)
+
+    class Record:
+        streams = ("ev.intents",)
+        tick_interval_s = None
+
+        def load(self, r) -> None:
+            pass
+
+        def handle(self, received, effects) -> None:
+            effects.hset("state:orders", {received.idempotency_key: "{}"})
+
+        def tick(self, now_ns, effects) -> None:
+            pass
+
+    consumer = streams.Consumer(r=execution, daemon="execution", group="execution_service", handler=Record(),
+                                rules=RULES, clock=Clock(), consumer_name="execution-early")
+    consumer._backoff = type("NoWait", (), {"compute": staticmethod(lambda failures: 0.0)})()
+    consumer.run_once()  # no library: backs off, does not raise
+    assert consumer._redis_failures == 1
+    assert functions.load(admin) == functions.LIBRARY_NAME
+    streams.Publisher(client(server, secrets_dir, "decision"), RULES).publish(
+        "ev.intents", event(intent("intent:acl:early"), "intent:acl:early"))
+    for _ in range(20):
+        consumer.run_once()
+        if execution.hexists("state:orders", "intent:acl:early"):
+            break
+    assert execution.hexists("state:orders", "intent:acl:early")
+    # The producer's marker is under its own prefix.
+    assert client(server, secrets_dir, "cli").exists("dedupe:decision:ev.intents:intent:acl:early") == 1

@@ -48,7 +48,7 @@ ADMIN = "admin"  # qe-admin: loads the function library; not a daemon
 # (redis-py also sends CLIENT SETINFO on Redis >= 7.2 and ignores a refusal.)
 CONNECTION_COMMANDS = "+ping +hello +client|setname +client|id +acl|whoami +multi +exec +discard"
 FUNCTION_COMMANDS = "+fcall +fcall_ro"  # never +eval, +evalsha, +script, +function
-ADMIN_COMMANDS = "+function|load +function|list +function|stats +function|kill +script|kill +fcall_ro"
+ADMIN_COMMANDS = "+function|load +function|delete +function|list +function|stats +function|kill +script|kill +fcall_ro"
 CONSUME_COMMANDS = (
     "+xreadgroup +xack +xpending +xautoclaim +xclaim +xgroup|create +xinfo|stream +xinfo|groups "
     "+exists +xlen +xrange +xrevrange"

@@ -146,9 +146,10 @@ redis.register_function{function_name = 'qe_version', callback = function() retu
 """ % {"version": VERSION}
 
 
-class FunctionsMissing(RuntimeError):
+class FunctionsMissing(redis.ResponseError):
     """The `qe` library is not loaded (or is another version): an administrator must
-    run `python -m qe.admin load-functions`."""
+    run `python -m qe.admin load-functions`. A ResponseError, so every caller that
+    backs off on a Redis error does so here too (daemons started before the load)."""
 
 
 def is_missing(error: BaseException) -> bool:

@@ -5,8 +5,9 @@ Delivery is at-least-once with idempotent, atomic effects (SPEC 5):
 * A batch's effects (state writes, outgoing events, dead letters) and its XACKs
   are applied by one call of the Redis function `qe_commit` (`qe.functions`, loaded
   by an administrative step; daemons may FCALL it, never EVAL), which first checks
-  that every entry it acks is still pending for this consumer. A crash at any line gives all or nothing; an
-  entry claimed meanwhile by another consumer aborts the whole commit.
+  that every entry it acks is still pending for this consumer. A crash at any line
+  gives all or nothing; an entry claimed meanwhile by another consumer aborts the
+  whole commit.
 * A commit whose reply is lost is never retried blindly: the consumer reloads
   its state from Redis and re-reads its own pending list. Entries the lost
   commit acknowledged are no longer pending, so they are not handled twice.
@@ -385,7 +386,7 @@ class Consumer:
             metrics.redis_up.set(1)
         except REDIS_ERRORS as exc:
             self._after_redis_error(exc)
-        except redis.ResponseError as exc:
+        except redis.ResponseError as exc:  # FunctionsMissing included: back off until an admin loads them
             if "NOGROUP" in str(exc):
                 log.warning("consumer group missing; recreating", extra={"error": str(exc)})
                 self._groups_ready = False
@@ -395,10 +396,6 @@ class Consumer:
         except CommitAborted as exc:
             log.warning("commit aborted; reloading and re-reading pending", extra={"error": str(exc)})
             self._resync()
-        except functions.FunctionsMissing as exc:
-            # Loaded by an administrator (the demo and the install path do it at start):
-            # back off like an outage until it is there.
-            self._after_redis_error(exc)
 
     def _resync(self) -> None:
         """Rebuild from Redis: reload the handler, then read every stream's own pending
