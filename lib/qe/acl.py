@@ -48,6 +48,9 @@ ADMIN = "admin"  # qe-admin: loads the function library; not a daemon
 # (redis-py also sends CLIENT SETINFO on Redis >= 7.2 and ignores a refusal.)
 CONNECTION_COMMANDS = "+ping +hello +client|setname +client|id +acl|whoami +multi +exec +discard"
 FUNCTION_COMMANDS = "+fcall +fcall_ro"  # never +eval, +evalsha, +script, +function
+# SCAN takes no key (ACLs cannot filter it): it lists key *names*; a daemon rebuilding
+# its state finds its own keys with it (prints: state:prints:*). Values stay per selector.
+KEYLESS_COMMANDS = "+scan"
 ADMIN_COMMANDS = "+function|load +function|delete +function|list +function|stats +function|kill +script|kill +fcall_ro"
 CONSUME_COMMANDS = (
     "+xreadgroup +xack +xpending +xautoclaim +xclaim +xgroup|create +xinfo|stream +xinfo|groups "
@@ -153,7 +156,8 @@ def user_rule(daemon: str, password: str) -> str:
     """One `user ...` line of a Redis ACL file."""
     access = ACCESS[daemon]
     digest = hashlib.sha256(password.encode()).hexdigest()
-    parts = [f"user {username(daemon)} on #{digest} resetkeys resetchannels -@all", CONNECTION_COMMANDS, FUNCTION_COMMANDS]
+    parts = [f"user {username(daemon)} on #{digest} resetkeys resetchannels -@all", CONNECTION_COMMANDS, FUNCTION_COMMANDS,
+             KEYLESS_COMMANDS]
     # Root: state commands on its own state keys and heartbeat only.
     parts.append(STATE_COMMANDS)
     parts += [f"%RW~{pattern}" for pattern in access.writes]
