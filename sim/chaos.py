@@ -44,6 +44,7 @@ import redis
 import yaml
 
 from qe import clock as qe_clock
+from qe import functions
 from qe.clock import NEW_YORK
 from qe.contracts import order_ref_for
 
@@ -227,6 +228,7 @@ class RedisProcess:
         while time.monotonic() < deadline:
             try:
                 if client.ping():
+                    functions.load(client)  # the administrative step: daemons may only FCALL it
                     return
             except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
                 pass

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import redis
 
-from qe import acl, metrics
+from qe import acl, admin, functions, metrics
 from qe.config import redact_url
 from qe.clock import NEW_YORK
 
@@ -101,6 +101,19 @@ def supervisorctl(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def load_functions(env: dict[str, str]) -> str:
+    """The administrative step every Redis needs once: the runtime's function library,
+    loaded as qe-admin (daemons may only FCALL it). Daemons started meanwhile back off."""
+    try:
+        client, url = admin.admin_client(env)
+        version = admin.load_functions(client, wait_s=30)
+    except Exception as exc:  # noqa: BLE001 - reported, the demo keeps going
+        return (f"Redis functions: NOT loaded ({type(exc).__name__}: {exc}); daemons wait for them: "
+                "run `.venv/bin/python -m qe.admin load-functions` with an admin user")
+    user = client.connection_pool.connection_kwargs.get("username") or "default"
+    return f"Redis functions: library {functions.LIBRARY_NAME!r} v{version} loaded into {url} as {user}"
+
+
 def start(args: argparse.Namespace) -> int:
     if (RUN / "supervisord.pid").exists() and supervisorctl("pid").returncode == 0:
         print("the demo is already running: `make stop` first (status: supervisorctl -c etc/supervisord.conf status)")
@@ -151,6 +164,7 @@ def start(args: argparse.Namespace) -> int:
     child_env = {**os.environ, **env}
     subprocess.run([str(BIN / "supervisord"), "-c", str(CONF)], check=True, env=child_env)
     os.environ.update(env)
+    functions_note = load_functions(child_env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         status = supervisorctl("status")
@@ -161,6 +175,7 @@ def start(args: argparse.Namespace) -> int:
     print(supervisorctl("status").stdout.rstrip())
     print()
     print(redis_note)
+    print(functions_note)
     print(f"Simulated clock: starts {clock_start.isoformat()} (New York) at {args.speed:g}x, shared by every process")
     print(f"Environment: {env_file} (qe run from this checkout reads it; for other tools: set -a; . {env_file}; set +a)")
     print("Where to look:")

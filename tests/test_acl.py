@@ -1,9 +1,11 @@
 """Least privilege: a private redis-server loaded with the generated ACL file; each
 daemon's user can do its own work through the real runtime and is refused outside
-its scope."""
+its scope (docs/security.md). The refusal matrix runs every forbidden operation for
+every user against a real redis-server (Redis >= 7.0: functions, selectors)."""
 
 from __future__ import annotations
 
+import fnmatch
 import stat
 import time
 from pathlib import Path
@@ -11,9 +13,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from qe import acl, config, streams
+from qe import acl, config, functions, streams
 from qe.clock import Clock
-from qe.contracts import L1, Control, Intent, intent_id_for, make_event
+from qe.contracts import DLQ_STREAM, L1, STREAM_TYPES, Control, Intent, intent_id_for, make_event
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until
 from tests.support.redis_server import RedisServer
 
@@ -25,7 +27,7 @@ def acl_redis(tmp_path: Path):
     secrets_dir = tmp_path / "secrets"
     acl_file = acl.write_acl_file(tmp_path / "users.acl", secrets_dir)
     server = RedisServer(tmp_path / "redis", extra=["--aclfile", str(acl_file)]).start_with_auth(
-        "qe-cli", acl.password_file(secrets_dir, "cli").read_text().strip()
+        "qe-admin", acl.password_file(secrets_dir, acl.ADMIN).read_text().strip()
     )
     yield server, secrets_dir
     server.stop()
@@ -56,7 +58,8 @@ def refused(action) -> str:
     # Plain commands raise NoPermissionError; a refusal inside the Lua commit comes back
     # as a script error saying the script's user cannot access the key.
     text = str(error)
-    if isinstance(error, redis.exceptions.NoPermissionError) or "can't access at least one of the keys" in text:
+    if isinstance(error, redis.exceptions.NoPermissionError) or "can't access at least one of the keys" in text \
+            or "can't run this command" in text:
         return f"NOPERM: {text}"
     return text
 
@@ -100,7 +103,7 @@ def test_each_daemon_is_refused_outside_its_scope(acl_redis):
     for name, user in (("market-data", market_data), ("execution", execution), ("cli", operator)):
         message = refused(lambda: user.xadd("ev.intents", {"event": "{}"}))
         assert "NOPERM" in message, (name, message)
-    # ... not even through the runtime's Lua commit.
+    # ... not even through the runtime's commit function.
     assert "NOPERM" in refused(
         lambda: streams.Publisher(market_data, RULES).publish("ev.intents", event(intent("intent:acl:2"), "intent:acl:2"))
     )
@@ -158,3 +161,331 @@ def test_a_real_daemon_runs_under_its_user_and_never_logs_its_password(acl_redis
     assert "NOPERM" not in log
     assert acl.password_file(secrets_dir, "session").read_text().strip() not in log
     assert operator.acl_whoami() == "qe-cli"
+
+
+# --- the refusal matrix: every user x every forbidden operation --------------------------------
+
+USERS = list(acl.ACCESS)
+ALL_STREAMS = [*STREAM_TYPES, DLQ_STREAM]
+GROUPS = {daemon: access.group for daemon, access in acl.ACCESS.items() if access.group}
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    """One server for the whole matrix, every stream present with every daemon's group."""
+    tmp_path = tmp_path_factory.mktemp("acl-matrix")
+    secrets_dir = tmp_path / "secrets"
+    acl_file = acl.write_acl_file(tmp_path / "users.acl", secrets_dir)
+    server = RedisServer(tmp_path / "redis", extra=["--aclfile", str(acl_file)]).start_with_auth(
+        "qe-admin", acl.password_file(secrets_dir, acl.ADMIN).read_text().strip()
+    )
+    clients = {daemon: client(server, secrets_dir, daemon) for daemon in (*acl.ACCESS, acl.ADMIN)}
+    # Set up as the owners would: each consumer creates its own groups through the function.
+    for daemon, access in acl.ACCESS.items():
+        for stream in access.consumes:
+            clients[daemon].fcall("qe_group_create", 0, stream, access.group, "0", "")
+    for stream in ALL_STREAMS:
+        writer = next(d for d, a in acl.ACCESS.items() if stream in a.publishes) if stream != DLQ_STREAM else "prints"
+        clients[writer].xadd(stream, {"event": "{}"})
+    yield server, clients
+    server.stop()
+
+
+def streams_readable(daemon: str) -> set[str]:
+    access = acl.ACCESS[daemon]
+    if "*" in access.reads:
+        return set(ALL_STREAMS)
+    return set(access.consumes) | {s for s in ALL_STREAMS if s in access.reads}
+
+
+def test_redis_supports_what_the_acl_relies_on(matrix):
+    _server, clients = matrix
+    hello = clients["cli"].execute_command("HELLO")  # INFO is not granted; HELLO names the version
+    version = hello[hello.index(b"version") + 1].decode() if isinstance(hello, list) else hello[b"version"].decode()
+    assert tuple(int(part) for part in version.split(".")[:2]) >= (7, 0), version  # FUNCTION, selectors
+    # The library is loaded by qe-admin; every daemon can check its version.
+    for daemon in acl.ACCESS:
+        assert functions.loaded_version(clients[daemon]) == functions.VERSION
+
+
+@pytest.mark.parametrize("daemon", USERS)
+def test_no_user_deletes_expires_or_trims_a_stream(matrix, daemon):
+    """Retention is the producer's XADD MAXLEN/MINID only: no DEL, UNLINK, EXPIRE, XTRIM,
+    RENAME of any stream, by anyone (decision could DEL ev.intents, consumers ev.dlq)."""
+    _server, clients = matrix
+    r = clients[daemon]
+    for stream in ALL_STREAMS:
+        for name, action in (
+            ("DEL", lambda: r.delete(stream)),
+            ("UNLINK", lambda: r.unlink(stream)),
+            ("EXPIRE", lambda: r.expire(stream, 1)),
+            ("PEXPIRE", lambda: r.pexpire(stream, 1)),
+            ("XTRIM", lambda: r.xtrim(stream, maxlen=0)),
+            ("RENAME", lambda: r.rename(stream, stream + ".x")),
+            ("XSETID", lambda: r.execute_command("XSETID", stream, "99999999999999-0")),
+        ):
+            assert "NOPERM" in refused(action), (daemon, name, stream)
+        # ... nor through the commit function (nothing applied).
+        effects = streams.Effects(streams.StreamPolicy(RULES.streams, daemon))
+        effects.command("DEL", stream)
+        assert "NOPERM" in refused(lambda: streams.commit(r, effects)), (daemon, stream)
+        assert clients["cli"].exists(stream) == 1
+
+
+@pytest.mark.parametrize("daemon", USERS)
+def test_no_user_uses_another_daemons_consumer_group_through_the_runtime(matrix, daemon):
+    """Group ownership (ACL marker key qe:group:<group>) checked by the functions: creating,
+    or acknowledging in, another daemon's group is refused, and so is an XACK smuggled in
+    as a commit op. What Redis cannot check (a direct XACK) is pinned by the next test."""
+    _server, clients = matrix
+    r = clients[daemon]
+    own = GROUPS.get(daemon)
+    for other in sorted(set(GROUPS.values()) - {own}):
+        for stream in acl.ACCESS[daemon].consumes or ("ev.l1",):
+            assert "NOPERM" in refused(lambda: r.fcall("qe_group_create", 0, stream, other, "0", "")), (daemon, other)
+            entry_id = clients["cli"].xrevrange(stream, count=1)[0][0].decode()
+            effects = streams.Effects(streams.StreamPolicy(RULES.streams, daemon))
+            effects.acks.append((stream, entry_id))
+            assert "NOPERM" in refused(lambda: streams.commit(r, effects, other, "intruder")), (daemon, other, stream)
+    for stream in acl.ACCESS[daemon].consumes or ("ev.l1",):
+        group = own or "x"
+        effects = streams.Effects(streams.StreamPolicy(RULES.streams, daemon))
+        effects.command("XACK", stream, group, "0-1")
+        assert "NOPERM" in refused(lambda: streams.commit(r, effects)), (daemon, stream)
+        # Group administration is nobody's: destroy, move, drop consumers.
+        for sub in (("DESTROY", stream, group), ("SETID", stream, group, "$"), ("DELCONSUMER", stream, group, "c"),
+                    ("CREATECONSUMER", stream, group, "c")):
+            assert "NOPERM" in refused(lambda: r.execute_command("XGROUP", *sub)), (daemon, sub)
+
+
+@pytest.mark.parametrize("daemon", USERS)
+def test_group_commands_only_on_streams_the_daemon_consumes(matrix, daemon):
+    """Redis enforces the group commands per stream: a daemon reaches no group at all on a
+    stream it does not consume (alerts cannot touch execution's group on ev.intents)."""
+    _server, clients = matrix
+    r = clients[daemon]
+    consumed = set(acl.ACCESS[daemon].consumes)
+    for stream in sorted(set(ALL_STREAMS) - consumed):
+        for group in sorted(set(GROUPS.values())):
+            for name, action in (
+                ("XREADGROUP", lambda: r.xreadgroup(group, "intruder", {stream: ">"}, count=1)),
+                ("XACK", lambda: r.xack(stream, group, "0-1")),
+                ("XCLAIM", lambda: r.xclaim(stream, group, "intruder", 0, ["0-1"])),
+                ("XAUTOCLAIM", lambda: r.xautoclaim(stream, group, "intruder", 0)),
+            ):
+                assert "NOPERM" in refused(action), (daemon, name, stream, group)
+
+
+def test_limitation_a_direct_xack_in_another_group_on_a_shared_stream_is_not_refused_by_redis(matrix):
+    """Documented in docs/security.md ("What Redis cannot enforce"): ACLs cannot name a
+    group, so a client that bypasses the runtime may XACK in another daemon's group on a
+    stream both consume. The runtime never does (its group is checked at start and on
+    every commit); this test pins the limitation so the docs stay true."""
+    _server, clients = matrix
+    alerts = clients["alerts"]
+    assert alerts.xack("ev.l1", "decision_engine", "0-1") == 0  # accepted (nothing was pending)
+
+
+@pytest.mark.parametrize("daemon", USERS)
+def test_no_user_forges_another_producers_dedupe_marker(matrix, daemon):
+    """Markers live under dedupe:<producer>:; only the producer writes its own."""
+    _server, clients = matrix
+    r = clients[daemon]
+    for other in sorted(set(acl.ACCESS) - {daemon}):
+        key = f"dedupe:{other}:ev.alerts:forged"
+        assert "NOPERM" in refused(lambda: r.set(key, "1", nx=True, ex=60)), (daemon, other)
+        assert "NOPERM" in refused(lambda: r.delete(key)), (daemon, other)
+        # Through the commit, an append guarded by a forged marker applies nothing.
+        effects = streams.Effects(streams.StreamPolicy(RULES.streams, other))
+        own_stream = (acl.ACCESS[daemon].publishes or ("ev.control",))[0]
+        op = effects.policy.xadd_op(own_stream, {"event": "{}"}, "forged")
+        if op[1]:  # a stream with producer-side dedupe
+            effects.ops.append(op)
+            assert "NOPERM" in refused(lambda: streams.commit(r, effects)), (daemon, other)
+    assert list(clients["cli"].scan_iter("dedupe:*forged*")) == []
+    # The old unprefixed markers are nobody's either.
+    assert "NOPERM" in refused(lambda: r.set("dedupe:ev.intents:x", "1"))
+
+
+@pytest.mark.parametrize("daemon", USERS)
+def test_no_user_runs_its_own_code_in_redis(matrix, daemon):
+    """No EVAL/EVALSHA/SCRIPT/FUNCTION for daemons: only FCALL of the loaded library."""
+    _server, clients = matrix
+    r = clients[daemon]
+    for name, action in (
+        ("EVAL", lambda: r.eval("while true do end", 0)),
+        ("EVAL_RO", lambda: r.execute_command("EVAL_RO", "return 1", 0)),
+        ("EVALSHA", lambda: r.evalsha("a" * 40, 0)),
+        ("SCRIPT LOAD", lambda: r.script_load("return 1")),
+        ("SCRIPT KILL", lambda: r.script_kill()),
+        ("SCRIPT FLUSH", lambda: r.script_flush()),
+        ("FUNCTION LOAD", lambda: r.function_load(functions.LIBRARY, replace=True)),
+        ("FUNCTION DELETE", lambda: r.function_delete("qe")),
+        ("FUNCTION FLUSH", lambda: r.function_flush()),
+        ("FUNCTION KILL", lambda: r.function_kill()),
+        ("FUNCTION RESTORE", lambda: r.function_restore(b"x")),
+    ):
+        assert "NOPERM" in refused(action), (daemon, name)
+
+
+@pytest.mark.parametrize("daemon", USERS)
+def test_no_user_reads_a_stream_it_does_not_consume(matrix, daemon):
+    _server, clients = matrix
+    r = clients[daemon]
+    for stream in sorted(set(ALL_STREAMS) - streams_readable(daemon)):
+        for name, action in (
+            ("XRANGE", lambda: r.xrange(stream, count=1)),
+            ("XREVRANGE", lambda: r.xrevrange(stream, count=1)),
+            ("XREAD", lambda: r.xread({stream: "0"}, count=1)),
+            ("count_after", lambda: r.fcall_ro("qe_count_after", 0, stream, "0-0", 10)),
+        ):
+            assert "NOPERM" in refused(action), (daemon, name, stream)
+
+
+@pytest.mark.parametrize("daemon", USERS)
+def test_no_user_writes_outside_its_scope(matrix, daemon):
+    _server, clients = matrix
+    r = clients[daemon]
+    access = acl.ACCESS[daemon]
+    writable = set(access.publishes) | ({DLQ_STREAM} if access.consumes else set())
+    writable |= {key for command, key in access.extra_write_commands if command == "xadd"}
+    for stream in sorted(set(ALL_STREAMS) - writable):
+        assert "NOPERM" in refused(lambda: r.xadd(stream, {"event": "{}"})), (daemon, stream)
+    for other, other_access in acl.ACCESS.items():
+        if other == daemon:
+            continue
+        assert "NOPERM" in refused(lambda: r.hset(f"state:daemon:{other}", "ts_ns", "1")), (daemon, other)
+        for pattern in other_access.writes:
+            key = pattern.replace("*", "x")
+            if not any(fnmatch.fnmatchcase(key, own) for own in access.writes):
+                assert "NOPERM" in refused(lambda: r.hset(key, "x", "1")), (daemon, key)
+                assert "NOPERM" in refused(lambda: r.delete(key)), (daemon, key)
+    for name, action in (
+        ("FLUSHALL", lambda: r.flushall()),
+        ("FLUSHDB", lambda: r.flushdb()),
+        ("CONFIG GET", lambda: r.config_get("*")),
+        ("ACL SETUSER", lambda: r.acl_setuser("x")),
+        ("ACL LIST", lambda: r.acl_list()),
+        ("KEYS", lambda: r.keys("*")),
+        ("REPLICAOF", lambda: r.execute_command("REPLICAOF", "NO", "ONE")),
+        ("BGREWRITEAOF", lambda: r.bgrewriteaof()),
+        ("CLIENT KILL", lambda: r.execute_command("CLIENT", "KILL", "ID", "1")),
+        ("SHUTDOWN", lambda: r.execute_command("SHUTDOWN", "NOSAVE")),
+    ):
+        assert "NOPERM" in refused(action), (daemon, name)
+
+
+def test_a_refused_op_in_a_commit_applies_nothing(matrix):
+    """The function checks every op before the first write (a Lua error after a write
+    would leave that write in place)."""
+    _server, clients = matrix
+    decision = clients["decision"]
+    effects = streams.Effects(streams.StreamPolicy(RULES.streams, "decision"))
+    effects.hset("state:decision:acl-test", {"written": "1"})
+    effects.publish("ev.control", event(Control(command="halt", reason="t", operator="op"), "control:forged"))
+    assert "NOPERM" in refused(lambda: streams.commit(decision, effects))
+    assert clients["cli"].exists("state:decision:acl-test") == 0
+    # The same commit without the forbidden op applies.
+    effects = streams.Effects(streams.StreamPolicy(RULES.streams, "decision"))
+    effects.hset("state:decision:acl-test", {"written": "1"})
+    streams.commit(decision, effects)
+    assert clients["cli"].hget("state:decision:acl-test", "written") == b"1"
+
+
+def test_the_runtime_refuses_to_consume_as_another_daemons_group(matrix):
+    """A daemon misconfigured with another's group never reads: group creation goes
+    through the checked function and fails before the first XREADGROUP."""
+    _server, clients = matrix
+    alerts = clients["alerts"]
+    before = {g["name"]: g["last-delivered-id"] for g in clients["cli"].xinfo_groups("ev.l1")}
+
+    class Nothing:
+        streams = ("ev.l1",)
+        tick_interval_s = None
+
+        def load(self, r) -> None:
+            pass
+
+        def handle(self, received, effects) -> None:
+            raise AssertionError("must not be handed anything")
+
+        def tick(self, now_ns, effects) -> None:
+            pass
+
+    consumer = streams.Consumer(r=alerts, daemon="alerts", group="decision_engine", handler=Nothing(),
+                                rules=RULES, clock=Clock(), consumer_name="alerts-as-decision")
+    consumer._backoff = type("NoWait", (), {"compute": staticmethod(lambda failures: 0.0)})()
+    for _ in range(3):
+        consumer.run_once()
+    after = {g["name"]: g["last-delivered-id"] for g in clients["cli"].xinfo_groups("ev.l1")}
+    assert after == before
+    pending = clients["cli"].xpending_range("ev.l1", "decision_engine", "-", "+", 1000)
+    assert all(p["consumer"] != b"alerts-as-decision" for p in pending)
+
+
+def test_admin_loads_functions_and_touches_no_key(matrix):
+    _server, clients = matrix
+    admin = clients[acl.ADMIN]
+    assert functions.load(admin) == "qe"
+    for action in (lambda: admin.get("state:decision"), lambda: admin.xrange("ev.intents"), lambda: admin.flushall(),
+                   lambda: admin.config_get("*"), lambda: admin.eval("return 1", 0), lambda: admin.fcall("qe_commit", 0, "", "", "[]", "[]")):
+        assert "NOPERM" in refused(action)
+
+
+def test_alerts_sees_lag_of_every_group_without_reading_the_streams(matrix):
+    """Alerts reads stream metadata only where it does not consume: the lag of a group it
+    cannot count is the one its owner last counted (`lag:<stream>` in its record)."""
+    _server, clients = matrix
+    alerts, cli = clients["alerts"], clients["cli"]
+    for n in range(3):
+        clients["decision"].xadd("ev.intents", {"event": "{}"})
+    # Execution has read one entry: its position is inside the stream, so the lag must be counted.
+    clients["execution"].xreadgroup("execution_service", "e1", {"ev.intents": ">"}, count=1)
+    counted = {g["name"].decode(): g["lag"] for g in streams.group_lags(cli, ["ev.intents"])["ev.intents"]}
+    assert counted["execution_service"] >= 3
+    seen = {g["name"].decode(): g["lag"] for g in streams.group_lags(alerts, ["ev.intents"])["ev.intents"]}
+    assert seen["execution_service"] is None  # not counted and nothing reported yet: unknown, never a guess
+    clients["execution"].hset("state:daemon:execution", "lag:ev.intents", counted["execution_service"])
+    seen = {g["name"].decode(): g["lag"] for g in streams.group_lags(alerts, ["ev.intents"])["ev.intents"]}
+    assert seen["execution_service"] == counted["execution_service"]
+
+
+def test_a_daemon_started_before_the_functions_are_loaded_waits_for_them(acl_redis):
+    """The demo and supervisord start daemons while the admin step runs: until the library
+    is there a consumer backs off (a Redis error, never a crash), then works."""
+    server, secrets_dir = acl_redis
+    admin = client(server, secrets_dir, acl.ADMIN)
+    admin.function_delete(functions.LIBRARY_NAME)
+    execution = client(server, secrets_dir, "execution")
+    assert functions.loaded_version(execution) is None
+    with pytest.raises(functions.FunctionsMissing, match="load-functions"):
+        functions.check(execution)
+
+    class Record:
+        streams = ("ev.intents",)
+        tick_interval_s = None
+
+        def load(self, r) -> None:
+            pass
+
+        def handle(self, received, effects) -> None:
+            effects.hset("state:orders", {received.idempotency_key: "{}"})
+
+        def tick(self, now_ns, effects) -> None:
+            pass
+
+    consumer = streams.Consumer(r=execution, daemon="execution", group="execution_service", handler=Record(),
+                                rules=RULES, clock=Clock(), consumer_name="execution-early")
+    consumer._backoff = type("NoWait", (), {"compute": staticmethod(lambda failures: 0.0)})()
+    consumer.run_once()  # no library: backs off, does not raise
+    assert consumer._redis_failures == 1
+    assert functions.load(admin) == functions.LIBRARY_NAME
+    streams.Publisher(client(server, secrets_dir, "decision"), RULES).publish(
+        "ev.intents", event(intent("intent:acl:early"), "intent:acl:early"))
+    for _ in range(20):
+        consumer.run_once()
+        if execution.hexists("state:orders", "intent:acl:early"):
+            break
+    assert execution.hexists("state:orders", "intent:acl:early")
+    # The producer's marker is under its own prefix.
+    assert client(server, secrets_dir, "cli").exists("dedupe:decision:ev.intents:intent:acl:early") == 1

@@ -51,7 +51,7 @@ def test_streams_and_dlq_round_trip(redis_url, r):
     entry = streams.Entry("ev.l1", "1-1", {b"event": b"{broken"}, 3)
     effects = streams.Effects(streams.StreamPolicy(rules.streams))
     effects.dead_letter(entry, "invalid payload: bad JSON", "invalid", "c1", "exposure")
-    streams.commit(r, r.register_script(streams._APPLY_LUA), effects)
+    streams.commit(r, effects)
     listed = json.loads(qe(redis_url, "--json", "dlq", "list").stdout)["entries"]
     assert len(listed) == 1 and listed[0]["reason"] == "invalid payload: bad JSON"
     dead_id = listed[0]["id"]
@@ -132,13 +132,12 @@ def test_bad_ids_are_friendly(redis_url):
 
 def test_dlq_list_is_bounded_and_pages(redis_url, r):
     rules = config.load_rules(REPO / "etc" / "risk_rules.yaml")
-    script = r.register_script(streams._APPLY_LUA)
     big = "x" * 50_000
     for n in range(60):  # 60 dead letters of 50 KB each, as the runtime writes them
         effects = streams.Effects(streams.StreamPolicy(rules.streams))
         entry = streams.Entry("ev.l1", f"1-{n}", {b"event": big.encode()}, 3)
         effects.dead_letter(entry, f"invalid payload {n}", "invalid", "c1", "exposure")
-        streams.commit(r, script, effects)
+        streams.commit(r, effects)
     first = qe(redis_url, "--json", "dlq", "list")
     assert len(first.stdout) < 100_000  # not 3 MB
     page = json.loads(first.stdout)

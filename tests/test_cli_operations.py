@@ -142,7 +142,7 @@ def test_halt_is_acknowledged_under_least_privilege(tmp_path):
     secrets_dir = tmp_path / "secrets"
     acl_file = acl.write_acl_file(tmp_path / "users.acl", secrets_dir)
     server = RedisServer(tmp_path / "redis", extra=["--aclfile", str(acl_file)]).start_with_auth(
-        "qe-cli", acl.password_file(secrets_dir, "cli").read_text().strip())
+        "qe-admin", acl.password_file(secrets_dir, acl.ADMIN).read_text().strip())
     sim = start_in_thread(quote_rate=0.0, print_rate=0.0)
     env = daemon_env(server.url, QE_IB_PORT=str(sim.port), QE_REDIS_SECRETS_DIR=str(secrets_dir))
     daemons = {name: DaemonProcess(console_script(f"qe-{name}"), env, tmp_path / f"{name}.log").start()

@@ -29,8 +29,9 @@ PRODUCER_PASSWORD = "test-producer-password"
 def producer(system: System) -> streams.Publisher:
     """A publisher that can append to ev.intents (and its dedupe markers) only."""
     system.r.execute_command(
-        "ACL", "SETUSER", PRODUCER, "reset", "on", f">{PRODUCER_PASSWORD}", "~ev.intents", "~dedupe:ev.intents:*",
-        *acl.CONNECTION_COMMANDS.split(), *acl.SCRIPT_COMMANDS.split(), *acl.PUBLISH_COMMANDS.split(),
+        "ACL", "SETUSER", PRODUCER, "reset", "on", f">{PRODUCER_PASSWORD}", "~ev.intents", "~dedupe:test-producer:*",
+        *acl.CONNECTION_COMMANDS.split(), *acl.FUNCTION_COMMANDS.split(), *acl.PUBLISH_COMMANDS.split(),
+        *acl.DEDUPE_COMMANDS.split(),
     )
     client = redis.Redis(port=system.redis_server.port, username=PRODUCER, password=PRODUCER_PASSWORD)
     assert "no permissions" in _refused(lambda: client.hset(state.DECISION, "mode", "\"NORMAL\""))  # it cannot fake the Brain

@@ -1,16 +1,33 @@
 """Least privilege in Redis: one ACL user per daemon, allowed only the streams and
-keys it reads or writes (SPEC 7; issue: only the Brain writes `ev.intents`, only
-execution reads it, only the `qe` tool writes the operator control stream).
+keys it reads or writes (SPEC 7; docs/security.md is the contract, tested in
+tests/test_acl.py against a real redis-server).
 
 One table (`ACCESS`) says what each daemon touches; `render()` turns it into a
 Redis ACL file (hashed passwords, `default` user off) and `ensure_secrets()`
 writes one password file per user, mode 0600. The demo's private Redis loads the
 file; production loads the same file into its Redis (see docs/security.md).
 
-Consumed streams live in one ACL *selector* that allows only the consumer-group
-commands (XREADGROUP, XACK, XPENDING, XAUTOCLAIM, ...): a consumer can read and
-acknowledge a stream it consumes but never append to it. A multi-stream
-XREADGROUP must be allowed by a single permission set, hence one selector.
+Every permission sits in a selector that pairs *only* the commands of one purpose
+with *only* the keys of that purpose (Redis checks a command against each selector
+separately), so a grant never leaks onto another key:
+
+* root: connection commands, `FCALL`/`FCALL_RO` (the runtime's functions, `qe.functions`;
+  no `EVAL`, `SCRIPT` or `FUNCTION`), and the state commands (hash, list, `SET`,
+  `DEL`, `EXPIRE`) on the daemon's own state keys and heartbeat.
+* `(%R~qe:group:<its group> +strlen)`: the marker that says which consumer group it
+  owns; the functions check it (`qe.functions`). Nobody has STRLEN on anything else.
+* `(%W~<output streams> +xadd)`: appends only; retention is the producer's `XADD
+  MAXLEN ~`/`MINID ~` (no `DEL`, `UNLINK`, `EXPIRE`, `XTRIM` on any stream, for anyone).
+* `(%W~dedupe:<daemon>:* +set)`: its own dedupe markers, nobody else's.
+* `(%RW~<consumed streams> +xreadgroup +xack ...)`: the consumer-group commands on the
+  streams it consumes. One selector for all of them, because a multi-stream
+  XREADGROUP must be allowed by a single selector.
+* `(%R~<read patterns> +hget +xrange ...)`: what it only reads.
+* `(%R~<streams> +xinfo|stream +xinfo|groups +xlen)`: stream metadata (the alerts
+  daemon's lag and dead-letter checks), no entry reads.
+
+`qe-admin` is the administrative user: it loads the function library
+(`python -m qe.admin load-functions`) and may kill a runaway function; it has no key.
 """
 
 from __future__ import annotations
@@ -22,61 +39,77 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .contracts import DLQ_STREAM, STREAM_TYPES
+from .functions import GROUP_CHECK_COMMAND, GROUP_KEY
 from .state import BROKER, DECISION, EXPOSURE, ORDERS, POSITIONS, SESSION
 
 USER_PREFIX = "qe-"
+ADMIN = "admin"  # qe-admin: loads the function library; not a daemon
 
 # (redis-py also sends CLIENT SETINFO on Redis >= 7.2 and ignores a refusal.)
 CONNECTION_COMMANDS = "+ping +hello +client|setname +client|id +acl|whoami +multi +exec +discard"
-SCRIPT_COMMANDS = "+evalsha +eval +script|load +script|exists"
+FUNCTION_COMMANDS = "+fcall +fcall_ro"  # never +eval, +evalsha, +script, +function
+# SCAN takes no key (ACLs cannot filter it): it lists key *names*; a daemon rebuilding
+# its state finds its own keys with it (prints: state:prints:*). Values stay per selector.
+KEYLESS_COMMANDS = "+scan"
+ADMIN_COMMANDS = "+function|load +function|delete +function|list +function|stats +function|kill +script|kill +fcall_ro"
 CONSUME_COMMANDS = (
     "+xreadgroup +xack +xpending +xautoclaim +xclaim +xgroup|create +xinfo|stream +xinfo|groups "
     "+exists +xlen +xrange +xrevrange"
 )
-PUBLISH_COMMANDS = "+xadd +set"  # SET: the dedupe marker next to each XADD
-# Hash and list commands, limited (like everything in the root permissions) to the
-# daemon's own key patterns.
-STATE_COMMANDS = "+@hash +@list +del +expire +exists +type"
+PUBLISH_COMMANDS = "+xadd"
+DEDUPE_COMMANDS = "+set"  # the SET NX EX marker next to a deduplicated XADD
+# Hash, list and string commands on the daemon's own state keys only.
+STATE_COMMANDS = "+@hash +@list +set +get +del +expire +exists +type +ttl"
 READ_COMMANDS = (
     "+hget +hgetall +hmget +hexists +hlen +hscan +lrange +llen +get +ttl +exists +type +scan "
     "+xrange +xrevrange +xlen +xinfo|stream +xinfo|groups +xpending"
 )
+METADATA_COMMANDS = "+xinfo|stream +xinfo|groups +xlen"
+DEDUPE_PREFIX = "dedupe:{daemon}:"
 
 
 @dataclass(frozen=True)
 class Access:
-    consumes: tuple[str, ...] = ()  # streams read through the daemon's consumer group
+    group: str | None = None  # the consumer group it owns (the only one it may use)
+    consumes: tuple[str, ...] = ()  # streams read through that group
     publishes: tuple[str, ...] = ()  # streams the daemon appends to
     writes: tuple[str, ...] = ()  # state key patterns it writes (and reads)
     reads: tuple[str, ...] = ()  # key patterns it only reads
-    extra_commands: str = ""
-    extra_write_commands: tuple[str, ...] = field(default=())  # (command, key pattern) grants
+    metadata: tuple[str, ...] = ()  # stream patterns whose XINFO/XLEN it reads (not entries)
+    extra_write_commands: tuple[tuple[str, str], ...] = field(default=())  # (command, key pattern) grants
 
 
 ACCESS: dict[str, Access] = {
-    "session": Access(publishes=("ev.session",), writes=(SESSION,)),
+    "session": Access(group="session", publishes=("ev.session",), writes=(SESSION,)),
     "market-data": Access(
         publishes=("ev.l1", "ev.prints", "ev.alerts"),
         writes=("state:market_data*",),
+        # ev.prints: its own output, read back to seed its dedupe memory; ev.orders:
+        # positions are rebuilt from orders (qe.holdings), read without a group.
         reads=("ev.prints", "ev.orders", SESSION, POSITIONS, ORDERS),
     ),
     "prints": Access(
+        group="prints",
         consumes=("ev.prints",),
         publishes=("ev.features", "ev.alerts"),
         writes=("state:features:*", "state:prints:*"),
     ),
     "exposure": Access(
+        group="exposure",
         consumes=("ev.positions", "ev.orders", "ev.l1", "ev.features"),
         publishes=("ev.exposure", "ev.alerts"),
         writes=("state:exposure*",),
     ),
     "alerts": Access(
+        group="alerts",
         consumes=("ev.l1", "ev.prints", "ev.exposure", "ev.broker", "ev.session"),
         publishes=("ev.alerts",),
         writes=("state:alerts*",),
-        reads=("ev.*", "state:*"),  # lag and DLQ growth of every stream, mode and broker state
+        reads=("state:*",),  # mode, broker state, every daemon's record (lag reported by its owner)
+        metadata=("ev.*",),  # consumer lag and dead-letter growth of every stream
     ),
     "decision": Access(
+        group="decision_engine",
         consumes=(
             "ev.session", "ev.exposure", "ev.l1", "ev.features", "ev.positions",
             "ev.orders", "ev.alerts", "ev.broker", "ev.control",
@@ -86,13 +119,15 @@ ACCESS: dict[str, Access] = {
         reads=(SESSION, EXPOSURE, BROKER),
     ),
     "execution": Access(
+        group="execution_service",
         consumes=("ev.intents", "ev.l1", "ev.features", "ev.control", "ev.session"),
         publishes=("ev.orders", "ev.positions", "ev.broker", "ev.alerts"),
         writes=(ORDERS, POSITIONS, BROKER, "state:execution", "state:execution:prices"),
         reads=(DECISION,),
     ),
     # The operator's tool: reads everything; writes the control stream; requeues dead
-    # letters to any stream except ev.intents (an intent is re-issued by the Brain).
+    # letters to any stream except ev.intents (an intent is re-issued by the Brain) and
+    # deletes the requeued dead letter (XDEL of that entry, never DEL of the stream).
     "cli": Access(
         publishes=("ev.control",),
         reads=("*",),
@@ -102,6 +137,11 @@ ACCESS: dict[str, Access] = {
         ),
     ),
 }
+
+
+def group_owner(group: str) -> str | None:
+    """The daemon that owns a consumer group, from ACCESS."""
+    return next((daemon for daemon, access in ACCESS.items() if access.group == group), None)
 
 
 def username(daemon: str) -> str:
@@ -116,32 +156,45 @@ def user_rule(daemon: str, password: str) -> str:
     """One `user ...` line of a Redis ACL file."""
     access = ACCESS[daemon]
     digest = hashlib.sha256(password.encode()).hexdigest()
-    parts = [f"user {username(daemon)} on #{digest} resetkeys resetchannels -@all", CONNECTION_COMMANDS, SCRIPT_COMMANDS]
-    parts += [PUBLISH_COMMANDS, STATE_COMMANDS, READ_COMMANDS]
+    parts = [f"user {username(daemon)} on #{digest} resetkeys resetchannels -@all", CONNECTION_COMMANDS, FUNCTION_COMMANDS,
+             KEYLESS_COMMANDS]
+    # Root: state commands on its own state keys and heartbeat only.
+    parts.append(STATE_COMMANDS)
+    parts += [f"%RW~{pattern}" for pattern in access.writes]
+    parts.append(f"%RW~state:daemon:{daemon}")
+    if access.group:  # checked by the functions (acl_check_cmd), never a real key
+        parts.append(f"(%R~{GROUP_KEY.format(group=access.group)} +{GROUP_CHECK_COMMAND})")
     consumer = bool(access.consumes)
     publishes = list(access.publishes) + ([DLQ_STREAM] if consumer else [])
-    parts += [f"%W~{stream}" for stream in publishes]
-    parts += [f"%W~dedupe:{stream}:*" for stream in publishes]
-    parts += [f"%RW~{pattern}" for pattern in access.writes]
-    parts += [f"%R~{pattern}" for pattern in access.reads]
-    parts.append(f"%RW~state:daemon:{daemon}")
-    if access.extra_commands:
-        parts.append(access.extra_commands)
+    if publishes:
+        parts.append("(" + " ".join(f"%W~{stream}" for stream in publishes) + f" {PUBLISH_COMMANDS})")
+        parts.append(f"(%W~{DEDUPE_PREFIX.format(daemon=daemon)}* {DEDUPE_COMMANDS})")
     if consumer:
         streams = " ".join(f"%RW~{stream}" for stream in access.consumes)
-        parts.append(f"({streams} {CONSUME_COMMANDS} {SCRIPT_COMMANDS})")
+        parts.append(f"({streams} {CONSUME_COMMANDS})")
+    if access.reads:
+        parts.append("(" + " ".join(f"%R~{pattern}" for pattern in access.reads) + f" {READ_COMMANDS})")
+    if access.metadata:
+        parts.append("(" + " ".join(f"%R~{pattern}" for pattern in access.metadata) + f" {METADATA_COMMANDS})")
     for command, key in access.extra_write_commands:
         parts.append(f"(%RW~{key} +{command})")
     return " ".join(parts)
 
 
+def admin_rule(password: str) -> str:
+    """`qe-admin`: loads the function library, may stop a runaway function; no keys."""
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    return f"user {username(ADMIN)} on #{digest} resetkeys resetchannels -@all {CONNECTION_COMMANDS} {ADMIN_COMMANDS}"
+
+
 def ensure_secrets(secrets_dir: Path) -> dict[str, str]:
-    """One password file per user (created once, mode 0600); returns daemon -> password."""
+    """One password file per user, qe-admin included (created once, mode 0600); returns
+    daemon (or "admin") -> password."""
     secrets_dir = Path(secrets_dir)
     secrets_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(secrets_dir, 0o700)
     passwords = {}
-    for daemon in ACCESS:
+    for daemon in (*ACCESS, ADMIN):
         path = password_file(secrets_dir, daemon)
         if not path.exists():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -156,6 +209,7 @@ def render(passwords: dict[str, str]) -> str:
     # authenticates as its own user.
     lines = ["user default off resetkeys -@all"]
     lines += [user_rule(daemon, passwords[daemon]) for daemon in ACCESS]
+    lines.append(admin_rule(passwords[ADMIN]))
     return "\n".join(lines) + "\n"
 
 

