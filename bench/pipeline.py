@@ -91,7 +91,7 @@ class Probe:
 class MmProbeState:
     symbol: str
     ref: float
-    expect_open: int = 2  # what the last quote we set should lead to
+    expect_open: int = 0  # what the last quote we set should lead to (we start with a wide quote)
     last_sent: float = 0.0
 
 
@@ -217,6 +217,7 @@ class Latencies:
     requote_to_order: list[float] = field(default_factory=list)
     pull_to_intent: list[float] = field(default_factory=list)
     pull_to_order: list[float] = field(default_factory=list)
+    pull_cancels_late: int = 0  # CANCEL intent issued, but the cancel reached the simulator > 5 s later or not at all
     probes: dict[str, int] = field(default_factory=dict)
     matched: dict[str, int] = field(default_factory=dict)
 
@@ -286,6 +287,8 @@ def analyse(system: PipelineSystem, prober: Prober, probes: list[Probe], end: fl
                 at_sim = [requests[(request, ref)] for ref in refs if (request, ref) in requests]
                 if at_sim:
                     to_order.append(min(at_sim) - p.t)
+                if kind == "pull" and (not at_sim or min(at_sim) - p.t > to_intent[-1] + 5.0):
+                    out.pull_cancels_late += 1
             out.matched[kind] = matched
     return out
 
@@ -391,23 +394,17 @@ def main() -> int:
     try:
         ready = system.wait_ready()
         print(f"every daemon up and {symbols} symbols subscribed (quotes + tick-by-tick) in {ready:.1f} s")
-        # Probe symbols: frozen quotes (no random quotes or prints), a GRPAN from three prints at ref.
+        # Probe symbols: frozen quotes (no random quotes or prints) and a GRPAN from prints at
+        # ref. The market-making probes start with a wide quote (the market maker does not
+        # quote them), so each one's first toggle is a requote.
         for row in mm_rows + print_rows:
-            system.control.set_quote(row.symbol, round(row.ref_price - NARROW, 2), round(row.ref_price + NARROW, 2), 500, 500)
+            half = WIDE if row in mm_rows else NARROW
+            system.control.set_quote(row.symbol, round(row.ref_price - half, 2), round(row.ref_price + half, 2), 500, 500)
             for _ in range(3 if row in mm_rows else 1):
                 system.control.inject_print(row.symbol, row.ref_price, 100, "NYSE")
         prober = Prober(system, mm_rows, print_rows, 1 / args.print_probes_per_s, 1 / args.quote_probes_per_s)
-        prober.paused.set()
         prober.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if all(len(prober.open_refs[s]) == 2 for s in prober.mm):
-                break
-            time.sleep(0.5)
-        quoting = sum(len(prober.open_refs[s]) == 2 for s in prober.mm)
-        print(f"market maker quoting {quoting}/{len(mm_rows)} probe symbols; stepping the feed "
-              f"({seconds:g} s per step after {args.settle:g} s settling)")
-        prober.paused.clear()
+        print(f"probes running; stepping the feed ({seconds:g} s per step after {args.settle:g} s settling)")
 
         header = (f"{'target/s':>9} {'offered/s':>9} {'prints':>6} {'worst group ratio':>34} "
                   f"{'p50/p99 print->feature ms':>26} {'requote->intent ms':>19} {'->order ms':>17}")
@@ -452,6 +449,7 @@ def main() -> int:
         system.control.configure(quote_rate=0, print_rate=0)
         # Pulled quotes are cancelled on the Brain's next full evaluation (up to
         # decision.strategy_refresh_interval_s later): timed once every step is over.
+        prober.paused.set()
         time.sleep(16.0 if any(p.kind == "pull" for p in prober.probes) else 0.0)
         for step in results:
             analyse(system, prober, prober.window(*step.window), time.time(), kinds=("pull",), out=step.lat)
@@ -479,6 +477,11 @@ def main() -> int:
                 print(f"  {stream:12} {group:18} {consumed:8.0f}/s of {produced:8.0f}/s  ratio {ratio:.3f}  lag {lag}")
         print(f"  feed: ev.prints {best.prints_ratio:.3f} of the simulator's prints; ev.l1 {best.l1_per_event:.2f} per simulator "
               f"market event (a quote, or a print that changes last/size; coalesced when several arrive together)")
+    late = sum(r.lat.pull_cancels_late for r in results)
+    if late:
+        print(f"{late} of {sum(len(r.lat.pull_to_intent) for r in results)} CANCEL intents (pulled quotes) reached the simulator "
+              f"more than 5 s after the intent, or not within the run: execution drops a cancel its token bucket "
+              f"refuses and only the TTL sweep cancels the order later")
     failed = next((s for s in results if not s.sustained), None)
     if failed is not None:
         print(f"first step not sustained: {failed.target:.0f}/s target ({failed.offered:.0f} offered): {'; '.join(failed.why)}")
@@ -514,6 +517,8 @@ def main() -> int:
     parts += [f"samples_print={len(best.lat.print_to_feature) if best else 0}",
               f"samples_requote={len(best.lat.requote_to_intent) if best else 0}",
               f"samples_pull={len(best.lat.pull_to_intent) if best else 0}",
+              f"pull_cancels_late={sum(r.lat.pull_cancels_late for r in results)}",
+              f"pull_cancel_intents={sum(len(r.lat.pull_to_intent) for r in results)}",
               f"first_failed_offered_events_per_s={failed.offered:.0f}" if failed else "first_failed_offered_events_per_s=none",
               f"steps={len(results)}", f"seconds_per_step={seconds:g}", f"run_s={total_s:.0f}"]
     print("RESULT " + " ".join(parts))
