@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import tempfile
 import threading
@@ -319,6 +320,7 @@ class StepResult:
     lat: Latencies = field(default_factory=Latencies)
     seconds: float = 0.0
     window: tuple[float, float] = (0.0, 0.0)
+    retried: bool = False  # a failed window measured again (the second one decides)
 
 
 def judge(step: StepResult, before: dict, after: dict, elapsed: float) -> None:
@@ -369,6 +371,8 @@ def main() -> int:
     parser.add_argument("--print-probes", type=int, default=8, help="quiet probe symbols (print -> feature)")
     parser.add_argument("--print-probes-per-s", type=float, default=4.0)
     parser.add_argument("--quote-probes-per-s", type=float, default=4.0)
+    parser.add_argument("--no-confirm", dest="confirm", action="store_false",
+                        help="do not measure a failed step a second time")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs) and print its path")
     args = parser.parse_args()
     symbols = args.symbols or (200 if args.quick else 1000)
@@ -377,8 +381,7 @@ def main() -> int:
     seconds = args.seconds_per_step or (10.0 if args.quick else 20.0)
     began = time.monotonic()
 
-    tmp_ctx = tempfile.TemporaryDirectory(prefix="qe-pipeline-")
-    tmp = Path(tmp_ctx.name)
+    tmp = Path(tempfile.mkdtemp(prefix="qe-pipeline-"))
     rows = make_universe(symbols)
     mm_rows = [r for r in rows if r.bucket == "MM_PURE"][: args.mm_probes]
     print_rows = [r for r in rows if r.bucket == "LT" and r.symbol != "PFF"][: args.print_probes]
@@ -409,10 +412,7 @@ def main() -> int:
         header = (f"{'target/s':>9} {'offered/s':>9} {'prints':>6} {'worst group ratio':>34} "
                   f"{'p50/p99 print->feature ms':>26} {'requote->intent ms':>19} {'->order ms':>17}")
         print(header)
-        for target in steps:
-            per_symbol = target / symbols
-            system.control.configure(quote_rate=per_symbol * QUOTE_SHARE, print_rate=per_symbol * (1 - QUOTE_SHARE))
-            time.sleep(args.settle)
+        def measure(target: float) -> StepResult:
             system.check_alive()
             before = group_snapshot(system.r)
             events0, shed0, injected0, set0 = sim_counts(system, prober)
@@ -423,7 +423,7 @@ def main() -> int:
             events1, shed1, injected1, set1 = sim_counts(system, prober)
             system.check_alive()
             elapsed = t1 - t0
-            step = StepResult(target=target, seconds=elapsed)
+            step = StepResult(target=target, seconds=elapsed, window=(t0, t1))
             step.offered = (events1 - events0) / elapsed
             injected, quotes_set = injected1 - injected0, set1 - set0
             random_events = events1 - events0 - injected - quotes_set
@@ -436,14 +436,26 @@ def main() -> int:
             judge(step, before, after, elapsed)
             time.sleep(3.0)  # the window's last probes reach the streams and the simulator
             step.lat = analyse(system, prober, prober.window(t0, t1), t1 + 3.0, kinds=("print", "requote"))
-            step.window = (t0, t1)
-            results.append(step)
             lat = step.lat
             print(f"{target:9.0f} {step.offered:9.0f} {step.prints_ratio:6.3f} {step.worst:>34} "
                   f"{ms(pct(lat.print_to_feature, .5))}/{ms(pct(lat.print_to_feature, .99))}        "
                   f"{ms(pct(lat.requote_to_intent, .5))}/{ms(pct(lat.requote_to_intent, .99))} "
                   f"{ms(pct(lat.requote_to_order, .5))}/{ms(pct(lat.requote_to_order, .99))}"
                   f"  {'sustained' if step.sustained else 'NOT sustained: ' + '; '.join(step.why[:3])}")
+            return step
+
+        for target in steps:
+            per_symbol = target / symbols
+            system.control.configure(quote_rate=per_symbol * QUOTE_SHARE, print_rate=per_symbol * (1 - QUOTE_SHARE))
+            time.sleep(args.settle)
+            step = measure(target)
+            if not step.sustained and args.confirm:
+                # One more window at the same rate: a machine shared with other work has
+                # hiccups; a system that cannot keep up fails again (its lag only grows).
+                step.retried = True
+                results.append(step)
+                step = measure(target)
+            results.append(step)
             if not step.sustained:
                 break
         system.control.configure(quote_rate=0, print_rate=0)
@@ -464,12 +476,13 @@ def main() -> int:
         if args.keep:
             print(f"kept {tmp}")
         else:
-            tmp_ctx.cleanup()
+            shutil.rmtree(tmp, ignore_errors=True)
     total_s = time.monotonic() - began
 
-    sustained = [s for s in results if s.sustained]
+    decided = [s for s in results if not s.retried]
+    sustained = [s for s in decided if s.sustained]
     best = sustained[-1] if sustained else None
-    base = results[0] if results else None
+    base = decided[0] if decided else None
     if best is not None:
         print(f"\nat the highest sustained step ({best.target:.0f}/s target, {best.offered:.0f} events/s offered), per consumer group:")
         for (stream, group), (consumed, produced, ratio, lag) in sorted(best.groups.items()):
@@ -482,7 +495,7 @@ def main() -> int:
         print(f"{late} of {sum(len(r.lat.pull_to_intent) for r in results)} CANCEL intents (pulled quotes) reached the simulator "
               f"more than 5 s after the intent, or not within the run: execution drops a cancel its token bucket "
               f"refuses and only the TTL sweep cancels the order later")
-    failed = next((s for s in results if not s.sustained), None)
+    failed = next((s for s in decided if not s.sustained), None)
     if failed is not None:
         print(f"first step not sustained: {failed.target:.0f}/s target ({failed.offered:.0f} offered): {'; '.join(failed.why)}")
     else:
@@ -520,7 +533,7 @@ def main() -> int:
               f"pull_cancels_late={sum(r.lat.pull_cancels_late for r in results)}",
               f"pull_cancel_intents={sum(len(r.lat.pull_to_intent) for r in results)}",
               f"first_failed_offered_events_per_s={failed.offered:.0f}" if failed else "first_failed_offered_events_per_s=none",
-              f"steps={len(results)}", f"seconds_per_step={seconds:g}", f"run_s={total_s:.0f}"]
+              f"steps={len(decided)}", f"windows_retried={sum(s.retried for s in results)}", f"seconds_per_step={seconds:g}", f"run_s={total_s:.0f}"]
     print("RESULT " + " ".join(parts))
     return 0 if best is not None and all(code == 0 for code in codes.values()) else 1
 
