@@ -11,19 +11,22 @@ from __future__ import annotations
 import json
 import random
 import string
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-import redis
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qe import clock as qe_clock
-from sim.testing import start_process
-from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env
-from tests.support.redis_server import RedisServer
+import redis  # noqa: E402
+import yaml  # noqa: E402
+
+from qe import clock as qe_clock  # noqa: E402
+from sim.testing import start_process  # noqa: E402
+from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
 
 NEW_YORK = ZoneInfo("America/New_York")
 DAEMONS = ("session", "market-data", "prints", "exposure", "alerts", "decision", "execution")
@@ -258,3 +261,7 @@ def percentile(values: list[float], fraction: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+if __name__ == "__main__":  # `make bench` runs every bench/*.py: this one is only helpers
+    print("helpers for bench/pipeline.py (nothing to measure here)")
