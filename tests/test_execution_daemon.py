@@ -726,3 +726,23 @@ def test_a_modify_of_an_order_the_broker_already_cancelled_is_not_sent(sim):
         assert [o["status"] for o in sim.control.orders(record.order_ref)] == ["Cancelled"]
     finally:
         link.disconnect()
+
+
+def test_cancels_beyond_the_message_burst_are_sent_soon_not_left_to_the_ttl(execution, sim, r):
+    """More cancels at once than the rate limit's burst: the rest wait for tokens and go
+    out within seconds, never at the orders' TTL (a pulled quote must stop working)."""
+    execution.start().wait_connected()
+    execution.market(24.80, 24.82)
+    keys = [f"intent:burst:{n}" for n in range(14)]
+    for key in keys:
+        execution.intent(key, limit_price=25.20, qty=100, ttl_s=600)  # rests above the ask for ten minutes
+    for key in keys:
+        execution.wait_status(key, "SUBMITTED")
+    time.sleep(1.0)  # the token bucket refills after the places
+    asked = time.monotonic()
+    for key in keys:
+        execution.intent(f"{key}:cancel", action="CANCEL", target_intent_key=key, limit_price=None)
+    for key in keys:
+        execution.wait_status(key, "CANCELLED", timeout=20)
+    assert time.monotonic() - asked < 15  # within seconds, far from the 600 s TTL
+    assert all([q["event"] for q in execution.referee(key)] == ["place", "cancel"] for key in keys)

@@ -104,6 +104,8 @@ class ExecutionService:
         # Market prices are not execution's state: kept across load() (a rebuild after an
         # unknown commit), learnt again from the streams after a restart.
         self.prices = PriceBook(context.rules.plausibility.quote)
+        # Cancels asked for while the rate limit or the link said not now: order ref -> reason.
+        self.cancels_wanted: dict[str, core.CancelReason] = {}
         self.mark_rules = MarkRules.from_rules(context.rules)
         self.rate = core.TokenBucket(self.rules.max_messages_per_s, self.rules.message_burst)
         self.redis: redis.Redis | None = None
@@ -445,12 +447,22 @@ class ExecutionService:
         if record.status == "PENDING_CANCEL":
             return
         if not self.view.usable or not self.rate.take(time.monotonic()):
-            return  # retried from the TTL/cancel sweep
+            # Not now (rate limit, broker down): remembered and sent by the sweep, never
+            # left to the order's TTL (a pulled quote would keep working for a minute).
+            self.cancels_wanted[record.order_ref] = reason
+            return
+        self.cancels_wanted.pop(record.order_ref, None)
         updated = dataclasses.replace(record, status="PENDING_CANCEL", cancel_reason=reason)
         self._save(effects, updated)
         self.outbox.append(("cancel", record.broker_order_id))
 
     def _expire_and_cancel(self, now_ns: int, effects: Effects) -> None:
+        for order_ref, reason in list(self.cancels_wanted.items()):
+            record = self.records.get(order_ref)
+            if record is None or not record.live or record.status == "PENDING_CANCEL":
+                del self.cancels_wanted[order_ref]
+                continue
+            self._request_cancel(record, reason, now_ns, effects)
         for record in list(self.records.values()):
             if record.live and record.expires_ns <= now_ns and record.status != "PENDING_CANCEL":
                 self._request_cancel(record, "ttl", now_ns, effects)
