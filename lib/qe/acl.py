@@ -99,6 +99,9 @@ ACCESS: dict[str, Access] = {
         extra_write_commands=(
             *(("xadd", stream) for stream in STREAM_TYPES if stream not in ("ev.intents", "ev.control")),
             ("xdel", DLQ_STREAM),
+            # qe archive: the archived days and the retention floor (qe.archive).
+            ("hset", "state:archive"),
+            ("set", "archive:floor"),
         ),
     ),
 }
@@ -122,6 +125,9 @@ def user_rule(daemon: str, password: str) -> str:
     publishes = list(access.publishes) + ([DLQ_STREAM] if consumer else [])
     parts += [f"%W~{stream}" for stream in publishes]
     parts += [f"%W~dedupe:{stream}:*" for stream in publishes]
+    # The archive guard (qe.streams XADDG): XLEN of the stream appended to, GET archive:floor.
+    parts += [f"%R~{stream}" for stream in publishes]
+    parts.append("%R~archive:floor")
     parts += [f"%RW~{pattern}" for pattern in access.writes]
     parts += [f"%R~{pattern}" for pattern in access.reads]
     parts.append(f"%RW~state:daemon:{daemon}")

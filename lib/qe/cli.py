@@ -858,6 +858,39 @@ def cmd_status_decision(r: redis.Redis) -> dict[str, Any]:
     return reading.value.model_dump(mode="json")
 
 
+def archive_directory(settings: config.Settings, rules: config.RiskRules) -> Path:
+    directory = Path(rules.archive.directory)
+    return directory if directory.is_absolute() else settings.home / directory
+
+
+def cmd_archive(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:
+    """`qe archive DAY` / `qe archive --pending` (the hook after each close): docs/archive.md."""
+    from . import archive
+
+    rules = config.load_rules(settings.rules_file)
+    r = _connect(args, settings)
+    directory = Path(args.directory) if args.directory else archive_directory(settings, rules)
+    options = dict(compression=rules.archive.compression, row_group_rows=rules.archive.row_group_rows,
+                   rules_file=settings.rules_file, universe_file=settings.universe_file)
+    try:
+        if args.pending:
+            records = archive.archive_pending(r, directory, include_today=not args.closed_only, **options)
+        elif args.day:
+            records = [archive.archive_day(r, archive.parse_day(args.day), directory, force=args.force, **options)]
+        else:
+            raise CliError("give a DAY (YYYY-MM-DD, New York) or --pending")
+    except archive.ArchiveError as exc:
+        raise CliError(str(exc)) from None
+    floor = r.get(streams.ARCHIVE_FLOOR)
+    lines = [f"{rec['day']}: {rec['status']}, {rec['rows']} entries in {len(rec['streams'])} files under "
+             f"{rec['directory']}{'' if rec['closed'] else ' (day not over: written so far)'}"
+             f"{'' if rec['complete'] else ' (INCOMPLETE: part of the day was trimmed before archiving)'}"
+             for rec in records]
+    lines.append(f"retention floor: {_text(floor) if floor else 'none (nothing archived)'}"
+                 f"{'' if rules.archive.enabled else ' (archive.enabled is false: retention is not guarded)'}")
+    return {"days": records, "floor": _text(floor) if floor else None}, "\n".join(lines)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, config.Settings], tuple[Any, str]]] = {
     "check-config": cmd_check_config,
     "status": cmd_status,
@@ -871,6 +904,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, config.Settings], tuple[Any, s
     "halt": cmd_control,
     "resume": cmd_control,
     "why": cmd_why,
+    "archive": cmd_archive,
 }
 
 
@@ -945,6 +979,13 @@ def build_parser() -> argparse.ArgumentParser:
     why = sub.add_parser("why", help="the decision trace behind an order or intent")
     _common(why)
     why.add_argument("ref", help="an orderRef (qe-...) or an intent key")
+    arch = sub.add_parser("archive", help="write a New York day's streams to Parquet, verified (docs/archive.md)")
+    _common(arch)
+    arch.add_argument("day", nargs="?", help="YYYY-MM-DD (New York date of the entry ids)")
+    arch.add_argument("--pending", action="store_true", help="every closed day not yet archived, then today so far")
+    arch.add_argument("--closed-only", action="store_true", help="with --pending: leave today out")
+    arch.add_argument("--force", action="store_true", help="write an archived day again (same bytes: nothing changes)")
+    arch.add_argument("--directory", help="archive directory (default: archive.directory of risk_rules.yaml)")
     return parser
 
 

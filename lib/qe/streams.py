@@ -47,6 +47,8 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 # One hash per daemon: heartbeat fields and the runtime's own bookkeeping.
 DAEMON_KEY = "state:daemon:{daemon}"
 DEDUPE_KEY = "dedupe:{stream}:{key}"
+# The first id of the oldest day not yet archived (qe.archive keeps it; the XADDG guard reads it).
+ARCHIVE_FLOOR = "archive:floor"
 
 # ARGV[1] group, ARGV[2] consumer, ARGV[3] acks as JSON [[stream, [ids ascending]], ...],
 # ARGV[4] ops as JSON [[cmd, arg, ...], ...] (all strings, so no number loses
@@ -72,6 +74,37 @@ for _, op in ipairs(ops) do
   if op[1] == 'XADD?' then
     if op[2] == '' or redis.call('SET', op[2], '1', 'NX', 'EX', op[3]) then
       results[#results + 1] = redis.call('XADD', unpack(op, 4))
+    else
+      results[#results + 1] = ''
+    end
+  elseif op[1] == 'XADDG' then
+    -- Archive guard (docs/archive.md): trim only below archive:floor, the first id of
+    -- the oldest day not yet archived; no floor yet = nothing archived = no trim.
+    -- op: XADDG dedupe ttl stream MINID|MAXLEN threshold field value ...
+    if op[2] == '' or redis.call('SET', op[2], '1', 'NX', 'EX', op[3]) then
+      local stream, kind, threshold = op[4], op[5], op[6]
+      local args = {'XADD', stream}
+      local floor = redis.call('GET', 'archive:floor')
+      if floor then
+        if kind == 'MINID' then
+          local t_ms, t_seq = string.match(threshold, '^(%d+)-(%d+)$')
+          local f_ms, f_seq = string.match(floor, '^(%d+)-(%d+)$')
+          if tonumber(f_ms) < tonumber(t_ms) or (f_ms == t_ms and tonumber(f_seq) < tonumber(t_seq)) then
+            threshold = floor
+          end
+          args[#args + 1] = 'MINID'; args[#args + 1] = '~'; args[#args + 1] = threshold
+        else
+          -- MAXLEN n: evict at most the excess over n, and only entries below the floor.
+          local excess = redis.call('XLEN', stream) + 1 - tonumber(threshold)
+          if excess > 0 then
+            args[#args + 1] = 'MINID'; args[#args + 1] = '~'; args[#args + 1] = floor
+            args[#args + 1] = 'LIMIT'; args[#args + 1] = tostring(excess)
+          end
+        end
+      end
+      args[#args + 1] = '*'
+      for i = 7, #op do args[#args + 1] = op[i] end
+      results[#results + 1] = redis.call(unpack(args))
     else
       results[#results + 1] = ''
     end
@@ -126,22 +159,28 @@ def connect(settings: Settings, rules: RiskRules, *, retry_commands: bool, user:
 class StreamPolicy:
     """Retention and dedupe per stream, from `streams:` in risk_rules.yaml."""
 
-    def __init__(self, retention: dict[str, Retention]) -> None:
+    def __init__(self, retention: dict[str, Retention], archive_guard: bool = False) -> None:
         self.retention = retention
+        # archive.enabled: never trim an entry of a day not yet archived (ARCHIVE_FLOOR).
+        self.archive_guard = archive_guard
 
     def xadd_op(self, stream: str, fields: dict[str, str], idempotency_key: str | None) -> list[Any]:
         rule = self.retention.get(stream)
         if rule is None:
             raise ValueError(f"no retention rule for stream {stream!r}")
         if rule.maxlen is not None:
-            trim = ["MAXLEN", "~", str(rule.maxlen)]
+            kind, threshold = "MAXLEN", str(rule.maxlen)
         else:
             # Stream ids are the Redis server's wall-clock ms (not the simulated clock).
-            trim = ["MINID", "~", f"{int(time.time() * 1000) - rule.minid_age_s * 1000}-0"]
+            kind, threshold = "MINID", f"{int(time.time() * 1000) - rule.minid_age_s * 1000}-0"
         dedupe_key = ""
         if rule.dedupe_ttl_s and idempotency_key:
             dedupe_key = DEDUPE_KEY.format(stream=stream, key=idempotency_key)
-        op: list[str] = ["XADD?", dedupe_key, str(rule.dedupe_ttl_s or 0), stream, *trim, "*"]
+        if self.archive_guard:
+            # The Lua script trims to min(rule, archive:floor) (see _APPLY_LUA, XADDG).
+            op: list[str] = ["XADDG", dedupe_key, str(rule.dedupe_ttl_s or 0), stream, kind, threshold]
+        else:
+            op = ["XADD?", dedupe_key, str(rule.dedupe_ttl_s or 0), stream, kind, "~", threshold, "*"]
         for name, value in fields.items():
             op += (name, value)
         return op
@@ -244,7 +283,7 @@ class Publisher:
 
     def __init__(self, r: redis.Redis, rules: RiskRules) -> None:
         self.redis = r
-        self.policy = StreamPolicy(rules.streams)
+        self.policy = StreamPolicy(rules.streams, rules.archive.enabled)
         self.script = r.register_script(_APPLY_LUA)
 
     def effects(self) -> Effects:
@@ -339,7 +378,7 @@ class Consumer:
         overrides = {"block_ms": block_ms, "batch_size": getattr(handler, "batch_size", None)}
         self.config = rules.runtime.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         self._after_commit = getattr(handler, "after_commit", None)
-        self.policy = StreamPolicy(rules.streams)
+        self.policy = StreamPolicy(rules.streams, rules.archive.enabled)
         self.clock = clock
         self.consumer = consumer_name or default_consumer_name(daemon)
         self.script = r.register_script(_APPLY_LUA)
