@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import logging
 import os
 import re
 import sys
@@ -891,6 +892,27 @@ def cmd_archive(args: argparse.Namespace, settings: config.Settings) -> tuple[An
     return {"days": records, "floor": _text(floor) if floor else None}, "\n".join(lines)
 
 
+def cmd_replay(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:
+    """`qe replay DAY [--rules FILE] [--from HH:MM --to HH:MM]`: the archived day through the
+    Brain in-process (never a Redis); with other rules, the what-if (docs/archive.md)."""
+    from . import archive, replay
+
+    rules = config.load_rules(settings.rules_file)
+    directory = Path(args.directory) if args.directory else archive_directory(settings, rules)
+    logging.getLogger("qe.decision").setLevel(logging.ERROR)  # the replayed Brain's own log lines
+    try:
+        report = replay.replay_day(directory, archive.parse_day(args.day), rules_file=args.rules,
+                                   universe_file=args.universe, start=args.start, end=args.end)
+    except (archive.ArchiveError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    written = replay.write_outputs(report, Path(args.out)) if args.out else []
+    result = {**report.summary(), "divergence": report.divergence, "files": [str(p) for p in written]}
+    human = replay.render(report) + "".join(f"\nwrote {p}" for p in written)
+    if args.rules is None and not report.identical and args.strict:
+        raise Unhealthy(result, human, "replayed intents differ from the recorded ones")
+    return result, human
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, config.Settings], tuple[Any, str]]] = {
     "check-config": cmd_check_config,
     "status": cmd_status,
@@ -905,6 +927,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, config.Settings], tuple[Any, s
     "resume": cmd_control,
     "why": cmd_why,
     "archive": cmd_archive,
+    "replay": cmd_replay,
 }
 
 
@@ -986,6 +1009,16 @@ def build_parser() -> argparse.ArgumentParser:
     arch.add_argument("--closed-only", action="store_true", help="with --pending: leave today out")
     arch.add_argument("--force", action="store_true", help="write an archived day again (same bytes: nothing changes)")
     arch.add_argument("--directory", help="archive directory (default: archive.directory of risk_rules.yaml)")
+    rep = sub.add_parser("replay", help="an archived day through the Brain, isolated; --rules for a what-if")
+    _common(rep)
+    rep.add_argument("day", help="YYYY-MM-DD (an archived day)")
+    rep.add_argument("--rules", help="another risk_rules.yaml (default: the day's own, archived with it)")
+    rep.add_argument("--universe", help="universe file (default: the day's own, archived with it)")
+    rep.add_argument("--from", dest="start", help="HH:MM New York: compare from here (earlier events warm the Brain up)")
+    rep.add_argument("--to", dest="end", help="HH:MM New York: feed nothing after")
+    rep.add_argument("--out", help="directory for the CSV/JSON of the difference")
+    rep.add_argument("--strict", action="store_true", help="exit 1 when the day's own rules do not reproduce it")
+    rep.add_argument("--directory", help="archive directory (default: archive.directory of risk_rules.yaml)")
     return parser
 
 
@@ -1014,7 +1047,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = config.load_settings(target.environ)
         redis_doc = redis_info(settings, target.source)
-        if target.source is None and name != "check-config":
+        if target.source is None and name not in ("check-config", "replay"):  # replay never touches Redis
             raise config.ConfigError(refusal(Path.cwd()))
         result, human = COMMANDS[name](args, settings)
     except config.ConfigError as exc:
