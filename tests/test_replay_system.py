@@ -77,9 +77,9 @@ def test_replay_of_a_recorded_afternoon(tmp_path):
             assert "FIRST DIVERGENCE" in replay.render(report)
             assert "trace" in (d["recorded"] or d["replayed"])
 
-        # What-if: a LATE tolerance at the hard cap instead of 115 % (no tolerance de-risk before 15:45).
+        # What-if: soft de-risk priced 3 cents from the truth tick instead of 1.
         rules = yaml.safe_load((directory / day.isoformat() / "risk_rules.yaml").read_text())
-        rules["session"]["regimes"]["LATE"]["gross_tolerance_pct"] = rules["exposure"]["hard_cap_pct"]
+        rules["derisk"]["soft_price_offset"] = 0.03
         other = tmp_path / "whatif.yaml"
         other.write_text(yaml.safe_dump(rules))
         out = tmp_path / "whatif"
