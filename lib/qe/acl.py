@@ -42,6 +42,8 @@ from .contracts import DLQ_STREAM, STREAM_TYPES
 from .functions import GROUP_CHECK_COMMAND, GROUP_KEY
 from .state import BROKER, DECISION, EXPOSURE, ORDERS, POSITIONS, SESSION
 
+ARCHIVE_FLOOR = "archive:floor"  # qe.archive's retention floor, read by every producer's guarded XADD
+
 USER_PREFIX = "qe-"
 ADMIN = "admin"  # qe-admin: loads the function library; not a daemon
 
@@ -134,6 +136,9 @@ ACCESS: dict[str, Access] = {
         extra_write_commands=(
             *(("xadd", stream) for stream in STREAM_TYPES if stream not in ("ev.intents", "ev.control")),
             ("xdel", DLQ_STREAM),
+            # qe archive: the archived days and the retention floor (qe.archive).
+            ("hset", "state:archive"),
+            ("set", "archive:floor"),
         ),
     ),
 }
@@ -169,6 +174,9 @@ def user_rule(daemon: str, password: str) -> str:
     if publishes:
         parts.append("(" + " ".join(f"%W~{stream}" for stream in publishes) + f" {PUBLISH_COMMANDS})")
         parts.append(f"(%W~{DEDUPE_PREFIX.format(daemon=daemon)}* {DEDUPE_COMMANDS})")
+        # The archive guard (qe_commit's XADDG): the length of what it appends to, and the floor.
+        parts.append("(" + " ".join(f"%R~{stream}" for stream in publishes) + " +xlen)")
+        parts.append(f"(%R~{ARCHIVE_FLOOR} +get)")
     if consumer:
         streams = " ".join(f"%RW~{stream}" for stream in access.consumes)
         parts.append(f"({streams} {CONSUME_COMMANDS})")

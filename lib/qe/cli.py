@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import logging
 import os
 import re
 import sys
@@ -858,6 +859,60 @@ def cmd_status_decision(r: redis.Redis) -> dict[str, Any]:
     return reading.value.model_dump(mode="json")
 
 
+def archive_directory(settings: config.Settings, rules: config.RiskRules) -> Path:
+    directory = Path(rules.archive.directory)
+    return directory if directory.is_absolute() else settings.home / directory
+
+
+def cmd_archive(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:
+    """`qe archive DAY` / `qe archive --pending` (the hook after each close): docs/archive.md."""
+    from . import archive
+
+    rules = config.load_rules(settings.rules_file)
+    r = _connect(args, settings)
+    directory = Path(args.directory) if args.directory else archive_directory(settings, rules)
+    options = dict(compression=rules.archive.compression, row_group_rows=rules.archive.row_group_rows,
+                   rules_file=settings.rules_file, universe_file=settings.universe_file)
+    try:
+        if args.pending:
+            records = archive.archive_pending(r, directory, include_today=not args.closed_only, **options)
+        elif args.day:
+            records = [archive.archive_day(r, archive.parse_day(args.day), directory, force=args.force, **options)]
+        else:
+            raise CliError("give a DAY (YYYY-MM-DD, New York) or --pending")
+    except archive.ArchiveError as exc:
+        raise CliError(str(exc)) from None
+    floor = r.get(streams.ARCHIVE_FLOOR)
+    lines = [f"{rec['day']}: {rec['status']}, {rec['rows']} entries in {len(rec['streams'])} files under "
+             f"{rec['directory']}{'' if rec['closed'] else ' (day not over: written so far)'}"
+             f"{'' if rec['complete'] else ' (INCOMPLETE: part of the day was trimmed before archiving)'}"
+             for rec in records]
+    lines.append(f"retention floor: {_text(floor) if floor else 'none (nothing archived)'}"
+                 f"{'' if rules.archive.enabled else ' (archive.enabled is false: retention is not guarded)'}")
+    return {"days": records, "floor": _text(floor) if floor else None}, "\n".join(lines)
+
+
+def cmd_replay(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:
+    """`qe replay DAY [--rules FILE] [--from HH:MM --to HH:MM]`: the archived day through the
+    Brain in-process (never a Redis); with other rules, the what-if (docs/archive.md)."""
+    from . import archive, replay
+
+    rules = config.load_rules(settings.rules_file)
+    directory = Path(args.directory) if args.directory else archive_directory(settings, rules)
+    logging.getLogger("qe.decision").setLevel(logging.ERROR)  # the replayed Brain's own log lines
+    try:
+        report = replay.replay_day(directory, archive.parse_day(args.day), rules_file=args.rules,
+                                   universe_file=args.universe, start=args.start, end=args.end)
+    except (archive.ArchiveError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    written = replay.write_outputs(report, Path(args.out)) if args.out else []
+    result = {**report.summary(), "divergence": report.divergence, "files": [str(p) for p in written]}
+    human = replay.render(report) + "".join(f"\nwrote {p}" for p in written)
+    if args.rules is None and not report.identical and args.strict:
+        raise Unhealthy(result, human, "replayed intents differ from the recorded ones")
+    return result, human
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, config.Settings], tuple[Any, str]]] = {
     "check-config": cmd_check_config,
     "status": cmd_status,
@@ -871,6 +926,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, config.Settings], tuple[Any, s
     "halt": cmd_control,
     "resume": cmd_control,
     "why": cmd_why,
+    "archive": cmd_archive,
+    "replay": cmd_replay,
 }
 
 
@@ -945,6 +1002,23 @@ def build_parser() -> argparse.ArgumentParser:
     why = sub.add_parser("why", help="the decision trace behind an order or intent")
     _common(why)
     why.add_argument("ref", help="an orderRef (qe-...) or an intent key")
+    arch = sub.add_parser("archive", help="write a New York day's streams to Parquet, verified (docs/archive.md)")
+    _common(arch)
+    arch.add_argument("day", nargs="?", help="YYYY-MM-DD (New York date of the entry ids)")
+    arch.add_argument("--pending", action="store_true", help="every closed day not yet archived, then today so far")
+    arch.add_argument("--closed-only", action="store_true", help="with --pending: leave today out")
+    arch.add_argument("--force", action="store_true", help="write an archived day again (same bytes: nothing changes)")
+    arch.add_argument("--directory", help="archive directory (default: archive.directory of risk_rules.yaml)")
+    rep = sub.add_parser("replay", help="an archived day through the Brain, isolated; --rules for a what-if")
+    _common(rep)
+    rep.add_argument("day", help="YYYY-MM-DD (an archived day)")
+    rep.add_argument("--rules", help="another risk_rules.yaml (default: the day's own, archived with it)")
+    rep.add_argument("--universe", help="universe file (default: the day's own, archived with it)")
+    rep.add_argument("--from", dest="start", help="HH:MM New York: compare from here (earlier events warm the Brain up)")
+    rep.add_argument("--to", dest="end", help="HH:MM New York: feed nothing after")
+    rep.add_argument("--out", help="directory for the CSV/JSON of the difference")
+    rep.add_argument("--strict", action="store_true", help="exit 1 when the day's own rules do not reproduce it")
+    rep.add_argument("--directory", help="archive directory (default: archive.directory of risk_rules.yaml)")
     return parser
 
 
@@ -973,7 +1047,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = config.load_settings(target.environ)
         redis_doc = redis_info(settings, target.source)
-        if target.source is None and name != "check-config":
+        if target.source is None and name not in ("check-config", "replay"):  # replay never touches Redis
             raise config.ConfigError(refusal(Path.cwd()))
         result, human = COMMANDS[name](args, settings)
     except config.ConfigError as exc:

@@ -66,6 +66,18 @@ class Retention(Section):
         return self
 
 
+class ArchiveRules(Section):
+    """The day as a record (SPEC 11, docs/archive.md): `qe archive DAY` writes every
+    stream's entries of a New York day to Parquet under `directory` (relative to
+    QE_HOME unless absolute). With `enabled`, producers' retention never trims an entry
+    of a day not yet archived (the `archive:floor` guard in qe.streams)."""
+
+    enabled: bool = False
+    directory: str = Field(default="var/archive", min_length=1, max_length=1024)
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    row_group_rows: int = Field(default=100_000, ge=1_000, le=10_000_000)
+
+
 class Runtime(Section):
     batch_size: int = Field(default=100, ge=1, le=10_000)
     block_ms: int = Field(default=1000, ge=1)
@@ -691,6 +703,7 @@ class RiskRules(Section):
     strategies: StrategyRules = StrategyRules()
     arbitration: ArbitrationRules = ArbitrationRules()
     plausibility: PlausibilityRules
+    archive: ArchiveRules = ArchiveRules()
 
     @model_validator(mode="after")
     def _regime_tolerances_within_hard_cap(self) -> "RiskRules":

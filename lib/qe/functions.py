@@ -38,7 +38,7 @@ from __future__ import annotations
 import redis
 
 LIBRARY_NAME = "qe"
-VERSION = "1"
+VERSION = "2"  # 2: the archive guard (XADDG)
 GROUP_KEY = "qe:group:{group}"  # ACL marker of group ownership; never created
 GROUP_CHECK_COMMAND = "strlen"  # granted on GROUP_KEY only, to the owner only
 
@@ -68,6 +68,35 @@ end
 -- marker: [XADD?, marker key or '', ttl, stream, xadd args...]. Every acked id must
 -- still be pending for this consumer (one XPENDING range per stream), otherwise
 -- nothing at all is applied; so must every op be allowed to the caller.
+-- The archive guard (docs/archive.md): trim only below archive:floor, the first id of
+-- the oldest day not yet archived; no floor yet = nothing archived = no trim.
+-- op: XADDG marker ttl stream MINID|MAXLEN threshold field value ...
+local function guarded_xadd(op)
+  local stream, kind, threshold = op[4], op[5], op[6]
+  local args = {'XADD', stream}
+  local floor = redis.call('GET', 'archive:floor')
+  if floor then
+    if kind == 'MINID' then
+      local t_ms, t_seq = string.match(threshold, '^(%%d+)-(%%d+)$')
+      local f_ms, f_seq = string.match(floor, '^(%%d+)-(%%d+)$')
+      if tonumber(f_ms) < tonumber(t_ms) or (f_ms == t_ms and tonumber(f_seq) < tonumber(t_seq)) then
+        threshold = floor
+      end
+      args[#args + 1] = 'MINID'; args[#args + 1] = '~'; args[#args + 1] = threshold
+    else
+      -- MAXLEN n: evict at most the excess over n, and only entries below the floor.
+      local excess = redis.call('XLEN', stream) + 1 - tonumber(threshold)
+      if excess > 0 then
+        args[#args + 1] = 'MINID'; args[#args + 1] = '~'; args[#args + 1] = floor
+        args[#args + 1] = 'LIMIT'; args[#args + 1] = tostring(excess)
+      end
+    end
+  end
+  args[#args + 1] = '*'
+  for i = 7, #op do args[#args + 1] = op[i] end
+  return args
+end
+
 local function commit(keys, args)
   local group, consumer = args[1], args[2]
   local acks = cjson.decode(args[3])
@@ -83,6 +112,15 @@ local function commit(keys, args)
       end
       if not redis.acl_check_cmd('XADD', unpack(op, 4)) then
         return refuse('this user may not append to ' .. op[4])
+      end
+    elseif name == 'XADDG' then
+      -- [XADDG, marker or '', ttl, stream, MINID|MAXLEN, threshold, field, value, ...]
+      if op[2] ~= '' and not redis.acl_check_cmd('SET', op[2], '1', 'NX', 'EX', op[3]) then
+        return refuse('this user may not write the dedupe marker ' .. op[2])
+      end
+      if not (redis.acl_check_cmd('XADD', op[4], '*', 'f', 'v') and redis.acl_check_cmd('XLEN', op[4])
+              and redis.acl_check_cmd('GET', 'archive:floor')) then
+        return refuse('this user may not append to ' .. op[4] .. ' under the archive guard')
       end
     elseif GROUP_COMMANDS[name] then
       return refuse(name .. ' is not allowed as a commit op')
@@ -105,6 +143,12 @@ local function commit(keys, args)
     if op[1] == 'XADD?' then
       if op[2] == '' or redis.call('SET', op[2], '1', 'NX', 'EX', op[3]) then
         results[#results + 1] = redis.call('XADD', unpack(op, 4))
+      else
+        results[#results + 1] = ''
+      end
+    elseif op[1] == 'XADDG' then
+      if op[2] == '' or redis.call('SET', op[2], '1', 'NX', 'EX', op[3]) then
+        results[#results + 1] = redis.call(unpack(guarded_xadd(op)))
       else
         results[#results + 1] = ''
       end

@@ -51,6 +51,9 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 DAEMON_KEY = "state:daemon:{daemon}"
 # Each producer's markers under its own prefix (only it may write them: docs/security.md).
 DEDUPE_KEY = "dedupe:{owner}:{stream}:{key}"
+# The first id of the oldest day not yet archived (qe.archive keeps it; the XADDG guard
+# of the qe_commit function reads it).
+ARCHIVE_FLOOR = "archive:floor"
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -103,23 +106,29 @@ def dedupe_owner(r: redis.Redis, daemon: str | None = None) -> str:
 class StreamPolicy:
     """Retention and dedupe per stream, from `streams:` in risk_rules.yaml."""
 
-    def __init__(self, retention: dict[str, Retention], owner: str = "default") -> None:
+    def __init__(self, retention: dict[str, Retention], owner: str = "default", archive_guard: bool = False) -> None:
         self.retention = retention
         self.owner = owner  # dedupe markers live under dedupe:<owner>:
+        # archive.enabled: never trim an entry of a day not yet archived (ARCHIVE_FLOOR).
+        self.archive_guard = archive_guard
 
     def xadd_op(self, stream: str, fields: dict[str, str], idempotency_key: str | None) -> list[Any]:
         rule = self.retention.get(stream)
         if rule is None:
             raise ValueError(f"no retention rule for stream {stream!r}")
         if rule.maxlen is not None:
-            trim = ["MAXLEN", "~", str(rule.maxlen)]
+            kind, threshold = "MAXLEN", str(rule.maxlen)
         else:
             # Stream ids are the Redis server's wall-clock ms (not the simulated clock).
-            trim = ["MINID", "~", f"{int(time.time() * 1000) - rule.minid_age_s * 1000}-0"]
+            kind, threshold = "MINID", f"{int(time.time() * 1000) - rule.minid_age_s * 1000}-0"
         dedupe_key = ""
         if rule.dedupe_ttl_s and idempotency_key:
             dedupe_key = DEDUPE_KEY.format(owner=self.owner, stream=stream, key=idempotency_key)
-        op: list[str] = ["XADD?", dedupe_key, str(rule.dedupe_ttl_s or 0), stream, *trim, "*"]
+        if self.archive_guard:
+            # qe_commit trims to min(rule, archive:floor) (qe.functions, XADDG).
+            op: list[str] = ["XADDG", dedupe_key, str(rule.dedupe_ttl_s or 0), stream, kind, threshold]
+        else:
+            op = ["XADD?", dedupe_key, str(rule.dedupe_ttl_s or 0), stream, kind, "~", threshold, "*"]
         for name, value in fields.items():
             op += (name, value)
         return op
@@ -231,7 +240,7 @@ class Publisher:
 
     def __init__(self, r: redis.Redis, rules: RiskRules, daemon: str | None = None) -> None:
         self.redis = r
-        self.policy = StreamPolicy(rules.streams, dedupe_owner(r, daemon))
+        self.policy = StreamPolicy(rules.streams, dedupe_owner(r, daemon), rules.archive.enabled)
 
     def effects(self) -> Effects:
         return Effects(self.policy)
@@ -325,7 +334,7 @@ class Consumer:
         overrides = {"block_ms": block_ms, "batch_size": getattr(handler, "batch_size", None)}
         self.config = rules.runtime.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         self._after_commit = getattr(handler, "after_commit", None)
-        self.policy = StreamPolicy(rules.streams, dedupe_owner(r, daemon))
+        self.policy = StreamPolicy(rules.streams, dedupe_owner(r, daemon), rules.archive.enabled)
         self.clock = clock
         self.consumer = consumer_name or default_consumer_name(daemon)
         self.stop_requested = threading.Event()
