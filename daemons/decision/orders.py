@@ -67,7 +67,8 @@ def intent_key(day: str | None, slot: str, symbol: str, side: str, generation: i
     return idempotency_key("intent", day, slot, symbol, side, generation)
 
 
-def reprice_and_cancel(ev: Evaluation, kept: list[Candidate], scope: Scope, mode: str, context: IntentContext) -> OrderChanges:
+def reprice_and_cancel(ev: Evaluation, kept: list[Candidate], scope: Scope, mode: str,
+                       context: IntentContext) -> OrderChanges:
     """Cancels first (a replacement for the same slot waits for the cancel to be
     confirmed), then a MODIFY or a NEW for every wanted order."""
     changes = OrderChanges()
@@ -97,10 +98,13 @@ def reprice_and_cancel(ev: Evaluation, kept: list[Candidate], scope: Scope, mode
     return changes
 
 
-def collared_orders(ev: Evaluation, kept: list[Candidate]) -> tuple[dict[tuple[str, str], Candidate], list[Suppressed], list[Skip]]:
+Wanted = dict[tuple[str, str], Candidate]  # (symbol, slot) -> the order wanted there
+
+
+def collared_orders(ev: Evaluation, kept: list[Candidate]) -> tuple[Wanted, list[Suppressed], list[Skip]]:
     """The first candidate of each (symbol, slot), its price inside the collar; those
     without a price or a reference suppressed (and skipped: no reference)."""
-    wanted: dict[tuple[str, str], Candidate] = {}
+    wanted: Wanted = {}
     suppressed: list[Suppressed] = []
     skips: list[Skip] = []
     for candidate in kept:
@@ -114,7 +118,7 @@ def collared_orders(ev: Evaluation, kept: list[Candidate]) -> tuple[dict[tuple[s
     return wanted, suppressed, skips
 
 
-def unwanted_orders(ev: Evaluation, wanted: dict[tuple[str, str], Candidate], scope: Scope, mode: str) -> list[tuple[Outstanding, str]]:
+def unwanted_orders(ev: Evaluation, wanted: Wanted, scope: Scope, mode: str) -> list[tuple[Outstanding, str]]:
     """Live orders in scope that no wanted candidate continues: (order, reason to cancel)."""
     symbols = None if any(symbol is None for symbol, _slot in scope) else {s for s, _ in scope}
     out = []
