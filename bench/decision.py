@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis  # noqa: E402
 
-from daemons.decision import DecisionHandler  # noqa: E402
+from daemons.decision.service import DecisionHandler  # noqa: E402
 from qe import config, streams  # noqa: E402
 from qe.clock import Clock  # noqa: E402
 from qe.contracts import (  # noqa: E402

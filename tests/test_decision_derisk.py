@@ -367,18 +367,19 @@ def test_hard_derisk_acts_on_a_quiet_book_and_stops_once_confirmations_stop():
 def test_reduce_only_room_adds_the_orders_the_snapshot_does_not_include():
     """The issue's repro: short 5,472 with 369 working in the snapshot and 100 of the
     Brain's own not yet in it: room 5,003 (not 5,472 - max(369, 100) = 5,103)."""
-    from daemons.decision.engine import _Evaluation, _holding
+    from daemons.decision.engine import _holding
+    from daemons.decision.evaluation import Evaluation
 
     positions = {"NLY PRG": (-5472, "MM_PURE", 25.0)}
     v = view(positions, EQUITY, {"NLY PRG": market(24.96, 25.04, truth=24.99)}, open_orders={"NLY PRG": (369, 0)})
     v.exposure = v.good_exposure = replace(v.exposure, orders_through="1700000000000-7")
     v.put_record(outstanding("ours", "CAP_RECOVERY", "NLY PRG", "BUY", 100, 25.04, bucket="MM_PURE",
                              classification="MM_SHORT_DEC", status="SUBMITTED", last_order_id="1700000000000-9"))
-    ev = _Evaluation(v, engine_rules(), T0)
+    ev = Evaluation(v, engine_rules(), T0)
     assert ev.open_reducing_qty("NLY PRG", -5472) == 469
     holding = _holding(ev, "HARD_DERISK", "NLY PRG", v.positions["NLY PRG"])
     assert holding.available == 5003
     # Once the snapshot includes our order it is counted once, in the snapshot's 469.
     v.exposure = v.good_exposure = replace(v.exposure, orders_through="1700000000000-9",
                                            symbols={"NLY PRG": replace(v.exposure.symbols["NLY PRG"], open_buy=469)})
-    assert _Evaluation(v, engine_rules(), T0).open_reducing_qty("NLY PRG", -5472) == 469
+    assert Evaluation(v, engine_rules(), T0).open_reducing_qty("NLY PRG", -5472) == 469

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from dataclasses import replace
 
-from daemons.decision.engine import decide, intent_key
+from daemons.decision.engine import decide
+from daemons.decision.orders import intent_key
 from qe.contracts import intent_id_for, order_ref_for
 from tests.support.brain import DAY, NS, T0, engine_rules, exposure, load_rules, market, outstanding, session, view
 

@@ -11,7 +11,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-import daemons.decision as brain
+import daemons.decision.service as brain
+from daemons.decision import codecs
+from daemons.decision.model import Outstanding
 from qe import config
 from qe.clock import Clock
 from qe.contracts import L1, Account, BrokerState, Order, Position, Session, make_event
@@ -83,12 +85,12 @@ def test_absurd_position_never_reaches_the_view_or_state(handler):
     handler.handle(event(Position.model_construct(account="DU1", symbol="CIM PRB", qty=10**400, avg_cost=24.5, bucket="LT"), "p2"), effects)
     assert handler.view.positions["CIM PRB"].qty == 20000  # the last sane one
     assert handler.view.input_problems == {"CIM PRB": "absurd_quantity"}
-    assert json.loads(hsets(effects, brain.POSITIONS)["CIM PRB"]) == [20000, "LT", 24.5]
-    assert hsets(effects, brain.QUARANTINE) == {"CIM PRB": "absurd_quantity"}
+    assert json.loads(hsets(effects, codecs.POSITIONS)["CIM PRB"]) == [20000, "LT", 24.5]
+    assert hsets(effects, codecs.QUARANTINE) == {"CIM PRB": "absurd_quantity"}
     assert not any(re.search(r"\d{60}", v) for op in effects.ops for v in op)  # no 400-digit number anywhere
     # A sane update lifts the quarantine.
     handler.handle(event(Position(account="DU1", symbol="CIM PRB", qty=0, avg_cost=0.0, bucket="LT"), "p3"), effects)
-    assert handler.view.input_problems == {} and ["HDEL", brain.QUARANTINE, "CIM PRB"] in effects.ops
+    assert handler.view.input_problems == {} and ["HDEL", codecs.QUARANTINE, "CIM PRB"] in effects.ops
 
 
 def test_account_equity_and_quote_times_are_guarded(handler):
@@ -104,7 +106,7 @@ def test_account_equity_and_quote_times_are_guarded(handler):
 
 
 def test_order_events_from_the_future_do_not_keep_records_alive(handler):
-    record = brain.Outstanding(key="k", slot="HARD_DERISK", symbol="CIM PRB", side="SELL", qty=100, bucket="LT",
+    record = Outstanding(key="k", slot="HARD_DERISK", symbol="CIM PRB", side="SELL", qty=100, bucket="LT",
                                classification="LT_LONG_DEC", order_type="LMT", limit_price=24.99, priority=80,
                                intent_type="HARD_DERISK", ttl_s=30, issued_ns=T0, last_change_ns=T0)
     handler.view.put_record(record)
@@ -133,4 +135,4 @@ def test_an_evaluation_error_is_contained_and_reported_once(handler, monkeypatch
     handler.clock.now = T0 + 5 * NS
     handler.handle(event(session_payload(T0 + 5 * NS), "s5"), effects)
     assert handler.evaluation_failure is None
-    assert hsets(effects, brain.STATE)  # evaluations commit their state again
+    assert hsets(effects, codecs.STATE)  # evaluations commit their state again

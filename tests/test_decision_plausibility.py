@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qe.marks import Mark, MarkRules, MarkSource, resolve
-from daemons.decision import exposure_snap
+from daemons.decision.codecs import exposure_snap
 from daemons.decision import guards
 from daemons.decision.engine import decide
 from daemons.decision.model import Market, Outstanding

@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from daemons.decision import DecisionHandler
+from daemons.decision.service import DecisionHandler
 from qe import config, streams
 from qe.clock import Clock, to_ns
 from qe.contracts import (

@@ -19,7 +19,7 @@ from typing import get_args
 
 import pytest
 
-import daemons.decision as brain
+import daemons.decision.service as brain
 from daemons.execution import core as execution_core
 from daemons.execution.service import ExecutionService, _IntentView
 from qe import config, state

@@ -5,46 +5,46 @@ and commits what it returns: the new state, the transition (if any), the
 intents, the bookkeeping records and the skips to report. Nothing here reads a
 clock, Redis or the environment.
 
-One evaluation:
-  1. new trading day? reset the latches and the day's counters;
-  2. data health: broker, exposure (unknown is not zero: a missing, errored or
-     absurd snapshot blocks increases; de-risk goes on from the last good one
-     within `derisk_max_exposure_age_s`), session age, market open;
-  3. the Brain's potential gross (snapshot + intents not yet seen by it);
-  4. the mode (modes.derive_mode) and its transition;
-  5. candidates: the de-risk planner of the mode, the MM overnight leftover,
-     every enabled strategy;
-  6. arbitration, then the hard-cap filter;
-  7. reconciliation against the live intents: NEW for a free slot, MODIFY to
-     re-price a live order, CANCEL for an order that is no longer wanted (every
-     live order when HALTED). Every NEW/MODIFY price is put inside the collar
-     around the symbol's trusted reference; no reference, no order.
+One evaluation is a pipeline of steps, each a function of plain values returning
+a value (`decide` reads as the whole of it):
+  start_trading_day     a new trading day resets the latches and the day's counters;
+  judge_inputs          data health: broker, exposure (unknown is not zero: a missing,
+                        errored or absurd snapshot blocks increases; de-risk goes on from
+                        the last good one within `derisk_max_exposure_age_s`), session
+                        age, market open -> InputHealth;
+  measure_gross         the snapshot's gross, the Brain's potential (snapshot + intents
+                        it does not include), its own gross from fresher positions -> Gross;
+  decide_mode           the mode (modes.derive_mode) and its transition;
+  bucket_limits         bucket targets and maxima, the buckets over their max;
+  size_derisk           the de-risk planner of the mode and the MM overnight leftover;
+  propose_strategies    every enabled strategy, under the increase ceiling;
+  continue_live_orders  a candidate that is the order already live keeps its key;
+  arbitrate_candidates  arbitration, then the hard-cap filter -> Arbitrated;
+  reprice_and_cancel    (orders.py) NEW / MODIFY / CANCEL against the live intents,
+                        every price inside the collar -> OrderChanges;
+  book_after, count_hard_step, finished_records, decision_trace: what the handler
+                        keeps for the next evaluation, and the trace.
 
 Bad data never becomes a price: every quote is judged by the quote gate
 (guards.judged) before a mark or a price is taken from it, and an error while
 evaluating one symbol is contained to that symbol (skipped, reported in
 `Decision.symbol_errors`; risk increases are blocked while any symbol is unknown).
+The one record the steps share is that containment record (`Evaluation.errors`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 from qe.config import RiskRules
-from qe.contracts import Intent, idempotency_key, intent_id_for
 
-from qe.marks import Mark, MarkRules, MarkSource, resolve
-from qe.plausibility import clamp_to_collar, within_collar
-
-from . import guards
 from . import rules as rule_access
 from .arbitration import ArbitrationContext, PotentialBook, Suppressed, arbitrate, cap_filter, increase_ceiling_pct
-from .derisk import Holding, LiveOrder, excess_notional, hard_chunk_notional, plan_reduction
+from .derisk import Holding, LiveOrder, ReductionPlan, excess_notional, hard_chunk_notional, plan_reduction
+from .evaluation import Evaluation, JudgedMarkets, LiveIndex, MergedPositions, _notional
 from .model import (
     DERISK_SLOTS,
-    MM_SLOTS,
     NS,
     BrainState,
     Candidate,
@@ -56,6 +56,7 @@ from .model import (
     Skip,
 )
 from .modes import Latches, ModeInputs, Thresholds, blocked_buckets, derive_mode
+from .orders import IntentContext, IssuedIntent, OrderChanges, Scope, _same_order, reprice_and_cancel
 from .rules import RegimeRule
 from .strategies import IncreaseRoom, Strategy, StrategyContext, build_strategies
 
@@ -156,13 +157,6 @@ class Transition:
     at_ns: int
 
 
-@dataclass(frozen=True, slots=True)
-class IssuedIntent:
-    key: str
-    intent: Intent
-    slot: str
-
-
 @dataclass
 class Decision:
     state: BrainState
@@ -178,270 +172,11 @@ class Decision:
     symbol_errors: dict[str, str] = field(default_factory=dict)  # symbols skipped: evaluating them failed
 
 
-def generation_field(day: str | None, slot: str, symbol: str, side: str) -> str:
-    return f"{day}|{slot}|{symbol}|{side}"
-
-
-def intent_key(day: str | None, slot: str, symbol: str, side: str, generation: int) -> str:
-    return idempotency_key("intent", day, slot, symbol, side, generation)
-
-
 def skip_field(day: str | None, skip: Skip) -> str:
     return f"{day}|{skip.symbol}|{skip.slot}|{skip.reason}"
 
 
-class MergedPositions:
-    """Positions from ev.positions, falling back to the exposure snapshot; lazy, so
-    a per-symbol evaluation does not touch every position."""
-
-    def __init__(self, ev: "_Evaluation") -> None:
-        self.ev = ev
-
-    def get(self, symbol: str) -> PositionView | None:
-        qty, bucket = self.ev.position_qty(symbol)
-        return None if bucket is None else PositionView(qty, bucket)
-
-    def items(self):
-        return self.ev.all_positions().items()
-
-
-class LiveIndex:
-    """The live NEW intent of each (symbol, slot), looked up through the by-symbol index."""
-
-    def __init__(self, view: BrainView, now_ns: int, grace_s: float) -> None:
-        self.view = view
-        self.now = now_ns
-        self.grace = grace_s
-        self._symbols: dict[str, dict[str, Outstanding]] = {}
-
-    def of_symbol(self, symbol: str) -> dict[str, Outstanding]:
-        found = self._symbols.get(symbol)
-        if found is None:
-            found = {}
-            for key in self.view.by_symbol.get(symbol, ()):
-                record = self.view.outstanding[key]
-                if record.live(self.now, self.grace):
-                    current = found.get(record.slot)
-                    if current is None or record.issued_ns > current.issued_ns:
-                        found[record.slot] = record
-            self._symbols[symbol] = found
-        return found
-
-    def get(self, key: tuple[str, str]) -> Outstanding | None:
-        return self.of_symbol(key[0]).get(key[1])
-
-    def items(self, symbols: Iterable[str] | None = None) -> list[tuple[tuple[str, str], Outstanding]]:
-        chosen = sorted(self.view.by_symbol) if symbols is None else sorted(set(symbols))
-        return [((symbol, slot), record) for symbol in chosen for slot, record in sorted(self.of_symbol(symbol).items())]
-
-    def in_slot(self, slot: str) -> list[Outstanding]:
-        return [record for (_symbol, s), record in self.items() if s == slot]
-
-    def other_than(self, symbol: str, slots: Iterable[str]) -> bool:
-        allowed = set(slots)
-        return any(slot not in allowed for slot in self.of_symbol(symbol))
-
-
-class _Evaluation:
-    """Working state of one `decide` call (kept off the view, which stays untouched)."""
-
-    def __init__(self, view: BrainView, er: EngineRules, now_ns: int) -> None:
-        self.view = view
-        self.er = er
-        self.cfg = er.rules
-        self.plaus = er.rules.plausibility
-        self.now = now_ns
-        self.grace = self.cfg.decision.unacked_grace_s
-        self.live = LiveIndex(view, now_ns, self.grace)
-        self._marks: dict[str, Mark[float]] = {}
-        self.mark_rules = MarkRules.from_rules(er.rules)
-        self._markets: dict[str, Market | None] = {}
-        self._positions: dict[str, PositionView] | None = None
-        self.errors: dict[str, str] = {}  # symbol -> why evaluating it failed (the symbol is skipped)
-        self.unpriced: list[str] = []  # held symbols the market has not priced (a fallback mark, or none)
-        self.skips: list[Skip] = []  # found outside the planners (collar, containment)
-        # Unknown is not zero: the latest snapshot, if usable; else the last good one,
-        # while it is young enough to size de-risk; else none.
-        self.exposure_unknown = guards.exposure_problem(view.exposure, self.plaus)
-        basis = view.exposure if self.exposure_unknown is None else view.good_exposure
-        if basis is not None and (
-            guards.exposure_problem(basis, self.plaus) is not None
-            or not guards.age_within(basis.ts_ns, now_ns, self.cfg.decision.derisk_max_exposure_age_s)
-        ):
-            basis = None
-        self.basis: ExposureSnap | None = basis
-
-    # -- containment ----------------------------------------------------------------------------
-    def contain(self, symbol: str, what: str, compute: Any, default: Any = None) -> Any:
-        """compute() for one symbol; an error is recorded against the symbol and
-        `default` returned, so one symbol's absurd numbers never stop the others."""
-        try:
-            return compute()
-        except Exception as exc:  # noqa: BLE001 - contained to the symbol, reported
-            self.errors.setdefault(symbol, f"{what}: {type(exc).__name__}: {exc}"[:300])
-            return default
-
-    # -- market view --------------------------------------------------------------------------
-    def market(self, symbol: str) -> Market | None:
-        """The symbol's market as pricing may see it (an implausible quote removed)."""
-        if symbol not in self._markets:
-            raw = self.view.markets.get(symbol)
-            self._markets[symbol] = None if raw is None else self.contain(
-                symbol, "quote gate", lambda: guards.judged(raw, self.plaus))
-        return self._markets[symbol]
-
-    def reference(self, symbol: str) -> float | None:
-        """The trusted reference of the collar (truth tick, GRPAN, last trusted mark)."""
-        return guards.reference_of(self.view.markets.get(symbol))
-
-    def mark(self, symbol: str) -> Mark[float]:
-        """The symbol's mark by the one rule (qe.marks); the Brain only gathers its inputs:
-        its own judged market, the position's average cost, the universe's reference
-        price (else the exposure snapshot's mark, for a symbol outside the universe)."""
-        found = self._marks.get(symbol)
-        if found is not None:
-            return found
-        market = self.market(symbol) or Market()
-        position = self.view.positions.get(symbol)
-        avg_cost = position.avg_cost if position is not None and position.qty else None
-        reference = self.view.reference_prices.get(symbol)
-        if reference is None:
-            snap = self.basis.symbols.get(symbol) if self.basis else None
-            reference = snap.mark if snap is not None else None
-        mark = resolve(market.mark_inputs(avg_cost, reference), self.now, self.mark_rules)
-        if mark.price is not None and not guards.price_ok(mark.price, self.plaus):
-            self.errors.setdefault(symbol, f"mark {mark.price!r} is not a plausible price")
-            mark = Mark(None, MarkSource.NONE, f"mark {mark.price!r} is not a plausible price")
-        self._marks[symbol] = mark
-        return mark
-
-    def mark_of(self, symbol: str) -> float | None:
-        return self.mark(symbol).price
-
-    def position_qty(self, symbol: str) -> tuple[int, str | None]:
-        position = self.view.positions.get(symbol)
-        if position is not None:
-            return position.qty, position.bucket
-        snap = self.basis.symbols.get(symbol) if self.basis else None
-        if snap is not None:
-            return snap.qty, snap.bucket
-        return 0, None
-
-    def all_positions(self) -> dict[str, PositionView]:
-        """Every non-flat position; a symbol whose position is absurd or was rejected is
-        left out (and recorded in `errors`, which blocks risk increases)."""
-        if self._positions is not None:
-            return self._positions
-        merged: dict[str, PositionView] = {}
-        if self.basis is not None:
-            for symbol, snap in self.basis.symbols.items():
-                if snap.qty:
-                    merged[symbol] = PositionView(snap.qty, snap.bucket)
-        merged.update(self.view.positions)
-        for symbol, why in self.view.input_problems.items():
-            self.errors.setdefault(symbol, f"position rejected: {why}")
-        positions = {}
-        for symbol, p in merged.items():
-            if symbol in self.view.input_problems or p.qty == 0:
-                continue
-            if not guards.qty_ok(p.qty, self.plaus, signed=True):
-                self.errors.setdefault(symbol, "position quantity beyond plausibility.max_quantity")
-                continue
-            positions[symbol] = p
-        self._positions = positions
-        return positions
-
-    def open_reducing_qty(self, symbol: str, qty: int, exclude_key: str | None = None) -> int:
-        """Shares of `symbol` already covered by open orders that reduce the position:
-        every reducing order the exposure snapshot includes (anyone's), PLUS the Brain's
-        own live ones the snapshot does not include (by ev.orders entry id). Never the
-        larger of the two: they are different orders."""
-        reducing_side = "SELL" if qty > 0 else "BUY"
-        snap = self.basis.symbols.get(symbol) if self.basis else None
-        in_snapshot = 0 if snap is None else (snap.open_sell if reducing_side == "SELL" else snap.open_buy)
-        through = self.basis.orders_through if self.basis else None
-        unseen = 0
-        for key in self.view.by_symbol.get(symbol, ()):
-            record = self.view.outstanding[key]
-            if record.side != reducing_side or key == exclude_key or not record.live(self.now, self.grace):
-                continue
-            if snap is None or record.counts_in_potential(through, self.now, self.grace):
-                unseen += record.remaining_qty
-        return in_snapshot + unseen
-
-    def settling(self, symbol: str) -> bool:
-        since = self.view.settling.get(symbol)
-        return since is not None and guards.age_within(since, self.now, self.cfg.decision.fill_settle_timeout_s)
-
-    def cooling_down(self, symbol: str) -> bool:
-        """Execution rejected an order on this symbol a moment ago: no new one yet."""
-        since = self.view.rejected.get(symbol)
-        return since is not None and guards.age_within(since, self.now, self.cfg.decision.reject_cooldown_s)
-
-    # -- exposure -----------------------------------------------------------------------------
-    def equity(self) -> float | None:
-        if self.basis is not None:
-            return self.basis.equity
-        account = self.view.account_equity
-        if guards.equity_ok(account) and account > 0:  # type: ignore[operator]
-            return account
-        return None
-
-    def brain_gross(self, equity: float) -> tuple[float, dict[str, float]]:
-        """Current gross % from the Brain's freshest positions and marks; per bucket too."""
-        total = 0.0
-        buckets: dict[str, float] = {}
-        for symbol, position in self.all_positions().items():
-            # Every held position counts, at its fallback mark until the market prices it;
-            # such a position blocks risk increases (unpriced).
-            if symbol not in self.errors and not self.mark(symbol).market_priced:
-                self.unpriced.append(symbol)
-            notional = self.contain(symbol, "gross", lambda: _notional(position.qty, self.mark_of(symbol)))
-            if notional is None:
-                continue
-            total += notional
-            buckets[position.bucket] = buckets.get(position.bucket, 0.0) + notional
-        return total / equity * 100, {name: value / equity * 100 for name, value in buckets.items()}
-
-    def potential_book(self) -> PotentialBook | None:
-        exposure = self.basis
-        equity = self.equity()
-        if exposure is None or exposure.potential_pct is None or equity is None:
-            return None
-        book = PotentialBook(
-            equity=exposure.equity,
-            potential_pct=exposure.potential_pct,
-            bucket_potential_pct={name: b.potential_pct for name, b in exposure.buckets.items()},
-            base=exposure.symbols,
-        )
-        for key in sorted(self.view.unseen):
-            record = self.view.outstanding.get(key)
-            if record is not None and record.counts_in_potential(exposure.orders_through, self.now, self.grace):
-                mark = self.mark_of(record.symbol) or record.limit_price or 0.0
-                self.contain(record.symbol, "potential", lambda: book.add(record.symbol, record.side, record.qty, mark,
-                                                                           record.bucket))
-        return book
-
-
-def _notional(qty: int, mark: float | None) -> float | None:
-    """|qty| x mark; an overflow or a non-finite result is an error, not a number."""
-    if mark is None:
-        return None
-    notional = abs(qty) * mark
-    if not math.isfinite(notional):
-        raise ArithmeticError(f"notional of {qty} x {mark} is not finite")
-    return notional
-
-
-class JudgedMarkets:
-    """`markets` for strategies: each symbol's market as judged by the quote gate."""
-
-    def __init__(self, ev: _Evaluation) -> None:
-        self.ev = ev
-
-    def get(self, symbol: str, default: Market | None = None) -> Market | None:
-        market = self.ev.market(symbol)
-        return default if market is None else market
+# --- the pipeline --------------------------------------------------------------------------
 
 
 def decide(
@@ -460,266 +195,379 @@ def decide(
     `view.pending_book` (kept up to date by the caller) instead of rebuilding it from
     the unacknowledged intents; a per-symbol evaluation always reuses it. The
     cached book may still count an intent that has since expired: conservative."""
-    ev = _Evaluation(view, er, now_ns)
-    cfg = er.rules
-    state = replace(view.state, numbers=dict(view.state.numbers))
-    decision = Decision(state=state)
-    session, exposure = view.session, view.exposure
+    ev = Evaluation(view, er, now_ns)
+    session = view.session
+    state = start_trading_day(replace(view.state, numbers=dict(view.state.numbers)), session, full)
+    health = judge_inputs(ev, state, session)
+    gross = measure_gross(ev, health, full, reuse_book)
+    state, transition = decide_mode(state, health, gross, ev.basis, session, er, now_ns, full)
+    limits = bucket_limits(er, ev.basis if health.exposure_ok else None)
+    derisk, state = size_derisk(ev, state, session, health, gross, full)
+    ceiling = increase_ceiling(er, session)
+    strategies = propose_strategies(ev, state.mode, health, gross, limits, ceiling, full, symbols)
+    candidates = continue_live_orders(ev.live, derisk.candidates + strategies.candidates)
+    skips = derisk.skips + strategies.skips
+    arbitrated = arbitrate_candidates(ev, candidates, skips, state.mode, health, gross, limits, ceiling)
+    base_trace = intent_trace(state, ev.basis, session, health, gross, full)
+    context = IntentContext(state.trading_day, gross.equity, base_trace, causation_of(ev.basis, session))
+    orders = reprice_and_cancel(ev, arbitrated.kept, derisk.scope | strategies.scope, state.mode, context)
+    book = book_after(ev, gross.base_book, orders.intents)
+    state = count_hard_step(state, orders.intents, now_ns)
+    removed = finished_records(ev, orders.records) if full else []
+    skips = skips + orders.skips
+    suppressed = arbitrated.suppressed + orders.suppressed
+    trace = decision_trace(base_trace, ev, state, health, gross, limits, arbitrated, derisk, strategies, suppressed,
+                           orders, skips)
+    return Decision(
+        state=state, transition=transition, intents=orders.intents, records=orders.records, removed=removed,
+        generations=orders.generations, suppressed=suppressed, skips=skips_to_report(skips, state.trading_day, view),
+        trace=trace, book=book, symbol_errors=dict(ev.errors),
+    )
 
-    # 1. a new trading day starts from scratch (the operator halt survives it).
-    day = state.trading_day
+
+def start_trading_day(state: BrainState, session: SessionSnap | None, full: bool) -> BrainState:
+    """A new trading day starts from scratch (the operator halt survives it)."""
     if full and session is not None and session.trading_day and session.trading_day != state.trading_day:
-        day = state.trading_day = session.trading_day
-        state.latches = Latches()
-        state.hard_steps, state.hard_excess_notional, state.hard_last_step_ns = 0, 0.0, 0
-        state.mm_overnight_active = False
+        return replace(state, trading_day=session.trading_day, latches=Latches(), hard_steps=0, hard_excess_notional=0.0,
+                       hard_last_step_ns=0, mm_overnight_active=False)
+    return state
 
-    # 2. data health.
-    # Ages on the Brain's clock, either way: a snapshot from the future is not fresh.
-    session_age_s = None if session is None else abs(now_ns - session.now_ns) / NS
+
+@dataclass(frozen=True, slots=True)
+class InputHealth:
+    """What the inputs allow this evaluation: ages on the Brain's clock, either way (a
+    snapshot from the future is not fresh), and why risk increases are blocked."""
+
+    session_age_s: float | None
+    exposure_age_s: float | None
+    exposure_ok: bool  # an exposure basis to act on, and an equity
+    market_open: bool
+    can_reduce: bool  # de-risk may run: market open, exposure basis, fresh session
+    blocked: tuple[str, ...]  # why increases are blocked, by the inputs alone
+    unknown_why: str | None  # why the exposure is unknown (None: known)
+
+
+def judge_inputs(ev: Evaluation, state: BrainState, session: SessionSnap | None) -> InputHealth:
+    cfg = ev.cfg.decision
     basis = ev.basis  # the exposure the Brain may act on (None: unknown)
-    exposure_age_s = None if basis is None else abs(now_ns - basis.ts_ns) / NS
-    session_fresh = session_age_s is not None and session_age_s <= cfg.decision.max_session_age_s
+    session_age_s = None if session is None else abs(ev.now - session.now_ns) / NS
+    exposure_age_s = None if basis is None else abs(ev.now - basis.ts_ns) / NS
+    session_fresh = session_age_s is not None and session_age_s <= cfg.max_session_age_s
     exposure_ok = basis is not None and ev.equity() is not None
     exposure_fresh = (exposure_ok and ev.exposure_unknown is None and exposure_age_s is not None
-                      and exposure_age_s <= cfg.decision.max_exposure_age_s)
+                      and exposure_age_s <= cfg.max_exposure_age_s)
     market_open = bool(session is not None and session.market_open)
-    blocked_reasons = []
+    blocked = []
     if state.broker_connected is not True:
-        blocked_reasons.append("broker_down")
+        blocked.append("broker_down")
     if ev.exposure_unknown is not None:
-        blocked_reasons.append("exposure_unknown")
+        blocked.append("exposure_unknown")
     elif not exposure_fresh:
-        blocked_reasons.append("stale_exposure")
+        blocked.append("stale_exposure")
     if not session_fresh:
-        blocked_reasons.append("stale_session")
+        blocked.append("stale_session")
     if not market_open:
-        blocked_reasons.append("market_closed")
-    # De-risk goes on from the last good snapshot while it is young enough (basis).
-    can_reduce = market_open and exposure_ok and session_fresh
+        blocked.append("market_closed")
     # What the Brain cannot judge, it reports: in the trace, in the mode's reason, and
     # (by the handler, once per episode) as an alert.
     unknown_why = ev.exposure_unknown
     if unknown_why is None and basis is None:
-        unknown_why = f"snapshot older than {cfg.decision.derisk_max_exposure_age_s:g}s"
-    if full:
-        state.exposure_unknown = unknown_why or ""
+        unknown_why = f"snapshot older than {cfg.derisk_max_exposure_age_s:g}s"
+    # De-risk goes on from the last good snapshot while it is young enough (basis).
+    return InputHealth(session_age_s, exposure_age_s, exposure_ok, market_open,
+                       can_reduce=market_open and exposure_ok and session_fresh, blocked=tuple(blocked),
+                       unknown_why=unknown_why)
 
-    # 3. the Brain's potential gross.
+
+@dataclass(frozen=True, slots=True)
+class Gross:
+    """The gross figures of one evaluation."""
+
+    base_book: PotentialBook | None  # the Brain's potential before this evaluation's intents (None: unknown)
+    potential_pct: float | None  # its total
+    snapshot_gross_pct: float | None  # the exposure snapshot's gross (the mode rules' authority)
+    equity: float | None
+    brain_gross_pct: float | None  # from the Brain's fresher positions and marks (full evaluations only)
+    brain_buckets: dict[str, float]
+    unpriced: list[str]  # held symbols the market has not priced: they block risk increases
+
+
+def measure_gross(ev: Evaluation, health: InputHealth, full: bool, reuse_book: bool) -> Gross:
+    view = ev.view
     reuse = (reuse_book or not full) and view.pending_book is not None
     base_book = view.pending_book if reuse else ev.potential_book()
-    book = None if base_book is None else base_book.overlay()
-    brain_potential = None if book is None else book.potential_pct
-    gross = basis.gross_pct if exposure_ok else None  # type: ignore[union-attr]
+    snapshot_gross = ev.basis.gross_pct if health.exposure_ok else None  # type: ignore[union-attr]
     equity = ev.equity()
     # O(positions): only on full evaluations (the per-symbol path must stay O(1)).
-    brain_gross, brain_buckets = ev.brain_gross(equity) if (equity and full) else (None, {})
+    brain_gross, brain_buckets, unpriced = ev.brain_gross(equity) if (equity and full) else (None, {}, [])
+    return Gross(base_book, None if base_book is None else base_book.potential_pct, snapshot_gross, equity,
+                 brain_gross, brain_buckets, unpriced)
 
-    # 4. the mode.
+
+def decide_mode(state: BrainState, health: InputHealth, gross: Gross, basis: ExposureSnap | None,
+                session: SessionSnap | None, er: EngineRules, now_ns: int, full: bool) -> tuple[BrainState, Transition | None]:
+    """The mode and its transition (full evaluations only); the hard de-risk step
+    counters end with HARD_DERISK."""
+    transition = None
     if full:
         regime = session.regime if session is not None else None
         result = derive_mode(
             ModeInputs(
-                halted=state.halted,
-                gross_pct=gross,
-                potential_pct=brain_potential,
-                soft_window=bool(session and session.soft_window),
-                hard_window=bool(session and session.hard_window),
-                regime=regime,
-                regime_rule=er.regimes.get(regime) if regime else None,
-                exposure_unknown=unknown_why,
+                halted=state.halted, gross_pct=gross.snapshot_gross_pct, potential_pct=gross.potential_pct,
+                soft_window=bool(session and session.soft_window), hard_window=bool(session and session.hard_window),
+                regime=regime, regime_rule=er.regimes.get(regime) if regime else None, exposure_unknown=health.unknown_why,
             ),
-            state.latches,
-            state.mode,
-            er.thresholds,
+            state.latches, state.mode, er.thresholds,
         )
         numbers = {
             **result.numbers,
-            "brain_gross_pct": None if brain_gross is None else round(brain_gross, 4),
+            "brain_gross_pct": _rounded(gross.brain_gross_pct),
             "exposure_snapshot": basis.snapshot_id if basis else None,
             "session_snapshot": session.snapshot_id if session else None,
         }
+        since_ns, transitions = state.since_ns, state.transitions
         if result.mode != state.mode:
-            state.transitions += 1
-            decision.transition = Transition(state.mode, result.mode, result.rule, result.reason, numbers, state.transitions, now_ns)
-            state.since_ns = now_ns
-        state.mode, state.rule, state.reason, state.numbers, state.latches = (
-            result.mode, result.rule, result.reason, numbers, result.latches)
-    mode = state.mode
-    if mode != "HARD_DERISK":
-        state.hard_steps, state.hard_excess_notional, state.hard_last_step_ns = 0, 0.0, 0
+            since_ns, transitions = now_ns, transitions + 1
+            transition = Transition(state.mode, result.mode, result.rule, result.reason, numbers, transitions, now_ns)
+        state = replace(state, mode=result.mode, rule=result.rule, reason=result.reason, numbers=numbers,
+                        latches=result.latches, since_ns=since_ns, transitions=transitions,
+                        exposure_unknown=health.unknown_why or "")
+    if state.mode != "HARD_DERISK":
+        state = replace(state, hard_steps=0, hard_excess_notional=0.0, hard_last_step_ns=0)
+    return state, transition
 
-    bucket_now: dict[str, tuple[float, float]] = {}
-    bucket_target: dict[str, float] = {}
-    bucket_max: dict[str, float] = {}
-    for name, (target, maximum) in er.default_buckets.items():
-        bucket_target[name], bucket_max[name] = target, maximum
-    if exposure_ok:
-        for name, b in basis.buckets.items():  # type: ignore[union-attr]
-            bucket_target[name], bucket_max[name] = b.target_pct, b.max_pct
-            bucket_now[name] = (b.current_pct, b.max_pct)
-    blocked = blocked_buckets(bucket_now)
 
-    # 5. candidates.
+@dataclass(frozen=True, slots=True)
+class BucketLimits:
+    target: dict[str, float]
+    maximum: dict[str, float]
+    current: dict[str, float]  # from the exposure basis
+    over_max: dict[str, dict[str, float]]  # buckets over their max (no increase in them)
+
+
+def bucket_limits(er: EngineRules, basis: ExposureSnap | None) -> BucketLimits:
+    """Targets and maxima from the rules, overridden by the exposure basis (if usable)."""
+    target = {name: t for name, (t, _m) in er.default_buckets.items()}
+    maximum = {name: m for name, (_t, m) in er.default_buckets.items()}
+    now: dict[str, tuple[float, float]] = {}
+    for name, b in (basis.buckets.items() if basis is not None else ()):
+        target[name], maximum[name] = b.target_pct, b.max_pct
+        now[name] = (b.current_pct, b.max_pct)
+    return BucketLimits(target, maximum, {n: c for n, (c, _m) in now.items()}, blocked_buckets(now))
+
+
+def increase_ceiling(er: EngineRules, session: SessionSnap | None) -> float | None:
+    """No risk increase above the regime's tolerance less the strategies' margin (no flapping)."""
+    regime_rule = er.regimes.get(session.regime) if session is not None and session.regime else None
+    return increase_ceiling_pct(None if regime_rule is None else regime_rule.tolerance_pct,
+                                er.rules.strategies.tolerance_margin_pct, er.hard_cap_pct)
+
+
+@dataclass(frozen=True, slots=True)
+class Proposals:
+    """Candidates of one step, the skips it found, the (symbol, slot)s whose live
+    orders it judges, and its numbers for the trace."""
+
+    candidates: list[Candidate] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+    scope: Scope = field(default_factory=set)
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+
+def size_derisk(ev: Evaluation, state: BrainState, session: SessionSnap | None, health: InputHealth, gross: Gross,
+                full: bool) -> tuple[Proposals, BrainState]:
+    """The reductions of the mode's planner and the MM overnight leftover (full
+    evaluations, when de-risk may run); the state carries the planners' memory."""
+    equity = gross.equity
+    if state.mode == "HALTED" or not full or not health.can_reduce or not equity:
+        return Proposals(), state
+    assert session is not None and gross.brain_gross_pct is not None
+    plan, state = _mode_reduction(ev, state, session, gross.brain_gross_pct, equity)
+    mm_pct = gross.brain_buckets.get("MM_PURE", 0.0)
+    state = _mm_overnight_state(state, session, mm_pct, ev.cfg.derisk.mm_overnight_max_pct)
+    overnight = _mm_overnight_plan(ev, mm_pct, equity) if state.mm_overnight_active else None
     candidates: list[Candidate] = []
     skips: list[Skip] = []
-    in_scope: set[tuple[str | None, str]] = set()  # (symbol or None for all, slot)
-    trace_plan: dict[str, Any] = {}
-    if mode != "HALTED" and full and can_reduce and equity:
-        for slot in DERISK_SLOTS:
-            in_scope.add((None, slot))
-        plan = _derisk_plan(ev, state, mode, session, brain_gross, brain_buckets, equity)  # type: ignore[arg-type]
-        if plan is not None:
-            candidates += plan.candidates
-            skips += plan.skips
-            trace_plan = plan.numbers
-        overnight = _mm_overnight(ev, state, session, brain_buckets, equity)  # type: ignore[arg-type]
-        if overnight is not None:
-            candidates += overnight.candidates
-            skips += overnight.skips
-    strategy_numbers: dict[str, Any] = {}
-    # No risk increase above the regime's tolerance less the strategies' margin (no flapping).
-    regime_rule = er.regimes.get(session.regime) if session is not None and session.regime else None
-    ceiling = increase_ceiling_pct(None if regime_rule is None else regime_rule.tolerance_pct,
-                                   cfg.strategies.tolerance_margin_pct, er.hard_cap_pct)
-    if mode != "HALTED" and market_open and equity:
-        room = None if book is None or ceiling is None else IncreaseRoom(book.overlay(), ceiling)
-        context = _strategy_context(ev, equity, bucket_target, {n: c for n, (c, _m) in bucket_now.items()}, room)
-        for strategy in er.strategies:
-            if not full and not strategy.per_symbol:
-                continue
-            if full and not strategy.per_symbol:
-                wanted = None
-            else:
-                wanted = None if symbols is None else list(symbols)
-            strategy_context = replace(context, priority=cfg.arbitration.priorities[strategy.name])
-            output = ev.contain(f"strategy {strategy.name}", "propose", lambda: strategy.propose(strategy_context, wanted))
-            if output is None:
-                continue  # reported in symbol_errors; its live orders are left alone (not in scope)
-            candidates += output.candidates
-            skips += output.skips
-            if output.numbers:
-                strategy_numbers[strategy.name] = output.numbers
-            for slot in strategy.slots:
-                if wanted is None:
-                    in_scope.add((None, slot))
-                else:
-                    in_scope.update((symbol, slot) for symbol in wanted)
+    for found in (plan, overnight):
+        if found is not None:
+            candidates += found.candidates
+            skips += found.skips
+    return Proposals(candidates, skips, {(None, slot) for slot in DERISK_SLOTS}, plan.numbers if plan else {}), state
 
-    # A candidate that is the very order already live in its slot is a continuation:
-    # its shares are already in the Brain's potential and must not be counted twice.
-    for index, candidate in enumerate(candidates):
+
+def propose_strategies(ev: Evaluation, mode: str, health: InputHealth, gross: Gross, limits: BucketLimits,
+                       ceiling: float | None, full: bool, symbols: Iterable[str] | None) -> Proposals:
+    """Every enabled strategy (a per-symbol evaluation: only the per-symbol ones, for
+    `symbols`). A strategy that fails is contained: reported in symbol_errors, its
+    live orders left alone (not in scope)."""
+    out = Proposals()
+    if mode == "HALTED" or not health.market_open or not gross.equity:
+        return out
+    base_book = gross.base_book
+    room = None if base_book is None or ceiling is None else IncreaseRoom(base_book.overlay(), ceiling)
+    context = _strategy_context(ev, gross.equity, limits.target, limits.current, room)
+    for strategy in ev.er.strategies:
+        if not full and not strategy.per_symbol:
+            continue
+        wanted = None if (full and not strategy.per_symbol) or symbols is None else list(symbols)
+        strategy_context = replace(context, priority=ev.cfg.arbitration.priorities[strategy.name])
+        output = ev.contain(f"strategy {strategy.name}", "propose", lambda: strategy.propose(strategy_context, wanted))
+        if output is None:
+            continue
+        out.candidates.extend(output.candidates)
+        out.skips.extend(output.skips)
+        if output.numbers:
+            out.numbers[strategy.name] = output.numbers
+        for slot in strategy.slots:
+            out.scope.update([(None, slot)] if wanted is None else [(symbol, slot) for symbol in wanted])
+    return out
+
+
+def continue_live_orders(live: LiveIndex, candidates: list[Candidate]) -> list[Candidate]:
+    """A candidate that is the very order already live in its slot is a continuation:
+    its shares are already in the Brain's potential and must not be counted twice."""
+    out = []
+    for candidate in candidates:
         if candidate.keep_key is None:
-            live = ev.live.get((candidate.symbol, candidate.slot))
-            if live is not None and not live.cancel_sent and _same_order(candidate, live):
-                candidates[index] = replace(candidate, keep_key=live.key)
+            order = live.get((candidate.symbol, candidate.slot))
+            if order is not None and not order.cancel_sent and _same_order(candidate, order):
+                candidate = replace(candidate, keep_key=order.key)
+        out.append(candidate)
+    return out
 
-    # 6. arbitration and the hard cap. A symbol that could not be evaluated is unknown:
-    # no risk increase anywhere until it is known again (its shares may be anything).
-    for skip in skips:
-        if skip.reason == "evaluation_error":
-            ev.errors.setdefault(skip.symbol, str(skip.numbers.get("error", "evaluation error")))
+
+@dataclass(frozen=True, slots=True)
+class Arbitrated:
+    kept: list[Candidate]
+    suppressed: list[Suppressed]
+    blocked: list[str]  # why risk increases are blocked (inputs, unknown symbols, unpriced positions)
+    considered: int  # candidates of symbols that could be evaluated
+
+
+def arbitrate_candidates(ev: Evaluation, candidates: list[Candidate], skips: list[Skip], mode: str, health: InputHealth,
+                         gross: Gross, limits: BucketLimits, ceiling: float | None) -> Arbitrated:
+    """Arbitration and the hard cap. A symbol that could not be evaluated is unknown:
+    no risk increase anywhere until it is known again (its shares may be anything)."""
+    ev.record_failures(skips)
     candidates = [c for c in candidates if c.symbol not in ev.errors]
+    blocked = list(health.blocked)
     if ev.errors:
-        blocked_reasons.append("symbol_errors")
-    if ev.unpriced:
-        blocked_reasons.append("unpriced_positions")  # their notional is unknown, not zero
-    arbitration = arbitrate(
-        candidates,
-        ArbitrationContext(
-            mode=mode,
-            gross_pct=gross,
-            hard_cap_pct=er.hard_cap_pct,
-            mm_increase_gross_limit_pct=cfg.arbitration.drop_mm_increases_above_gross_pct,
-            increases_allowed=not blocked_reasons and book is not None,
-            increases_blocked_reason=",".join(blocked_reasons) or ("no_potential" if book is None else ""),
-            blocked_buckets=frozenset(blocked),
-        ),
+        blocked.append("symbol_errors")
+    if gross.unpriced:
+        blocked.append("unpriced_positions")  # their notional is unknown, not zero
+    er, base_book = ev.er, gross.base_book
+    arbitration = arbitrate(candidates, ArbitrationContext(
+        mode=mode, gross_pct=gross.snapshot_gross_pct, hard_cap_pct=er.hard_cap_pct,
+        mm_increase_gross_limit_pct=ev.cfg.arbitration.drop_mm_increases_above_gross_pct,
+        increases_allowed=not blocked and base_book is not None,
+        increases_blocked_reason=",".join(blocked) or ("no_potential" if base_book is None else ""),
+        blocked_buckets=frozenset(limits.over_max),
+    ))
+    suppressed, kept = list(arbitration.suppressed), arbitration.kept
+    if base_book is None:
+        return Arbitrated([c for c in kept if not c.is_increase or c.keep_key is not None], suppressed, blocked,
+                          len(candidates))
+    capped = cap_filter(
+        kept, base_book.overlay(), hard_cap_pct=er.hard_cap_pct, increase_ceiling_pct=ceiling,
+        bucket_max_pct=limits.maximum, min_qty=ev.cfg.decision.min_order_qty,
+        mark_of={c.symbol: ev.mark_of(c.symbol) or 0.0 for c in kept},
     )
-    decision.suppressed += arbitration.suppressed
-    kept = arbitration.kept
-    if book is not None:
-        capped = cap_filter(
-            kept,
-            book,
-            hard_cap_pct=er.hard_cap_pct,
-            increase_ceiling_pct=ceiling,
-            bucket_max_pct=bucket_max,
-            min_qty=cfg.decision.min_order_qty,
-            mark_of={c.symbol: ev.mark_of(c.symbol) or 0.0 for c in kept},
-        )
-        kept = capped.kept
-        decision.suppressed += capped.suppressed
-    else:
-        kept = [c for c in kept if not c.is_increase or c.keep_key is not None]
+    return Arbitrated(capped.kept, suppressed + capped.suppressed, blocked, len(candidates))
 
-    # 7. reconciliation.
-    base_trace = {
-        "mode": mode,
+
+def book_after(ev: Evaluation, base_book: PotentialBook | None, intents: list[IssuedIntent]) -> PotentialBook | None:
+    """The potential as it stands with what was actually issued (for the next evaluation)."""
+    if base_book is None:
+        return None
+    issued = base_book.overlay()
+    for item in intents:
+        if item.intent.action == "NEW":
+            i = item.intent
+            ev.contain(i.symbol, "potential", lambda: issued.add(
+                i.symbol, i.side, i.qty, ev.mark_of(i.symbol) or i.limit_price or 0.0, i.bucket))
+    return issued
+
+
+def count_hard_step(state: BrainState, intents: list[IssuedIntent], now_ns: int) -> BrainState:
+    """A hard de-risk step is counted when it issued a new order."""
+    if state.mode == "HARD_DERISK" and any(i.slot == "HARD_DERISK" and i.intent.action == "NEW" for i in intents):
+        return replace(state, hard_steps=state.hard_steps + 1, hard_last_step_ns=now_ns)
+    return state
+
+
+def finished_records(ev: Evaluation, changed: dict[str, Outstanding]) -> list[str]:
+    """Bookkeeping records nobody needs any more (terminal or expired, and seen by exposure)."""
+    through = ev.basis.orders_through if ev.basis else None  # an unusable snapshot has seen nothing
+    removed = []
+    for key, record in ev.view.outstanding.items():
+        if key in changed:
+            continue
+        done = record.terminal or record.expired(ev.now, ev.grace)
+        if done and not record.counts_in_potential(through, ev.now, ev.grace):
+            removed.append(key)
+    return removed
+
+
+def skips_to_report(skips: list[Skip], day: str | None, view: BrainView) -> list[Skip]:
+    """Skips worth an operator's attention not reported yet today."""
+    return [s for s in skips if skip_field(day, s) not in view.reported_skips and s.reason in REPORTED_SKIPS]
+
+
+def causation_of(basis: ExposureSnap | None, session: SessionSnap | None) -> list[str]:
+    return [x for x in ((basis.event_id if basis else None), (session.event_id if session else None)) if x]
+
+
+def intent_trace(state: BrainState, basis: ExposureSnap | None, session: SessionSnap | None, health: InputHealth,
+                 gross: Gross, full: bool) -> dict[str, Any]:
+    """What every intent's trace and the evaluation's trace start with."""
+    return {
+        "mode": state.mode,
         "mode_rule": state.rule,
         "mode_reason": state.reason,
         "exposure_snapshot": basis.snapshot_id if basis else None,
         "exposure_ts_ns": basis.ts_ns if basis else None,
-        "exposure_unknown": unknown_why,
+        "exposure_unknown": health.unknown_why,
         "session_snapshot": session.snapshot_id if session else None,
         "session_now_ns": session.now_ns if session else None,
         "regime": session.regime if session else None,
-        "gross_pct": gross,
-        "brain_gross_pct": None if brain_gross is None else round(brain_gross, 4),
-        "brain_potential_pct": None if brain_potential is None else round(brain_potential, 4),
-        "equity": equity,
+        "gross_pct": gross.snapshot_gross_pct,
+        "brain_gross_pct": _rounded(gross.brain_gross_pct),
+        "brain_potential_pct": _rounded(gross.potential_pct),
+        "equity": gross.equity,
         "evaluation": "full" if full else "symbols",
     }
-    causation = [x for x in ((basis.event_id if basis else None), (session.event_id if session else None)) if x]
-    _reconcile(ev, decision, kept, in_scope, mode, day, equity, base_trace, causation)
-    if base_book is not None:
-        # The potential as it stands with what was actually issued (for the next evaluation).
-        issued = base_book.overlay()
-        for item in decision.intents:
-            if item.intent.action == "NEW":
-                i = item.intent
-                ev.contain(i.symbol, "potential", lambda: issued.add(
-                    i.symbol, i.side, i.qty, ev.mark_of(i.symbol) or i.limit_price or 0.0, i.bucket))
-        decision.book = issued
 
-    if mode == "HARD_DERISK" and any(i.slot == "HARD_DERISK" and i.intent.action == "NEW" for i in decision.intents):
-        state.hard_steps += 1
-        state.hard_last_step_ns = now_ns
 
-    # Bookkeeping records nobody needs any more (terminal and seen by exposure).
-    if full:
-        through = basis.orders_through if basis else None  # an unusable snapshot has seen nothing
-        for key, record in view.outstanding.items():
-            if key in decision.records:
-                continue
-            done = record.terminal or record.expired(now_ns, ev.grace)
-            if done and not record.counts_in_potential(through, now_ns, ev.grace):
-                decision.removed.append(key)
-
-    skips += ev.skips
-    decision.symbol_errors = dict(ev.errors)
-    decision.skips = [s for s in skips if skip_field(day, s) not in view.reported_skips and s.reason in REPORTED_SKIPS]
-    decision.trace = {
-        **base_trace,
-        "increases_blocked": blocked_reasons,
-        "blocked_buckets": blocked,
-        "plan": trace_plan,
-        "strategies": strategy_numbers,
-        "candidates": len(candidates),
-        "suppressed": len(decision.suppressed),
-        "intents": len(decision.intents),
+def decision_trace(base: dict[str, Any], ev: Evaluation, state: BrainState, health: InputHealth, gross: Gross,
+                   limits: BucketLimits, arbitrated: Arbitrated, derisk: Proposals, strategies: Proposals,
+                   suppressed: list[Suppressed], orders: OrderChanges, skips: list[Skip]) -> dict[str, Any]:
+    """The evaluation's trace (`state:decision` last_trace)."""
+    return {
+        **base,
+        "increases_blocked": arbitrated.blocked,
+        "blocked_buckets": limits.over_max,
+        "plan": derisk.numbers,
+        "strategies": strategies.numbers,
+        "candidates": arbitrated.considered,
+        "suppressed": len(suppressed),
+        "intents": len(orders.intents),
         "hard_steps": state.hard_steps,
-        "session_age_s": None if session_age_s is None else round(session_age_s, 3),
-        "exposure_age_s": None if exposure_age_s is None else round(exposure_age_s, 3),
+        "session_age_s": _rounded(health.session_age_s, 3),
+        "exposure_age_s": _rounded(health.exposure_age_s, 3),
         # Why symbols were left out this time (every skip, not only the newly reported).
         "skips": _skip_trace(skips),
         "symbol_errors": dict(sorted(ev.errors.items())[:TRACE_LIMIT]),
-        "unpriced_positions": sorted(ev.unpriced)[:TRACE_LIMIT],
+        "unpriced_positions": sorted(gross.unpriced)[:TRACE_LIMIT],
     }
-    return decision
 
 
-# Skips worth an operator's attention (once per day, symbol, slot and reason).
+def _rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+# --- de-risk sizing and the strategies' context ------------------------------------------
+
+
 REPORTED_SKIPS = frozenset({"stale_l1", "stale_prints", "no_price", "implausible_quote", "no_reference", "evaluation_error"})
 TRACE_LIMIT = 50  # symbols named per skip reason in a trace (the count is always complete)
 
@@ -735,7 +583,7 @@ def _skip_trace(skips: list[Skip]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _holdings(ev: _Evaluation, slot: str, bucket: str | None = None) -> list[Holding]:
+def _holdings(ev: Evaluation, slot: str, bucket: str | None = None) -> list[Holding]:
     holdings = []
     for symbol, position in ev.all_positions().items():
         if bucket is not None and position.bucket != bucket:
@@ -746,7 +594,7 @@ def _holdings(ev: _Evaluation, slot: str, bucket: str | None = None) -> list[Hol
     return holdings
 
 
-def _holding(ev: _Evaluation, slot: str, symbol: str, position: PositionView) -> Holding | None:
+def _holding(ev: Evaluation, slot: str, symbol: str, position: PositionView) -> Holding | None:
     derisk = ev.cfg.derisk
     mark = ev.mark_of(symbol)
     if mark is None or mark <= 0:
@@ -779,92 +627,109 @@ def _holding(ev: _Evaluation, slot: str, symbol: str, position: PositionView) ->
     )
 
 
-def _awaiting_positions(ev: _Evaluation) -> bool:
+def _awaiting_positions(ev: Evaluation) -> bool:
     """A fill was seen whose position update has not arrived: the gross is not known
     yet, so reductions keep their live orders but size no new ones."""
     return any(ev.settling(symbol) for symbol in ev.view.settling)
 
 
-def _derisk_plan(ev, state: BrainState, mode: str, session: SessionSnap, brain_gross: float, brain_buckets, equity: float):
-    if _awaiting_positions(ev):
-        plan = _derisk_plan_sized(ev, state, mode, session, brain_gross, equity)
-        if plan is None:
-            return None
+def _mode_reduction(ev: Evaluation, state: BrainState, session: SessionSnap, brain_gross: float,
+                    equity: float) -> tuple[ReductionPlan | None, BrainState]:
+    """The mode's reduction plan. Awaiting a position after a fill, the gross is not
+    known yet: the plan keeps its live orders but sizes no new ones."""
+    plan: ReductionPlan | None = None
+    if state.mode == "CAP_RECOVERY":
+        plan = _cap_recovery_plan(ev, brain_gross, equity)
+    elif state.mode == "HARD_DERISK":
+        plan, state = _hard_derisk_plan(ev, state, brain_gross, equity)
+    elif state.mode == "SOFT_DERISK":
+        plan = _soft_derisk_plan(ev, state, session, brain_gross, equity)
+    if plan is not None and _awaiting_positions(ev):
         kept = [c for c in plan.candidates if c.keep_key is not None]
-        return replace(plan, candidates=kept, numbers={**plan.numbers, "awaiting_positions": True})
-    return _derisk_plan_sized(ev, state, mode, session, brain_gross, equity)
+        plan = replace(plan, candidates=kept, numbers={**plan.numbers, "awaiting_positions": True})
+    return plan, state
 
 
-def _derisk_plan_sized(ev, state: BrainState, mode: str, session: SessionSnap, brain_gross: float, equity: float):
-    cfg = ev.cfg
-    priorities = cfg.arbitration.priorities
-    derisk = cfg.derisk
-    min_qty = cfg.decision.min_order_qty
-    if mode == "CAP_RECOVERY":
-        target = ev.er.cap_recovery_target_pct
-        excess = excess_notional(brain_gross, target, equity)
-        return plan_reduction(
-            _holdings(ev, "CAP_RECOVERY"), slot="CAP_RECOVERY", purpose="CAP_RECOVERY", priority=priorities["CAP_RECOVERY"],
-            excess_notional=excess, new_budget_notional=excess, pricing=derisk.cap_recovery_pricing,
-            soft_offset=derisk.soft_price_offset, min_qty=min_qty,
-            reason=f"cap recovery: gross {brain_gross:.2f}% -> {target:g}%",
-            numbers={"rule": "cap_recovery", "gross_pct": round(brain_gross, 4), "target_pct": target},
+def _cap_recovery_plan(ev: Evaluation, brain_gross: float, equity: float) -> ReductionPlan:
+    derisk = ev.cfg.derisk
+    target = ev.er.cap_recovery_target_pct
+    excess = excess_notional(brain_gross, target, equity)
+    return plan_reduction(
+        _holdings(ev, "CAP_RECOVERY"), slot="CAP_RECOVERY", purpose="CAP_RECOVERY",
+        priority=ev.cfg.arbitration.priorities["CAP_RECOVERY"],
+        excess_notional=excess, new_budget_notional=excess, pricing=derisk.cap_recovery_pricing,
+        soft_offset=derisk.soft_price_offset, min_qty=ev.cfg.decision.min_order_qty,
+        reason=f"cap recovery: gross {brain_gross:.2f}% -> {target:g}%",
+        numbers={"rule": "cap_recovery", "gross_pct": round(brain_gross, 4), "target_pct": target},
+    )
+
+
+def _hard_derisk_plan(ev: Evaluation, state: BrainState, brain_gross: float,
+                      equity: float) -> tuple[ReductionPlan, BrainState]:
+    """A step's budget is sized on the excess measured when HARD_DERISK began (kept in the state)."""
+    derisk = ev.cfg.derisk
+    target = derisk.target_gross_pct
+    excess = excess_notional(brain_gross, target, equity)
+    holdings = _holdings(ev, "HARD_DERISK")
+    if state.hard_excess_notional <= 0:
+        state = replace(state, hard_excess_notional=excess)
+    covered = sum(h.live.remaining_qty * h.mark for h in holdings if h.live is not None)
+    step_due = (
+        state.hard_steps < derisk.hard_max_steps
+        and ev.now - state.hard_last_step_ns >= derisk.hard_step_interval_s * NS
+    )
+    budget = 0.0
+    if step_due:
+        budget = hard_chunk_notional(
+            state.hard_excess_notional, excess - covered, derisk.hard_chunk_fraction, state.hard_steps, derisk.hard_max_steps
         )
-    if mode == "HARD_DERISK":
+    return plan_reduction(
+        holdings, slot="HARD_DERISK", purpose="HARD_DERISK", priority=ev.cfg.arbitration.priorities["HARD_DERISK"],
+        excess_notional=excess, new_budget_notional=budget, pricing="aggressive",
+        soft_offset=derisk.soft_price_offset, min_qty=ev.cfg.decision.min_order_qty,
+        reason=f"hard de-risk step {state.hard_steps + 1}/{derisk.hard_max_steps}: gross {brain_gross:.2f}% -> {target:g}%",
+        numbers={"rule": "hard_derisk", "gross_pct": round(brain_gross, 4), "target_pct": target,
+                 "step": state.hard_steps + 1, "max_steps": derisk.hard_max_steps, "step_due": step_due,
+                 "excess_at_start_notional": round(state.hard_excess_notional, 2)},
+    ), state
+
+
+def _soft_derisk_plan(ev: Evaluation, state: BrainState, session: SessionSnap, brain_gross: float,
+                      equity: float) -> ReductionPlan:
+    """From the window: down to 100 %; from the tolerance rule: down to the regime's tolerance."""
+    derisk = ev.cfg.derisk
+    if state.rule == "tolerance_derisk":
+        target = ev.er.regimes[session.regime].tolerance_pct
+        rule = "tolerance_derisk"
+    else:
         target = derisk.target_gross_pct
-        excess = excess_notional(brain_gross, target, equity)
-        holdings = _holdings(ev, "HARD_DERISK")
-        if state.hard_excess_notional <= 0:
-            state.hard_excess_notional = excess
-        covered = sum(h.live.remaining_qty * h.mark for h in holdings if h.live is not None)
-        step_due = (
-            state.hard_steps < derisk.hard_max_steps
-            and ev.now - state.hard_last_step_ns >= derisk.hard_step_interval_s * NS
-        )
-        budget = 0.0
-        if step_due:
-            budget = hard_chunk_notional(
-                state.hard_excess_notional, excess - covered, derisk.hard_chunk_fraction, state.hard_steps, derisk.hard_max_steps
-            )
-        return plan_reduction(
-            holdings, slot="HARD_DERISK", purpose="HARD_DERISK", priority=priorities["HARD_DERISK"],
-            excess_notional=excess, new_budget_notional=budget, pricing="aggressive",
-            soft_offset=derisk.soft_price_offset, min_qty=min_qty,
-            reason=f"hard de-risk step {state.hard_steps + 1}/{derisk.hard_max_steps}: gross {brain_gross:.2f}% -> {target:g}%",
-            numbers={"rule": "hard_derisk", "gross_pct": round(brain_gross, 4), "target_pct": target,
-                     "step": state.hard_steps + 1, "max_steps": derisk.hard_max_steps, "step_due": step_due,
-                     "excess_at_start_notional": round(state.hard_excess_notional, 2)},
-        )
-    if mode == "SOFT_DERISK":
-        if state.rule == "tolerance_derisk":
-            target = ev.er.regimes[session.regime].tolerance_pct
-            rule = "tolerance_derisk"
-        else:
-            target = derisk.target_gross_pct
-            rule = "soft_derisk"
-        excess = excess_notional(brain_gross, target, equity)
-        return plan_reduction(
-            _holdings(ev, "SOFT_DERISK"), slot="SOFT_DERISK", purpose="SOFT_DERISK", priority=priorities["SOFT_DERISK"],
-            excess_notional=excess, new_budget_notional=excess, pricing="passive",
-            soft_offset=derisk.soft_price_offset, min_qty=min_qty,
-            reason=f"soft de-risk ({rule}): gross {brain_gross:.2f}% -> {target:g}%",
-            numbers={"rule": rule, "gross_pct": round(brain_gross, 4), "target_pct": target},
-        )
-    return None
+        rule = "soft_derisk"
+    excess = excess_notional(brain_gross, target, equity)
+    return plan_reduction(
+        _holdings(ev, "SOFT_DERISK"), slot="SOFT_DERISK", purpose="SOFT_DERISK",
+        priority=ev.cfg.arbitration.priorities["SOFT_DERISK"],
+        excess_notional=excess, new_budget_notional=excess, pricing="passive",
+        soft_offset=derisk.soft_price_offset, min_qty=ev.cfg.decision.min_order_qty,
+        reason=f"soft de-risk ({rule}): gross {brain_gross:.2f}% -> {target:g}%",
+        numbers={"rule": rule, "gross_pct": round(brain_gross, 4), "target_pct": target},
+    )
 
 
-def _mm_overnight(ev, state: BrainState, session: SessionSnap, brain_buckets: dict[str, float], equity: float):
-    """At the open, MM_PURE inventory above mm_overnight_max_pct is reduced to it."""
+def _mm_overnight_state(state: BrainState, session: SessionSnap, mm_pct: float, limit: float) -> BrainState:
+    """At the first evaluation of a day: is MM_PURE above `mm_overnight_max_pct` at the
+    open? It stays active until it is down to it or the OPEN regime ends."""
+    if state.mm_overnight_checked_day != state.trading_day:
+        state = replace(state, mm_overnight_checked_day=state.trading_day,
+                        mm_overnight_active=session.regime == "OPEN" and mm_pct > limit)
+    if state.mm_overnight_active and (session.regime != "OPEN" or mm_pct <= limit):
+        state = replace(state, mm_overnight_active=False)
+    return state
+
+
+def _mm_overnight_plan(ev: Evaluation, mm_pct: float, equity: float) -> ReductionPlan:
+    """MM_PURE inventory above mm_overnight_max_pct is reduced to it."""
     cfg = ev.cfg
     limit = cfg.derisk.mm_overnight_max_pct
-    mm_pct = brain_buckets.get("MM_PURE", 0.0)
-    if state.mm_overnight_checked_day != state.trading_day:
-        state.mm_overnight_checked_day = state.trading_day
-        state.mm_overnight_active = session.regime == "OPEN" and mm_pct > limit
-    if state.mm_overnight_active and (session.regime != "OPEN" or mm_pct <= limit):
-        state.mm_overnight_active = False
-    if not state.mm_overnight_active:
-        return None
     excess = excess_notional(mm_pct, limit, equity)
     plan = plan_reduction(
         _holdings(ev, "MM_OVERNIGHT", bucket="MM_PURE"), slot="MM_OVERNIGHT", purpose="MM_OVERNIGHT",
@@ -878,7 +743,7 @@ def _mm_overnight(ev, state: BrainState, session: SessionSnap, brain_buckets: di
     return plan
 
 
-def _strategy_context(ev: _Evaluation, equity: float, bucket_target: dict[str, float], bucket_current: dict[str, float],
+def _strategy_context(ev: Evaluation, equity: float, bucket_target: dict[str, float], bucket_current: dict[str, float],
                       room: IncreaseRoom | None) -> StrategyContext:
     cfg = ev.cfg
     return StrategyContext(
@@ -897,206 +762,3 @@ def _strategy_context(ev: _Evaluation, equity: float, bucket_target: dict[str, f
         mark_of=ev.mark_of,
         room=room,
     )
-
-
-def _reconcile(
-    ev: _Evaluation,
-    decision: Decision,
-    kept: list[Candidate],
-    in_scope: set[tuple[str | None, str]],
-    mode: str,
-    day: str | None,
-    equity: float | None,
-    base_trace: dict[str, Any],
-    causation: list[str],
-) -> None:
-    cfg = ev.cfg.decision
-    now = ev.now
-    wanted: dict[tuple[str, str], Candidate] = {}
-    for candidate in kept:
-        collared, why = _collared(ev, candidate)
-        if collared is None:
-            decision.suppressed.append(Suppressed(candidate, why))
-            continue
-        wanted.setdefault((candidate.symbol, candidate.slot), collared)
-
-    if mode == "HALTED":
-        wanted = {}
-        in_scope = {(None, slot) for slot in (*DERISK_SLOTS, *MM_SLOTS, "LT_BAND")}
-
-    # Cancels first: a replacement for the same slot waits for the cancel to be confirmed.
-    scoped_symbols = None if any(symbol is None for symbol, _slot in in_scope) else {s for s, _ in in_scope}
-    for (symbol, slot), live in ev.live.items(scoped_symbols):
-        candidate = wanted.get((symbol, slot))
-        in_play = (None, slot) in in_scope or (symbol, slot) in in_scope
-        if not in_play or live.cancel_sent:
-            continue
-        if candidate is not None and _same_order(candidate, live):
-            continue
-        why = "no longer wanted" if candidate is None else "replaced by a different order"
-        _emit_cancel(ev, decision, live, f"cancel {live.slot} {live.symbol}: {why} (mode {mode})", base_trace, causation)
-
-    for (symbol, slot), candidate in wanted.items():
-        live = ev.live.get((symbol, slot))
-        if live is not None:
-            if live.cancel_sent or not _same_order(candidate, live):
-                continue  # waiting for the cancel to be confirmed
-            price = candidate.limit_price
-            if (
-                price is not None
-                and live.limit_price is not None
-                and abs(price - live.limit_price) >= cfg.reprice_min_change - 1e-9
-                and now - live.last_change_ns >= cfg.reprice_min_interval_s * NS
-            ):
-                ev.contain(symbol, "modify", lambda: _emit_modify(ev, decision, live, candidate, base_trace, causation))
-            continue
-        if candidate.keep_key is not None:
-            continue  # the order it continues is gone; the next evaluation plans afresh
-        if ev.settling(symbol):
-            decision.suppressed.append(Suppressed(candidate, "awaiting_position_after_fill"))
-            continue
-        if ev.cooling_down(symbol):
-            decision.suppressed.append(Suppressed(candidate, "cooldown_after_reject"))
-            continue
-        # Never more than execution's liquidity cap allows in one order.
-        qty = min(candidate.qty, ev.view.order_caps.get(symbol, candidate.qty))
-        if not candidate.is_increase:
-            position_qty, _bucket = ev.position_qty(symbol)
-            reducing_side = "SELL" if position_qty > 0 else "BUY"
-            if position_qty == 0 or candidate.side != reducing_side:
-                decision.suppressed.append(Suppressed(candidate, "not_reduce_only"))
-                continue
-            available = abs(position_qty) - ev.open_reducing_qty(symbol, position_qty)
-            available -= sum(i.intent.qty for i in decision.intents
-                             if i.intent.symbol == symbol and i.intent.action == "NEW" and i.intent.side == reducing_side)
-            qty = min(qty, available)
-            # As in execution: an order closing a whole odd-lot position may be smaller.
-            if qty < cfg.min_order_qty and qty != abs(position_qty):
-                decision.suppressed.append(Suppressed(candidate, "reduce_only_below_min_qty"))
-                continue
-        sized = replace(candidate, qty=qty) if qty != candidate.qty else candidate
-        ev.contain(symbol, "new intent", lambda: _emit_new(ev, decision, sized, day, equity, base_trace, causation))
-
-
-def _collared(ev: _Evaluation, candidate: Candidate) -> tuple[Candidate | None, str]:
-    """The candidate with its price inside `plausibility.collar_pct` of the symbol's
-    trusted reference (SPEC 9), or (None, why): no reference, no price, no order."""
-    price = candidate.limit_price
-    if price is None or candidate.order_type != "LMT":
-        return None, "no_price"  # the Brain only sends limit orders: a price it can bound
-    reference = ev.reference(candidate.symbol)
-    if reference is None:
-        ev.skips.append(Skip(candidate.symbol, candidate.slot, "no_reference", {"limit_price": price}))
-        return None, "no_reference"
-    pct = ev.plaus.collar_pct
-    if within_collar(price, reference, pct):
-        return candidate, ""
-    clamped = clamp_to_collar(price, reference, pct)
-    numbers = {**candidate.numbers, "collar_reference": reference, "collar_pct": pct, "collar_clamped_from": price}
-    return replace(candidate, limit_price=clamped, numbers=numbers), ""
-
-
-def _same_order(candidate: Candidate, live: Outstanding) -> bool:
-    if candidate.keep_key is not None:
-        return candidate.keep_key == live.key
-    return candidate.side == live.side and candidate.classification == live.classification and candidate.qty == live.qty
-
-
-def _risk_delta(candidate: Candidate, mark: float | None, equity: float | None) -> float:
-    if not equity or not mark:
-        return 0.0
-    if candidate.is_increase:
-        potential = candidate.numbers.get("brain_potential_after_pct")
-        before = candidate.numbers.get("brain_potential_before_pct")
-        if potential is not None and before is not None:
-            return round(potential - before, 6)
-        return round(candidate.qty * mark / equity * 100, 6)
-    return round(-candidate.qty * mark / equity * 100, 6)
-
-
-def _emit_new(ev, decision: Decision, candidate: Candidate, day, equity, base_trace, causation) -> None:
-    gen_field = generation_field(day, candidate.slot, candidate.symbol, candidate.side)
-    generation = decision.generations.get(gen_field, ev.view.generations.get(gen_field, 0))
-    key = intent_key(day, candidate.slot, candidate.symbol, candidate.side, generation)
-    ttl = ev.cfg.decision.ttl_s[candidate.purpose]
-    mark = ev.mark_of(candidate.symbol)
-    intent = Intent(
-        intent_id=intent_id_for(key),
-        action="NEW",
-        intent_type=candidate.purpose,
-        symbol=candidate.symbol,
-        side=candidate.side,  # type: ignore[arg-type]
-        qty=candidate.qty,
-        order_type=candidate.order_type,  # type: ignore[arg-type]
-        limit_price=candidate.limit_price,
-        tif="DAY",
-        bucket=candidate.bucket,  # type: ignore[arg-type]
-        classification=candidate.classification,  # type: ignore[arg-type]
-        priority=candidate.priority,
-        ttl_s=ttl,
-        created_ns=ev.now,
-        risk_delta_gross_pct=_risk_delta(candidate, mark, equity),
-        reason=candidate.reason,
-        causation_ids=causation,
-        trace={**base_trace, "rule": candidate.numbers.get("rule", candidate.purpose), "slot": candidate.slot,
-               "generation": generation, "numbers": _jsonable(candidate.numbers)},
-    )
-    # Only once the intent is valid: a failure leaves the decision untouched.
-    decision.generations[gen_field] = generation + 1
-    decision.intents.append(IssuedIntent(key, intent, candidate.slot))
-    decision.records[key] = Outstanding(
-        key=key, slot=candidate.slot, symbol=candidate.symbol, side=candidate.side, qty=candidate.qty,
-        bucket=candidate.bucket, classification=candidate.classification, order_type=candidate.order_type,
-        limit_price=candidate.limit_price, priority=candidate.priority, intent_type=candidate.purpose, ttl_s=ttl,
-        issued_ns=ev.now, last_change_ns=ev.now,
-    )
-
-
-def _follow_up(ev, live: Outstanding, action: str, key: str, price: float | None, reason: str, base_trace, causation, numbers) -> Intent:
-    return Intent(
-        intent_id=intent_id_for(key),
-        action=action,  # type: ignore[arg-type]
-        target_intent_key=live.key,
-        intent_type=live.intent_type,
-        symbol=live.symbol,
-        side=live.side,  # type: ignore[arg-type]
-        qty=live.qty,
-        order_type=live.order_type,  # type: ignore[arg-type]
-        limit_price=price,
-        tif="DAY",
-        bucket=live.bucket,  # type: ignore[arg-type]
-        classification=live.classification,  # type: ignore[arg-type]
-        priority=live.priority,
-        ttl_s=live.ttl_s,
-        created_ns=ev.now,
-        risk_delta_gross_pct=0.0,
-        reason=reason,
-        causation_ids=causation,
-        trace={**base_trace, "rule": action.lower(), "slot": live.slot, "target_intent_key": live.key,
-               "numbers": _jsonable(numbers)},
-    )
-
-
-def _emit_modify(ev, decision: Decision, live: Outstanding, candidate: Candidate, base_trace, causation) -> None:
-    key = idempotency_key("modify", live.key, live.modifies + 1)
-    reason = f"re-price {live.slot} {live.symbol} {live.limit_price:.2f} -> {candidate.limit_price:.2f}"
-    numbers = {**candidate.numbers, "old_price": live.limit_price, "new_price": candidate.limit_price}
-    intent = _follow_up(ev, live, "MODIFY", key, candidate.limit_price, reason, base_trace, causation, numbers)
-    decision.intents.append(IssuedIntent(key, intent, live.slot))
-    decision.records[live.key] = replace(live, limit_price=candidate.limit_price, last_change_ns=ev.now, modifies=live.modifies + 1)
-
-
-def _emit_cancel(ev, decision: Decision, live: Outstanding, reason: str, base_trace, causation) -> None:
-    key = idempotency_key("cancel", live.key)
-    intent = _follow_up(ev, live, "CANCEL", key, live.limit_price, reason, base_trace, causation, {})
-    decision.intents.append(IssuedIntent(key, intent, live.slot))
-    decision.records[live.key] = replace(live, cancel_sent=True, last_change_ns=ev.now)
-
-
-def _jsonable(numbers: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for name, value in numbers.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            value = None
-        out[name] = value
-    return out
