@@ -42,7 +42,7 @@ INTENT_FIELDS = ("key", "action", "symbol", "side", "qty", "limit_price", "order
 
 def _brain() -> tuple[Any, tuple[str, ...]]:
     """The Brain's public pieces replay depends on (adapt here after a refactor)."""
-    from daemons.decision import STREAMS, DecisionHandler
+    from daemons.decision.service import STREAMS, DecisionHandler
 
     return DecisionHandler, tuple(STREAMS)
 
