@@ -166,6 +166,15 @@ class Namespace:
         self.pid1 = 0  # PID 1 of the namespace, as the host numbers it
 
     def boot(self) -> "Namespace":
+        # A previous run killed before its teardown (pytest SIGKILLed: unshare and the
+        # namespace die with it) leaves an empty cgroup directory: remove those. rmdir
+        # refuses a cgroup that still has processes (another run's).
+        for stale in self.cgroup.parent.glob("qe-boot-test-*"):
+            for directory in sorted((p for p in stale.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [stale]:
+                try:
+                    directory.rmdir()
+                except OSError:
+                    pass
         self.cgroup.mkdir()
         procs = str(self.cgroup / "cgroup.procs")
 
@@ -484,6 +493,18 @@ def test_a_sigkilled_daemon_is_restarted_by_systemd_and_resumes(ns):
     wait_for(lambda: ns.qe("status").returncode == 0, 60, "qe status healthy again", interval=2)
     journal = ns.run("journalctl", "--no-pager", "-u", unit).stdout
     assert "code=killed, status=9/KILL" in journal, journal[-2000:]
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "lib/qe bug, reported (issue 19): qe-alerts counts a lagging group with EVAL on the stream "
+    "(qe.streams.count_after) and Redis treats EVAL's keys as read-write, but its ACL user has only "
+    "%R~ev.*: NoPermissionError in 'tick raised' whenever a group lags"))
+def test_no_daemon_was_refused_by_redis(ns):
+    """Least privilege held under systemd: no daemon was refused a Redis command it needs
+    (redis-py says NoPermissionError; Redis says NOPERM)."""
+    journal = ns.run("journalctl", "--no-pager", "-o", "cat", "-u", "qe-*").stdout
+    refused = [line[:300] for line in journal.splitlines() if "NoPermission" in line or "NOPERM" in line]
+    assert not refused, refused[:3]
 
 
 def test_an_invalid_config_exits_78_and_is_not_restarted(ns):
