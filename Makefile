@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run stop test bench chaos venv clean
+.PHONY: run stop test bench chaos venv clean install uninstall
 
 venv: $(STAMP)
 
@@ -40,6 +40,15 @@ bench: $(STAMP)
 ## make chaos: one simulated afternoon under faults, the simulator as referee (control run, then faulted; docs/chaos.md)
 chaos: $(STAMP)
 	$(BIN)/python -m sim.chaos --with-control $(CHAOS_ARGS)
+
+## make install: as root, install on this host under systemd (service user, /opt/quant-engine/.venv,
+## /etc/quant-engine, Redis ACL users, units; idempotent). Variables: systemd/install.sh, walk-through: systemd/README.md
+install:
+	systemd/install.sh install
+
+## make uninstall: as root, remove what `make install` installed (KEEP_CONFIG=1 keeps /etc/quant-engine)
+uninstall:
+	systemd/install.sh uninstall
 
 clean:
 	rm -rf $(VENV) run build *.egg-info
