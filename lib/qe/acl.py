@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .contracts import DLQ_STREAM, STREAM_TYPES
-from .state import BROKER, DECISION, EXPOSURE, ORDERS, POSITIONS, SESSION
+from .state import BROKER, DECISION, EXPOSURE, ORDERS, PNL, POSITIONS, SESSION
 
 USER_PREFIX = "qe-"
 
@@ -90,6 +90,13 @@ ACCESS: dict[str, Access] = {
         publishes=("ev.orders", "ev.positions", "ev.broker", "ev.alerts"),
         writes=(ORDERS, POSITIONS, BROKER, "state:execution", "state:execution:prices"),
         reads=(DECISION,),
+    ),
+    # P&L; at the close it reads the day's streams for the end-of-day report.
+    "pnl": Access(
+        consumes=("ev.orders", "ev.positions", "ev.l1", "ev.features", "ev.session"),
+        publishes=("ev.pnl", "ev.alerts"),
+        writes=(PNL, "state:pnl:*"),
+        reads=("ev.*", EXPOSURE, DECISION),
     ),
     # The operator's tool: reads everything; writes the control stream; requeues dead
     # letters to any stream except ev.intents (an intent is re-issued by the Brain).
