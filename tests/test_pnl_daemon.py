@@ -129,6 +129,12 @@ def test_pnl_of_real_fills_reconciles_with_the_simulator_and_survives_a_restart(
         final = [p for p in final if p["final"]][-1]
         assert final["trading_day"] == day and final["symbols"][SYMBOL]["fills"] == 2
         assert json.loads(r.hget("state:pnl:closes", SYMBOL)) == pytest.approx(24.81)
+        # qe-pnl wrote the day's report after the close; `qe report DAY` writes it on demand.
+        wait_until(lambda: (tmp_path / "reports" / day / "index.html").exists(), timeout=60, message="automatic report")
+        made = _qe(env, "report", day, "--out", str(tmp_path / "on-demand"), "--json")
+        assert json.loads(made.stdout)["ok"], made.stderr
+        assert {p.name for p in (tmp_path / "on-demand").iterdir()} == {"index.html", "orders.csv", "fills.csv", "pnl_by_symbol.csv"}
+        assert (tmp_path / "on-demand" / "fills.csv").read_text().count("\n") == 3  # header + two fills
         # The next day starts from that close, no fills yet.
         wait_until(lambda: pnl_state(r).trading_day == next_day, timeout=20, message="next day")
         carried = pnl_state(r).symbols[SYMBOL]

@@ -56,6 +56,7 @@ class PnlHandler:
         self.clock = context.clock
         self.log = context.log
         self.home = context.settings.home
+        self.redis = context.redis  # the report reads the day's streams (qe.report)
         self.tick_interval_s = 1.0
         self.mark_rules = marks.MarkRules.from_rules(context.rules)
         self.references = {symbol: inst.ref_price for symbol, inst in context.universe().items()}
@@ -213,7 +214,9 @@ class PnlHandler:
 
     # -- the periodic tick ---------------------------------------------------------------------
     def tick(self, now_ns: int, effects: Effects) -> None:
-        if self.report_due is not None:
+        # Only once the close's batch is committed (its report_due is then in Redis, with
+        # the final publication): a tick can run before its batch's commit.
+        if self.report_due is not None and self.redis.hexists(DAY_KEY, "report_due"):
             self._write_report(self.report_due, effects)
         if self.day is None:
             return
@@ -252,7 +255,7 @@ class PnlHandler:
         try:
             from qe import report
 
-            where = report.write(self.redis, day, self.rules, self.home)
+            where = report.write(self.redis, day, self.rules, self.home, generated_ns=self.clock.now_ns())
         except Exception as exc:  # noqa: BLE001 - a failed report never stops the P&L
             metrics.pnl_reports.labels("error").inc()
             self.log.exception("end-of-day report failed", extra={"trading_day": day, "error": repr(exc)})
@@ -261,11 +264,5 @@ class PnlHandler:
         self.log.info("end-of-day report written", extra={"trading_day": day, "path": str(where)})
 
 
-def make_handler(context: daemon.Context) -> PnlHandler:
-    handler = PnlHandler(context)
-    handler.redis = context.redis  # the report reads the day's streams (qe.report)
-    return handler
-
-
 def run() -> int:
-    return daemon.run_consumer("pnl", "pnl", make_handler)
+    return daemon.run_consumer("pnl", "pnl", PnlHandler)
