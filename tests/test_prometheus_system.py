@@ -38,7 +38,7 @@ pytestmark = pytest.mark.slow
 
 PROMETHEUS_DIR = REPO / "etc" / "prometheus"
 DASHBOARD = REPO / "etc" / "grafana" / "quant-engine.json"
-EVERY_DAEMON = (*DAEMONS, "alerts")
+EVERY_DAEMON = (*DAEMONS, "alerts", "pnl")
 DAY = "2026-11-20"
 
 

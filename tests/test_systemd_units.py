@@ -26,7 +26,7 @@ from tests.support.processes import REPO, VENV_BIN, DaemonProcess, console_scrip
 from tests.support.system_tools import require_tool
 
 UNIT_DIR = REPO / "systemd"
-DAEMONS = ("session", "exposure", "market-data", "prints", "alerts", "decision", "execution")
+DAEMONS = ("session", "exposure", "market-data", "prints", "alerts", "decision", "execution", "pnl")
 UNITS = [f"qe-{name}.service" for name in DAEMONS]
 INSTALL_BIN = "/opt/quant-engine/.venv/bin"
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from .contracts import DLQ_STREAM, STREAM_TYPES
 from .functions import GROUP_CHECK_COMMAND, GROUP_KEY
-from .state import BROKER, DECISION, EXPOSURE, ORDERS, POSITIONS, SESSION
+from .state import BROKER, DECISION, EXPOSURE, ORDERS, PNL, POSITIONS, SESSION
 
 ARCHIVE_FLOOR = "archive:floor"  # qe.archive's retention floor, read by every producer's guarded XADD
 
@@ -126,6 +126,15 @@ ACCESS: dict[str, Access] = {
         publishes=("ev.orders", "ev.positions", "ev.broker", "ev.alerts"),
         writes=(ORDERS, POSITIONS, BROKER, "state:execution", "state:execution:prices"),
         reads=(DECISION,),
+    ),
+    # P&L; at the close it reads the day's streams for the end-of-day report.
+    "pnl": Access(
+        group="pnl",
+        consumes=("ev.orders", "ev.positions", "ev.l1", "ev.features", "ev.session"),
+        publishes=("ev.pnl", "ev.alerts"),
+        writes=(PNL, "state:pnl:*"),
+        # The end-of-day report it writes after the close reads these streams too.
+        reads=("ev.exposure", "ev.alerts", "ev.pnl", EXPOSURE, DECISION),
     ),
     # The operator's tool: reads everything; writes the control stream; requeues dead
     # letters to any stream except ev.intents (an intent is re-issued by the Brain) and

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import redis
 
-from . import acl, config, daemon, liveness, operator_ack, state, streams
+from . import acl, cli_pnl, config, daemon, liveness, operator_ack, state, streams
 from . import clock as clock_module
 from .clock import NEW_YORK
 from .contracts import DLQ_STREAM, STREAM_TYPES, Control, DecodeError, decode, idempotency_key, is_our_order_ref, make_event
@@ -928,6 +928,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, config.Settings], tuple[Any, s
     "why": cmd_why,
     "archive": cmd_archive,
     "replay": cmd_replay,
+    "pnl": cli_pnl.cmd_pnl,
+    "report": cli_pnl.cmd_report,
 }
 
 
@@ -958,7 +960,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="daemons' health, mode, session, exposure, broker (exit 1 unless all healthy)")
     _common(status)
     status.add_argument("--stale-after", type=float, default=30.0, help="loop without progress for this long (s): stale")
-    status.add_argument("--daemons", help="comma-separated daemons expected (default: the seven)")
+    status.add_argument("--daemons", help="comma-separated daemons expected (default: all eight)")
     _common(sub.add_parser("streams", help="length, last id, lag and pending per group"))
     dlq = sub.add_parser("dlq", help="dead-letter stream")
     _common(dlq)
@@ -1019,6 +1021,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="directory for the CSV/JSON of the difference")
     rep.add_argument("--strict", action="store_true", help="exit 1 when the day's own rules do not reproduce it")
     rep.add_argument("--directory", help="archive directory (default: archive.directory of risk_rules.yaml)")
+    cli_pnl.add_parsers(sub, _common)
     return parser
 
 

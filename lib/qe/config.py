@@ -684,6 +684,22 @@ class PlausibilityRules(Section):
     collar_pct: float = Field(gt=0, le=50)
 
 
+class PnlRules(Section):
+    """The P&L worker (qe-pnl, SPEC 10)."""
+
+    # ev.pnl and state:pnl every this many clock seconds (and after each fill, rate-limited to it).
+    publish_interval_s: float = Field(default=10.0, gt=0, le=3600)
+
+
+class ReportRules(Section):
+    """The end-of-day report (`qe report DAY`; written by qe-pnl after each close)."""
+
+    # Relative paths are taken from QE_HOME. One folder per trading day inside.
+    directory: str = Field(default="run/reports", min_length=1, max_length=1024)
+    keep_days: int = Field(default=90, ge=1, le=3650)  # older report folders are deleted
+    after_close: bool = True  # qe-pnl writes the day's report once the market has closed
+
+
 class RiskRules(Section):
     """The whole of etc/risk_rules.yaml."""
 
@@ -704,6 +720,8 @@ class RiskRules(Section):
     arbitration: ArbitrationRules = ArbitrationRules()
     plausibility: PlausibilityRules
     archive: ArchiveRules = ArchiveRules()
+    pnl: PnlRules = PnlRules()
+    report: ReportRules = ReportRules()
 
     @model_validator(mode="after")
     def _regime_tolerances_within_hard_cap(self) -> "RiskRules":

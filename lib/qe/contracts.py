@@ -504,6 +504,54 @@ class Order(Payload):
     external: bool = False
 
 
+# --- P&L (SPEC 10) ---------------------------------------------------------------------
+
+
+class PnLTotals(Payload):
+    """A bucket's or the account's day so far (total = realized + unrealized - commissions)."""
+
+    realized: Money
+    unrealized: Money
+    commissions: Money
+    total: Money
+    commissions_pending: Count = 0  # fills whose commission report has not arrived yet
+    fills: Count = 0
+    marks_stale: Count = 0
+    symbols: Count = 0
+
+
+class SymbolPnL(Payload):
+    bucket: Bucket
+    start_qty: SignedQuantity  # carried from the previous day
+    prev_close: Price | None  # what the carried position starts from
+    prev_close_source: Literal["close", "reference", "avg_cost"] | None = None
+    qty: SignedQuantity
+    avg_price: Annotated[float, Field(ge=0), AfterValidator(_price_within_limit)]  # the day book's (0: flat)
+    mark: Price | None
+    mark_source: Literal["l1_mid", "truth_tick", "last_known", "fallback", "none"]
+    mark_stale: bool = False
+    mark_reason: Text | None = None
+    realized: Money
+    unrealized: Money
+    commissions: Money
+    total: Money
+    commissions_pending: Count = 0
+    fills: Count = 0
+    bought_qty: Quantity = 0
+    sold_qty: Quantity = 0
+    realized_vs_cost: Money | None = None  # realized against the broker's average cost (IB's basis)
+
+
+class PnL(Payload):
+    trading_day: str = Field(max_length=10)
+    account: PnLTotals
+    buckets: dict[Bucket, PnLTotals]
+    symbols: dict[Symbol, SymbolPnL] = Field(default_factory=dict, max_length=MAX_SYMBOLS)
+    marks_stale: list[Symbol] = Field(default_factory=list, max_length=MAX_SYMBOLS)
+    pending_exec_ids: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=MAX_SYMBOLS)
+    final: bool = False  # the day's figures at the close
+
+
 # --- envelope ------------------------------------------------------------------------
 
 
@@ -547,6 +595,7 @@ EVENT_TYPES: dict[str, type[Envelope]] = {
         "order": Order,
         "broker": BrokerState,
         "control": Control,
+        "pnl": PnL,
     }.items()
 }
 PAYLOAD_TYPES: dict[type[Payload], str] = {cls.model_fields["payload"].annotation: name for name, cls in EVENT_TYPES.items()}
@@ -566,6 +615,7 @@ STREAM_TYPES: dict[str, tuple[str, ...]] = {
     "ev.intents": ("intent",),
     "ev.broker": ("broker",),
     "ev.control": ("control",),
+    "ev.pnl": ("pnl",),
 }
 
 

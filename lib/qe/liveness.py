@@ -36,8 +36,8 @@ INTERVAL_S = 1.0
 EXPIRY_S = 5.0  # a record not renewed within this is down (several missed beats)
 NS = 1_000_000_000
 
-# The seven daemons a complete system runs (each writes state:daemon:<name>).
-EXPECTED_DAEMONS = ("session", "market-data", "prints", "exposure", "alerts", "decision", "execution")
+# The daemons a complete system runs (each writes state:daemon:<name>).
+EXPECTED_DAEMONS = ("session", "market-data", "prints", "exposure", "alerts", "decision", "execution", "pnl")
 
 HEALTHY = "ok"
 

@@ -50,6 +50,7 @@ DEFAULT_PORTS = {
     "decision": 9106,
     "execution": 9107,
     "ib-sim": 9108,
+    "pnl": 9109,
 }
 
 # Labels of qe_events_dead_lettered_total{reason}: every label streams.Consumer uses.
@@ -183,6 +184,24 @@ exposure_publications = _counter(
 exposure_events_ignored = _counter(
     ("exposure",), "qe_exposure_events_ignored_total", "Input events the exposure worker could not use, by reason", ["reason"]
 )
+
+# --- pnl ---------------------------------------------------------------------------------------
+# scope: "account" or a bucket (LT, MM_PURE); component: realized, unrealized, commissions, total.
+pnl_dollars = _gauge(
+    ("pnl",), "qe_pnl_dollars", "The trading day's P&L in USD (total = realized + unrealized - commissions), by scope "
+    "(account or bucket) and component", ["scope", "component"],
+)
+pnl_commissions_pending = _gauge(
+    ("pnl",), "qe_pnl_commissions_pending", "Fills of the day whose commission report has not arrived yet", unknown_at_start=True
+)
+pnl_marks_stale = _gauge(
+    ("pnl",), "qe_pnl_marks_stale", "Open positions valued at a stale, fallback or missing mark", unknown_at_start=True
+)
+pnl_publications = _counter(("pnl",), "qe_pnl_publications_total", "ev.pnl publications, by kind (periodic, fill, final)", ["kind"])
+pnl_reports = _counter(("pnl",), "qe_pnl_reports_total", "End-of-day reports written by qe-pnl, by outcome (ok, error)", ["outcome"])
+for _scope in ("account", "LT", "MM_PURE"):
+    for _component in ("realized", "unrealized", "commissions", "total"):
+        pnl_dollars.labels(_scope, _component).set(math.nan)
 
 # --- session ---------------------------------------------------------------------------------
 session_regime = _gauge(("session",), "qe_session_regime", "1 for the current session regime", ["regime"])

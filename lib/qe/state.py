@@ -21,6 +21,7 @@ is not zero: a caller that gets no value must act as if it knows nothing.
 | state:exposure:symbols   | exposure   | field per symbol: its SymbolExposure               |
 | state:positions          | execution  | field per symbol: PositionState (flat: deleted)    |
 | state:orders             | execution  | field per orderRef: execution's order record (OrderState: its public part) |
+| state:pnl                | pnl        | the latest PnL event (the day so far: account, buckets, symbols) |
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from .contracts import (
     Message,
     Mode,
     OrderStatus,
+    PnL,
     Price,
     Quantity,
     Session,
@@ -68,6 +70,7 @@ SESSION = "state:session"
 ORDERS = "state:orders"
 DECISION = "state:decision"
 BROKER = "state:broker"
+PNL = "state:pnl"
 
 META_FIELDS = ("_event_id", "_ts_ns", "_idempotency_key")  # where a snapshot came from
 
@@ -424,3 +427,21 @@ def parse_orders(raw: Mapping[bytes, bytes], limits: Limits | None = None) -> Or
 
 def read_orders(r: redis.Redis, limits: Limits | None = None) -> Orders:
     return parse_orders(r.hgetall(ORDERS), limits)
+
+
+# --- state:pnl (writer: pnl) ----------------------------------------------------------------
+
+
+def pnl_fields(event: Envelope) -> dict[str, str]:
+    """The pnl worker's encoding of its latest PnL event (replaces the whole hash)."""
+    assert isinstance(event.payload, PnL)
+    return snapshot_fields(event)
+
+
+def parse_pnl(raw: Mapping[bytes, bytes], limits: Limits | None = None, now_ns: int | None = None) -> Reading[Snapshot[PnL]]:
+    return _read_snapshot(PNL, raw, PnL, limits=limits, now_ns=now_ns)
+
+
+def read_pnl(r: redis.Redis, limits: Limits | None = None, now_ns: int | None = None) -> Reading[Snapshot[PnL]]:
+    """The day's P&L so far. Missing: qe-pnl has not published yet."""
+    return parse_pnl(r.hgetall(PNL), limits, now_ns)

@@ -35,6 +35,9 @@ from qe.contracts import (
     Fill,
     GrpanWindow,
     Intent,
+    PnL,
+    PnLTotals,
+    SymbolPnL,
     Order,
     Position,
     Print,
@@ -132,6 +135,12 @@ def good_payload(stream: str, n: int, now_ns: int, symbol: str) -> Any:
                            last_code=2104, reason=f"corpus good {n}")
     if stream == "ev.control":
         return Control(command="resume", reason=f"corpus good {n}", operator=f"corpus-op-{n}")
+    if stream == "ev.pnl":
+        totals = PnLTotals(realized=12.5, unrealized=-3.0, commissions=1.0, total=8.5, fills=1 + n, symbols=1)
+        line = SymbolPnL(bucket="LT", start_qty=1000, prev_close=24.80, prev_close_source="close", qty=900 + n,
+                         avg_price=24.80, mark=24.82, mark_source="l1_mid", realized=12.5, unrealized=-3.0,
+                         commissions=1.0, total=8.5, fills=1 + n, sold_qty=100)
+        return PnL(trading_day="2026-11-20", account=totals, buckets={"LT": totals}, symbols={symbol: line})
     raise KeyError(stream)
 
 

@@ -1,0 +1,268 @@
+"""P&L of the trading day (SPEC 10): pure functions over plain data.
+
+Shared by the pnl daemon (live figures), `qe pnl` and the end-of-day report, so the
+three can never disagree. Nothing here reads Redis, a clock or the broker.
+
+The method (IB's average cost):
+
+* Each symbol's position is one average-cost book: a fill that adds to the position
+  (or opens it) moves the average price; a fill that reduces it realizes
+  (fill price - average) x closed shares (reversed for a short) and leaves the average
+  unchanged; a fill that crosses zero closes the whole position, then opens the rest at
+  the fill price.
+* Day figures: a position carried from the previous day enters the day's book at the
+  previous close (not at its original cost), so realized + unrealized is the day's
+  P&L against the previous close, as IB's daily P&L counts it. The same fills run
+  through a second book started at the broker's average cost give `realized_vs_cost`
+  (IB's realizedPnL basis, before commissions).
+* Unrealized = open quantity x (mark - average) at the mark chosen by qe.marks; a
+  stale, fallback or missing mark is flagged (a missing one counts 0 unrealized).
+* Commissions are the broker's commission reports, kept apart from prices (the
+  averages exclude them). A fill whose report has not arrived yet is counted in the
+  quantities and prices and flagged pending; its commission counts 0 until it arrives.
+* total = realized + unrealized - commissions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from .marks import Mark, MarkSource
+
+BUCKETS = ("LT", "MM_PURE")
+
+
+@dataclass(frozen=True, slots=True)
+class Trade:
+    """One execution (an IB execId), as execution published it on ev.orders."""
+
+    exec_id: str
+    symbol: str
+    bucket: str
+    side: str  # BUY | SELL
+    qty: int  # > 0
+    price: float
+    ts_ns: int
+    commission: float | None = None  # None: no commission report yet
+    seq: int = 0  # arrival order, the tie-break for equal timestamps
+
+    @property
+    def signed_qty(self) -> int:
+        return self.qty if self.side == "BUY" else -self.qty
+
+
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """A position carried into the day: its quantity at the day's start, the previous
+    close it starts from, and (optionally) the broker's average cost."""
+
+    symbol: str
+    bucket: str
+    qty: int
+    prev_close: float
+    prev_close_source: str = "close"  # where the previous close came from (close, reference, avg_cost)
+    avg_cost: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Book:
+    """An average-cost position: signed quantity and the average price of it (0 when flat)."""
+
+    qty: int = 0
+    avg: float = 0.0
+
+
+def apply_trade(book: Book, signed_qty: int, price: float) -> tuple[Book, float]:
+    """The book after one fill, and the P&L the fill realized (prices only)."""
+    if signed_qty == 0:
+        return book, 0.0
+    if book.qty == 0 or (book.qty > 0) == (signed_qty > 0):
+        qty = book.qty + signed_qty
+        avg = (book.avg * abs(book.qty) + price * abs(signed_qty)) / abs(qty)
+        return Book(qty, avg), 0.0
+    closed = min(abs(signed_qty), abs(book.qty))
+    direction = 1 if book.qty > 0 else -1
+    realized = (price - book.avg) * closed * direction
+    qty = book.qty + signed_qty
+    if qty == 0:
+        return Book(), realized
+    if (qty > 0) == (book.qty > 0):
+        return Book(qty, book.avg), realized
+    return Book(qty, price), realized  # through zero: the rest opens at the fill price
+
+
+def unrealized(book: Book, mark: float | None) -> float:
+    if book.qty == 0 or mark is None:
+        return 0.0
+    return (mark - book.avg) * book.qty
+
+
+@dataclass(frozen=True, slots=True)
+class SymbolPnL:
+    symbol: str
+    bucket: str
+    start_qty: int
+    prev_close: float | None
+    prev_close_source: str | None
+    qty: int
+    avg_price: float  # the day book's average price of the open quantity (0 when flat)
+    mark: float | None
+    mark_source: str
+    mark_stale: bool  # only for an open position: a flat one needs no mark
+    mark_reason: str
+    realized: float
+    unrealized: float
+    commissions: float
+    commissions_pending: int  # fills whose commission report has not arrived
+    fills: int
+    bought_qty: int
+    sold_qty: int
+    realized_vs_cost: float | None  # None: no broker average cost for a carried position
+
+    @property
+    def total(self) -> float:
+        return self.realized + self.unrealized - self.commissions
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    realized: float = 0.0
+    unrealized: float = 0.0
+    commissions: float = 0.0
+    commissions_pending: int = 0
+    fills: int = 0
+    marks_stale: int = 0
+    symbols: int = 0
+
+    @property
+    def total(self) -> float:
+        return self.realized + self.unrealized - self.commissions
+
+    def plus(self, line: SymbolPnL) -> "Totals":
+        return Totals(
+            self.realized + line.realized,
+            self.unrealized + line.unrealized,
+            self.commissions + line.commissions,
+            self.commissions_pending + line.commissions_pending,
+            self.fills + line.fills,
+            self.marks_stale + (1 if line.mark_stale else 0),
+            self.symbols + 1,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DayPnL:
+    symbols: dict[str, SymbolPnL]
+    buckets: dict[str, Totals]
+    account: Totals
+    marks_stale: list[str] = field(default_factory=list)
+    pending_exec_ids: list[str] = field(default_factory=list)
+
+
+def unique_trades(trades: Iterable[Trade]) -> list[Trade]:
+    """Each execId once, in fill order (timestamp, then arrival). A later copy of an
+    execution carrying its commission report replaces one without."""
+    by_id: dict[str, Trade] = {}
+    for trade in trades:
+        seen = by_id.get(trade.exec_id)
+        if seen is None:
+            by_id[trade.exec_id] = trade
+        elif seen.commission is None and trade.commission is not None:
+            by_id[trade.exec_id] = Trade(seen.exec_id, seen.symbol, seen.bucket, seen.side, seen.qty, seen.price,
+                                         seen.ts_ns, trade.commission, seen.seq)
+    return sorted(by_id.values(), key=lambda t: (t.ts_ns, t.seq, t.exec_id))
+
+
+def symbol_pnl(symbol: str, carried: Carried | None, trades: list[Trade], mark: Mark[float] | None) -> SymbolPnL:
+    """One symbol's day: its carried position (if any), its fills in order, its mark."""
+    day = Book(carried.qty, carried.prev_close) if carried and carried.qty else Book()
+    cost_known = carried is None or carried.qty == 0 or carried.avg_cost is not None
+    cost = Book(carried.qty, carried.avg_cost or 0.0) if carried and carried.qty else Book()
+    realized = realized_cost = commissions = 0.0
+    pending = bought = sold = 0
+    bucket = carried.bucket if carried else (trades[0].bucket if trades else "LT")
+    for trade in trades:
+        day, gained = apply_trade(day, trade.signed_qty, trade.price)
+        cost, gained_cost = apply_trade(cost, trade.signed_qty, trade.price)
+        realized += gained
+        realized_cost += gained_cost
+        if trade.commission is None:
+            pending += 1
+        else:
+            commissions += trade.commission
+        if trade.side == "BUY":
+            bought += trade.qty
+        else:
+            sold += trade.qty
+        bucket = trade.bucket
+    price = mark.price if mark is not None else None
+    source = mark.source.value if mark is not None else MarkSource.NONE.value
+    stale = day.qty != 0 and (mark is None or mark.stale)
+    reason = (mark.reason if mark is not None else "no mark") if stale else ""
+    return SymbolPnL(
+        symbol=symbol,
+        bucket=bucket,
+        start_qty=carried.qty if carried else 0,
+        prev_close=carried.prev_close if carried else None,
+        prev_close_source=carried.prev_close_source if carried else None,
+        qty=day.qty,
+        avg_price=day.avg,
+        mark=price,
+        mark_source=source,
+        mark_stale=stale,
+        mark_reason=reason,
+        realized=realized,
+        unrealized=unrealized(day, price),
+        commissions=commissions,
+        commissions_pending=pending,
+        fills=len(trades),
+        bought_qty=bought,
+        sold_qty=sold,
+        realized_vs_cost=realized_cost if cost_known else None,
+    )
+
+
+def day_pnl(carried: Iterable[Carried], trades: Iterable[Trade], marks: Mapping[str, Mark[float]]) -> DayPnL:
+    """Per symbol, per bucket and for the account: the day so far."""
+    starts = {c.symbol: c for c in carried}
+    by_symbol: dict[str, list[Trade]] = {}
+    ordered = unique_trades(trades)
+    for trade in ordered:
+        by_symbol.setdefault(trade.symbol, []).append(trade)
+    symbols = {
+        symbol: symbol_pnl(symbol, starts.get(symbol), by_symbol.get(symbol, []), marks.get(symbol))
+        for symbol in sorted(set(starts) | set(by_symbol))
+    }
+    buckets = {name: Totals() for name in BUCKETS}
+    account = Totals()
+    for line in symbols.values():
+        buckets[line.bucket] = buckets.get(line.bucket, Totals()).plus(line)
+        account = account.plus(line)
+    return DayPnL(
+        symbols=symbols,
+        buckets=buckets,
+        account=account,
+        marks_stale=[s for s, line in symbols.items() if line.mark_stale],
+        pending_exec_ids=[t.exec_id for t in ordered if t.commission is None],
+    )
+
+
+def start_of_day(positions: Mapping[str, tuple[int, str, float]], closes: Mapping[str, float],
+                 references: Mapping[str, float]) -> list[Carried]:
+    """The day's carried positions from the broker's positions at the day boundary
+    (symbol -> (qty, bucket, avg_cost)): each starts from the previous close we saw,
+    else the universe's reference price, else the broker's average cost (the source is
+    recorded: anything but `close` is a stand-in)."""
+    carried = []
+    for symbol, (qty, bucket, avg_cost) in sorted(positions.items()):
+        if qty == 0:
+            continue
+        if closes.get(symbol, 0) > 0:
+            price, source = closes[symbol], "close"
+        elif references.get(symbol, 0) > 0:
+            price, source = references[symbol], "reference"
+        else:
+            price, source = avg_cost, "avg_cost"
+        carried.append(Carried(symbol, bucket, qty, price, source, avg_cost if avg_cost > 0 else None))
+    return carried
