@@ -477,8 +477,36 @@ class WhatIf:
         }
 
 
+@dataclass(frozen=True)
+class PnLFigures:
+    """IB's P&L for a position or the account (reqPnL / reqPnLSingle)."""
+
+    position: int
+    daily: float
+    unrealized: float
+    realized: float
+    value: float
+
+    def describe(self) -> dict[str, float]:
+        return {
+            "position": self.position,
+            "daily": round(self.daily, 4),
+            "unrealized": round(self.unrealized, 4),
+            "realized": round(self.realized, 4),
+            "value": round(self.value, 4),
+        }
+
+
 class Account:
-    """Cash, positions and P&L of the one simulated account."""
+    """Cash, positions and P&L of the one simulated account.
+
+    P&L as IB reports it (average-cost method): an opening fill's commission goes into the
+    average cost (so into unrealized P&L), a closing fill's into its realized P&L. For the
+    trading day: ``realized`` is what today's closing fills realized; ``unrealized`` is the
+    open quantity at the mark against its average cost; ``daily`` is the change in value
+    since the previous close: qty now x mark - qty at the start of the day x previous close
+    + today's trade cash flows (proceeds - cost - commissions).
+    """
 
     def __init__(self, account_id: str, cash: float, currency: str = "USD") -> None:
         self.account_id = account_id
@@ -487,6 +515,40 @@ class Account:
         self.positions: dict[str, Position] = {}
         self.realized_pnl = 0.0
         self.commissions = 0.0
+        # The trading day (start_day): previous closes, quantities at the start, today's flows.
+        self.prev_close: dict[str, float] = {}
+        self.day_start_qty: dict[str, int] = {}
+        self.day_cash_flow: dict[str, float] = {}  # per symbol: proceeds - cost - commissions today
+        self.day_realized: dict[str, float] = {}
+        self.day_commissions = 0.0
+
+    def start_day(self, closes: dict[str, float]) -> None:
+        """A new trading day: ``closes`` are the previous closes (per symbol, dollars)."""
+        self.prev_close = dict(closes)
+        self.day_start_qty = {s: p.qty for s, p in self.positions.items() if p.qty}
+        self.day_cash_flow = {}
+        self.day_realized = {}
+        self.day_commissions = 0.0
+
+    def pnl_single(self, symbol: str, mark: float) -> PnLFigures:
+        pos = self.positions.get(symbol)
+        qty = pos.qty if pos is not None else 0
+        start = self.day_start_qty.get(symbol, 0)
+        daily = qty * mark - start * self.prev_close.get(symbol, mark) + self.day_cash_flow.get(symbol, 0.0)
+        unrealized = qty * (mark - pos.avg_cost) if pos is not None and qty else 0.0
+        return PnLFigures(qty, daily, unrealized, self.day_realized.get(symbol, 0.0), qty * mark)
+
+    def pnl(self, mark: Callable[[str], float]) -> PnLFigures:
+        """The account: the sum over every symbol held now, at the day's start or traded today."""
+        symbols = set(self.day_start_qty) | set(self.day_cash_flow) | {s for s, p in self.positions.items() if p.qty}
+        parts = [self.pnl_single(s, mark(s)) for s in sorted(symbols)]
+        return PnLFigures(
+            0,
+            math.fsum(p.daily for p in parts),
+            math.fsum(p.unrealized for p in parts),
+            math.fsum(p.realized for p in parts),
+            math.fsum(p.value for p in parts),
+        )
 
     def set_position(self, symbol: str, qty: int, avg_cost: float, bucket: str) -> None:
         self.positions[symbol] = Position(symbol, qty, avg_cost, 0.0, bucket)
@@ -499,6 +561,8 @@ class Account:
         signed = qty if buy else -qty
         self.cash -= signed * price + commission
         self.commissions += commission
+        self.day_commissions += commission
+        self.day_cash_flow[symbol] = self.day_cash_flow.get(symbol, 0.0) - signed * price - commission
         realized: float | None = None
         closing = 0
         if pos.qty and (pos.qty > 0) != buy:
@@ -513,6 +577,7 @@ class Account:
             pos.qty += closing if buy else -closing
             pos.realized_pnl += realized
             self.realized_pnl += realized
+            self.day_realized[symbol] = self.day_realized.get(symbol, 0.0) + realized
             if pos.qty == 0:
                 pos.avg_cost = 0.0
         if opening:
@@ -564,7 +629,7 @@ class Account:
             "Cushion": excess / net_liq if net_liq else 0.0,
             "Leverage": gross / net_liq if net_liq else 0.0,
             "UnrealizedPnL": unrealized,
-            "RealizedPnL": self.realized_pnl,
+            "RealizedPnL": math.fsum(self.day_realized.values()),  # today's, as IB's account value
         }
 
 
@@ -611,6 +676,8 @@ class Broker:
         # the worst-case potential gross after every event that can change it.
         self.log = RefereeLog(referee_log_cap)
         self.faults_fired: Counter[str] = Counter()  # by fault, never evicted (sim/metrics.py)
+        self.trading_day = trading_day_of(self.now_ns())
+        self.account.start_day({symbol: book.ref / 100 for symbol, book in self.market.books.items()})
         self.exposure = PotentialGross()
         for symbol in self.account.positions:
             self.exposure.set_symbol(symbol, *self._exposure_of(symbol))
@@ -637,6 +704,28 @@ class Broker:
         if book.last <= 0 or book.bid >= book.ask:
             return book.mid / 100
         return min(max(book.last, book.bid), book.ask) / 100
+
+    # ------------------------------------------------------------------ P&L
+
+    def roll_day(self) -> bool:
+        """At the first look on a new New York date: today's closes (the marks) become the
+        previous closes, and the day's P&L, volume and high/low start again."""
+        today = trading_day_of(self.now_ns())
+        if today == self.trading_day:
+            return False
+        closes = {symbol: self.mark(symbol) for symbol in self.market.books}
+        self.market.roll_day({symbol: round(price * 100) for symbol, price in closes.items()})
+        self.account.start_day(closes)
+        self.trading_day = today
+        return True
+
+    def pnl(self) -> PnLFigures:
+        """reqPnL: the account's daily, unrealized and realized P&L at the broker's marks."""
+        return self.account.pnl(lambda symbol: self.mark(symbol) if symbol in self.market.books else 0.0)
+
+    def pnl_single(self, symbol: str) -> PnLFigures:
+        """reqPnLSingle: one position's P&L (position, daily, unrealized, realized, value)."""
+        return self.account.pnl_single(symbol, self.mark(symbol))
 
     def open_orders(self, client_id: int | None = None) -> list[Order]:
         return [
@@ -1244,6 +1333,11 @@ class Broker:
                 "lmt_price": None if order.lmt is None else order.lmt / 100,
             },
         )
+
+
+def trading_day_of(ts_ns: int) -> str:
+    """The New York date of a moment (yyyymmdd): the trading day P&L belongs to."""
+    return datetime.fromtimestamp(ts_ns / 1e9, tz=timezone.utc).astimezone(NEW_YORK).strftime("%Y%m%d")
 
 
 def exec_time_text(ts_ns: int) -> str:

@@ -8,6 +8,7 @@ Deliberately tiny (stdlib only): one request per connection, JSON in and out.
     GET  /fills[?order_ref=X]        every execution
     GET  /requests[?order_ref=X]     every place/modify/cancel/global-cancel request, with its outcome
     GET  /quote?symbol=S             the simulated top of book
+    GET  /pnl                        today's P&L (reqPnL / reqPnLSingle figures): account and per symbol
     GET  /referee                    potential gross (current, max: when, which event), counts, log size
     GET  /referee/log[?after=&kind=&order_ref=&limit=]  the ordered referee log (requests, order states, fills, faults)
     POST /referee/reset              the max potential gross starts again from the current value
@@ -158,6 +159,8 @@ class ControlServer:
             if path == "/quote":
                 symbol = _known_symbol(sim, query.get("symbol", ""))
                 return sim.market.book(symbol).snapshot()
+            if path == "/pnl":
+                return sim.pnl_report()
             if path == "/referee":
                 return dict(broker.referee(), faults=broker.faults.describe())
             if path == "/referee/log":
@@ -276,6 +279,8 @@ class ControlServer:
             sim.config.max_market_data_lines = _num(body, "max_market_data_lines", int)
         if "account_update_s" in body:
             sim.config.account_update_s = _num(body, "account_update_s")
+        if "pnl_update_s" in body:
+            sim.config.pnl_update_s = max(0.05, _num(body, "pnl_update_s"))
         if "fill_on_prints" in body:
             sim.broker.fill_on_prints = bool(body["fill_on_prints"])
         if "referee_log_cap" in body:
@@ -297,6 +302,7 @@ class ControlServer:
             "max_tick_by_tick": sim.config.max_tick_by_tick,
             "max_market_data_lines": sim.config.max_market_data_lines,
             "account_update_s": sim.config.account_update_s,
+            "pnl_update_s": sim.config.pnl_update_s,
             "fill_on_prints": sim.broker.fill_on_prints,
             "referee_log_cap": sim.broker.log.cap,
         }
@@ -340,6 +346,10 @@ class SimControl:
 
     def quote(self, symbol: str) -> dict:
         return self._request("GET", "/quote", query={"symbol": symbol})
+
+    def pnl(self) -> dict:
+        """Today's P&L as reqPnL / reqPnLSingle report it: ``account`` and ``symbols``."""
+        return self._request("GET", "/pnl")
 
     def referee(self) -> dict:
         """{"potential_gross": {"current": {...}, "max": {...}}, "counts": {...}, "log": {...}, "faults": {...}}"""

@@ -266,6 +266,17 @@ class Market:
             book.open = price
         return PrintEvent(book.symbol, price, size, venue, conditions, ts, own)
 
+    def roll_day(self, closes: dict[str, int]) -> None:
+        """A new trading day: ``closes`` (cents) become the reference (previous close) and the
+        day statistics (volume, open, high, low) start again."""
+        for symbol, close in closes.items():
+            book = self.books.get(symbol)
+            if book is None or close <= 0:
+                continue
+            book.ref = close
+            book.volume = 0
+            book.open = book.high = book.low = 0
+
     # ------------------------------------------------------------- interactions
 
     def book(self, symbol: str) -> SymbolBook:

@@ -607,6 +607,31 @@ class ReqNewsBulletins:
 
 
 @dataclass(frozen=True)
+class ReqPnL:
+    req_id: int
+    account: str
+    model_code: str
+
+
+@dataclass(frozen=True)
+class CancelPnL:
+    req_id: int
+
+
+@dataclass(frozen=True)
+class ReqPnLSingle:
+    req_id: int
+    account: str
+    model_code: str
+    con_id: int
+
+
+@dataclass(frozen=True)
+class CancelPnLSingle:
+    req_id: int
+
+
+@dataclass(frozen=True)
 class Unsupported:
     """A request we recognise but do not simulate; req_id is -1 when it has none."""
 
@@ -865,6 +890,10 @@ _PARSERS = {
     102: lambda r: ReqWshEventData(r.req(), r.int("conId") if r.remaining() else 0),
     103: _cancel(103, "cancelWshEventData", versioned=False),
     104: lambda r: ReqUserInfo(r.req()),
+    92: lambda r: ReqPnL(r.req(), r.str("account"), r.str("modelCode")),
+    93: lambda r: CancelPnL(r.req()),
+    94: lambda r: ReqPnLSingle(r.req(), r.str("account"), r.str("modelCode"), r.int("conId")),
+    95: lambda r: CancelPnLSingle(r.req()),
     # Cancels that IB does not answer.
     11: _cancel(11, "cancelMktDepth", versioned=True),
     13: _versioned(lambda r: CancelRequest(13, "cancelNewsBulletins", -1)),
@@ -890,8 +919,6 @@ UNSUPPORTED: dict[int, tuple[str, int | None]] = {
     73: ("verifyAndAuthMessage", None),
     87: ("reqHeadTimeStamp", 1),
     88: ("reqHistogramData", 1),
-    92: ("reqPnL", 1),
-    94: ("reqPnLSingle", 1),
     96: ("reqHistoricalTicks", 1),
 }
 
@@ -1520,6 +1547,18 @@ def account_update_multi(req_id: int, account: str, model_code: str, key: str, v
 
 def account_update_multi_end(req_id: int) -> bytes:
     return encode([ACCOUNT_UPDATE_MULTI_END, 1, req_id])
+
+
+PNL = 94
+PNL_SINGLE = 95
+
+
+def pnl(req_id: int, daily: float, unrealized: float, realized: float) -> bytes:
+    return encode([PNL, req_id, float(daily), float(unrealized), float(realized)])
+
+
+def pnl_single(req_id: int, position: int, daily: float, unrealized: float, realized: float, value: float) -> bytes:
+    return encode([PNL_SINGLE, req_id, int(position), float(daily), float(unrealized), float(realized), float(value)])
 
 
 # Reference data and other answers (server -> client).

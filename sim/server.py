@@ -96,13 +96,16 @@ class SimServer(
         self.started_wall = time.time()
         self.universe = load_universe(config.universe_path)
         self.catalogue = Catalogue(self.universe.values())
+        self.account_spec = self._load_account_spec()
+        # Previous closes: the account file's prev_close where given, else the universe's ref_price.
+        closes = {symbol: inst.ref_price for symbol, inst in self.universe.items()}
+        closes.update({p.symbol: p.prev_close for p in self.account_spec.positions if p.prev_close is not None})
         self.market = Market(
-            {symbol: inst.ref_price for symbol, inst in self.universe.items()},
+            closes,
             seed=config.seed,
             config=MarketConfig(quote_rate=config.quote_rate, print_rate=config.print_rate),
             now_ns=self.clock.now_ns,
         )
-        self.account_spec = self._load_account_spec()
         self.broker = self._new_broker(self.account_spec)
         self.order_ids = OrderIdStore(config.order_id_file)
         self.broker.saw_order_id(self.order_ids.load())
@@ -170,6 +173,7 @@ class SimServer(
     def _start_timers(self) -> None:
         self.tasks.append(asyncio.create_task(self._market_loop(), name="market"))
         self.tasks.append(asyncio.create_task(self._account_loop(), name="account"))
+        self.tasks.append(asyncio.create_task(self._pnl_loop(), name="pnl"))
 
     def _log_listening(self) -> None:
         log.info(

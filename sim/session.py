@@ -26,6 +26,15 @@ class MarketSub:
 
 
 @dataclass
+class PnLSub:
+    """reqPnL (symbol None) or reqPnLSingle subscription; ``last`` = the figures last sent."""
+
+    req_id: int
+    symbol: str | None
+    last: tuple | None = None
+
+
+@dataclass
 class AckHold:
     until: float
     buffer: list[bytes] = field(default_factory=list)
@@ -51,6 +60,7 @@ class Session(asyncio.Protocol):
         self.positions_sub = False
         self.account_multi: set[int] = set()
         self.summary_subs: dict[int, set[str] | None] = {}
+        self.pnl_subs: dict[int, PnLSub] = {}
         self.holds: dict[tuple[int, int], AckHold] = {}
         self.dropped_market_msgs = 0
         self.requests = 0
