@@ -677,6 +677,7 @@ class Broker:
         self.log = RefereeLog(referee_log_cap)
         self.faults_fired: Counter[str] = Counter()  # by fault, never evicted (sim/metrics.py)
         self.trading_day = trading_day_of(self.now_ns())
+        self.previous_day_equity = self.account_values()["EquityWithLoanValue"]
         self.account.start_day({symbol: book.ref / 100 for symbol, book in self.market.books.items()})
         self.exposure = PotentialGross()
         for symbol in self.account.positions:
@@ -714,6 +715,7 @@ class Broker:
         if today == self.trading_day:
             return False
         closes = {symbol: self.mark(symbol) for symbol in self.market.books}
+        self.previous_day_equity = self.account_values()["EquityWithLoanValue"]
         self.market.roll_day({symbol: round(price * 100) for symbol, price in closes.items()})
         self.account.start_day(closes)
         self.trading_day = today

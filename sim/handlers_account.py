@@ -163,6 +163,42 @@ class AccountHandlers:
         rows["RegTEquity"] = (_money(values["NetLiquidation"]), "USD")
         rows["RegTMargin"] = (_money(values["InitMarginReq"]), "USD")
         rows["SMA"] = (_money(max(0.0, values["AvailableFunds"])), "USD")
+        rows["PreviousDayEquityWithLoanValue"] = (_money(self.broker.previous_day_equity), "USD")
+        rows["LookAheadNextChange"] = ("0", "")
+        for key in ("InitMarginReq", "MaintMarginReq", "AvailableFunds", "ExcessLiquidity"):
+            rows["LookAhead" + key] = (_money(values[key]), "USD")
+        rows["HighestSeverity"] = ("0", "")
+        return rows
+
+    def _ledger_rows(self, currency: str) -> list[tuple[str, str]]:
+        """The $LEDGER rows (one currency: USD, or BASE for the account's base currency)."""
+        values = self.broker.account_values()
+        zero = "0.00"
+        rows = [
+            ("CashBalance", _money(values["CashBalance"])),
+            ("TotalCashBalance", _money(values["CashBalance"])),
+            ("AccruedCash", zero),
+            ("StockMarketValue", _money(values["StockMarketValue"])),
+            ("OptionMarketValue", zero),
+            ("FutureOptionValue", zero),
+            ("FuturesPNL", zero),
+            ("NetLiquidationByCurrency", _money(values["NetLiquidation"])),
+            ("UnrealizedPnL", _money(values["UnrealizedPnL"])),
+            ("RealizedPnL", _money(values["RealizedPnL"])),
+            ("ExchangeRate", "1.00"),
+            ("FundValue", zero),
+            ("NetDividend", zero),
+            ("MutualFundValue", zero),
+            ("MoneyMarketFundValue", zero),
+            ("CorporateBondValue", zero),
+            ("TBondValue", zero),
+            ("TBillValue", zero),
+            ("WarrantValue", zero),
+            ("FxCashBalance", zero),
+            ("AccountOrGroup", self.broker.account.account_id),
+            ("RealCurrency", "USD"),
+            ("IssuerOptionValue", zero),
+        ]
         return rows
 
     def _send_summary(self, s: Session, req_id: int, tags: set[str] | None) -> None:
@@ -170,6 +206,12 @@ class AccountHandlers:
         for tag, (value, currency) in self._summary_rows().items():
             if tags is None or tag in tags:
                 s.send(P.account_summary(req_id, account_id, tag, value, currency))
+        for ledger in sorted(t for t in (tags or ()) if t.upper().startswith("$LEDGER")):
+            which = ledger.partition(":")[2].upper()
+            currencies = ["BASE"] if not which else ["BASE", "USD"] if which == "ALL" else [which] if which == "USD" else []
+            for currency in currencies:
+                for tag, value in self._ledger_rows(currency):
+                    s.send(P.account_summary(req_id, account_id, tag, value, currency))
         s.send(P.account_summary_end(req_id))
 
     def on_ReqAccountSummary(self, s: Session, r: P.ReqAccountSummary) -> None:

@@ -86,6 +86,7 @@ class SymbolBook:
     last_venue: str = ""
     last_ts_ns: int = 0
     volume: int = 0
+    notional: int = 0  # cents x shares traded today (VWAP for RTVolume)
     high: int = 0
     low: int = 0
     open: int = 0
@@ -260,6 +261,7 @@ class Market:
         book.last_venue = venue
         book.last_ts_ns = ts
         book.volume += size
+        book.notional += price * size
         book.high = max(book.high, price) if book.high else price
         book.low = min(book.low, price) if book.low else price
         if not book.open:
@@ -274,7 +276,7 @@ class Market:
             if book is None or close <= 0:
                 continue
             book.ref = close
-            book.volume = 0
+            book.volume = book.notional = 0
             book.open = book.high = book.low = 0
 
     # ------------------------------------------------------------- interactions

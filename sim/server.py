@@ -41,9 +41,11 @@ from .contracts import Catalogue
 from .control import ControlServer
 from .faults import CODE_TEXT, FaultControls
 from .handlers_account import AccountHandlers
+from .handlers_history import HistoryHandlers
 from .handlers_market import MarketDataHandlers
 from .handlers_orders import OrderHandlers
 from .handlers_reference import ReferenceHandlers
+from .history import History
 from .introspection import Introspection
 from .market import Market, MarketConfig
 from .routing import OrderRouting
@@ -88,7 +90,7 @@ class OrderIdStore:
 
 
 class SimServer(
-    OrderHandlers, MarketDataHandlers, AccountHandlers, ReferenceHandlers, OrderRouting, FaultControls, Introspection
+    OrderHandlers, MarketDataHandlers, AccountHandlers, HistoryHandlers, ReferenceHandlers, OrderRouting, FaultControls, Introspection
 ):
     def __init__(self, config: SimConfig, clock: qe_clock.Clock | None = None) -> None:
         self.config = config
@@ -107,6 +109,7 @@ class SimServer(
             now_ns=self.clock.now_ns,
         )
         self.broker = self._new_broker(self.account_spec)
+        self.history = History(config.seed, self.clock.now_ns(), {s: b.ref for s, b in self.market.books.items()})
         self.order_ids = OrderIdStore(config.order_id_file)
         self.broker.saw_order_id(self.order_ids.load())
         self.sessions: set[Session] = set()
@@ -174,6 +177,7 @@ class SimServer(
         self.tasks.append(asyncio.create_task(self._market_loop(), name="market"))
         self.tasks.append(asyncio.create_task(self._account_loop(), name="account"))
         self.tasks.append(asyncio.create_task(self._pnl_loop(), name="pnl"))
+        self.tasks.append(asyncio.create_task(self._history_loop(), name="history"))
 
     def _log_listening(self) -> None:
         log.info(
