@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 from zoneinfo import ZoneInfo
 
+from . import sessions
 from .contracts import Catalogue
 from .market import Market, PrintEvent, QuoteEvent
 from .protocol import ContractInfo, ExecFields, ExecFilter, OrderFields, PlaceOrder
@@ -651,6 +652,7 @@ class Broker:
         fill_on_prints: bool = True,
         referee_log_cap: int = 100_000,
         precautions: Precautions | None = None,
+        trading_sessions: bool = False,
     ) -> None:
         self.account = account
         self.market = market
@@ -664,6 +666,11 @@ class Broker:
         self.fill_on_prints = fill_on_prints
         self.precautions = precautions or Precautions()
         self.faults = Faults()
+        # Trading sessions (opt-in, sim/sessions.py): fills only in regular hours (outside them
+        # with outsideRth), DAY orders expire at the close; halts per symbol on command.
+        self.trading_sessions = trading_sessions
+        self.phase = sessions.phase(self.now_ns()) if trading_sessions else "regular"
+        self.halted: set[str] = set()
         self.orders: dict[tuple[int, int], Order] = {}  # (client_id, order_id)
         self.max_order_id = 0  # highest order id seen from any client (seeded from the order-id file)
         self.by_perm_id: dict[int, Order] = {}
@@ -705,6 +712,65 @@ class Broker:
         if book.last <= 0 or book.bid >= book.ask:
             return book.mid / 100
         return min(max(book.last, book.bid), book.ask) / 100
+
+    # ------------------------------------------------------------- sessions
+
+    def _tradable(self, order: Order) -> bool:
+        """May the order fill now: not halted, and in regular hours (outside them with outsideRth)."""
+        if order.symbol in self.halted:
+            return False
+        if not self.trading_sessions:
+            return True
+        return self.phase == "regular" or (order.outside_rth and self.phase in ("pre_open", "after_hours"))
+
+    def on_clock(self) -> list[BrokerEvent]:
+        """The session phase as of now. At the regular close DAY orders expire (IB: orderStatus
+        Cancelled), DAY orders with outsideRth at the end of after-hours; at the open held
+        (PreSubmitted) orders become Submitted."""
+        if not self.trading_sessions:
+            return []
+        now = self.now_ns()
+        new = sessions.phase(now)
+        old, self.phase = self.phase, new
+        if new == old:
+            return []
+        self.log.record(now, "session", {"from": old, "to": new})
+        events: list[BrokerEvent] = []
+        for order in self.open_orders():
+            if not order.transmitted:
+                continue
+            if order.tif == "DAY" and ((old == "regular" and not order.outside_rth) or new == "closed"):
+                order.status = "Cancelled"
+                order.updated_ns = now
+                order.held = False
+                self._drop_live(order)
+                order.history.append({"ts_ns": now, "event": "expired", "filled": order.filled})
+                self._referee_touch(order.symbol, "expiry", order, now)
+                events.append(self._update(order, open_order=False, ack=False))
+            elif order.status == "PreSubmitted" and self._tradable(order):
+                order.status = "Submitted"
+                order.updated_ns = now
+                events.append(self._update(order, open_order=True, ack=False))
+        return events
+
+    def halt(self, symbol: str) -> None:
+        self.halted.add(symbol)
+        self.market.books[symbol].halted = True
+        self.log.record(self.now_ns(), "session", {"halt": symbol})
+
+    def resume(self, symbol: str) -> list[BrokerEvent]:
+        """Trading resumes: orders held PreSubmitted by the halt are Submitted again."""
+        self.halted.discard(symbol)
+        self.market.books[symbol].halted = False
+        now = self.now_ns()
+        self.log.record(now, "session", {"resume": symbol})
+        events: list[BrokerEvent] = []
+        for order in self.open_orders():
+            if order.symbol == symbol and order.transmitted and order.status == "PreSubmitted" and self._tradable(order):
+                order.status = "Submitted"
+                order.updated_ns = now
+                events.append(self._update(order, open_order=True, ack=False))
+        return events
 
     # ------------------------------------------------------------------ P&L
 
@@ -1056,11 +1122,13 @@ class Broker:
         # Like the real gateway: PreSubmitted first, then Submitted once "at the exchange".
         order.status = "PreSubmitted"
         events.append(self._update(order, open_order=True, ack=True))
-        order.status = "Submitted"
-        events.append(self._update(order, open_order=True, ack=True))
+        if self._tradable(order):
+            order.status = "Submitted"
+            events.append(self._update(order, open_order=True, ack=True))
         self._referee_touch(order.symbol, "place", order, now)
 
-        events += self._trade(order, lambda cap: self._match_aggressive(order, cap=cap))
+        if self._tradable(order):
+            events += self._trade(order, lambda cap: self._match_aggressive(order, cap=cap))
         events += self._expire_ioc(order)
         return events
 
@@ -1132,10 +1200,10 @@ class Broker:
                 return [self._update(order, open_order=True, ack=True)]  # still held
             self._transmit(order)
             order.history.append({"ts_ns": now, "event": "transmitted"})
-        order.status = "Submitted"
+        order.status = "Submitted" if self._tradable(order) else "PreSubmitted"
         events: list[BrokerEvent] = [self._update(order, open_order=True, ack=True)]
         self._referee_touch(order.symbol, "modify", order, now)
-        if not order.held:
+        if not order.held and self._tradable(order):
             events += self._trade(order, lambda cap: self._match_aggressive(order, cap=cap))
         events += self._expire_ioc(order)
         return events
@@ -1190,19 +1258,19 @@ class Broker:
         if event.symbol in self.exposure.by_symbol:  # held or with live orders: its mark may have moved
             self._referee_touch(event.symbol, "market")
         resting = self.live_by_symbol.get(event.symbol)
-        if not resting:
+        if not resting or event.symbol in self.halted:
             return []
         events: list[BrokerEvent] = []
         if isinstance(event, QuoteEvent):
             for order in list(resting):
-                if not order.is_live:
+                if not order.is_live or not self._tradable(order):
                     continue
                 if order.held:
                     order.held = False  # the market moved: the forced partial is over
                 events += self._trade(order, lambda cap, order=order: self._match_passive(order, cap))
         elif self.fill_on_prints and not event.own_fill:
             for order in list(resting):
-                if not order.is_live or order.held or order.lmt is None:
+                if not order.is_live or order.held or order.lmt is None or not self._tradable(order):
                     continue
                 through = event.price <= order.lmt if order.is_buy else event.price >= order.lmt
                 if through:

@@ -56,6 +56,7 @@ class AccountSpec:
     cash: float | None
     positions: tuple[SeedPosition, ...]
     checks: dict[str, Any] = field(default_factory=dict)  # Precautions overrides (validated)
+    sessions: bool | None = None  # the account file's ``sessions:`` (None: the CLI / config decides)
 
     @property
     def is_paper(self) -> bool:
@@ -83,7 +84,7 @@ def load_account(path: str | Path, universe: dict[str, Instrument]) -> AccountSp
 def parse_account(raw: Any, universe: dict[str, Instrument], where: str = "account") -> AccountSpec:
     if not isinstance(raw, dict):
         raise SimConfigError(f"{where}: expected a mapping at the top level")
-    unknown = set(raw) - {"account", "currency", "equity", "cash", "positions", "checks"}
+    unknown = set(raw) - {"account", "currency", "equity", "cash", "positions", "checks", "sessions"}
     if unknown:
         raise SimConfigError(f"{where}: unknown keys {sorted(unknown)}")
     account_id = str(raw.get("account", "")).strip()
@@ -140,7 +141,10 @@ def parse_account(raw: Any, universe: dict[str, Instrument], where: str = "accou
                 raise SimConfigError(f"{at}: prev_close must be a positive price, got {prev_close!r}")
             prev_close = float(prev_close)
         positions.append(SeedPosition(symbol, qty, avg_cost, bucket, prev_close))
-    return AccountSpec(account_id, currency, equity, cash, tuple(positions), parse_checks(raw.get("checks"), where))
+    sessions = raw.get("sessions")
+    if sessions is not None and not isinstance(sessions, bool):
+        raise SimConfigError(f"{where}: sessions must be true or false")
+    return AccountSpec(account_id, currency, equity, cash, tuple(positions), parse_checks(raw.get("checks"), where), sessions)
 
 
 def parse_checks(raw: Any, where: str) -> dict[str, Any]:
@@ -204,6 +208,7 @@ class SimConfig:
     farm_codes_on_connect: bool = True  # send 2104/2106/2158 after connect, like the gateway
     max_write_buffer: int = 8 * 1024 * 1024  # above this, market data to that client is dropped
     referee_log_cap: int = 100_000  # entries kept in the referee log (oldest evicted, still counted)
+    sessions: bool = False  # trading sessions on the XNYS calendar (sim/sessions.py); off = always open
     pnl_update_s: float = 1.0  # reqPnL / reqPnLSingle: push changed figures this often (IB: ~1 s)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -225,4 +230,5 @@ class SimConfig:
             referee_log_cap=int(_env("QE_SIM_REFEREE_LOG_CAP", "100000")),
             master_client_id=None if master.lower() in ("", "none", "-1") else int(master),
             order_id_file=_env("QE_SIM_ORDER_ID_FILE", "") or None,
+            sessions=_env("QE_SIM_SESSIONS", "0").lower() in ("1", "true", "yes", "on"),
         )

@@ -28,6 +28,10 @@ Deliberately tiny (stdlib only): one request per connection, JSON in and out.
     POST /unfreeze                   {"symbol": optional}
     POST /print                      {"symbol", "price", "size", "venue", "conditions"}
     POST /config                     {"quote_rate", "print_rate", "max_tick_by_tick", ...}
+    POST /halt                       {"symbol"}: trading halt (tick 49 = 1; no quotes, prints, fills)
+    POST /resume                     {"symbol"}: the halt ends (tick 49 = 0)
+    POST /quiet                      {"symbol", "minutes"}: the quote does not change for that long (simulated clock)
+    POST /no_prints                  {"symbol", "minutes"}: no prints for that long (simulated clock)
     POST /reset                      clear faults, unfreeze quotes, reconnect data/IB
 """
 
@@ -256,11 +260,29 @@ class ControlServer:
                 str(body.get("conditions") or ""),
             )
             return {"symbol": event.symbol, "price": event.price / 100, "size": event.size, "venue": event.venue}
+        if path in ("/halt", "/resume"):
+            symbol = _known_symbol(sim, str(body.get("symbol", "")))
+            sim.halt(symbol, path == "/halt")
+            return {"symbol": symbol, "halted": sorted(broker.halted)}
+        if path in ("/quiet", "/no_prints"):
+            symbol = _known_symbol(sim, str(body.get("symbol", "")))
+            minutes = _num(body, "minutes", float, required=True)
+            until = sim.clock.now_ns() + int(max(0.0, minutes) * 60e9)
+            book = sim.market.book(symbol)
+            if path == "/quiet":
+                book.quiet_until_ns = until
+            else:
+                book.no_prints_until_ns = until
+            return book.snapshot()
         if path == "/config":
             return self._configure(body)
         if path == "/reset":
             faults.__init__()  # type: ignore[misc]
             sim.market.unfreeze()
+            for symbol in sorted(broker.halted):
+                sim.halt(symbol, False)
+            for book in sim.market.books.values():
+                book.quiet_until_ns = book.no_prints_until_ns = 0
             sim.ib_connected = True
             sim.data_farm_ok = True
             return {"reset": True}
@@ -346,6 +368,21 @@ class SimControl:
 
     def quote(self, symbol: str) -> dict:
         return self._request("GET", "/quote", query={"symbol": symbol})
+
+    def halt(self, symbol: str) -> dict:
+        """Trading halt for ``symbol`` (IB's halted tick 49 = 1; no quotes, prints or fills)."""
+        return self._post("/halt", symbol=symbol)
+
+    def resume(self, symbol: str) -> dict:
+        return self._post("/resume", symbol=symbol)
+
+    def quiet(self, symbol: str, minutes: float) -> dict:
+        """The symbol's quote does not change for ``minutes`` of simulated time (prints go on)."""
+        return self._post("/quiet", symbol=symbol, minutes=minutes)
+
+    def no_prints(self, symbol: str, minutes: float) -> dict:
+        """No prints of ``symbol`` for ``minutes`` of simulated time (quotes go on)."""
+        return self._post("/no_prints", symbol=symbol, minutes=minutes)
 
     def pnl(self) -> dict:
         """Today's P&L as reqPnL / reqPnLSingle report it: ``account`` and ``symbols``."""

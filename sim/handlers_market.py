@@ -120,7 +120,7 @@ class MarketDataHandlers:
             send(P.tick_string(req_id, P.LAST_TIMESTAMP, str(book.last_ts_ns // 1_000_000_000)))
         if book.last_venue:
             send(P.tick_string(req_id, P.LAST_EXCHANGE, book.last_venue))
-        send(P.tick_generic(req_id, P.HALTED, 0))
+        send(P.tick_generic(req_id, P.HALTED, 1 if symbol in self.broker.halted else 0))
 
     def on_CancelMktData(self, s: Session, r: P.CancelMktData) -> None:
         sub = s.mkt_subs.pop(r.req_id, None)
@@ -276,11 +276,33 @@ class MarketDataHandlers:
             await asyncio.sleep(interval)
             now = time.monotonic()
             dt, last = now - last, now
+            if self.broker.phase == "closed":
+                continue  # sessions on: no quotes or prints at night, weekends and holidays
             try:
                 for event in self.market.advance(min(dt, 1.0)):
                     self.market_event(event)
             except Exception:  # the timer must survive anything
                 log.exception("market step failed")
+
+    async def _session_loop(self) -> None:
+        """Sessions on: follow the phase (open, close: DAY expiry) on the shared clock."""
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                events = self.broker.on_clock()
+                if events:
+                    self.dispatch(events)
+            except Exception:
+                log.exception("session step failed")
+
+    def halt(self, symbol: str, halted: bool) -> None:
+        """A trading halt (or its end) for one symbol: IB's halted tick (49) to its subscribers."""
+        if halted:
+            self.broker.halt(symbol)
+        else:
+            self.dispatch(self.broker.resume(symbol))
+        for sub in self.mkt_by_symbol.get(symbol, ()):
+            sub.session.send(P.tick_generic(sub.req_id, P.HALTED, 1 if halted else 0))
 
     def tbt_count(self) -> int:
         return sum(len(s.tbt_subs) for s in self.sessions)

@@ -64,6 +64,8 @@ class Introspection:
                 for info, pos, mark in self.broker.portfolio()
             ],
             "pnl": self.broker.pnl().describe(),
+            "session": {"enabled": self.broker.trading_sessions, "phase": self.broker.phase,
+                        "halted": sorted(self.broker.halted)},
             "open_orders": len(self.broker.open_orders()),
             "orders": len(self.broker.all_orders()),
             "executions": len(self.broker.executions),

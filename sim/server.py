@@ -156,6 +156,7 @@ class SimServer(
             fill_on_prints=self.config.fill_on_prints,
             referee_log_cap=self.config.referee_log_cap,
             precautions=Precautions(**spec.checks),
+            trading_sessions=self.config.sessions if spec.sessions is None else spec.sessions,
         )
 
     async def start(self) -> None:
@@ -178,6 +179,7 @@ class SimServer(
         self.tasks.append(asyncio.create_task(self._account_loop(), name="account"))
         self.tasks.append(asyncio.create_task(self._pnl_loop(), name="pnl"))
         self.tasks.append(asyncio.create_task(self._history_loop(), name="history"))
+        self.tasks.append(asyncio.create_task(self._session_loop(), name="sessions"))
 
     def _log_listening(self) -> None:
         log.info(
@@ -388,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--referee-log-cap", type=int, default=env.referee_log_cap,
                    help="entries kept in the referee log (QE_SIM_REFEREE_LOG_CAP, default 100000)")
     p.add_argument("--no-fill-on-prints", action="store_true", help="resting limits fill only when quotes cross them")
+    p.add_argument("--sessions", action="store_true", default=env.sessions,
+                   help="trading sessions on the XNYS calendar: fills in regular hours, DAY expiry (QE_SIM_SESSIONS=1)")
     p.add_argument("--log-level", default=os.environ.get("QE_LOG_LEVEL", "INFO"))
     return p
 
@@ -412,6 +416,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         fill_on_prints=not args.no_fill_on_prints,
         referee_log_cap=args.referee_log_cap,
         order_id_file=args.order_id_file or None,
+        sessions=args.sessions,
     )
 
 
