@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 from zoneinfo import ZoneInfo
 
+from . import sessions
 from .contracts import Catalogue
 from .market import Market, PrintEvent, QuoteEvent
 from .protocol import ContractInfo, ExecFields, ExecFilter, OrderFields, PlaceOrder
@@ -477,8 +478,36 @@ class WhatIf:
         }
 
 
+@dataclass(frozen=True)
+class PnLFigures:
+    """IB's P&L for a position or the account (reqPnL / reqPnLSingle)."""
+
+    position: int
+    daily: float
+    unrealized: float
+    realized: float
+    value: float
+
+    def describe(self) -> dict[str, float]:
+        return {
+            "position": self.position,
+            "daily": round(self.daily, 4),
+            "unrealized": round(self.unrealized, 4),
+            "realized": round(self.realized, 4),
+            "value": round(self.value, 4),
+        }
+
+
 class Account:
-    """Cash, positions and P&L of the one simulated account."""
+    """Cash, positions and P&L of the one simulated account.
+
+    P&L as IB reports it (average-cost method): an opening fill's commission goes into the
+    average cost (so into unrealized P&L), a closing fill's into its realized P&L. For the
+    trading day: ``realized`` is what today's closing fills realized; ``unrealized`` is the
+    open quantity at the mark against its average cost; ``daily`` is the change in value
+    since the previous close: qty now x mark - qty at the start of the day x previous close
+    + today's trade cash flows (proceeds - cost - commissions).
+    """
 
     def __init__(self, account_id: str, cash: float, currency: str = "USD") -> None:
         self.account_id = account_id
@@ -487,6 +516,40 @@ class Account:
         self.positions: dict[str, Position] = {}
         self.realized_pnl = 0.0
         self.commissions = 0.0
+        # The trading day (start_day): previous closes, quantities at the start, today's flows.
+        self.prev_close: dict[str, float] = {}
+        self.day_start_qty: dict[str, int] = {}
+        self.day_cash_flow: dict[str, float] = {}  # per symbol: proceeds - cost - commissions today
+        self.day_realized: dict[str, float] = {}
+        self.day_commissions = 0.0
+
+    def start_day(self, closes: dict[str, float]) -> None:
+        """A new trading day: ``closes`` are the previous closes (per symbol, dollars)."""
+        self.prev_close = dict(closes)
+        self.day_start_qty = {s: p.qty for s, p in self.positions.items() if p.qty}
+        self.day_cash_flow = {}
+        self.day_realized = {}
+        self.day_commissions = 0.0
+
+    def pnl_single(self, symbol: str, mark: float) -> PnLFigures:
+        pos = self.positions.get(symbol)
+        qty = pos.qty if pos is not None else 0
+        start = self.day_start_qty.get(symbol, 0)
+        daily = qty * mark - start * self.prev_close.get(symbol, mark) + self.day_cash_flow.get(symbol, 0.0)
+        unrealized = qty * (mark - pos.avg_cost) if pos is not None and qty else 0.0
+        return PnLFigures(qty, daily, unrealized, self.day_realized.get(symbol, 0.0), qty * mark)
+
+    def pnl(self, mark: Callable[[str], float]) -> PnLFigures:
+        """The account: the sum over every symbol held now, at the day's start or traded today."""
+        symbols = set(self.day_start_qty) | set(self.day_cash_flow) | {s for s, p in self.positions.items() if p.qty}
+        parts = [self.pnl_single(s, mark(s)) for s in sorted(symbols)]
+        return PnLFigures(
+            0,
+            math.fsum(p.daily for p in parts),
+            math.fsum(p.unrealized for p in parts),
+            math.fsum(p.realized for p in parts),
+            math.fsum(p.value for p in parts),
+        )
 
     def set_position(self, symbol: str, qty: int, avg_cost: float, bucket: str) -> None:
         self.positions[symbol] = Position(symbol, qty, avg_cost, 0.0, bucket)
@@ -499,6 +562,8 @@ class Account:
         signed = qty if buy else -qty
         self.cash -= signed * price + commission
         self.commissions += commission
+        self.day_commissions += commission
+        self.day_cash_flow[symbol] = self.day_cash_flow.get(symbol, 0.0) - signed * price - commission
         realized: float | None = None
         closing = 0
         if pos.qty and (pos.qty > 0) != buy:
@@ -513,6 +578,7 @@ class Account:
             pos.qty += closing if buy else -closing
             pos.realized_pnl += realized
             self.realized_pnl += realized
+            self.day_realized[symbol] = self.day_realized.get(symbol, 0.0) + realized
             if pos.qty == 0:
                 pos.avg_cost = 0.0
         if opening:
@@ -564,7 +630,7 @@ class Account:
             "Cushion": excess / net_liq if net_liq else 0.0,
             "Leverage": gross / net_liq if net_liq else 0.0,
             "UnrealizedPnL": unrealized,
-            "RealizedPnL": self.realized_pnl,
+            "RealizedPnL": math.fsum(self.day_realized.values()),  # today's, as IB's account value
         }
 
 
@@ -586,6 +652,7 @@ class Broker:
         fill_on_prints: bool = True,
         referee_log_cap: int = 100_000,
         precautions: Precautions | None = None,
+        trading_sessions: bool = False,
     ) -> None:
         self.account = account
         self.market = market
@@ -599,6 +666,11 @@ class Broker:
         self.fill_on_prints = fill_on_prints
         self.precautions = precautions or Precautions()
         self.faults = Faults()
+        # Trading sessions (opt-in, sim/sessions.py): fills only in regular hours (outside them
+        # with outsideRth), DAY orders expire at the close; halts per symbol on command.
+        self.trading_sessions = trading_sessions
+        self.phase = sessions.phase(self.now_ns()) if trading_sessions else "regular"
+        self.halted: set[str] = set()
         self.orders: dict[tuple[int, int], Order] = {}  # (client_id, order_id)
         self.max_order_id = 0  # highest order id seen from any client (seeded from the order-id file)
         self.by_perm_id: dict[int, Order] = {}
@@ -611,6 +683,9 @@ class Broker:
         # the worst-case potential gross after every event that can change it.
         self.log = RefereeLog(referee_log_cap)
         self.faults_fired: Counter[str] = Counter()  # by fault, never evicted (sim/metrics.py)
+        self.trading_day = trading_day_of(self.now_ns())
+        self.previous_day_equity = self.account_values()["EquityWithLoanValue"]
+        self.account.start_day({symbol: book.ref / 100 for symbol, book in self.market.books.items()})
         self.exposure = PotentialGross()
         for symbol in self.account.positions:
             self.exposure.set_symbol(symbol, *self._exposure_of(symbol))
@@ -637,6 +712,88 @@ class Broker:
         if book.last <= 0 or book.bid >= book.ask:
             return book.mid / 100
         return min(max(book.last, book.bid), book.ask) / 100
+
+    # ------------------------------------------------------------- sessions
+
+    def _tradable(self, order: Order) -> bool:
+        """May the order fill now: not halted, and in regular hours (outside them with outsideRth)."""
+        if order.symbol in self.halted:
+            return False
+        if not self.trading_sessions:
+            return True
+        return self.phase == "regular" or (order.outside_rth and self.phase in ("pre_open", "after_hours"))
+
+    def on_clock(self) -> list[BrokerEvent]:
+        """The session phase as of now. At the regular close DAY orders expire (IB: orderStatus
+        Cancelled), DAY orders with outsideRth at the end of after-hours; at the open held
+        (PreSubmitted) orders become Submitted."""
+        if not self.trading_sessions:
+            return []
+        now = self.now_ns()
+        new = sessions.phase(now)
+        old, self.phase = self.phase, new
+        if new == old:
+            return []
+        self.log.record(now, "session", {"from": old, "to": new})
+        events: list[BrokerEvent] = []
+        for order in self.open_orders():
+            if not order.transmitted:
+                continue
+            if order.tif == "DAY" and ((old == "regular" and not order.outside_rth) or new == "closed"):
+                order.status = "Cancelled"
+                order.updated_ns = now
+                order.held = False
+                self._drop_live(order)
+                order.history.append({"ts_ns": now, "event": "expired", "filled": order.filled})
+                self._referee_touch(order.symbol, "expiry", order, now)
+                events.append(self._update(order, open_order=False, ack=False))
+            elif order.status == "PreSubmitted" and self._tradable(order):
+                order.status = "Submitted"
+                order.updated_ns = now
+                events.append(self._update(order, open_order=True, ack=False))
+        return events
+
+    def halt(self, symbol: str) -> None:
+        self.halted.add(symbol)
+        self.market.books[symbol].halted = True
+        self.log.record(self.now_ns(), "session", {"halt": symbol})
+
+    def resume(self, symbol: str) -> list[BrokerEvent]:
+        """Trading resumes: orders held PreSubmitted by the halt are Submitted again."""
+        self.halted.discard(symbol)
+        self.market.books[symbol].halted = False
+        now = self.now_ns()
+        self.log.record(now, "session", {"resume": symbol})
+        events: list[BrokerEvent] = []
+        for order in self.open_orders():
+            if order.symbol == symbol and order.transmitted and order.status == "PreSubmitted" and self._tradable(order):
+                order.status = "Submitted"
+                order.updated_ns = now
+                events.append(self._update(order, open_order=True, ack=False))
+        return events
+
+    # ------------------------------------------------------------------ P&L
+
+    def roll_day(self) -> bool:
+        """At the first look on a new New York date: today's closes (the marks) become the
+        previous closes, and the day's P&L, volume and high/low start again."""
+        today = trading_day_of(self.now_ns())
+        if today == self.trading_day:
+            return False
+        closes = {symbol: self.mark(symbol) for symbol in self.market.books}
+        self.previous_day_equity = self.account_values()["EquityWithLoanValue"]
+        self.market.roll_day({symbol: round(price * 100) for symbol, price in closes.items()})
+        self.account.start_day(closes)
+        self.trading_day = today
+        return True
+
+    def pnl(self) -> PnLFigures:
+        """reqPnL: the account's daily, unrealized and realized P&L at the broker's marks."""
+        return self.account.pnl(lambda symbol: self.mark(symbol) if symbol in self.market.books else 0.0)
+
+    def pnl_single(self, symbol: str) -> PnLFigures:
+        """reqPnLSingle: one position's P&L (position, daily, unrealized, realized, value)."""
+        return self.account.pnl_single(symbol, self.mark(symbol))
 
     def open_orders(self, client_id: int | None = None) -> list[Order]:
         return [
@@ -965,11 +1122,13 @@ class Broker:
         # Like the real gateway: PreSubmitted first, then Submitted once "at the exchange".
         order.status = "PreSubmitted"
         events.append(self._update(order, open_order=True, ack=True))
-        order.status = "Submitted"
-        events.append(self._update(order, open_order=True, ack=True))
+        if self._tradable(order):
+            order.status = "Submitted"
+            events.append(self._update(order, open_order=True, ack=True))
         self._referee_touch(order.symbol, "place", order, now)
 
-        events += self._trade(order, lambda cap: self._match_aggressive(order, cap=cap))
+        if self._tradable(order):
+            events += self._trade(order, lambda cap: self._match_aggressive(order, cap=cap))
         events += self._expire_ioc(order)
         return events
 
@@ -1041,10 +1200,10 @@ class Broker:
                 return [self._update(order, open_order=True, ack=True)]  # still held
             self._transmit(order)
             order.history.append({"ts_ns": now, "event": "transmitted"})
-        order.status = "Submitted"
+        order.status = "Submitted" if self._tradable(order) else "PreSubmitted"
         events: list[BrokerEvent] = [self._update(order, open_order=True, ack=True)]
         self._referee_touch(order.symbol, "modify", order, now)
-        if not order.held:
+        if not order.held and self._tradable(order):
             events += self._trade(order, lambda cap: self._match_aggressive(order, cap=cap))
         events += self._expire_ioc(order)
         return events
@@ -1099,19 +1258,19 @@ class Broker:
         if event.symbol in self.exposure.by_symbol:  # held or with live orders: its mark may have moved
             self._referee_touch(event.symbol, "market")
         resting = self.live_by_symbol.get(event.symbol)
-        if not resting:
+        if not resting or event.symbol in self.halted:
             return []
         events: list[BrokerEvent] = []
         if isinstance(event, QuoteEvent):
             for order in list(resting):
-                if not order.is_live:
+                if not order.is_live or not self._tradable(order):
                     continue
                 if order.held:
                     order.held = False  # the market moved: the forced partial is over
                 events += self._trade(order, lambda cap, order=order: self._match_passive(order, cap))
         elif self.fill_on_prints and not event.own_fill:
             for order in list(resting):
-                if not order.is_live or order.held or order.lmt is None:
+                if not order.is_live or order.held or order.lmt is None or not self._tradable(order):
                     continue
                 through = event.price <= order.lmt if order.is_buy else event.price >= order.lmt
                 if through:
@@ -1244,6 +1403,11 @@ class Broker:
                 "lmt_price": None if order.lmt is None else order.lmt / 100,
             },
         )
+
+
+def trading_day_of(ts_ns: int) -> str:
+    """The New York date of a moment (yyyymmdd): the trading day P&L belongs to."""
+    return datetime.fromtimestamp(ts_ns / 1e9, tz=timezone.utc).astimezone(NEW_YORK).strftime("%Y%m%d")
 
 
 def exec_time_text(ts_ns: int) -> str:

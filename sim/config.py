@@ -8,14 +8,15 @@ Account file (YAML)::
     # cash: 250000              # ...or give starting cash instead of equity
     positions:
       - {symbol: "CIM PRB", qty: 3000, avg_cost: 24.60, bucket: LT}
-      - {symbol: "AGNCO", qty: -1500, avg_cost: 24.10, bucket: MM_PURE}
+      - {symbol: "AGNCO", qty: -1500, avg_cost: 24.10, bucket: MM_PURE, prev_close: 24.20}
     checks:                     # IB's pre-trade checks (optional; these are the defaults)
       price_cap_pct: 3          # precautionary Percentage constraint (163); null = off
       max_order_size: null      # Size Limit in shares (383)
       max_order_value: null     # Total Value Limit in USD (451)
       margin: true              # Reg-T initial margin vs equity with loan (201)
 
-qty is signed (negative = short); bucket is informational for the simulator but
+qty is signed (negative = short); prev_close (optional) is the previous close daily P&L
+and the close tick start from (default: the universe's ref_price); bucket is informational for the simulator but
 must equal the universe's bucket_hint for that symbol (a mismatch is a config error).
 """
 
@@ -44,6 +45,7 @@ class SeedPosition:
     qty: int
     avg_cost: float
     bucket: str
+    prev_close: float | None = None  # the previous close for daily P&L (default: the universe's ref_price)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class AccountSpec:
     cash: float | None
     positions: tuple[SeedPosition, ...]
     checks: dict[str, Any] = field(default_factory=dict)  # Precautions overrides (validated)
+    sessions: bool | None = None  # the account file's ``sessions:`` (None: the CLI / config decides)
 
     @property
     def is_paper(self) -> bool:
@@ -81,7 +84,7 @@ def load_account(path: str | Path, universe: dict[str, Instrument]) -> AccountSp
 def parse_account(raw: Any, universe: dict[str, Instrument], where: str = "account") -> AccountSpec:
     if not isinstance(raw, dict):
         raise SimConfigError(f"{where}: expected a mapping at the top level")
-    unknown = set(raw) - {"account", "currency", "equity", "cash", "positions", "checks"}
+    unknown = set(raw) - {"account", "currency", "equity", "cash", "positions", "checks", "sessions"}
     if unknown:
         raise SimConfigError(f"{where}: unknown keys {sorted(unknown)}")
     account_id = str(raw.get("account", "")).strip()
@@ -132,8 +135,16 @@ def parse_account(raw: Any, universe: dict[str, Instrument], where: str = "accou
                 f"{at}: bucket {bucket!r} does not match the universe's bucket_hint "
                 f"{universe[symbol].bucket_hint!r} for {symbol!r}"
             )
-        positions.append(SeedPosition(symbol, qty, avg_cost, bucket))
-    return AccountSpec(account_id, currency, equity, cash, tuple(positions), parse_checks(raw.get("checks"), where))
+        prev_close = item.get("prev_close")
+        if prev_close is not None:
+            if isinstance(prev_close, bool) or not isinstance(prev_close, (int, float)) or not 0 < prev_close < 1e6:
+                raise SimConfigError(f"{at}: prev_close must be a positive price, got {prev_close!r}")
+            prev_close = float(prev_close)
+        positions.append(SeedPosition(symbol, qty, avg_cost, bucket, prev_close))
+    sessions = raw.get("sessions")
+    if sessions is not None and not isinstance(sessions, bool):
+        raise SimConfigError(f"{where}: sessions must be true or false")
+    return AccountSpec(account_id, currency, equity, cash, tuple(positions), parse_checks(raw.get("checks"), where), sessions)
 
 
 def parse_checks(raw: Any, where: str) -> dict[str, Any]:
@@ -197,6 +208,8 @@ class SimConfig:
     farm_codes_on_connect: bool = True  # send 2104/2106/2158 after connect, like the gateway
     max_write_buffer: int = 8 * 1024 * 1024  # above this, market data to that client is dropped
     referee_log_cap: int = 100_000  # entries kept in the referee log (oldest evicted, still counted)
+    sessions: bool = False  # trading sessions on the XNYS calendar (sim/sessions.py); off = always open
+    pnl_update_s: float = 1.0  # reqPnL / reqPnLSingle: push changed figures this often (IB: ~1 s)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -217,4 +230,5 @@ class SimConfig:
             referee_log_cap=int(_env("QE_SIM_REFEREE_LOG_CAP", "100000")),
             master_client_id=None if master.lower() in ("", "none", "-1") else int(master),
             order_id_file=_env("QE_SIM_ORDER_ID_FILE", "") or None,
+            sessions=_env("QE_SIM_SESSIONS", "0").lower() in ("1", "true", "yes", "on"),
         )

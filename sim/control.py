@@ -8,6 +8,7 @@ Deliberately tiny (stdlib only): one request per connection, JSON in and out.
     GET  /fills[?order_ref=X]        every execution
     GET  /requests[?order_ref=X]     every place/modify/cancel/global-cancel request, with its outcome
     GET  /quote?symbol=S             the simulated top of book
+    GET  /pnl                        today's P&L (reqPnL / reqPnLSingle figures): account and per symbol
     GET  /referee                    potential gross (current, max: when, which event), counts, log size
     GET  /referee/log[?after=&kind=&order_ref=&limit=]  the ordered referee log (requests, order states, fills, faults)
     POST /referee/reset              the max potential gross starts again from the current value
@@ -27,6 +28,10 @@ Deliberately tiny (stdlib only): one request per connection, JSON in and out.
     POST /unfreeze                   {"symbol": optional}
     POST /print                      {"symbol", "price", "size", "venue", "conditions"}
     POST /config                     {"quote_rate", "print_rate", "max_tick_by_tick", ...}
+    POST /halt                       {"symbol"}: trading halt (tick 49 = 1; no quotes, prints, fills)
+    POST /resume                     {"symbol"}: the halt ends (tick 49 = 0)
+    POST /quiet                      {"symbol", "minutes"}: the quote does not change for that long (simulated clock)
+    POST /no_prints                  {"symbol", "minutes"}: no prints for that long (simulated clock)
     POST /reset                      clear faults, unfreeze quotes, reconnect data/IB
 """
 
@@ -158,6 +163,8 @@ class ControlServer:
             if path == "/quote":
                 symbol = _known_symbol(sim, query.get("symbol", ""))
                 return sim.market.book(symbol).snapshot()
+            if path == "/pnl":
+                return sim.pnl_report()
             if path == "/referee":
                 return dict(broker.referee(), faults=broker.faults.describe())
             if path == "/referee/log":
@@ -253,11 +260,29 @@ class ControlServer:
                 str(body.get("conditions") or ""),
             )
             return {"symbol": event.symbol, "price": event.price / 100, "size": event.size, "venue": event.venue}
+        if path in ("/halt", "/resume"):
+            symbol = _known_symbol(sim, str(body.get("symbol", "")))
+            sim.halt(symbol, path == "/halt")
+            return {"symbol": symbol, "halted": sorted(broker.halted)}
+        if path in ("/quiet", "/no_prints"):
+            symbol = _known_symbol(sim, str(body.get("symbol", "")))
+            minutes = _num(body, "minutes", float, required=True)
+            until = sim.clock.now_ns() + int(max(0.0, minutes) * 60e9)
+            book = sim.market.book(symbol)
+            if path == "/quiet":
+                book.quiet_until_ns = until
+            else:
+                book.no_prints_until_ns = until
+            return book.snapshot()
         if path == "/config":
             return self._configure(body)
         if path == "/reset":
             faults.__init__()  # type: ignore[misc]
             sim.market.unfreeze()
+            for symbol in sorted(broker.halted):
+                sim.halt(symbol, False)
+            for book in sim.market.books.values():
+                book.quiet_until_ns = book.no_prints_until_ns = 0
             sim.ib_connected = True
             sim.data_farm_ok = True
             return {"reset": True}
@@ -276,6 +301,8 @@ class ControlServer:
             sim.config.max_market_data_lines = _num(body, "max_market_data_lines", int)
         if "account_update_s" in body:
             sim.config.account_update_s = _num(body, "account_update_s")
+        if "pnl_update_s" in body:
+            sim.config.pnl_update_s = max(0.05, _num(body, "pnl_update_s"))
         if "fill_on_prints" in body:
             sim.broker.fill_on_prints = bool(body["fill_on_prints"])
         if "referee_log_cap" in body:
@@ -297,6 +324,7 @@ class ControlServer:
             "max_tick_by_tick": sim.config.max_tick_by_tick,
             "max_market_data_lines": sim.config.max_market_data_lines,
             "account_update_s": sim.config.account_update_s,
+            "pnl_update_s": sim.config.pnl_update_s,
             "fill_on_prints": sim.broker.fill_on_prints,
             "referee_log_cap": sim.broker.log.cap,
         }
@@ -340,6 +368,25 @@ class SimControl:
 
     def quote(self, symbol: str) -> dict:
         return self._request("GET", "/quote", query={"symbol": symbol})
+
+    def halt(self, symbol: str) -> dict:
+        """Trading halt for ``symbol`` (IB's halted tick 49 = 1; no quotes, prints or fills)."""
+        return self._post("/halt", symbol=symbol)
+
+    def resume(self, symbol: str) -> dict:
+        return self._post("/resume", symbol=symbol)
+
+    def quiet(self, symbol: str, minutes: float) -> dict:
+        """The symbol's quote does not change for ``minutes`` of simulated time (prints go on)."""
+        return self._post("/quiet", symbol=symbol, minutes=minutes)
+
+    def no_prints(self, symbol: str, minutes: float) -> dict:
+        """No prints of ``symbol`` for ``minutes`` of simulated time (quotes go on)."""
+        return self._post("/no_prints", symbol=symbol, minutes=minutes)
+
+    def pnl(self) -> dict:
+        """Today's P&L as reqPnL / reqPnLSingle report it: ``account`` and ``symbols``."""
+        return self._request("GET", "/pnl")
 
     def referee(self) -> dict:
         """{"potential_gross": {"current": {...}, "max": {...}}, "counts": {...}, "log": {...}, "faults": {...}}"""

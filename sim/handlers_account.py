@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from . import protocol as P
 from .broker import NEW_YORK
+from .session import PnLSub
 
 if TYPE_CHECKING:  # pragma: no cover
     from .session import Session
@@ -162,6 +163,42 @@ class AccountHandlers:
         rows["RegTEquity"] = (_money(values["NetLiquidation"]), "USD")
         rows["RegTMargin"] = (_money(values["InitMarginReq"]), "USD")
         rows["SMA"] = (_money(max(0.0, values["AvailableFunds"])), "USD")
+        rows["PreviousDayEquityWithLoanValue"] = (_money(self.broker.previous_day_equity), "USD")
+        rows["LookAheadNextChange"] = ("0", "")
+        for key in ("InitMarginReq", "MaintMarginReq", "AvailableFunds", "ExcessLiquidity"):
+            rows["LookAhead" + key] = (_money(values[key]), "USD")
+        rows["HighestSeverity"] = ("0", "")
+        return rows
+
+    def _ledger_rows(self, currency: str) -> list[tuple[str, str]]:
+        """The $LEDGER rows (one currency: USD, or BASE for the account's base currency)."""
+        values = self.broker.account_values()
+        zero = "0.00"
+        rows = [
+            ("CashBalance", _money(values["CashBalance"])),
+            ("TotalCashBalance", _money(values["CashBalance"])),
+            ("AccruedCash", zero),
+            ("StockMarketValue", _money(values["StockMarketValue"])),
+            ("OptionMarketValue", zero),
+            ("FutureOptionValue", zero),
+            ("FuturesPNL", zero),
+            ("NetLiquidationByCurrency", _money(values["NetLiquidation"])),
+            ("UnrealizedPnL", _money(values["UnrealizedPnL"])),
+            ("RealizedPnL", _money(values["RealizedPnL"])),
+            ("ExchangeRate", "1.00"),
+            ("FundValue", zero),
+            ("NetDividend", zero),
+            ("MutualFundValue", zero),
+            ("MoneyMarketFundValue", zero),
+            ("CorporateBondValue", zero),
+            ("TBondValue", zero),
+            ("TBillValue", zero),
+            ("WarrantValue", zero),
+            ("FxCashBalance", zero),
+            ("AccountOrGroup", self.broker.account.account_id),
+            ("RealCurrency", "USD"),
+            ("IssuerOptionValue", zero),
+        ]
         return rows
 
     def _send_summary(self, s: Session, req_id: int, tags: set[str] | None) -> None:
@@ -169,6 +206,12 @@ class AccountHandlers:
         for tag, (value, currency) in self._summary_rows().items():
             if tags is None or tag in tags:
                 s.send(P.account_summary(req_id, account_id, tag, value, currency))
+        for ledger in sorted(t for t in (tags or ()) if t.upper().startswith("$LEDGER")):
+            which = ledger.partition(":")[2].upper()
+            currencies = ["BASE"] if not which else ["BASE", "USD"] if which == "ALL" else [which] if which == "USD" else []
+            for currency in currencies:
+                for tag, value in self._ledger_rows(currency):
+                    s.send(P.account_summary(req_id, account_id, tag, value, currency))
         s.send(P.account_summary_end(req_id))
 
     def on_ReqAccountSummary(self, s: Session, r: P.ReqAccountSummary) -> None:
@@ -179,6 +222,67 @@ class AccountHandlers:
 
     def on_CancelAccountSummary(self, s: Session, r: P.CancelAccountSummary) -> None:
         s.summary_subs.pop(r.req_id, None)
+
+    # ------------------------------------------------------------------ P&L
+
+    def on_ReqPnL(self, s: Session, r: P.ReqPnL) -> None:
+        if not self._pnl_request_ok(s, r.req_id, r.account):
+            return
+        self._start_pnl(s, PnLSub(r.req_id, None))
+
+    def on_ReqPnLSingle(self, s: Session, r: P.ReqPnLSingle) -> None:
+        if not self._pnl_request_ok(s, r.req_id, r.account):
+            return
+        info = self.catalogue.resolve(P.ContractRef(con_id=r.con_id)) if r.con_id > 0 else None
+        if info is None:
+            s.error(r.req_id, 200, "No security definition has been found for the request")
+            return
+        self._start_pnl(s, PnLSub(r.req_id, info.symbol))
+
+    def _pnl_request_ok(self, s: Session, req_id: int, account: str) -> bool:
+        if account != self.broker.account.account_id:
+            s.error(req_id, 321, f"Error validating request.-'PnL' : cause - Invalid account code {account!r}")
+            return False
+        if req_id in s.pnl_subs:
+            s.error(req_id, 322, f"Error processing request.-'{req_id}' : cause - Duplicate ticker id")
+            return False
+        return True
+
+    def _start_pnl(self, s: Session, sub: PnLSub) -> None:
+        self.broker.roll_day()
+        s.pnl_subs[sub.req_id] = sub
+        self._send_pnl(s, sub)
+
+    def on_CancelPnL(self, s: Session, r: P.CancelPnL) -> None:
+        s.pnl_subs.pop(r.req_id, None)  # IB does not answer a cancel
+
+    def on_CancelPnLSingle(self, s: Session, r: P.CancelPnLSingle) -> None:
+        s.pnl_subs.pop(r.req_id, None)
+
+    def _send_pnl(self, s: Session, sub: PnLSub) -> None:
+        """The subscription's figures, if they changed since last sent (to the cent)."""
+        if sub.symbol is None:
+            f = self.broker.pnl()
+            figures: tuple = (round(f.daily, 2), round(f.unrealized, 2), round(f.realized, 2))
+            if figures != sub.last:
+                s.send(P.pnl(sub.req_id, *figures))
+        else:
+            f = self.broker.pnl_single(sub.symbol)
+            figures = (f.position, round(f.daily, 2), round(f.unrealized, 2), round(f.realized, 2), round(f.value, 2))
+            if figures != sub.last:
+                s.send(P.pnl_single(sub.req_id, *figures))
+        sub.last = figures
+
+    async def _pnl_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.05, self.config.pnl_update_s))
+            try:
+                self.broker.roll_day()
+                for session in self.api_sessions():
+                    for sub in list(session.pnl_subs.values()):
+                        self._send_pnl(session, sub)
+            except Exception:
+                log.exception("P&L update failed")
 
     async def _account_loop(self) -> None:
         while True:

@@ -22,6 +22,42 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("sim.server")
 
+# Generic tick types IB accepts for a stock (its 321 text names them); 233 and 236 are served.
+LEGAL_GENERIC_TICKS = (
+    (100, "Option Volume"), (101, "Option Open Interest"), (104, "Historical Volatility"), (105, "Average Opt Volume"),
+    (106, "impvolat"), (107, "climpvolat"), (125, "Bond analytic data"), (165, "Misc. Stats"), (166, "CScreen"),
+    (225, "Auction"), (232, "Mark Price"), (221, "Mark Price"), (233, "RTVolume"), (236, "inventory"),
+    (258, "Fundamentals"), (47, "Fundamentals"), (291, "ivclose"), (293, "TradeCount"), (294, "TradeRate"),
+    (295, "VolumeRate"), (318, "LastRTHTrade"), (375, "RTTrdVolume"), (411, "rthistvol"), (456, "IBDividends"),
+    (59, "IBDividends"), (460, "Bond Factor Multiplier"), (499, "Fee and Rebate Rate"), (506, "midptiv"),
+    (577, "EtfNavLast"), (578, "EtfNavFrozenLast"), (586, "IPOHLMPRC"), (588, "Futures Open Interest"),
+    (595, "Short-Term Volume X Mins"), (614, "EtfNavMisc"), (619, "Creditman Slow Mark Price"),
+)
+LEGAL_GENERIC_IDS = frozenset(code for code, _ in LEGAL_GENERIC_TICKS)
+RT_VOLUME = 48
+SHORTABLE = 46
+SHORTABLE_SHARES = 89
+SHORTABLE_VALUE = 3.0  # IB: above 2.5 = at least 1000 shares available to borrow
+SHORTABLE_SHARE_COUNT = 1_000_000
+
+
+def parse_generic_ticks(text: str) -> frozenset[int] | None:
+    """The generic tick list as IB validates it (None: invalid)."""
+    codes = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.isdigit() or int(part) not in LEGAL_GENERIC_IDS:
+            return None
+        codes.add(int(part))
+    return frozenset(codes)
+
+
+def generic_ticks_error(text: str) -> str:
+    legal = ",".join(f"{code}({name})" for code, name in LEGAL_GENERIC_TICKS)
+    return f"Error validating request.-'bO' : cause - Incorrect generic tick list of {text}.  Legal ones for (STK) are: {legal}"
+
 
 class MarketDataHandlers:
     """Contract details and market data."""
@@ -47,6 +83,10 @@ class MarketDataHandlers:
         if r.req_id in s.mkt_subs:
             s.error(r.req_id, 322, f"Error processing request.-'{r.req_id}' : cause - Duplicate ticker id")
             return
+        generic = parse_generic_ticks(r.generic_ticks)
+        if generic is None:
+            s.error(r.req_id, 321, generic_ticks_error(r.generic_ticks))
+            return
         if not r.snapshot and self.mkt_count() >= self.config.max_market_data_lines:
             s.error(r.req_id, 101, f"Max number of tickers has been reached ({self.config.max_market_data_lines})")
             return
@@ -54,10 +94,13 @@ class MarketDataHandlers:
         s.send(P.market_data_type(r.req_id, 1))
         if self.data_farm_ok and self.ib_connected:
             self._send_snapshot(s, r.req_id, info.symbol)
+            if 236 in generic:
+                s.send(P.tick_generic(r.req_id, SHORTABLE, SHORTABLE_VALUE))
+                s.send(P.tick_size(r.req_id, SHORTABLE_SHARES, SHORTABLE_SHARE_COUNT))
         if r.snapshot or r.regulatory_snapshot:
             s.send(P.tick_snapshot_end(r.req_id))
             return
-        sub = MarketSub(s, r.req_id, "mkt")
+        sub = MarketSub(s, r.req_id, "mkt", generic=generic)
         s.mkt_subs[r.req_id] = sub
         self.mkt_by_symbol.setdefault(info.symbol, []).append(sub)
 
@@ -77,7 +120,7 @@ class MarketDataHandlers:
             send(P.tick_string(req_id, P.LAST_TIMESTAMP, str(book.last_ts_ns // 1_000_000_000)))
         if book.last_venue:
             send(P.tick_string(req_id, P.LAST_EXCHANGE, book.last_venue))
-        send(P.tick_generic(req_id, P.HALTED, 0))
+        send(P.tick_generic(req_id, P.HALTED, 1 if symbol in self.broker.halted else 0))
 
     def on_CancelMktData(self, s: Session, r: P.CancelMktData) -> None:
         sub = s.mkt_subs.pop(r.req_id, None)
@@ -100,6 +143,10 @@ class MarketDataHandlers:
         if self.tbt_count() >= self.config.max_tick_by_tick:
             s.error(r.req_id, 10190, "Max number of tick-by-tick requests has been reached.")
             return
+        if r.number_of_ticks > 0:  # IB sends that many historical ticks first
+            what = {"Last": "TRADES", "AllLast": "TRADES", "BidAsk": "BID_ASK", "MidPoint": "MIDPOINT"}[r.tick_type]
+            rows = self.history.ticks(info.symbol, what, None, None, min(r.number_of_ticks, 1000))
+            self._send_historical_ticks(s, r.req_id, what, rows)
         sub = MarketSub(s, r.req_id, r.tick_type, r.ignore_size)
         s.tbt_subs[r.req_id] = sub
         self.tbt_by_symbol.setdefault(info.symbol, []).append(sub)
@@ -121,6 +168,10 @@ class MarketDataHandlers:
 
     def publish_market(self, event: QuoteEvent | PrintEvent) -> None:
         self.market_events += 1
+        if isinstance(event, QuoteEvent):
+            self.history.on_quote(event.symbol, event.ts_ns, event.bid, event.ask, event.bid_size, event.ask_size)
+        else:
+            self.history.on_print(event.symbol, event.ts_ns, event.price, event.size, event.venue, event.conditions)
         if not (self.data_farm_ok and self.ib_connected):
             if isinstance(event, QuoteEvent):
                 self.last_quote[event.symbol] = (event.bid, event.ask, event.bid_size, event.ask_size)
@@ -187,6 +238,8 @@ class MarketDataHandlers:
         epoch = str(t.ts_ns // 1_000_000_000)
         new_high = t.price == book.high
         new_low = t.price == book.low
+        vwap = book.notional / book.volume / 100 if book.volume else t.price / 100
+        rt_volume = f"{price};{t.size};{t.ts_ns // 1_000_000};{book.volume};{vwap:.8f};true"
         venue_changed = self.last_venue.get(t.symbol) != t.venue
         self.last_venue[t.symbol] = t.venue
         for sub in subs:
@@ -204,6 +257,9 @@ class MarketDataHandlers:
             if new_low:
                 send(P.tick_price(rid, P.LOW, price, 0, 0))
                 self.ticks_sent += 1
+            if 233 in sub.generic:
+                send(P.tick_string(rid, RT_VOLUME, rt_volume))
+                self.ticks_sent += 1
 
     def market_event(self, event: QuoteEvent | PrintEvent) -> None:
         """A market event from the model or a control command: publish it, then let orders react."""
@@ -220,11 +276,33 @@ class MarketDataHandlers:
             await asyncio.sleep(interval)
             now = time.monotonic()
             dt, last = now - last, now
+            if self.broker.phase == "closed":
+                continue  # sessions on: no quotes or prints at night, weekends and holidays
             try:
                 for event in self.market.advance(min(dt, 1.0)):
                     self.market_event(event)
             except Exception:  # the timer must survive anything
                 log.exception("market step failed")
+
+    async def _session_loop(self) -> None:
+        """Sessions on: follow the phase (open, close: DAY expiry) on the shared clock."""
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                events = self.broker.on_clock()
+                if events:
+                    self.dispatch(events)
+            except Exception:
+                log.exception("session step failed")
+
+    def halt(self, symbol: str, halted: bool) -> None:
+        """A trading halt (or its end) for one symbol: IB's halted tick (49) to its subscribers."""
+        if halted:
+            self.broker.halt(symbol)
+        else:
+            self.dispatch(self.broker.resume(symbol))
+        for sub in self.mkt_by_symbol.get(symbol, ()):
+            sub.session.send(P.tick_generic(sub.req_id, P.HALTED, 1 if halted else 0))
 
     def tbt_count(self) -> int:
         return sum(len(s.tbt_subs) for s in self.sessions)

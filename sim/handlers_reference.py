@@ -159,4 +159,6 @@ class ReferenceHandlers:
         s.error(r.req_id, 321, "Error validating request.-'b9' : cause - FA data operations ignored for non FA customers.")
 
     def on_CancelRequest(self, s: "Session", r: P.CancelRequest) -> None:
+        if r.msg_id == 25:  # cancelHistoricalData: a keepUpToDate subscription ends
+            self.cancel_historical_data(s, r.req_id)  # type: ignore[attr-defined]
         log.debug("cancel request", extra={"request": r.name, "req_id": r.req_id, "client_id": s.client_id})

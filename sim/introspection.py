@@ -63,6 +63,9 @@ class Introspection:
                 }
                 for info, pos, mark in self.broker.portfolio()
             ],
+            "pnl": self.broker.pnl().describe(),
+            "session": {"enabled": self.broker.trading_sessions, "phase": self.broker.phase,
+                        "halted": sorted(self.broker.halted)},
             "open_orders": len(self.broker.open_orders()),
             "orders": len(self.broker.all_orders()),
             "executions": len(self.broker.executions),
@@ -79,5 +82,23 @@ class Introspection:
             "limits": {
                 "max_tick_by_tick": self.config.max_tick_by_tick,
                 "max_market_data_lines": self.config.max_market_data_lines,
+            },
+        }
+
+    def pnl_report(self) -> dict[str, Any]:
+        """Today's P&L as reqPnL / reqPnLSingle report it: the account and every symbol held
+        now, at the start of the day, or traded today; with the previous closes used."""
+        broker = self.broker
+        broker.roll_day()
+        account = broker.account
+        symbols = sorted(set(account.day_start_qty) | set(account.day_cash_flow)
+                         | {s for s, p in account.positions.items() if p.qty})
+        return {
+            "trading_day": broker.trading_day,
+            "account": broker.pnl().describe(),
+            "commissions": round(account.day_commissions, 4),
+            "symbols": {
+                s: dict(broker.pnl_single(s).describe(), prev_close=account.prev_close.get(s), mark=round(broker.mark(s), 4))
+                for s in symbols if s in broker.market.books
             },
         }

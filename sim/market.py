@@ -86,10 +86,14 @@ class SymbolBook:
     last_venue: str = ""
     last_ts_ns: int = 0
     volume: int = 0
+    notional: int = 0  # cents x shares traded today (VWAP for RTVolume)
     high: int = 0
     low: int = 0
     open: int = 0
     frozen: bool = False
+    halted: bool = False  # trading halt (control): no quotes, prints or fills
+    quiet_until_ns: int = 0  # quiet symbol (control): the quote does not change until then
+    no_prints_until_ns: int = 0  # no random prints until then
     quote_due: float = 0.0
     print_due: float = 0.0
 
@@ -115,6 +119,9 @@ class SymbolBook:
             "low": self.low / 100 if self.low else None,
             "close": self.ref / 100,
             "frozen": self.frozen,
+            "halted": self.halted,
+            "quiet_until_ns": self.quiet_until_ns or None,
+            "no_prints_until_ns": self.no_prints_until_ns or None,
         }
 
 
@@ -167,7 +174,7 @@ class Market:
         print_step = self.config.print_rate * dt_wall
         ts = self.now_ns()
         for book in self.books.values():
-            if book.frozen:
+            if book.frozen or book.halted:
                 continue
             book.quote_due += quote_step
             book.print_due += print_step
@@ -175,10 +182,12 @@ class Market:
                 # Interleave by which is further overdue; deterministic per symbol.
                 if book.quote_due >= book.print_due:
                     book.quote_due -= 1.0
-                    events.append(self._random_quote(book, ts))
+                    if ts >= book.quiet_until_ns:
+                        events.append(self._random_quote(book, ts))
                 else:
                     book.print_due -= 1.0
-                    events.append(self._random_print(book, ts))
+                    if ts >= book.no_prints_until_ns:
+                        events.append(self._random_print(book, ts))
         return events
 
     def _fresh_size(self, book: SymbolBook) -> int:
@@ -260,11 +269,23 @@ class Market:
         book.last_venue = venue
         book.last_ts_ns = ts
         book.volume += size
+        book.notional += price * size
         book.high = max(book.high, price) if book.high else price
         book.low = min(book.low, price) if book.low else price
         if not book.open:
             book.open = price
         return PrintEvent(book.symbol, price, size, venue, conditions, ts, own)
+
+    def roll_day(self, closes: dict[str, int]) -> None:
+        """A new trading day: ``closes`` (cents) become the reference (previous close) and the
+        day statistics (volume, open, high, low) start again."""
+        for symbol, close in closes.items():
+            book = self.books.get(symbol)
+            if book is None or close <= 0:
+                continue
+            book.ref = close
+            book.volume = book.notional = 0
+            book.open = book.high = book.low = 0
 
     # ------------------------------------------------------------- interactions
 

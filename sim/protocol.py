@@ -607,6 +607,65 @@ class ReqNewsBulletins:
 
 
 @dataclass(frozen=True)
+class ReqPnL:
+    req_id: int
+    account: str
+    model_code: str
+
+
+@dataclass(frozen=True)
+class CancelPnL:
+    req_id: int
+
+
+@dataclass(frozen=True)
+class ReqPnLSingle:
+    req_id: int
+    account: str
+    model_code: str
+    con_id: int
+
+
+@dataclass(frozen=True)
+class CancelPnLSingle:
+    req_id: int
+
+
+@dataclass(frozen=True)
+class ReqHistoricalData:
+    req_id: int
+    contract: ContractRef
+    end: str
+    bar_size: str
+    duration: str
+    use_rth: bool
+    what_to_show: str
+    format_date: int
+    keep_up_to_date: bool
+
+
+@dataclass(frozen=True)
+class ReqHeadTimeStamp:
+    req_id: int
+    contract: ContractRef
+    use_rth: bool
+    what_to_show: str
+    format_date: int
+
+
+@dataclass(frozen=True)
+class ReqHistoricalTicks:
+    req_id: int
+    contract: ContractRef
+    start: str
+    end: str
+    number_of_ticks: int
+    what_to_show: str
+    use_rth: bool
+    ignore_size: bool
+
+
+@dataclass(frozen=True)
 class Unsupported:
     """A request we recognise but do not simulate; req_id is -1 when it has none."""
 
@@ -772,6 +831,39 @@ def _req_scanner_subscription(r: FieldReader) -> ReqScannerSubscription:
     )
 
 
+def _req_historical_data(r: FieldReader) -> ReqHistoricalData:
+    req_id = r.req()
+    contract = read_contract(r)
+    r.bool("includeExpired")
+    end, bar_size, duration = r.str("endDateTime"), r.str("barSizeSetting"), r.str("durationStr")
+    use_rth = r.bool("useRTH")
+    what, format_date = r.str("whatToShow"), r.int("formatDate", 1)
+    if contract.sec_type == "BAG":
+        r.skip(4 * r.count("comboLegsCount"))
+    keep = r.bool("keepUpToDate") if r.remaining() else False
+    return ReqHistoricalData(req_id, contract, end, bar_size, duration, use_rth, what, format_date, keep)
+
+
+def _req_head_time_stamp(r: FieldReader) -> ReqHeadTimeStamp:
+    req_id = r.req()
+    contract = read_contract(r)
+    r.bool("includeExpired")
+    use_rth = r.bool("useRTH")
+    return ReqHeadTimeStamp(req_id, contract, use_rth, r.str("whatToShow"), r.int("formatDate", 1))
+
+
+def _req_historical_ticks(r: FieldReader) -> ReqHistoricalTicks:
+    req_id = r.req()
+    contract = read_contract(r)
+    r.bool("includeExpired")
+    start, end = r.str("startDateTime"), r.str("endDateTime")
+    number = r.int("numberOfTicks")
+    what = r.str("whatToShow")
+    use_rth = r.bool("useRth")
+    ignore = r.bool("ignoreSize") if r.remaining() else False
+    return ReqHistoricalTicks(req_id, contract, start, end, number, what, use_rth, ignore)
+
+
 def _option_computation(r: FieldReader):
     msg_id = r.msg_id
     r.skip()  # version
@@ -865,6 +957,13 @@ _PARSERS = {
     102: lambda r: ReqWshEventData(r.req(), r.int("conId") if r.remaining() else 0),
     103: _cancel(103, "cancelWshEventData", versioned=False),
     104: lambda r: ReqUserInfo(r.req()),
+    92: lambda r: ReqPnL(r.req(), r.str("account"), r.str("modelCode")),
+    93: lambda r: CancelPnL(r.req()),
+    94: lambda r: ReqPnLSingle(r.req(), r.str("account"), r.str("modelCode"), r.int("conId")),
+    95: lambda r: CancelPnLSingle(r.req()),
+    20: _req_historical_data,
+    87: _req_head_time_stamp,
+    96: _req_historical_ticks,
     # Cancels that IB does not answer.
     11: _cancel(11, "cancelMktDepth", versioned=True),
     13: _versioned(lambda r: CancelRequest(13, "cancelNewsBulletins", -1)),
@@ -879,7 +978,6 @@ _PARSERS = {
 # (index into the fields, or None when the request has none).
 UNSUPPORTED: dict[int, tuple[str, int | None]] = {
     10: ("reqMktDepth", 2),
-    20: ("reqHistoricalData", 1),
     50: ("reqRealTimeBars", 2),
     65: ("verifyRequest", None),
     66: ("verifyMessage", None),
@@ -888,11 +986,7 @@ UNSUPPORTED: dict[int, tuple[str, int | None]] = {
     70: ("unsubscribeFromGroupEvents", 2),
     72: ("verifyAndAuthRequest", None),
     73: ("verifyAndAuthMessage", None),
-    87: ("reqHeadTimeStamp", 1),
     88: ("reqHistogramData", 1),
-    92: ("reqPnL", 1),
-    94: ("reqPnLSingle", 1),
-    96: ("reqHistoricalTicks", 1),
 }
 
 
@@ -1520,6 +1614,65 @@ def account_update_multi(req_id: int, account: str, model_code: str, key: str, v
 
 def account_update_multi_end(req_id: int) -> bytes:
     return encode([ACCOUNT_UPDATE_MULTI_END, 1, req_id])
+
+
+PNL = 94
+PNL_SINGLE = 95
+
+
+def pnl(req_id: int, daily: float, unrealized: float, realized: float) -> bytes:
+    return encode([PNL, req_id, float(daily), float(unrealized), float(realized)])
+
+
+def pnl_single(req_id: int, position: int, daily: float, unrealized: float, realized: float, value: float) -> bytes:
+    return encode([PNL_SINGLE, req_id, int(position), float(daily), float(unrealized), float(realized), float(value)])
+
+
+HISTORICAL_DATA = 17
+HEAD_TIMESTAMP = 88
+HISTORICAL_DATA_UPDATE = 90
+HISTORICAL_TICKS = 96
+HISTORICAL_TICKS_BID_ASK = 97
+HISTORICAL_TICKS_LAST = 98
+
+
+def historical_data(req_id: int, start: str, end: str, bars: Sequence[Any]) -> bytes:
+    fields: list[Any] = [HISTORICAL_DATA, req_id, start, end, len(bars)]
+    for b in bars:
+        fields += [b.label, b.open, b.high, b.low, b.close, b.volume, b.wap, b.count]
+    return encode(fields)
+
+
+def historical_data_update(req_id: int, b: Any) -> bytes:
+    return encode([HISTORICAL_DATA_UPDATE, req_id, b.count, b.label, b.open, b.close, b.high, b.low, b.wap, b.volume])
+
+
+def head_timestamp(req_id: int, text: str) -> bytes:
+    return encode([HEAD_TIMESTAMP, req_id, text])
+
+
+def historical_ticks_last(req_id: int, ticks: Sequence[tuple[int, str, int, str, str]], done: bool = True) -> bytes:
+    """ticks: (epoch s, price text, size, exchange, conditions)."""
+    fields: list[Any] = [HISTORICAL_TICKS_LAST, req_id, len(ticks)]
+    for epoch_s, price, size, exchange, conditions in ticks:
+        fields += [epoch_s, 0, price, size, exchange, conditions]
+    return encode(fields + [done])
+
+
+def historical_ticks_bid_ask(req_id: int, ticks: Sequence[tuple[int, str, str, int, int]], done: bool = True) -> bytes:
+    """ticks: (epoch s, bid text, ask text, bid size, ask size)."""
+    fields: list[Any] = [HISTORICAL_TICKS_BID_ASK, req_id, len(ticks)]
+    for epoch_s, bid, ask, bid_size, ask_size in ticks:
+        fields += [epoch_s, 0, bid, ask, bid_size, ask_size]
+    return encode(fields + [done])
+
+
+def historical_ticks_mid(req_id: int, ticks: Sequence[tuple[int, float]], done: bool = True) -> bytes:
+    """ticks: (epoch s, midpoint)."""
+    fields: list[Any] = [HISTORICAL_TICKS, req_id, len(ticks)]
+    for epoch_s, mid in ticks:
+        fields += [epoch_s, "", mid, 0]
+    return encode(fields + [done])
 
 
 # Reference data and other answers (server -> client).

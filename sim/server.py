@@ -41,9 +41,11 @@ from .contracts import Catalogue
 from .control import ControlServer
 from .faults import CODE_TEXT, FaultControls
 from .handlers_account import AccountHandlers
+from .handlers_history import HistoryHandlers
 from .handlers_market import MarketDataHandlers
 from .handlers_orders import OrderHandlers
 from .handlers_reference import ReferenceHandlers
+from .history import History
 from .introspection import Introspection
 from .market import Market, MarketConfig
 from .routing import OrderRouting
@@ -88,7 +90,7 @@ class OrderIdStore:
 
 
 class SimServer(
-    OrderHandlers, MarketDataHandlers, AccountHandlers, ReferenceHandlers, OrderRouting, FaultControls, Introspection
+    OrderHandlers, MarketDataHandlers, AccountHandlers, HistoryHandlers, ReferenceHandlers, OrderRouting, FaultControls, Introspection
 ):
     def __init__(self, config: SimConfig, clock: qe_clock.Clock | None = None) -> None:
         self.config = config
@@ -96,14 +98,18 @@ class SimServer(
         self.started_wall = time.time()
         self.universe = load_universe(config.universe_path)
         self.catalogue = Catalogue(self.universe.values())
+        self.account_spec = self._load_account_spec()
+        # Previous closes: the account file's prev_close where given, else the universe's ref_price.
+        closes = {symbol: inst.ref_price for symbol, inst in self.universe.items()}
+        closes.update({p.symbol: p.prev_close for p in self.account_spec.positions if p.prev_close is not None})
         self.market = Market(
-            {symbol: inst.ref_price for symbol, inst in self.universe.items()},
+            closes,
             seed=config.seed,
             config=MarketConfig(quote_rate=config.quote_rate, print_rate=config.print_rate),
             now_ns=self.clock.now_ns,
         )
-        self.account_spec = self._load_account_spec()
         self.broker = self._new_broker(self.account_spec)
+        self.history = History(config.seed, self.clock.now_ns(), {s: b.ref for s, b in self.market.books.items()})
         self.order_ids = OrderIdStore(config.order_id_file)
         self.broker.saw_order_id(self.order_ids.load())
         self.sessions: set[Session] = set()
@@ -150,6 +156,7 @@ class SimServer(
             fill_on_prints=self.config.fill_on_prints,
             referee_log_cap=self.config.referee_log_cap,
             precautions=Precautions(**spec.checks),
+            trading_sessions=self.config.sessions if spec.sessions is None else spec.sessions,
         )
 
     async def start(self) -> None:
@@ -170,6 +177,9 @@ class SimServer(
     def _start_timers(self) -> None:
         self.tasks.append(asyncio.create_task(self._market_loop(), name="market"))
         self.tasks.append(asyncio.create_task(self._account_loop(), name="account"))
+        self.tasks.append(asyncio.create_task(self._pnl_loop(), name="pnl"))
+        self.tasks.append(asyncio.create_task(self._history_loop(), name="history"))
+        self.tasks.append(asyncio.create_task(self._session_loop(), name="sessions"))
 
     def _log_listening(self) -> None:
         log.info(
@@ -380,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--referee-log-cap", type=int, default=env.referee_log_cap,
                    help="entries kept in the referee log (QE_SIM_REFEREE_LOG_CAP, default 100000)")
     p.add_argument("--no-fill-on-prints", action="store_true", help="resting limits fill only when quotes cross them")
+    p.add_argument("--sessions", action="store_true", default=env.sessions,
+                   help="trading sessions on the XNYS calendar: fills in regular hours, DAY expiry (QE_SIM_SESSIONS=1)")
     p.add_argument("--log-level", default=os.environ.get("QE_LOG_LEVEL", "INFO"))
     return p
 
@@ -404,6 +416,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         fill_on_prints=not args.no_fill_on_prints,
         referee_log_cap=args.referee_log_cap,
         order_id_file=args.order_id_file or None,
+        sessions=args.sessions,
     )
 
 

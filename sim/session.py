@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import protocol as P
 
@@ -23,6 +23,16 @@ class MarketSub:
     req_id: int
     kind: str  # "mkt", "Last", "AllLast", "BidAsk", "MidPoint"
     ignore_size: bool = False
+    generic: frozenset[int] = frozenset()  # reqMktData generic ticks served (233 RTVolume, 236 shortable)
+
+
+@dataclass
+class PnLSub:
+    """reqPnL (symbol None) or reqPnLSingle subscription; ``last`` = the figures last sent."""
+
+    req_id: int
+    symbol: str | None
+    last: tuple | None = None
 
 
 @dataclass
@@ -51,6 +61,8 @@ class Session(asyncio.Protocol):
         self.positions_sub = False
         self.account_multi: set[int] = set()
         self.summary_subs: dict[int, set[str] | None] = {}
+        self.pnl_subs: dict[int, PnLSub] = {}
+        self.history_subs: dict[int, Any] = {}  # reqId -> handlers_history.HistorySub (keepUpToDate)
         self.holds: dict[tuple[int, int], AckHold] = {}
         self.dropped_market_msgs = 0
         self.requests = 0

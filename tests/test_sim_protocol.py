@@ -192,8 +192,12 @@ def test_decode_account_and_execution_requests():
 
 
 def test_unsupported_and_malformed_requests():
-    hist = client_requests(lambda c: c.reqHistoricalData(21, stock(), "", "1 D", "1 min", "TRADES", True, 1, False, []))
-    assert P.decode_request(hist[0]) == P.Unsupported(20, "reqHistoricalData", 21)
+    hist = client_requests(lambda c: c.reqHistoricalData(21, stock(), "", "1 D", "1 min", "TRADES", True, 1, True, []))
+    decoded = P.decode_request(hist[0])
+    assert (decoded.req_id, decoded.contract.symbol, decoded.end, decoded.duration, decoded.bar_size) == (21, "CIM PRB", "", "1 D", "1 min")
+    assert (decoded.what_to_show, decoded.use_rth, decoded.format_date, decoded.keep_up_to_date) == ("TRADES", True, 1, True)
+    histogram = client_requests(lambda c: c.reqHistogramData(22, stock(), True, "1 week"))
+    assert P.decode_request(histogram[0]) == P.Unsupported(88, "reqHistogramData", 22)
     assert P.decode_request(["999", "x"]) == P.Unsupported(999, "message 999", -1)
     with pytest.raises(P.MalformedRequest) as exc:
         P.decode_request(["1", "11", "5", "notanint"])

@@ -107,9 +107,10 @@ def test_what_if_order_carries_margin_and_commission(ib, cim, sim_control):
     assert float(huge.initMarginAfter) > float(huge.equityWithLoanAfter)
 
 
-def test_history_requests_end_with_an_error_not_a_wait(ib, cim):
+def test_history_requests_end_with_an_answer_or_an_error_not_a_wait(ib, cim):
     assert request_error(ib, ib.reqHistogramDataAsync(cim, True, "1 week"))[0] == 162
-    assert request_error(ib, ib.reqHistoricalTicksAsync(cim, "", "20250102 10:00:00", 10, "TRADES", True))[0] == 162
+    # Before the simulator ran there are no recorded prints: an empty answer, not a wait.
+    assert answer(ib, ib.reqHistoricalTicksAsync(cim, "", "20050102 10:00:00", 10, "TRADES", True)) == []
 
 
 def test_request_fa_is_refused_like_a_non_fa_account(ib):
