@@ -436,11 +436,15 @@ class Run:
         wanted = {"stub": (0.01, 999_999.0), "crossed": (round(ask + 0.10, 2), bid), "zero": (0.0, 0.0),
                   "wide": (round(bid * 0.6, 2), round(ask * 1.4, 2))}[variant]
         try:
-            self.sim.set_quote(symbol, *wanted)
+            if variant in ("crossed", "zero"):
+                # A feed glitch: market data sees it, the simulator's book does not (no real
+                # market is crossed or at zero); the episode's end restores the quote.
+                self.sim.glitch_quote(symbol, *wanted)
+            else:
+                self.sim.set_quote(symbol, *wanted)
             self.journal.add("bad_quotes", {"symbol": symbol, "variant": variant, "bid": wanted[0], "ask": wanted[1],
                                             "sim_ns": self.clock.now_ns()})
         except RuntimeError as exc:
-            # The simulator only takes 0 < bid < ask: a crossed or zero quote is refused.
             self.journal.add("refused", {"symbol": symbol, "variant": variant, "error": str(exc)[-160:]})
             self.restore_quote(symbol)
 

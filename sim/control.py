@@ -25,6 +25,7 @@ Deliberately tiny (stdlib only): one request per connection, JSON in and out.
     POST /send_code                  {"code": 1100, "text": optional, "client_id": optional, "req_id": optional (-1)}
     POST /shock                      {"symbol": "CIM PRB" or "all", "pct": -5}
     POST /set_quote                  {"symbol", "bid", "ask", "bid_size", "ask_size", "freeze": true}
+    POST /glitch_quote               {"symbol", "bid", "ask", "bid_size", "ask_size"}: a feed glitch (subscribers only)
     POST /unfreeze                   {"symbol": optional}
     POST /print                      {"symbol", "price", "size", "venue", "conditions"}
     POST /config                     {"quote_rate", "print_rate", "max_tick_by_tick", ...}
@@ -244,6 +245,13 @@ class ControlServer:
                 bool(body.get("freeze", True)),
             )
             return sim.market.book(event.symbol).snapshot()
+        if path == "/glitch_quote":
+            symbol = _known_symbol(sim, str(body.get("symbol", "")))
+            bid, ask = _num(body, "bid", float, required=True), _num(body, "ask", float, required=True)
+            if not (0 <= bid < 1_000_000 and 0 <= ask < 1_000_000):
+                raise ControlError(400, "glitch_quote: bid and ask must be >= 0 and < 1,000,000")
+            event = sim.glitch_quote(symbol, bid, ask, _num(body, "bid_size", int, default=100), _num(body, "ask_size", int, default=100))
+            return {"symbol": symbol, "bid": event.bid / 100, "ask": event.ask / 100, "glitch": True}
         if path == "/unfreeze":
             symbol = body.get("symbol")
             if symbol is not None:
@@ -444,6 +452,10 @@ class SimControl:
         self, symbol: str, bid: float, ask: float, bid_size: int | None = None, ask_size: int | None = None, freeze: bool = True
     ) -> dict:
         return self._post("/set_quote", symbol=symbol, bid=bid, ask=ask, bid_size=bid_size, ask_size=ask_size, freeze=freeze)
+
+    def glitch_quote(self, symbol: str, bid: float, ask: float, bid_size: int = 100, ask_size: int = 100) -> dict:
+        """A bad quote from the feed only (crossed, zero, stub): the book and the orders ignore it."""
+        return self._post("/glitch_quote", symbol=symbol, bid=bid, ask=ask, bid_size=bid_size, ask_size=ask_size)
 
     def unfreeze(self, symbol: str | None = None) -> dict:
         return self._post("/unfreeze", symbol=symbol)

@@ -116,6 +116,18 @@ class FaultControls:
         self.market_event(event)
         return event
 
+    def glitch_quote(self, symbol: str, bid: float, ask: float, bid_size: int, ask_size: int) -> QuoteEvent:
+        """A feed glitch: subscribers are sent this quote as it is (crossed, zero, stub), while
+        the book, the broker's marks and every order ignore it; the next real quote change
+        replaces it at the subscribers."""
+        event = QuoteEvent(symbol, round(bid * 100), round(ask * 100), int(bid_size), int(ask_size), self.clock.now_ns())
+        prev = self.last_quote.get(symbol, (0, 0, 0, 0))
+        self.last_quote[symbol] = (event.bid, event.ask, event.bid_size, event.ask_size)
+        subs = self.mkt_by_symbol.get(symbol)
+        if subs and self.data_farm_ok and self.ib_connected:
+            self._publish_quote(subs, event, prev)
+        return event
+
     def inject_print(self, symbol: str, price: float, size: int, venue: str, conditions: str) -> PrintEvent:
         event = self.market.inject_print(symbol, price, size, venue, conditions)
         self.market_event(event)
