@@ -211,14 +211,15 @@ def load_journal(directory: Path, day: date) -> list[dict[str, Any]]:
 
 
 def run_journal(rows: list[dict[str, Any]], journal: list[dict[str, Any]], rules: config.RiskRules,
-                universe_file: Path, *, start_ns: int | None = None, end_ns: int | None = None) -> RunResult:
+                universe_file: Path, *, start_ns: int | None = None, end_ns: int | None = None,
+                state: ReplayState | None = None) -> RunResult:
     """Drive a fresh Brain exactly as the live one ran: the journal's steps in their order,
     each with its recorded clock reading: `handle` of the archived input entry it names,
     `tick`, and `load` (from the state the replayed Brain's own effects committed)."""
     handler_class, _streams = _brain()
     clock = ReplayClock()
     settings = config.Settings(universe_path=Path(universe_file))
-    state = ReplayState()
+    state = ReplayState() if state is None else state  # the caller may keep it, to compare
     context = qe_daemon.Context("decision", settings, rules, clock, state, log)  # type: ignore[arg-type]
     handler = handler_class(context)
     handler.record_journal = False
