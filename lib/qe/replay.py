@@ -1,9 +1,13 @@
 """`qe replay DAY`: a day's archived inputs through the same Brain code, isolated.
 
 In-process: the Brain's handler (`daemons.decision.DecisionHandler`) is built from a
-Context whose clock is the recorded clock and whose Redis is never used; its effects
-go to an in-memory sink. Nothing is written to any Redis. Events are fed in recorded
-order (stream id time; ties in the Brain's stream order, then sequence), each decoded
+Context whose clock is the recorded clock and whose Redis is an in-memory `ReplayState`;
+its effects go to an in-memory sink. Nothing is written to any Redis.
+
+With the Brain's decision journal in the archive (ev.decision_journal), `run_journal`
+follows it: the live Brain's steps (handle of an input entry, tick, load) in their order,
+each at its recorded clock reading: identical to the live run (docs/archive.md).
+Without one (older archives), `run_brain`: events are fed in recorded order (stream id time; ties in the Brain's stream order, then sequence), each decoded
 against the reader's limits and the recorded clock, with "now" = the event's `ts_ns`
 (never going back). The runtime's tick (`decision.tick_interval_s`) is emulated on the
 recorded clock. `--from/--to` (New York HH:MM): events before `from` are fed to rebuild
