@@ -31,7 +31,9 @@ from qe.alert_types import (
 from qe.contracts import (
     MODES,
     Alert,
+    DecisionJournal,
     Envelope,
+    JournalStep,
     idempotency_key,
     make_event,
     order_ref_for,
@@ -77,6 +79,7 @@ from .strategies import GrpanMarketMaker
 log = logging.getLogger("qe.decision")
 
 SOURCE = "decision"
+JOURNAL_STREAM = "ev.decision_journal"
 STREAMS = (
     "ev.control",
     "ev.broker",
@@ -125,9 +128,18 @@ class DecisionHandler:
         # Feed-wide stale alerts raised and not yet resolved (type -> alert ts_ns): while
         # any is raised no quote is current (SPEC 6 Marks). Kept in state:decision:inputs.
         self.stale_feeds: dict[str, int] = {}
+        # The clock reading of the step in hand (handle, tick, load): read once per step and
+        # used for everything the step does, so the journal's reading reproduces it.
+        self.now_ns = 0
+        # The decision journal (docs/archive.md): every step since the last commit, in the
+        # order run, with its clock reading; `before_commit` writes it atomically with the
+        # batch. `qe replay` follows it (and turns recording off).
+        self.record_journal = True
+        self.journal: list[JournalStep] = []
 
     # -- state -----------------------------------------------------------------------------
     def load(self, r: redis.Redis) -> None:
+        self.now_ns = now = self.clock.now_ns()
         view = BrainView(universe=dict(self.universe), order_caps=self.order_caps, reference_prices=self.reference_prices)
         view.state = decode_state(r.hgetall(STATE))
         for key, raw in r.hgetall(OUTSTANDING).items():
@@ -174,7 +186,6 @@ class DecisionHandler:
         view.settling = {k.decode(): int(v) for k, v in r.hgetall(SETTLING).items()}
         view.rejected = {k.decode(): int(v) for k, v in r.hgetall(REJECTED).items()}
         view.reported_skips = {k.decode() for k in r.hkeys(SKIPS)}
-        now = self.clock.now_ns()
         for record in view.outstanding.values():
             # Our own times, but never ahead of our clock (a clock that went back, a bad record).
             record.issued_ns = min(record.issued_ns, now)
@@ -193,6 +204,8 @@ class DecisionHandler:
         self.strategy_signature = None
         self.strategy_dirty = set()
         self._set_mode_metric(view.state.mode)
+        # Steps not committed are void (their batch is re-read); the load is a step itself.
+        self.journal = [JournalStep(kind="load", now_ns=now)] if self.record_journal else []
         log.info(
             "state loaded",
             extra={"mode": view.state.mode, "outstanding": len(view.outstanding), "halted": view.state.halted,
@@ -201,9 +214,15 @@ class DecisionHandler:
 
     # -- events ----------------------------------------------------------------------------
     def handle(self, event: Envelope, effects: Effects) -> None:
+        self.now_ns = now = self.clock.now_ns()
+        self._handle(event, effects, now)
+        # Recorded only once handled: an entry whose handler raised is rolled back and retried.
+        if self.record_journal and effects.entry is not None:
+            self.journal.append(JournalStep(kind="handle", now_ns=now, stream=effects.entry.stream, id=effects.entry.entry_id))
+
+    def _handle(self, event: Envelope, effects: Effects, now: int) -> None:
         kind = event.type
         payload = event.payload
-        now = self.clock.now_ns()
         view = self.view
         if kind == "l1":
             # The quote is recorded as received (an absurd or flagged one as present but
@@ -270,7 +289,7 @@ class DecisionHandler:
         if not guards.qty_ok(order.filled_qty, self.plausibility):
             self._log_input("order", record.symbol, "absurd filled_qty")
             return False
-        ts = guards.received_ns(event.ts_ns, self.clock.now_ns())  # execution's time, bounded by ours
+        ts = guards.received_ns(event.ts_ns, self.now_ns)  # execution's time, bounded by ours
         if record.filled_qty < order.filled_qty:
             self.view.settling[record.symbol] = ts
             effects.hset(SETTLING, {record.symbol: ts})
@@ -438,15 +457,32 @@ class DecisionHandler:
 
     # -- periodic --------------------------------------------------------------------------
     def tick(self, now_ns: int, effects: Effects) -> None:
+        self.now_ns = now_ns
+        acted = False
         # Market state is a cache of ev.l1/ev.features, judged by its own timestamps:
         # flushed on a cadence (coalescing many events per symbol), not per event.
         if self.dirty_markets and now_ns - self.markets_flushed_ns >= self.rules.decision.market_flush_interval_s * NS:
             effects.hset(MARKETS, {s: encode_market(self.view.markets[s]) for s in self.dirty_markets if s in self.view.markets})
             self.dirty_markets = set()
             self.markets_flushed_ns = now_ns
+            acted = True
         interval = self.rules.decision.evaluate_interval_s * NS
         if self.dirty or now_ns - self.last_eval_ns >= interval:
             self._evaluate(now_ns, effects, None)
+            acted = True
+        # A tick that did nothing changed nothing: it need not be journaled.
+        if acted and self.record_journal:
+            self.journal.append(JournalStep(kind="tick", now_ns=now_ns))
+
+    def before_commit(self, effects: Effects) -> None:
+        """The journal of the steps since the last commit, committed with their effects."""
+        if not self.journal:
+            return
+        steps, self.journal = self.journal, []
+        first = steps[0]
+        key = idempotency_key("decision-journal", first.now_ns, first.kind, first.id or "", len(steps))
+        effects.publish(JOURNAL_STREAM, make_event(DecisionJournal(steps=steps), idempotency_key=key, source=SOURCE,
+                                                   ts_ns=steps[-1].now_ns))
 
     # -- the decision step -----------------------------------------------------------------
     def _evaluate(self, now: int, effects: Effects, trigger: Envelope | None) -> None:
@@ -507,7 +543,7 @@ class DecisionHandler:
             make_event(
                 Alert(alert_type=alert_type, state=state, severity=severity, symbol=symbol,  # type: ignore[arg-type]
                       message=message, data=data),
-                idempotency_key=key, source=SOURCE, ts_ns=self.clock.now_ns(),
+                idempotency_key=key, source=SOURCE, ts_ns=self.now_ns,
                 causation_id=str(trigger.event_id) if trigger is not None else None,
             ),
         )

@@ -116,7 +116,7 @@ ACCESS: dict[str, Access] = {
             "ev.session", "ev.exposure", "ev.l1", "ev.features", "ev.positions",
             "ev.orders", "ev.alerts", "ev.broker", "ev.control",
         ),
-        publishes=("ev.intents", "ev.alerts"),
+        publishes=("ev.intents", "ev.alerts", "ev.decision_journal"),
         writes=("state:decision*",),
         reads=(SESSION, EXPOSURE, BROKER),
     ),
@@ -143,7 +143,8 @@ ACCESS: dict[str, Access] = {
         publishes=("ev.control",),
         reads=("*",),
         extra_write_commands=(
-            *(("xadd", stream) for stream in STREAM_TYPES if stream not in ("ev.intents", "ev.control")),
+            *(("xadd", stream) for stream in STREAM_TYPES
+              if stream not in ("ev.intents", "ev.control", "ev.decision_journal")),
             ("xdel", DLQ_STREAM),
             # qe archive: the archived days and the retention floor (qe.archive).
             ("hset", "state:archive"),

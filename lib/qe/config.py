@@ -35,7 +35,10 @@ from .contracts import DLQ_STREAM, STREAM_TYPES, Bucket
 
 EX_CONFIG = 78
 # Streams that must keep at least a whole trading day (SPEC 3): by age, not by count.
-FULL_DAY_STREAMS = ("ev.intents", "ev.orders", "ev.positions")
+FULL_DAY_STREAMS = ("ev.intents", "ev.orders", "ev.positions", "ev.decision_journal")
+# Streams added after rules files (and archived days' copies of them) were written: the
+# rule they get when a file has none.
+LATER_STREAM_DEFAULTS = {"ev.decision_journal": {"minid_age_s": 259200}}
 SECONDS_PER_DAY = 86_400
 
 
@@ -722,6 +725,13 @@ class RiskRules(Section):
     archive: ArchiveRules = ArchiveRules()
     pnl: PnlRules = PnlRules()
     report: ReportRules = ReportRules()
+
+    @field_validator("streams", mode="before")
+    @classmethod
+    def _later_streams_default(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {**LATER_STREAM_DEFAULTS, **value}
+        return value
 
     @model_validator(mode="after")
     def _regime_tolerances_within_hard_cap(self) -> "RiskRules":

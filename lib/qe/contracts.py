@@ -552,6 +552,29 @@ class PnL(Payload):
     final: bool = False  # the day's figures at the close
 
 
+# --- the Brain's journal ---------------------------------------------------------------
+
+
+MAX_JOURNAL_STEPS = 100_000
+
+
+class JournalStep(Payload):
+    """One thing the Brain did, with the clock reading it used: `handle` of one input
+    entry (`stream`, `id`), a `tick`, or a `load` of its state from Redis."""
+
+    kind: Literal["handle", "tick", "load"]
+    now_ns: Timestamp
+    stream: str | None = Field(default=None, max_length=64)
+    id: StreamId | None = None
+
+
+class DecisionJournal(Payload):
+    """The Brain's handling, committed atomically with the batch it describes: the steps
+    in the order they ran (docs/archive.md; `qe replay` follows it)."""
+
+    steps: list[JournalStep] = Field(min_length=1, max_length=MAX_JOURNAL_STEPS)
+
+
 # --- envelope ------------------------------------------------------------------------
 
 
@@ -596,6 +619,7 @@ EVENT_TYPES: dict[str, type[Envelope]] = {
         "broker": BrokerState,
         "control": Control,
         "pnl": PnL,
+        "journal": DecisionJournal,
     }.items()
 }
 PAYLOAD_TYPES: dict[type[Payload], str] = {cls.model_fields["payload"].annotation: name for name, cls in EVENT_TYPES.items()}
@@ -616,6 +640,7 @@ STREAM_TYPES: dict[str, tuple[str, ...]] = {
     "ev.broker": ("broker",),
     "ev.control": ("control",),
     "ev.pnl": ("pnl",),
+    "ev.decision_journal": ("journal",),
 }
 
 

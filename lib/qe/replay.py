@@ -1,9 +1,13 @@
 """`qe replay DAY`: a day's archived inputs through the same Brain code, isolated.
 
 In-process: the Brain's handler (`daemons.decision.DecisionHandler`) is built from a
-Context whose clock is the recorded clock and whose Redis is never used; its effects
-go to an in-memory sink. Nothing is written to any Redis. Events are fed in recorded
-order (stream id time; ties in the Brain's stream order, then sequence), each decoded
+Context whose clock is the recorded clock and whose Redis is an in-memory `ReplayState`;
+its effects go to an in-memory sink. Nothing is written to any Redis.
+
+With the Brain's decision journal in the archive (ev.decision_journal), `run_journal`
+follows it: the live Brain's steps (handle of an input entry, tick, load) in their order,
+each at its recorded clock reading: identical to the live run (docs/archive.md).
+Without one (older archives), `run_brain`: events are fed in recorded order (stream id time; ties in the Brain's stream order, then sequence), each decoded
 against the reader's limits and the recorded clock, with "now" = the event's `ts_ns`
 (never going back). The runtime's tick (`decision.tick_interval_s`) is emulated on the
 recorded clock. `--from/--to` (New York HH:MM): events before `from` are fed to rebuild
@@ -77,18 +81,56 @@ class NoRedis:
         raise RuntimeError(f"replay is isolated: the Brain called redis.{name}")
 
 
-class SinkEffects(Effects):
-    """An in-memory effects sink: publishes are kept as events, state writes dropped."""
+class ReplayState:
+    """The Brain's Redis hashes as its own committed effects leave them (HSET, HDEL, DEL),
+    in memory: what a `load()` recorded in the journal reads back. It starts empty (a Brain
+    with no saved state); anything else touching Redis during a replay raises."""
 
-    def __init__(self, policy: StreamPolicy) -> None:
+    def __init__(self) -> None:
+        self.hashes: dict[str, dict[bytes, bytes]] = {}
+
+    def apply(self, ops: list[list[str]]) -> None:
+        for op in ops:
+            name = op[0].upper()
+            if name == "HSET":
+                target = self.hashes.setdefault(op[1], {})
+                for index in range(2, len(op) - 1, 2):
+                    target[op[index].encode()] = op[index + 1].encode()
+            elif name == "HDEL":
+                target = self.hashes.get(op[1], {})
+                for field_name in op[2:]:
+                    target.pop(field_name.encode(), None)
+            elif name == "DEL":
+                for key in op[1:]:
+                    self.hashes.pop(key, None)
+            # EXPIRE and the like: no time passes in a replay's state.
+
+    def hgetall(self, key: str) -> dict:
+        return dict(self.hashes.get(key, {}))
+
+    def hkeys(self, key: str) -> list:
+        return list(self.hashes.get(key, {}))
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"replay is isolated: the Brain called redis.{name}")
+
+
+class SinkEffects(Effects):
+    """An in-memory effects sink: publishes are kept as events; state writes go to a
+    ReplayState when one is given, else are dropped."""
+
+    def __init__(self, policy: StreamPolicy, state: ReplayState | None = None) -> None:
         super().__init__(policy)
         self.events: list[tuple[str, Envelope]] = []
+        self.state = state
 
     def publish(self, stream: str, event: Envelope) -> None:
         self.events.append((stream, event))
 
     def take(self) -> list[tuple[str, Envelope]]:
         events, self.events = self.events, []
+        if self.state is not None:
+            self.state.apply(self.ops)
         self.ops.clear()
         return events
 
@@ -140,6 +182,13 @@ class RunResult:
     seconds: float
     first_ns: int
     last_ns: int
+    # "journal": the Brain's decision journal followed (recorded order, clock, ticks,
+    # loads); "inputs": no journal, inputs in id order with "now" = each event's ts_ns.
+    followed: str = "inputs"
+    ticks: int = 0
+    loads: int = 0
+    missing: int = 0  # journaled entries not in the archive (trimmed, or of another day)
+    notes: list[str] = field(default_factory=list)
 
 
 # --- feeding --------------------------------------------------------------------------------
@@ -152,9 +201,101 @@ def hhmm_ns(day: date, text: str | None) -> int | None:
     return clock_module.to_ns(datetime.combine(day, dtime(hour, minute), tzinfo=NEW_YORK))
 
 
+JOURNAL = "ev.decision_journal"
+
+
 def load_inputs(directory: Path, day: date) -> list[dict[str, Any]]:
     _handler, streams = _brain()
     return archive.read_day(directory, day, streams)
+
+
+def load_journal(directory: Path, day: date) -> list[dict[str, Any]]:
+    """The Brain's journal of the day (empty for a day archived before it existed)."""
+    return [row for row in archive.read_day(directory, day, (JOURNAL,)) if row["source"] == "decision"]
+
+
+def run_journal(rows: list[dict[str, Any]], journal: list[dict[str, Any]], rules: config.RiskRules,
+                universe_file: Path, *, start_ns: int | None = None, end_ns: int | None = None,
+                state: ReplayState | None = None) -> RunResult:
+    """Drive a fresh Brain exactly as the live one ran: the journal's steps in their order,
+    each with its recorded clock reading: `handle` of the archived input entry it names,
+    `tick`, and `load` (from the state the replayed Brain's own effects committed)."""
+    handler_class, _streams = _brain()
+    clock = ReplayClock()
+    settings = config.Settings(universe_path=Path(universe_file))
+    state = ReplayState() if state is None else state  # the caller may keep it, to compare
+    context = qe_daemon.Context("decision", settings, rules, clock, state, log)  # type: ignore[arg-type]
+    handler = handler_class(context)
+    handler.record_journal = False
+    limits = Limits.from_rules(rules.plausibility)
+    effects = SinkEffects(StreamPolicy(rules.streams), state)
+    by_id = {(row["stream"], row["id"]): row for row in rows}
+    intents: list[IntentRow] = []
+    modes: list[ModeChange] = []
+    result = RunResult(intents, modes, 0, 0, 0.0, 0, 0, followed="journal")
+    started = time.perf_counter()
+    loaded = False
+
+    def collect() -> None:
+        for stream, event in effects.take():
+            if event.ts_ns < (start_ns or 0):
+                continue
+            if stream == "ev.intents":
+                intents.append(IntentRow.from_payload(event.idempotency_key, event.ts_ns, event.payload.model_dump(mode="json")))
+            elif stream == "ev.alerts" and event.payload.alert_type == "mode_change":
+                data = event.payload.data
+                modes.append(ModeChange(event.ts_ns, data["from"], data["to"], data.get("rule", ""), data.get("reason", "")))
+
+    for entry in journal:
+        for step in json.loads(entry["payload"])["steps"]:
+            now = step["now_ns"]
+            if end_ns is not None and now > end_ns:
+                break
+            if not result.first_ns:
+                result.first_ns = now
+            result.last_ns = now
+            clock.current = now
+            kind = step["kind"]
+            if kind == "load":
+                handler.load(state)
+                result.loads += 1
+                loaded = True
+                continue
+            if not loaded:
+                result.notes.append("the journal starts inside a run: the Brain's state at its start is not in the "
+                                    "record (replayed from an empty state)")
+                handler.load(state)
+                loaded = True
+            if kind == "tick":
+                handler.tick(now, effects)
+                result.ticks += 1
+                collect()
+                continue
+            row = by_id.get((step["stream"], step["id"]))
+            if row is None:
+                result.missing += 1
+                continue
+            fields = {b"event": archive.event_text(row)}
+            if row["type"] is not None:
+                fields[b"type"] = row["type"].encode()
+            try:
+                event = decode(row["stream"], fields, limits, now)
+            except DecodeError:
+                result.rejected += 1
+                continue
+            effects.entry = Entry(row["stream"], row["id"], fields, 1)
+            handler.handle(event, effects)
+            effects.entry = None
+            result.events += 1
+            collect()
+        else:
+            continue
+        break
+    if result.missing:
+        result.notes.append(f"{result.missing} journaled input entries are not in the archive (trimmed before it, "
+                            f"or of another day): skipped")
+    result.seconds = time.perf_counter() - started
+    return result
 
 
 def run_brain(rows: list[dict[str, Any]], rules: config.RiskRules, universe_file: Path,
@@ -216,7 +357,9 @@ def run_brain(rows: list[dict[str, Any]], rules: config.RiskRules, universe_file
         effects.entry = None
         events += 1
         collect()
-    return RunResult(intents, modes, events, rejected, time.perf_counter() - started, first_ns or 0, now)
+    return RunResult(intents, modes, events, rejected, time.perf_counter() - started, first_ns or 0, now,
+                     notes=["no decision journal in the archive: inputs fed in id order with \"now\" = each event's "
+                            "ts_ns and ticks emulated (not identical to the live run: docs/archive.md)"])
 
 
 def recorded(rows_all: list[dict[str, Any]], start_ns: int | None, end_ns: int | None) -> tuple[list[IntentRow], list[ModeChange]]:
@@ -374,7 +517,9 @@ class Report:
     def summary(self) -> dict[str, Any]:
         real_s = max(0, self.run.last_ns - self.run.first_ns) / NS
         return {
-            "day": self.day, "rules_file": self.rules_file, "events": self.run.events, "rejected": self.run.rejected,
+            "day": self.day, "rules_file": self.rules_file, "followed": self.run.followed, "ticks": self.run.ticks,
+            "loads": self.run.loads, "missing": self.run.missing, "notes": self.run.notes,
+            "events": self.run.events, "rejected": self.run.rejected,
             "seconds": round(self.run.seconds, 3),
             "events_per_s": round(self.run.events / self.run.seconds) if self.run.seconds else None,
             "speedup": round(real_s / self.run.seconds, 1) if self.run.seconds else None,
@@ -404,7 +549,11 @@ def replay_day(directory: Path, day: date, *, rules_file: Path | None = None, un
     if rows and rows[0]["ts_ns"] is not None:
         clock_day = datetime.fromtimestamp(rows[0]["ts_ns"] / NS, tz=NEW_YORK).date()
     start_ns, end_ns = hhmm_ns(clock_day, start), hhmm_ns(clock_day, end)
-    run = run_brain(rows, rules, universe_path, start_ns=start_ns, end_ns=end_ns)
+    journal = load_journal(directory, day)
+    if journal:
+        run = run_journal(rows, journal, rules, universe_path, start_ns=start_ns, end_ns=end_ns)
+    else:
+        run = run_brain(rows, rules, universe_path, start_ns=start_ns, end_ns=end_ns)
     everything = archive.read_day(directory, day, (*_brain()[1], "ev.intents"))
     rec_intents, rec_modes = recorded(everything, start_ns, end_ns)
     divergence = first_divergence(rec_intents, run.intents)
@@ -451,6 +600,9 @@ def render(report: Report, limit: int = 20) -> str:
     lines = [
         f"replay {s['day']} with {s['rules_file']}: {s['events']} events in {s['seconds']} s "
         f"({s['events_per_s']} events/s, {s['speedup']}x real time), {s['rejected']} undecodable",
+        (f"followed the Brain's decision journal: its order and clock, {s['ticks']} ticks, {s['loads']} loads"
+         if s["followed"] == "journal" else "no decision journal: inputs in id order, \"now\" = event time"),
+        *(f"note: {note}" for note in s["notes"]),
         f"intents: recorded {s['recorded_intents']}, replayed {s['replayed_intents']}, "
         f"same in order {s['same_intents']}; added {s['added']}, removed {s['removed']}, changed {s['changed']}",
     ]

@@ -281,6 +281,9 @@ class Handler(Protocol):
     # Optional: `after_commit(self) -> None`, called once a batch's effects are durable
     # (e.g. execution sends an order only after its PENDING_SUBMIT record is committed).
     # Optional: `batch_size: int`, entries read per batch instead of runtime.batch_size.
+    # Optional: `before_commit(effects)`, called last before every commit of handled
+    # entries and ticks (after `tick`): what it records is committed atomically with
+    # them (the Brain's decision journal: the order and clock of what it just did).
     # Optional: `end_batch(effects)`, called once after a batch's events were
     # handled and before its commit (e.g. to publish one coalesced result per
     # key). If it raises, nothing of the batch is committed and it is retried.
@@ -334,6 +337,7 @@ class Consumer:
         overrides = {"block_ms": block_ms, "batch_size": getattr(handler, "batch_size", None)}
         self.config = rules.runtime.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         self._after_commit = getattr(handler, "after_commit", None)
+        self._before_commit = getattr(handler, "before_commit", None)
         self.policy = StreamPolicy(rules.streams, dedupe_owner(r, daemon), rules.archive.enabled)
         self.clock = clock
         self.consumer = consumer_name or default_consumer_name(daemon)
@@ -536,6 +540,8 @@ class Consumer:
             effects, consumed, failed, todo = self._handle_part(todo)
             if failed is None:
                 self._tick(effects)
+            if self._before_commit is not None:
+                self._before_commit(effects)
             commit(self.redis, effects, self.group, self.consumer)
             if self._after_commit is not None:
                 self._after_commit()

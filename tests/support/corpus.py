@@ -34,7 +34,9 @@ from qe.contracts import (
     Feature,
     Fill,
     GrpanWindow,
+    DecisionJournal,
     Intent,
+    JournalStep,
     PnL,
     PnLTotals,
     SymbolPnL,
@@ -141,6 +143,10 @@ def good_payload(stream: str, n: int, now_ns: int, symbol: str) -> Any:
                          avg_price=24.80, mark=24.82, mark_source="l1_mid", realized=12.5, unrealized=-3.0,
                          commissions=1.0, total=8.5, fills=1 + n, sold_qty=100)
         return PnL(trading_day="2026-11-20", account=totals, buckets={"LT": totals}, symbols={symbol: line})
+    if stream == "ev.decision_journal":
+        return DecisionJournal(steps=[JournalStep(kind="load", now_ns=now_ns),
+                                      JournalStep(kind="handle", now_ns=now_ns, stream="ev.l1", id=f"{1 + n}-0"),
+                                      JournalStep(kind="tick", now_ns=now_ns)])
     raise KeyError(stream)
 
 
