@@ -359,7 +359,8 @@ def render(data: DayData, generated_ns: int) -> str:
 <h2>Fills ({len(data.fills)})</h2>
 {_table(fill_rows(data), FILL_COLUMNS, "fills")}
 <h2>Rejects ({len(data.rejects)})</h2>
-{_table([{**o, "time": _ny(o["ts_ns"])} for o in data.rejects], ["time", "order_ref", "symbol", "side", "qty", "limit_price", "reject_code", "reject_reason"], "rejects")}
+{_table([{**o, "time": _ny(o["ts_ns"])} for o in data.rejects],
+        ["time", "order_ref", "symbol", "side", "qty", "limit_price", "reject_code", "reject_reason"], "rejects")}
 <h2>Skipped symbols ({len(skipped)})</h2>
 {_table(skipped, ["time", "symbol", "slot", "reason"], "skipped")}
 <h2>Alerts ({len(alerts)})</h2>
