@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run stop test bench chaos venv clean install uninstall
+.PHONY: run stop lint test bench chaos venv clean install uninstall
 
 venv: $(STAMP)
 
@@ -24,8 +24,12 @@ run: $(STAMP)
 stop:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m sim.demo stop; fi
 
-## make test: the whole test suite against private redis-servers (never the machine's 6379)
-test: $(STAMP)
+## make lint: ruff over the tree, mypy strict on lib/qe (configured in pyproject.toml)
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/mypy
+
+## make test: the lint gate, then the whole test suite against private redis-servers (never the machine's 6379)
+test: lint
 	$(BIN)/python -m pytest -q
 
 ## make bench: every benchmark (each ends with one RESULT line); the pipeline runs its

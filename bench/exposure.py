@@ -97,7 +97,8 @@ class Events:
                 events.append(("ev.l1", self._event(L1(symbol=symbol, bid=cents / 100, ask=(cents + self.rng.randint(1, 4)) / 100))))
             elif roll < 0.75:
                 tick = TruthTick(price=cents / 100, size=100, venue="NYSE", ts_ns=time.time_ns())
-                events.append(("ev.features", self._event(Feature(symbol=symbol, grpan_price=cents / 100, concentration_pct=60.0, print_count=5, truth_tick=tick))))
+                feature = Feature(symbol=symbol, grpan_price=cents / 100, concentration_pct=60.0, print_count=5, truth_tick=tick)
+                events.append(("ev.features", self._event(feature)))
             elif roll < 0.90:
                 events.append(("ev.orders", self._event(self._next_order_update(symbol))))
             else:

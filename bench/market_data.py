@@ -183,10 +183,13 @@ def main() -> int:
             ticks = rates["ev.l1"] + rates["ev.prints"]
 
             print(f"simulator offered  : {offered:9.0f} events/s ({args.symbols} symbols)")
-            print(f"ev.l1              : {rates['ev.l1']:9.0f} /s   lag p50 {percentile(l1_lag, .5) * 1000:6.1f} ms  p99 {percentile(l1_lag, .99) * 1000:6.1f} ms")
-            print(f"ev.prints          : {rates['ev.prints']:9.0f} /s   lag p50 {percentile(print_lag, .5) * 1000:6.1f} ms  p99 {percentile(print_lag, .99) * 1000:6.1f} ms")
+            print(f"ev.l1              : {rates['ev.l1']:9.0f} /s   "
+                  f"lag p50 {percentile(l1_lag, .5) * 1000:6.1f} ms  p99 {percentile(l1_lag, .99) * 1000:6.1f} ms")
+            print(f"ev.prints          : {rates['ev.prints']:9.0f} /s   "
+                  f"lag p50 {percentile(print_lag, .5) * 1000:6.1f} ms  p99 {percentile(print_lag, .99) * 1000:6.1f} ms")
             print(f"ticks (l1+prints)  : {ticks:9.0f} /s   (target >= 5000, ratio to offered {ticks / offered:.2f})")
-            print(f"ev.features        : {rates['ev.features']:9.0f} /s   lag p50 {percentile(feature_lag, .5) * 1000:6.1f} ms  p99 {percentile(feature_lag, .99) * 1000:6.1f} ms (print receipt -> feature)")
+            print(f"ev.features        : {rates['ev.features']:9.0f} /s   "
+                  f"lag p50 {percentile(feature_lag, .5) * 1000:6.1f} ms  p99 {percentile(feature_lag, .99) * 1000:6.1f} ms (print receipt -> feature)")
             print(f"probes end-to-end  : {len(probe_print_lag)}/{len(probes)} seen; sim -> ev.prints p99 {percentile(probe_print_lag, .99) * 1000:.1f} ms, "
                   f"sim -> ev.features p99 {percentile(probe_feature_lag, .99) * 1000:.1f} ms")
             for process in processes:

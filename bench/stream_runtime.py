@@ -132,7 +132,7 @@ def main() -> None:
             # Memory: keep feeding the same consumer; RSS must not grow with events handled.
             rss_start = rss_bytes()
             handled = args.events
-            for round_index in range(args.rounds):
+            for _round in range(args.rounds):
                 r.xtrim("ev.l1", maxlen=0, approximate=False)
                 fill(r, args.events, start=handled)
                 handled += args.events

@@ -16,7 +16,7 @@ from .market import PrintEvent, QuoteEvent
 from .session import MarketSub
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .session import Session
+    pass
 
 log = logging.getLogger("sim.server")
 

@@ -7,7 +7,7 @@ A mixin of ``SimServer`` (sim/server.py): ``self`` is the server, ``s`` a client
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import protocol as P
 from .broker import exec_fields, exec_time_text

@@ -437,7 +437,7 @@ def test_alerts_sees_lag_of_every_group_without_reading_the_streams(matrix):
     cannot count is the one its owner last counted (`lag:<stream>` in its record)."""
     _server, clients = matrix
     alerts, cli = clients["alerts"], clients["cli"]
-    for n in range(3):
+    for _ in range(3):
         clients["decision"].xadd("ev.intents", {"event": "{}"})
     # Execution has read one entry: its position is inside the stream, so the lag must be counted.
     clients["execution"].xreadgroup("execution_service", "e1", {"ev.intents": ">"}, count=1)

@@ -86,7 +86,8 @@ SCENARIOS = [
     ("conflict: LT band buy vs overnight... different symbols do not conflict", [BAND_BUY_INC, OVERNIGHT_SELL], ctx(),
      [("LT_BAND", "AGNCN", "BUY", 100), ("MM_OVERNIGHT", "CIM PRC", "SELL", 300)], []),
     ("two-sided MM quote is not a conflict", [MM_BUY_INC, MM_SELL_INC], ctx(), [("MM_QUOTE", "CIM PRC", "BUY", 100), ("MM_QUOTE", "CIM PRC", "SELL", 100)], []),
-    ("conflict: band increase vs band-less decrease of higher priority", [c("LT_BAND", "AGNCN", "BUY", "LT_LONG_INC"), c("MM_OVERNIGHT", "AGNCN", "SELL", "MM_LONG_DEC")],
+    ("conflict: band increase vs band-less decrease of higher priority",
+     [c("LT_BAND", "AGNCN", "BUY", "LT_LONG_INC"), c("MM_OVERNIGHT", "AGNCN", "SELL", "MM_LONG_DEC")],
      ctx(), [("MM_OVERNIGHT", "AGNCN", "SELL", 100)], [("LT_BAND", "conflict_lost_to_MM_OVERNIGHT")]),
 ]
 

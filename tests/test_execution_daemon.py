@@ -469,7 +469,7 @@ def test_orders_outside_the_collar_never_reach_the_broker(execution, sim, r):
     sell_cheap = execution.intent("intent:collar:sell", side="SELL", classification="LT_LONG_DEC", limit_price=0.01)
     buy_dear = execution.intent("intent:collar:buy", side="BUY", classification="LT_LONG_INC", limit_price=2400.00,
                                 risk_delta_gross_pct=0.5)
-    good = execution.intent("intent:collar:good", limit_price=24.80)  # the same market, a sane price: it fills
+    execution.intent("intent:collar:good", limit_price=24.80)  # the same market, a sane price: it fills
     for key, intent in (("intent:collar:sell", sell_cheap), ("intent:collar:buy", buy_dear)):
         denied = wait_denied(execution, key)
         assert denied["reject_code"] is None

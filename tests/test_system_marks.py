@@ -4,7 +4,6 @@ outside the universe counts at its fallback mark and blocks increases."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import yaml

@@ -51,7 +51,8 @@ def assert_afternoon(system: System, close: datetime) -> None:
     assert all(i["classification"].endswith("_DEC") for i in derisk)
     assert assert_soft_and_hard_pricing(intents) == len(derisk)
     # No intent ever took the Brain's potential above the cap; the exposure worker agrees.
-    over = [(i["intent_type"], i["action"], i["classification"], i["trace"].get("brain_potential_pct"), i["trace"].get("mode"), i["trace"].get("gross_pct")) for i in intents if (i["trace"].get("brain_potential_pct") or 0) > 130]
+    over = [(i["intent_type"], i["action"], i["classification"], i["trace"].get("brain_potential_pct"), i["trace"].get("mode"), i["trace"].get("gross_pct"))
+            for i in intents if (i["trace"].get("brain_potential_pct") or 0) > 130]
     assert not over, over
     assert max(e["potential_gross_pct"] for e in system.payloads("ev.exposure") if e["status"] == "ok") <= 130
     # Gross is at most 100 % once the market has closed, and the simulator really filled.

@@ -96,13 +96,13 @@ Description=Redis for the quant-engine boot test
 Type=simple
 ExecStart={redis} --port 6379 --bind 127.0.0.1 --dir /var/lib/qe-test-redis --appendonly yes --appendfsync everysec --save "" --maxmemory-policy noeviction --aclfile /etc/redis/qe-users.acl
 StateDirectory=qe-test-redis
-"""
+"""  # noqa: E501 (a unit file's ExecStart line)
 SIM_UNIT = """[Unit]
 Description=IB gateway simulator for the boot test
 [Service]
 EnvironmentFile=/etc/quant-engine/qe.env
 ExecStart=/opt/quant-engine/.venv/bin/qe-ib-sim --port 4002 --control-port 4012 --universe /etc/quant-engine/universe.csv --account-file /run/qe-ns/src/etc/sim_account.yaml --quote-rate 1.0 --print-rate 0.5 --no-fill-on-prints
-"""
+"""  # noqa: E501 (a unit file's ExecStart line)
 
 
 def cgroup2_mount() -> Path | None:

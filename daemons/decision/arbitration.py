@@ -122,7 +122,7 @@ def arbitrate(candidates: list[Candidate], ctx: ArbitrationContext) -> Arbitrati
     by_symbol: dict[str, list[Candidate]] = {}
     for candidate in merged:
         by_symbol.setdefault(candidate.symbol, []).append(candidate)
-    for symbol, members in by_symbol.items():
+    for _symbol, members in by_symbol.items():
         purposes = {c.purpose for c in members}
         sides = {c.side for c in members}
         if len(purposes) == 1 or len(sides) == 1:

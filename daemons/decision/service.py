@@ -142,7 +142,7 @@ class DecisionHandler:
         self.now_ns = now = self.clock.now_ns()
         view = BrainView(universe=dict(self.universe), order_caps=self.order_caps, reference_prices=self.reference_prices)
         view.state = decode_state(r.hgetall(STATE))
-        for key, raw in r.hgetall(OUTSTANDING).items():
+        for _key, raw in r.hgetall(OUTSTANDING).items():
             view.put_record(decode_record(raw))
         view.generations = {k.decode(): int(v) for k, v in r.hgetall(GENERATIONS).items()}
         inputs = r.hgetall(INPUTS)

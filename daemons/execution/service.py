@@ -283,7 +283,8 @@ class ExecutionService:
         if modify_key is None:
             return  # (a desired price recorded before this version: nothing to publish it under)
         now_ns = self.clock.now_ns()
-        denial = core.modify_denial(target, modify_key, order_ref_for(modify_key), price, f"{rejection.rule}: modify of {target.order_ref} {target.limit_price} -> {price}: {rejection.reason}", now_ns)
+        denial = core.modify_denial(target, modify_key, order_ref_for(modify_key), price,
+                                    f"{rejection.rule}: modify of {target.order_ref} {target.limit_price} -> {price}: {rejection.reason}", now_ns)
         self._save(effects, denial)
 
     def _new_order(self, event: Envelope, effects: Effects) -> None:
@@ -752,7 +753,7 @@ class ExecutionService:
             self._on_position(account, symbol, qty, avg_cost, now_ns, effects)
         for symbol in set(self.positions) - broker_symbols:
             self._on_position(self.view.account or "", symbol, 0, 0.0, now_ns, effects)
-        for account, tag, value in values:
+        for _account, tag, value in values:
             if tag == "NetLiquidation":
                 self.equity = core.usable_equity(value)
         self._publish_account(now_ns, effects, force=True)
@@ -829,7 +830,8 @@ class ExecutionService:
         now_ns = self.clock.now_ns()
         effects.publish("ev.orders", self._event(payload, key, now_ns))
         if record.status == "REJECTED":
-            self._alert(effects, now_ns, AlertType.ORDER_REJECTED, "warning", f"{record.order_ref} {record.side} {record.qty} {record.symbol}: {record.reject_reason}",
+            self._alert(effects, now_ns, AlertType.ORDER_REJECTED, "warning",
+                        f"{record.order_ref} {record.side} {record.qty} {record.symbol}: {record.reject_reason}",
                         symbol=record.symbol, data={"code": record.reject_code, "intent_key": record.intent_key},
                         key=idempotency_key("alert", "order_rejected", record.order_ref))
 

@@ -29,7 +29,6 @@ from array import array
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from qe.clock import NS_PER_S
 from qe.config import BUCKET_NAMES, ExposureRules, PlausibilityRules
 from qe.contracts import OPEN_ORDER_STATUSES, TERMINAL_ORDER_STATUSES
 from qe.exposure_math import potential_notional

@@ -122,7 +122,7 @@ class IbkrFeed:
         try:
             client.reqMarketDataType(self.config.market_data_type)
             self._qualify()
-            for symbol, contract in self.contracts.items():
+            for _symbol, contract in self.contracts.items():
                 client.reqMktData(contract)
             self._plan_tick_by_tick(force=True)
         except (ConnectionError, OSError) as exc:

@@ -181,7 +181,7 @@ class PnlHandler:
         figures = self.figures(now_ns)
         self._publish(now_ns, effects, figures, final=True)
         self.closes = {s: line.mark for s, line in figures.symbols.items() if line.mark is not None}
-        for symbol, saved in self.inputs.items():  # every symbol we have a market price for
+        for symbol, _saved in self.inputs.items():  # every symbol we have a market price for
             mark = self.mark(symbol, now_ns)
             if mark.price is not None and mark.market_priced:
                 self.closes[symbol] = mark.price

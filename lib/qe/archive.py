@@ -32,7 +32,7 @@ import shutil
 from dataclasses import dataclass
 from datetime import date, datetime, time as dtime, timedelta
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,6 +40,7 @@ import redis
 
 from .clock import NEW_YORK
 from .contracts import DLQ_STREAM, STREAM_TYPES
+from .redis_types import Fields, StreamEntries
 from .streams import ARCHIVE_FLOOR
 
 STATE_KEY = "state:archive"
@@ -108,7 +109,7 @@ def day_entries(r: redis.Redis, stream: str, day: date, page: int = PAGE) -> Ite
     start, end = day_bounds_ms(day)
     low, high = f"{start}-0", f"{end - 1}-{MAX_SEQ}"
     while True:
-        rows = r.xrange(stream, min=low, max=high, count=page)
+        rows = cast(StreamEntries, r.xrange(stream, min=low, max=high, count=page))
         for entry_id, fields in rows:
             yield _text(entry_id), fields
         if len(rows) < page:
@@ -149,8 +150,8 @@ def row_of(stream: str, entry_id: str, fields: dict[bytes, bytes]) -> dict[str, 
             others["envelope"] = unknown
     elif raw is not None:
         others["event"] = raw.decode(errors="replace")
-    for name, value in fields.items():
-        key = name.decode(errors="replace")
+    for field_name, value in fields.items():
+        key = field_name.decode(errors="replace")
         if key == "event" or (key in ("type", "idk") and envelope is not None):
             continue  # `type` and `idk` are copies of envelope fields
         others[key] = value.decode(errors="replace")
@@ -335,7 +336,7 @@ def floor_day(r: redis.Redis, streams: Iterable[str] = ALL_STREAMS) -> date | No
         return None
     today = day_of_ms(server_ms(r))
     day = day_of_ms(oldest)
-    archived = {k.decode() for k, v in r.hgetall(STATE_KEY).items() if json.loads(v).get("closed")}
+    archived = {k.decode() for k, v in cast(Fields, r.hgetall(STATE_KEY)).items() if json.loads(v).get("closed")}
     while day < today and (day.isoformat() in archived or not _has_entries(r, day, streams)):
         day += timedelta(days=1)
     return day
@@ -361,7 +362,7 @@ def pending_days(r: redis.Redis, streams: Iterable[str] = ALL_STREAMS) -> list[d
     if oldest is None:
         return []
     today = day_of_ms(server_ms(r))
-    archived = {k.decode() for k, v in r.hgetall(STATE_KEY).items() if json.loads(v).get("closed")}
+    archived = {k.decode() for k, v in cast(Fields, r.hgetall(STATE_KEY)).items() if json.loads(v).get("closed")}
     days = []
     day = day_of_ms(oldest)
     while day < today:

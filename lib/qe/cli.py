@@ -26,7 +26,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, cast
 
 import redis
 
@@ -34,6 +34,7 @@ from . import acl, cli_pnl, config, daemon, liveness, operator_ack, state, strea
 from . import clock as clock_module
 from .clock import NEW_YORK
 from .contracts import DLQ_STREAM, STREAM_TYPES, Control, DecodeError, decode, idempotency_key, is_our_order_ref, make_event
+from .redis_types import StreamEntries
 from .universe import UniverseError, load_universe
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -71,8 +72,8 @@ def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def shorten(text: Any, limit: int) -> str:
-    text = "" if text is None else str(text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    shown = "" if text is None else str(text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 # --- which Redis ----------------------------------------------------------------------------
@@ -321,7 +322,7 @@ def cmd_dlq_list(args: argparse.Namespace, settings: config.Settings) -> tuple[A
     limit, offset = _page_args(args)
     upper = "(" + stream_id(args.after, exact=False) if args.after else "+"
     r = _connect(args, settings)
-    entries = r.xrevrange(DLQ_STREAM, max=upper, count=offset + limit)[offset:]
+    entries = cast(StreamEntries, r.xrevrange(DLQ_STREAM, max=upper, count=offset + limit))[offset:]
     records = [dlq_summary(_dlq_record(entry_id, fields)) for entry_id, fields in entries]
     total = r.xlen(DLQ_STREAM)
     next_after = records[-1]["id"] if len(records) == limit else None
@@ -345,7 +346,7 @@ def cmd_dlq_list(args: argparse.Namespace, settings: config.Settings) -> tuple[A
 
 
 def _dead_letter(r: redis.Redis, entry_id: str) -> dict[str, Any]:
-    entries = r.xrange(DLQ_STREAM, min=entry_id, max=entry_id)
+    entries = cast(StreamEntries, r.xrange(DLQ_STREAM, min=entry_id, max=entry_id))
     if not entries:
         raise CliError(f"no dead letter with id {entry_id}")
     return _dlq_record(*entries[0])
@@ -607,7 +608,7 @@ def newest_events(r: redis.Redis, stream: str, min_id: str = "-", page: int = 50
     not decode are skipped."""
     upper, scanned = "+", 0
     while scanned < MAX_SCAN:
-        entries = r.xrevrange(stream, max=upper, min=min_id, count=page)
+        entries = cast(StreamEntries, r.xrevrange(stream, max=upper, min=min_id, count=page))
         if not entries:
             return
         for entry_id, fields in entries:
@@ -871,7 +872,7 @@ def cmd_archive(args: argparse.Namespace, settings: config.Settings) -> tuple[An
     rules = config.load_rules(settings.rules_file)
     r = _connect(args, settings)
     directory = Path(args.directory) if args.directory else archive_directory(settings, rules)
-    options = dict(compression=rules.archive.compression, row_group_rows=rules.archive.row_group_rows,
+    options: dict[str, Any] = dict(compression=rules.archive.compression, row_group_rows=rules.archive.row_group_rows,
                    rules_file=settings.rules_file, universe_file=settings.universe_file)
     try:
         if args.pending:

@@ -14,7 +14,7 @@ import stat
 import sys
 from datetime import time
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, TypeVar
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -530,6 +530,12 @@ class AlertsRules(Section):
     def lag_limit(self, stream: str) -> int:
         return self.consumer_lag_limits.get(stream, self.consumer_lag_limits["default"])
 IntentPurpose = Literal["CAP_RECOVERY", "HARD_DERISK", "SOFT_DERISK", "MM_OVERNIGHT", "LT_BAND", "MM_QUOTE"]
+_V = TypeVar("_V")
+
+
+def _purposes(values: dict[IntentPurpose, _V]) -> dict[IntentPurpose, _V]:
+    """Identity: types a default factory's dict literal by purpose (a bare lambda's infers str keys)."""
+    return values
 
 
 class DecisionRules(Section):
@@ -554,14 +560,14 @@ class DecisionRules(Section):
     # a rule that refused it will refuse a retry too (no reject storms).
     reject_cooldown_s: float = Field(default=30.0, ge=0)
     ttl_s: dict[IntentPurpose, float] = Field(
-        default_factory=lambda: {
+        default_factory=lambda: _purposes({
             "CAP_RECOVERY": 30.0,
             "HARD_DERISK": 30.0,
             "SOFT_DERISK": 90.0,
             "MM_OVERNIGHT": 90.0,
             "LT_BAND": 120.0,
             "MM_QUOTE": 60.0,
-        }
+        })
     )
 
     @model_validator(mode="after")
@@ -633,14 +639,14 @@ class ArbitrationRules(Section):
     """Intent priorities and suppression thresholds (SPEC 6, Intent arbitration)."""
 
     priorities: dict[IntentPurpose, int] = Field(
-        default_factory=lambda: {
+        default_factory=lambda: _purposes({
             "CAP_RECOVERY": 100,
             "HARD_DERISK": 80,
             "SOFT_DERISK": 60,
             "MM_OVERNIGHT": 40,
             "LT_BAND": 20,
             "MM_QUOTE": 10,
-        }
+        })
     )
     drop_mm_increases_above_gross_pct: float = Field(default=120.0, gt=0)
 
@@ -1057,7 +1063,7 @@ class _RulesLoader(yaml.SafeLoader):
     depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
+        event = self.peek_event()  # type: ignore[no-untyped-call]  # types-PyYAML leaves Parser.peek_event unannotated
         line = event.start_mark.line + 1
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise _YamlRefused(f"line {line}: YAML anchors and aliases (&name, *name) are not allowed; write the values out")

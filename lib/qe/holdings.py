@@ -15,11 +15,13 @@ and reported, never guessed at.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import redis
 
 from . import state
 from .contracts import OPEN_ORDER_STATUSES, DecodeError, Order, decode
+from .redis_types import Fields, StreamEntries
 
 ORDERS_STREAM = "ev.orders"
 
@@ -79,7 +81,7 @@ class OrderEvents:
         """Read what was appended since the last call (at most page * max_pages entries;
         the rest on the next call)."""
         for _ in range(max_pages):
-            entries = r.xrange(ORDERS_STREAM, min=f"({self.last_id}", max="+", count=page)
+            entries = cast(StreamEntries, r.xrange(ORDERS_STREAM, min=f"({self.last_id}", max="+", count=page))
             self.apply(entries)
             if len(entries) < page:
                 return
@@ -98,8 +100,8 @@ class HoldingsReader:
 
     def read(self) -> Holdings:
         """Raises redis errors (the caller retries later)."""
-        positions, position_problems = positions_from_hash(self.r.hgetall(state.POSITIONS))
-        records, record_problems = open_orders_from_hash(self.r.hgetall(state.ORDERS))
+        positions, position_problems = positions_from_hash(cast(Fields, self.r.hgetall(state.POSITIONS)))
+        records, record_problems = open_orders_from_hash(cast(Fields, self.r.hgetall(state.ORDERS)))
         self.order_events.read(self.r)
         problems = position_problems + record_problems + self.order_events.problems
         self.order_events.problems = []

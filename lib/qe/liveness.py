@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import redis
 
+from .redis_types import HashMapping
+
 DAEMON_KEY = "state:daemon:{daemon}"
 INTERVAL_S = 1.0
 EXPIRY_S = 5.0  # a record not renewed within this is down (several missed beats)
@@ -44,7 +46,7 @@ HEALTHY = "ok"
 log = logging.getLogger("qe.liveness")
 
 
-def beat_fields(now_ns: int, started_ns: int, pid: int, host: str, expiry_s: float = EXPIRY_S) -> dict[str, Any]:
+def beat_fields(now_ns: int, started_ns: int, pid: int, host: str, expiry_s: float = EXPIRY_S) -> HashMapping:
     return {
         "state": "running",
         "alive_ns": now_ns,
@@ -55,7 +57,7 @@ def beat_fields(now_ns: int, started_ns: int, pid: int, host: str, expiry_s: flo
     }
 
 
-def stopped_fields(now_ns: int) -> dict[str, Any]:
+def stopped_fields(now_ns: int) -> HashMapping:
     return {"state": "stopped", "stopped_ns": now_ns}
 
 

@@ -29,13 +29,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, time as dtime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 from . import archive, config
 from . import clock as clock_module
 from . import daemon as qe_daemon
 from .clock import NEW_YORK
-from .contracts import DecodeError, Envelope, Limits, decode
+from .contracts import Alert, DecodeError, Envelope, Limits, decode
 from .streams import Effects, Entry, StreamPolicy
 
 log = logging.getLogger("qe.replay")
@@ -71,10 +71,10 @@ class NoRedis:
     """What `load()` sees: an empty Redis (a Brain with no saved state). Anything else
     touching Redis during a replay is a bug: it raises."""
 
-    def hgetall(self, key: str) -> dict:
+    def hgetall(self, key: str) -> dict[bytes, bytes]:
         return {}
 
-    def hkeys(self, key: str) -> list:
+    def hkeys(self, key: str) -> list[bytes]:
         return []
 
     def __getattr__(self, name: str) -> Any:
@@ -151,7 +151,7 @@ class IntentRow:
     ts_ns: int
     trace: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    def compared(self) -> tuple:
+    def compared(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in INTENT_FIELDS)
 
     def brief(self) -> dict[str, Any]:
@@ -323,8 +323,8 @@ def run_brain(rows: list[dict[str, Any]], rules: config.RiskRules, universe_file
                 continue
             if stream == "ev.intents":
                 intents.append(IntentRow.from_payload(event.idempotency_key, event.ts_ns, event.payload.model_dump(mode="json")))
-            elif stream == "ev.alerts" and event.payload.alert_type == "mode_change":
-                data = event.payload.data
+            elif stream == "ev.alerts" and cast(Alert, event.payload).alert_type == "mode_change":  # ev.alerts carries alerts only
+                data = cast(Alert, event.payload).data
                 modes.append(ModeChange(event.ts_ns, data["from"], data["to"], data.get("rule", ""), data.get("reason", "")))
 
     for row in rows:
@@ -492,9 +492,9 @@ def gross_paths(rows_all: list[dict[str, Any]], base: list[IntentRow], other: li
                 continue
             mark = s.get("mark") or 0.0
             delta += (abs(s["qty"] - shares) - abs(s["qty"])) * mark
-        base = p["gross_pct"]
-        out.append({"time": _ny(ts), "ts_ns": ts, "published_gross_pct": base,
-                    "base_gross_pct": round(base, 4), "other_gross_pct": round(base + delta / equity * 100, 4)})
+        published = p["gross_pct"]
+        out.append({"time": _ny(ts), "ts_ns": ts, "published_gross_pct": published,
+                    "base_gross_pct": round(published, 4), "other_gross_pct": round(published + delta / equity * 100, 4)})
     return out
 
 

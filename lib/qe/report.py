@@ -20,12 +20,17 @@ import shutil
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 import redis
 
 from .clock import NEW_YORK
 from .config import RiskRules
+from .redis_types import StreamEntries
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 PAGE = 5_000  # entries per XRANGE call
 MAX_PRICE_POINTS = 2_000  # per symbol chart
@@ -79,7 +84,7 @@ def _entries(r: redis.Redis, stream: str, start_ns: int, end_ns: int,
     `keep(raw bytes)`: a cheap pre-filter before JSON parsing."""
     low = "-"
     while True:
-        batch = r.xrange(stream, min=low, max="+", count=PAGE)
+        batch = cast(StreamEntries, r.xrange(stream, min=low, max="+", count=PAGE))
         for _entry_id, fields in batch:
             raw = fields.get(b"event")
             if raw is None or (keep is not None and not keep(raw)):
@@ -141,6 +146,7 @@ def gather(r: redis.Redis, day: str, rules: RiskRules) -> DayData:
 
 
 def _times(values: list[int]) -> list[datetime]:
+    # matplotlib plots datetimes (its units registry); its stubs accept only ArrayLike: callers ignore arg-type.
     return [datetime.fromtimestamp(v / 1e9, tz=timezone.utc).astimezone(NEW_YORK).replace(tzinfo=None) for v in values]
 
 
@@ -154,7 +160,7 @@ def _svg(figure: Any) -> str:
     return text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE: inline SVG
 
 
-def _axes(title: str, height: float = 3.2):
+def _axes(title: str, height: float = 3.2) -> tuple[Figure, Axes]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,8 +179,8 @@ def chart_exposure(data: DayData) -> str:
     points = [p for p in data.exposure if p[1] is not None]
     if points:
         times = _times([p[0] for p in points])
-        axes.plot(times, [p[1] for p in points], label="gross", color="#1f77b4")
-        axes.plot(times, [p[2] if p[2] is not None else float("nan") for p in points], label="potential gross",
+        axes.plot(times, [p[1] for p in points], label="gross", color="#1f77b4")  # type: ignore[arg-type]  # datetimes: see _times
+        axes.plot(times, [p[2] if p[2] is not None else float("nan") for p in points], label="potential gross",  # type: ignore[arg-type]  # datetimes: see _times
                   color="#ff7f0e", alpha=0.8)
     axes.axhline(data.target_pct, color="#2ca02c", linestyle="--", label=f"target {data.target_pct:g} %")
     axes.axhline(data.cap_pct, color="#d62728", linestyle="--", label=f"hard cap {data.cap_pct:g} %")
@@ -226,9 +232,9 @@ def chart_pnl(data: DayData) -> str:
     figure, axes = _axes("P&L over the day (USD, account)")
     if data.pnl_series:
         times = _times([p[0] for p in data.pnl_series])
-        axes.plot(times, [p[1] for p in data.pnl_series], label="total (net of commissions)", color="black")
-        axes.plot(times, [p[2] for p in data.pnl_series], label="realized", color="#2ca02c")
-        axes.plot(times, [p[3] for p in data.pnl_series], label="unrealized", color="#1f77b4")
+        axes.plot(times, [p[1] for p in data.pnl_series], label="total (net of commissions)", color="black")  # type: ignore[arg-type]  # datetimes: see _times
+        axes.plot(times, [p[2] for p in data.pnl_series], label="realized", color="#2ca02c")  # type: ignore[arg-type]  # datetimes: see _times
+        axes.plot(times, [p[3] for p in data.pnl_series], label="unrealized", color="#1f77b4")  # type: ignore[arg-type]  # datetimes: see _times
         axes.axhline(0, color="grey", linewidth=0.8)
         axes.legend(loc="upper left", fontsize=8)
     else:
@@ -242,11 +248,11 @@ def chart_symbol(data: DayData, symbol: str) -> str:
     step = max(1, len(prices) // MAX_PRICE_POINTS)
     prices = prices[::step]
     if prices:
-        axes.plot(_times([p[0] for p in prices]), [p[1] for p in prices], color="#7f7f7f", linewidth=1, label="mid")
+        axes.plot(_times([p[0] for p in prices]), [p[1] for p in prices], color="#7f7f7f", linewidth=1, label="mid")  # type: ignore[arg-type]  # datetimes: see _times
     for side, marker, colour in (("BUY", "^", "#2ca02c"), ("SELL", "v", "#d62728")):
         fills = [f for f in data.fills if f["symbol"] == symbol and f["side"] == side]
         if fills:
-            axes.scatter(_times([f["ts_ns"] for f in fills]), [f["price"] for f in fills], marker=marker, color=colour,
+            axes.scatter(_times([f["ts_ns"] for f in fills]), [f["price"] for f in fills], marker=marker, color=colour,  # type: ignore[arg-type]  # datetimes: see _times
                          s=[20 + min(f["qty"], 2000) / 20 for f in fills], label=f"{side.lower()} fills", zorder=3)
     axes.legend(loc="upper left", fontsize=8)
     return _svg(figure)
@@ -359,7 +365,8 @@ def render(data: DayData, generated_ns: int) -> str:
 <h2>Fills ({len(data.fills)})</h2>
 {_table(fill_rows(data), FILL_COLUMNS, "fills")}
 <h2>Rejects ({len(data.rejects)})</h2>
-{_table([{**o, "time": _ny(o["ts_ns"])} for o in data.rejects], ["time", "order_ref", "symbol", "side", "qty", "limit_price", "reject_code", "reject_reason"], "rejects")}
+{_table([{**o, "time": _ny(o["ts_ns"])} for o in data.rejects],
+        ["time", "order_ref", "symbol", "side", "qty", "limit_price", "reject_code", "reject_reason"], "rejects")}
 <h2>Skipped symbols ({len(skipped)})</h2>
 {_table(skipped, ["time", "symbol", "slot", "reason"], "skipped")}
 <h2>Alerts ({len(alerts)})</h2>

@@ -29,12 +29,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic_core import to_json
 
+from .redis_types import Fields
 from .contracts import (
     ABSOLUTE_MAX_PRICE,
     HALTED_MODE,
@@ -149,7 +150,7 @@ def decode_fields(raw: Mapping[bytes, bytes]) -> dict[str, Any]:
 
 def read(r: redis.Redis, key: str) -> dict[str, Any]:
     """A daemon's OWN hash, decoded (never another daemon's: use the typed readers)."""
-    return decode_fields(r.hgetall(key))
+    return decode_fields(cast(Fields, r.hgetall(key)))
 
 
 def _json_object(raw: Mapping[bytes, bytes], names: frozenset[str] | None = None) -> bytes:
@@ -260,14 +261,14 @@ def parse_decision(raw: Mapping[bytes, bytes]) -> Reading[DecisionState]:
 def read_decision(r: redis.Redis) -> Reading[DecisionState]:
     """The Brain's mode and halt. Missing: the Brain has not evaluated yet (its start
     mode, THROTTLE, allows no increase either)."""
-    return parse_decision(r.hgetall(DECISION))
+    return parse_decision(cast(Fields, r.hgetall(DECISION)))
 
 
 # --- state:session (writer: session) --------------------------------------------------------
 
 
 def read_session(r: redis.Redis, limits: Limits | None = None, now_ns: int | None = None) -> Reading[Snapshot[Session]]:
-    return parse_session(r.hgetall(SESSION), limits, now_ns)
+    return parse_session(cast(Fields, r.hgetall(SESSION)), limits, now_ns)
 
 
 def parse_session(raw: Mapping[bytes, bytes], limits: Limits | None = None, now_ns: int | None = None) -> Reading[Snapshot[Session]]:
@@ -278,7 +279,7 @@ def parse_session(raw: Mapping[bytes, bytes], limits: Limits | None = None, now_
 
 
 def read_broker(r: redis.Redis, limits: Limits | None = None, now_ns: int | None = None) -> Reading[Snapshot[BrokerState]]:
-    return parse_broker(r.hgetall(BROKER), limits, now_ns)
+    return parse_broker(cast(Fields, r.hgetall(BROKER)), limits, now_ns)
 
 
 def parse_broker(raw: Mapping[bytes, bytes], limits: Limits | None = None, now_ns: int | None = None) -> Reading[Snapshot[BrokerState]]:
@@ -300,7 +301,7 @@ def exposure_fields(event: Envelope) -> tuple[dict[str, str], dict[str, str]]:
 
 def read_exposure(r: redis.Redis, limits: Limits | None = None, now_ns: int | None = None) -> Reading[Snapshot[Exposure]]:
     """The latest totals (no per-symbol detail: `read_exposure_symbols`)."""
-    return parse_exposure(r.hgetall(EXPOSURE), limits, now_ns)
+    return parse_exposure(cast(Fields, r.hgetall(EXPOSURE)), limits, now_ns)
 
 
 def parse_exposure(raw: Mapping[bytes, bytes], limits: Limits | None = None, now_ns: int | None = None) -> Reading[Snapshot[Exposure]]:
@@ -337,7 +338,7 @@ class PerSymbol(Generic[T]):
 
 
 def read_exposure_symbols(r: redis.Redis, limits: Limits | None = None) -> PerSymbol[SymbolExposure]:
-    values, problems = _per_symbol(EXPOSURE_SYMBOLS, r.hgetall(EXPOSURE_SYMBOLS), SymbolExposure, limits)
+    values, problems = _per_symbol(EXPOSURE_SYMBOLS, cast(Fields, r.hgetall(EXPOSURE_SYMBOLS)), SymbolExposure, limits)
     return PerSymbol(EXPOSURE_SYMBOLS, values, problems)
 
 
@@ -365,7 +366,7 @@ def parse_positions(raw: Mapping[bytes, bytes], limits: Limits | None = None) ->
 
 
 def read_positions(r: redis.Redis, limits: Limits | None = None) -> PerSymbol[PositionState]:
-    return parse_positions(r.hgetall(POSITIONS), limits)
+    return parse_positions(cast(Fields, r.hgetall(POSITIONS)), limits)
 
 
 # --- state:orders (writer: execution) -------------------------------------------------------
@@ -426,7 +427,7 @@ def parse_orders(raw: Mapping[bytes, bytes], limits: Limits | None = None) -> Or
 
 
 def read_orders(r: redis.Redis, limits: Limits | None = None) -> Orders:
-    return parse_orders(r.hgetall(ORDERS), limits)
+    return parse_orders(cast(Fields, r.hgetall(ORDERS)), limits)
 
 
 # --- state:pnl (writer: pnl) ----------------------------------------------------------------
@@ -444,4 +445,4 @@ def parse_pnl(raw: Mapping[bytes, bytes], limits: Limits | None = None, now_ns: 
 
 def read_pnl(r: redis.Redis, limits: Limits | None = None, now_ns: int | None = None) -> Reading[Snapshot[PnL]]:
     """The day's P&L so far. Missing: qe-pnl has not published yet."""
-    return parse_pnl(r.hgetall(PNL), limits, now_ns)
+    return parse_pnl(cast(Fields, r.hgetall(PNL)), limits, now_ns)

@@ -33,7 +33,7 @@ import time
 from collections import Counter
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence, cast, overload
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
@@ -42,6 +42,7 @@ from redis.retry import Retry
 from . import functions, metrics
 from .clock import Clock
 from .config import Retention, RiskRules, Settings
+from .redis_types import HashMapping, PendingReadReply, ReadReply
 from .contracts import DLQ_STREAM, MAX_EVENT_BYTES, DecodeError, Envelope, Limits, check_stream_type, decode, encode
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,8 @@ class StreamPolicy:
             kind, threshold = "MAXLEN", str(rule.maxlen)
         else:
             # Stream ids are the Redis server's wall-clock ms (not the simulated clock).
-            kind, threshold = "MINID", f"{int(time.time() * 1000) - rule.minid_age_s * 1000}-0"
+            # Retention holds exactly one rule: no maxlen, so minid_age_s is set.
+            kind, threshold = "MINID", f"{int(time.time() * 1000) - cast(int, rule.minid_age_s) * 1000}-0"
         dedupe_key = ""
         if rule.dedupe_ttl_s and idempotency_key:
             dedupe_key = DEDUPE_KEY.format(owner=self.owner, stream=stream, key=idempotency_key)
@@ -289,7 +291,7 @@ class Handler(Protocol):
     # key). If it raises, nothing of the batch is committed and it is retried.
 
 
-def write_heartbeat(r: redis.Redis, daemon: str, consumer: str, started_ns: int, **extra: Any) -> None:
+def write_heartbeat(r: redis.Redis, daemon: str, consumer: str, started_ns: int, **extra: str | int | float) -> None:
     """The loop's progress in the daemon's record `state:daemon:{daemon}`: `ts_ns` is
     when the loop last got here (`qe status` calls a daemon `stale` when it is old).
     Whether the process is alive at all is the liveness beat's part (`qe.liveness`)."""
@@ -301,7 +303,7 @@ def write_heartbeat(r: redis.Redis, daemon: str, consumer: str, started_ns: int,
             "consumer": consumer,
             "host": socket.gethostname(),
             "started_ns": started_ns,
-            **extra,
+            **cast(HashMapping, extra),
         },
     )
 
@@ -489,15 +491,15 @@ class Consumer:
         if not open_streams:  # every stream waits for a handler retry
             self.stop_requested.wait(self._block_ms() / 1000)
             return []
-        reply = self.redis.xreadgroup(
+        reply = cast(ReadReply | None, self.redis.xreadgroup(
             self.group,
             self.consumer,
             {stream: ">" for stream in open_streams},
             count=self.config.batch_size,
             block=self._block_ms(),
-        )
-        for stream, items in reply or ():
-            self._delivered[_text(stream)] += len(items)
+        ))
+        for name, items in reply or ():
+            self._delivered[_text(name)] += len(items)
         return [
             Entry(stream.decode(), entry_id.decode(), fields, 1)
             for stream, items in reply or ()
@@ -508,9 +510,9 @@ class Consumer:
         """The oldest entry of this consumer's pending list of one stream, alone: an entry
         that crashes the process or its handler then raises only its own delivery count,
         never a neighbour's (of the same stream or of another)."""
-        reply = self.redis.xreadgroup(self.group, self.consumer, {stream: "0"}, count=1)
+        reply = cast(PendingReadReply | None, self.redis.xreadgroup(self.group, self.consumer, {stream: "0"}, count=1))
         entries = [
-            Entry(_text(name), _text(entry_id), fields or None, 0)  # type: ignore[arg-type]
+            Entry(_text(name), _text(cast(bytes, entry_id)), fields or None, 0)  # a pending id is never None
             for name, items in reply or ()
             for entry_id, fields in items
         ]
@@ -939,6 +941,12 @@ def _parse_mark(value: str | None) -> tuple[str, int] | None:
         return None
 
 
+@overload
+def _text(value: bytes | str) -> str: ...
+@overload
+def _text(value: None) -> None: ...
+@overload
+def _text(value: Any) -> str | None: ...
 def _text(value: Any) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -951,7 +959,7 @@ def _id_tuple(entry_id: str) -> tuple[int, int]:
 def stream_entries(reply: Iterable[Any]) -> list[tuple[str, str, dict[bytes, bytes]]]:
     """Flatten an XREAD/XREADGROUP reply into (stream, id, fields)."""
     return [
-        (_text(stream), _text(entry_id), fields)  # type: ignore[misc]
+        (_text(stream), _text(entry_id), fields)
         for stream, items in reply or ()
         for entry_id, fields in items
     ]
