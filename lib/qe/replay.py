@@ -105,10 +105,10 @@ class ReplayState:
                     self.hashes.pop(key, None)
             # EXPIRE and the like: no time passes in a replay's state.
 
-    def hgetall(self, key: str) -> dict:
+    def hgetall(self, key: str) -> dict[bytes, bytes]:
         return dict(self.hashes.get(key, {}))
 
-    def hkeys(self, key: str) -> list:
+    def hkeys(self, key: str) -> list[bytes]:
         return list(self.hashes.get(key, {}))
 
     def __getattr__(self, name: str) -> Any:
@@ -242,7 +242,7 @@ def run_journal(rows: list[dict[str, Any]], journal: list[dict[str, Any]], rules
                 continue
             if stream == "ev.intents":
                 intents.append(IntentRow.from_payload(event.idempotency_key, event.ts_ns, event.payload.model_dump(mode="json")))
-            elif stream == "ev.alerts" and event.payload.alert_type == "mode_change":
+            elif stream == "ev.alerts" and isinstance(event.payload, Alert) and event.payload.alert_type == "mode_change":
                 data = event.payload.data
                 modes.append(ModeChange(event.ts_ns, data["from"], data["to"], data.get("rule", ""), data.get("reason", "")))
 
