@@ -552,6 +552,22 @@ class PnL(Payload):
     final: bool = False  # the day's figures at the close
 
 
+class BrokerPnL(Payload):
+    """The broker's own P&L, as execution (its only client) receives it: reqPnL for the
+    account (symbol None) and reqPnLSingle for one position (IB's average-cost basis:
+    an opening fill's commission is in the average cost, a closing fill's in realized;
+    daily is against IB's previous close, all of today's commissions included).
+    A figure IB leaves unset (its "max double", NaN) is None, never a number."""
+
+    account: str = Field(max_length=32)
+    symbol: Symbol | None = None  # None: the account's figures (reqPnL)
+    position: SignedQuantity | None = None  # reqPnLSingle only
+    daily: Money | None = None
+    unrealized: Money | None = None
+    realized: Money | None = None
+    value: Money | None = None  # position x IB's mark (reqPnLSingle only)
+
+
 # --- envelope ------------------------------------------------------------------------
 
 
@@ -596,6 +612,7 @@ EVENT_TYPES: dict[str, type[Envelope]] = {
         "broker": BrokerState,
         "control": Control,
         "pnl": PnL,
+        "broker_pnl": BrokerPnL,
     }.items()
 }
 PAYLOAD_TYPES: dict[type[Payload], str] = {cls.model_fields["payload"].annotation: name for name, cls in EVENT_TYPES.items()}
@@ -616,6 +633,7 @@ STREAM_TYPES: dict[str, tuple[str, ...]] = {
     "ev.broker": ("broker",),
     "ev.control": ("control",),
     "ev.pnl": ("pnl",),
+    "ev.broker_pnl": ("broker_pnl",),
 }
 
 

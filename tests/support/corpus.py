@@ -26,6 +26,7 @@ from qe.contracts import (
     L1,
     Account,
     Alert,
+    BrokerPnL,
     BrokerState,
     BucketExposure,
     Control,
@@ -141,6 +142,9 @@ def good_payload(stream: str, n: int, now_ns: int, symbol: str) -> Any:
                          avg_price=24.80, mark=24.82, mark_source="l1_mid", realized=12.5, unrealized=-3.0,
                          commissions=1.0, total=8.5, fills=1 + n, sold_qty=100)
         return PnL(trading_day="2026-11-20", account=totals, buckets={"LT": totals}, symbols={symbol: line})
+    if stream == "ev.broker_pnl":
+        return BrokerPnL(account="DU123", symbol=symbol, position=900 + n, daily=12.5, unrealized=-3.0, realized=None,
+                         value=(900 + n) * 24.82)
     raise KeyError(stream)
 
 
