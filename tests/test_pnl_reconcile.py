@@ -118,3 +118,28 @@ def test_unset_broker_figures_are_not_compared():
     result = reconcile(line, BrokerFigures(700, None, None, None, None))
     assert result.status == "ok"
     assert (result.realized_diff, result.unrealized_diff, result.daily_diff) == (None, None, None)
+
+
+def test_unset_figures_from_ib_are_none():
+    from daemons.execution.broker import pnl_figure
+
+    assert pnl_figure(1.7976931348623157e308) is None  # IB's "max double": unset
+    assert pnl_figure(float("nan")) is None and pnl_figure(float("-inf")) is None and pnl_figure("x") is None
+    assert pnl_figure(2e15) is None  # beyond the contract's money ceiling
+    assert pnl_figure(-12.5) == -12.5 and pnl_figure(0) == 0.0
+
+
+def test_mismatch_episode_raises_after_the_grace_once_and_resolves_once():
+    from daemons.pnl.core import Episode, next_episode
+    from qe.pnl import Reconciliation
+
+    bad, good, pending = Reconciliation("mismatch"), Reconciliation("ok"), Reconciliation("pending")
+    episode, action = next_episode(None, bad, 100, grace_ns=10)
+    assert (episode, action) == (Episode(100), None)
+    assert next_episode(episode, bad, 109, 10) == (Episode(100), None)
+    episode, action = next_episode(episode, bad, 110, 10)
+    assert (episode, action) == (Episode(100, True), "raise")
+    assert next_episode(episode, bad, 500, 10) == (episode, None)  # raised once per episode
+    assert next_episode(episode, pending, 600, 10) == (episode, None)  # not judged: unchanged
+    assert next_episode(episode, good, 700, 10) == (None, "resolve")
+    assert next_episode(Episode(100), good, 105, 10) == (None, None)  # a blip shorter than the grace: no alert at all
