@@ -9,11 +9,13 @@ callback waits at most one read (execution.block_ms, 50 ms by default).
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import deque
 from datetime import datetime, timezone
 from typing import Any
 
+from qe.contracts import MAX_MONEY
 from qe.ib import ib, stock
 
 from .core import OrderRecord
@@ -50,6 +52,19 @@ def _not_logged_here(record: logging.LogRecord) -> bool:
 
 for _wrapper_logger in ("ib_async.wrapper", "ib_insync.wrapper"):
     logging.getLogger(_wrapper_logger).addFilter(_not_logged_here)
+
+
+def pnl_figure(value: Any, ceiling: float = MAX_MONEY) -> float | None:
+    """One reqPnL / reqPnLSingle figure as a finite number, else None: IB sends its
+    "max double" (1.7976931348623157e308) for a figure it has not set, ib_async starts
+    each at NaN; anything beyond the contract's money ceiling is not a figure either."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number) or abs(number) > ceiling:
+        return None
+    return number
 
 
 def _ns(moment: Any) -> int:
@@ -103,6 +118,11 @@ class BrokerLink:
         self.last_code: int | None = None
         # Order ids we asked to cancel, oldest first (their 202 is expected news).
         self.cancels_sent: dict[int, None] = {}
+        # The broker's P&L: contract ids learnt from positions (reqPnLSingle needs one),
+        # the account and the symbols subscribed on this connection.
+        self.con_ids: dict[str, int] = {}
+        self.pnl_account: str | None = None
+        self.pnl_symbols: dict[str, int] = {}
         self._wire_events()
 
     # -- callbacks: plain data into the inbox -------------------------------------------------
@@ -116,6 +136,8 @@ class BrokerLink:
         events.positionEvent += self._on_position
         events.accountValueEvent += self._on_account_value
         events.openOrderEvent += self._on_open_order
+        events.pnlEvent += self._on_pnl
+        events.pnlSingleEvent += self._on_pnl_single
 
     def _on_status(self, trade: Any) -> None:
         # ib_async also emits this event when it *locally* marks an order Cancelled
@@ -149,7 +171,20 @@ class BrokerLink:
             self.cancels_sent.pop(req_id, None)
         log.log(level, "broker message", extra=fields)
 
+    def _on_pnl(self, pnl: Any) -> None:
+        self.inbox.append(("broker_pnl", pnl.account, None, None, pnl_figure(pnl.dailyPnL), pnl_figure(pnl.unrealizedPnL),
+                           pnl_figure(pnl.realizedPnL), None))
+
+    def _on_pnl_single(self, pnl: Any) -> None:
+        symbol = next((s for s, con_id in self.pnl_symbols.items() if con_id == pnl.conId), None)
+        if symbol is None:
+            return  # a subscription cancelled since
+        self.inbox.append(("broker_pnl", pnl.account, symbol, pnl_figure(pnl.position), pnl_figure(pnl.dailyPnL),
+                           pnl_figure(pnl.unrealizedPnL), pnl_figure(pnl.realizedPnL), pnl_figure(pnl.value)))
+
     def _on_position(self, position: Any) -> None:
+        if getattr(position.contract, "conId", 0):
+            self.con_ids[position.contract.symbol] = position.contract.conId
         # Raw numbers: the service checks them (an int() of an infinite size would raise here).
         self.inbox.append(("position", position.account, position.contract.symbol, float(position.position), float(position.avgCost)))
 
@@ -194,6 +229,37 @@ class BrokerLink:
 
     def disconnect(self) -> None:
         self.ib.disconnect()
+        self.forget_pnl()
+
+    # -- the broker's P&L (reqPnL / reqPnLSingle) ---------------------------------------------
+    def forget_pnl(self) -> None:
+        """After a disconnect: no subscription survives (ib_async resets its own on connect)."""
+        self.pnl_account = None
+        self.pnl_symbols = {}
+
+    def subscribe_pnl(self, account: str) -> None:
+        if self.pnl_account == account:
+            return
+        if self.pnl_account is not None:
+            self.ib.cancelPnL(self.pnl_account)
+        self.ib.reqPnL(account)
+        self.pnl_account = account
+
+    def subscribe_pnl_single(self, account: str, symbol: str) -> bool:
+        """reqPnLSingle for one held symbol; False while its contract id is unknown."""
+        if symbol in self.pnl_symbols:
+            return True
+        con_id = self.con_ids.get(symbol)
+        if not con_id:
+            return False
+        self.ib.reqPnLSingle(account, "", con_id)
+        self.pnl_symbols[symbol] = con_id
+        return True
+
+    def cancel_pnl_single(self, account: str, symbol: str) -> None:
+        con_id = self.pnl_symbols.pop(symbol, None)
+        if con_id is not None:
+            self.ib.cancelPnLSingle(account, "", con_id)
 
     def pump(self) -> None:
         """Let ib_async read the socket and run its callbacks."""
@@ -259,7 +325,11 @@ class BrokerLink:
         return orders, [_broker_fill(fill) for fill in fills]
 
     def positions(self) -> list[tuple[str, str, float, float]]:
-        return [(p.account, p.contract.symbol, float(p.position), float(p.avgCost)) for p in self.ib.reqPositions()]
+        positions = self.ib.reqPositions()
+        for p in positions:
+            if getattr(p.contract, "conId", 0):
+                self.con_ids[p.contract.symbol] = p.contract.conId
+        return [(p.account, p.contract.symbol, float(p.position), float(p.avgCost)) for p in positions]
 
     def account_values(self) -> list[tuple[str, str, float]]:
         values = []

@@ -28,6 +28,7 @@ from qe.contracts import (
     TERMINAL_ORDER_STATUSES,
     Account,
     Alert,
+    BrokerPnL,
     BrokerState,
     Envelope,
     Fill,
@@ -60,6 +61,9 @@ PACING = 162
 # A place sent on the current connection is awaited this long before reconciliation may
 # resubmit it (the broker may not list it yet; a repeat would reach it as a modify).
 ACK_TIMEOUT_S = 5.0
+# A symbol gone flat keeps its reqPnLSingle this long (seconds): the broker's update for
+# the closing fill (its realized P&L) arrives within IB's one-second cadence.
+PNL_FLAT_LINGER_S = 5.0
 
 
 @dataclass
@@ -136,6 +140,9 @@ class ExecutionService:
         self.last_account_publish_s = 0.0
         self.last_mode_poll_s = 0.0
         self.last_equity_published: float | None = None
+        # The broker's P&L: when each subscribed symbol went flat, the last figures published.
+        self.pnl_flat_since: dict[str, float] = {}
+        self.published_pnl: dict[str | None, tuple] = {}
 
     # -- runtime hooks -----------------------------------------------------------------------------
     def load(self, r: redis.Redis) -> None:
@@ -211,6 +218,7 @@ class ExecutionService:
         self._apply_waiting_modifies(now_ns, effects)
         self._send_waiting_orders(now_ns, effects)
         self._publish_broker_state(now_ns, effects)
+        self._sync_broker_pnl(now_s)
         if now_s - self.last_account_publish_s >= self.rules.account_publish_interval_s:
             self.last_account_publish_s = now_s
             self._publish_account(now_ns, effects, force=False)
@@ -514,6 +522,8 @@ class ExecutionService:
                 self._on_account_value(*message[1:], now_ns=now_ns, effects=effects)
             elif kind == "open_order":
                 self._report_external(message[1], now_ns, effects)
+            elif kind == "broker_pnl":
+                self._on_broker_pnl(*message[1:], now_ns=now_ns, effects=effects)
             elif kind == "disconnected":
                 self._on_disconnected()
 
@@ -606,6 +616,47 @@ class ExecutionService:
         payload = Position(account=account, symbol=symbol, qty=qty, avg_cost=round(avg_cost, 6), bucket=bucket)
         effects.publish("ev.positions", self._event(payload, idempotency_key("position", account, symbol, qty, now_ns), now_ns))
 
+    # -- the broker's P&L ------------------------------------------------------------------------------
+    def _sync_broker_pnl(self, now_s: float) -> None:
+        """reqPnL for the account and reqPnLSingle for each held symbol, once the broker's
+        positions are known (after reconciliation, on every connection): new symbols as
+        positions appear, cancelled PNL_FLAT_LINGER_S after one goes flat."""
+        account = self.view.account
+        if not (self.view.usable and self.reconciled and self.view.account_ok and account):
+            return
+        try:
+            self.broker.subscribe_pnl(account)
+            held = {symbol for symbol, qty in self.positions.items() if qty}
+            for symbol in sorted(held):
+                self.pnl_flat_since.pop(symbol, None)
+                if symbol not in self.broker.pnl_symbols and not self.broker.subscribe_pnl_single(account, symbol):
+                    log.debug("no contract id yet for the broker's P&L", extra={"symbol": symbol})
+            for symbol in sorted(set(self.broker.pnl_symbols) - held):
+                since = self.pnl_flat_since.setdefault(symbol, now_s)
+                if now_s - since >= PNL_FLAT_LINGER_S:
+                    self.broker.cancel_pnl_single(account, symbol)
+                    self.pnl_flat_since.pop(symbol, None)
+        except Exception:  # noqa: BLE001 - the socket may have dropped: subscribed again after reconnecting
+            log.exception("broker P&L subscription failed")
+
+    def _on_broker_pnl(self, account: str, symbol: str | None, position: float | None, daily: float | None,
+                       unrealized: float | None, realized: float | None, value: float | None, now_ns: int,
+                       effects: Effects) -> None:
+        """One reqPnL / reqPnLSingle update: published when a figure moved by a cent."""
+        if symbol is not None and symbol not in self.universe:
+            return  # a symbol outside the universe has no contract Symbol (and no P&L of ours)
+        qty = int(position) if position is not None and position == int(position) and abs(position) <= self.max_quantity else None
+        if symbol is not None and position is not None and qty is None:
+            log.error("absurd position in the broker's P&L ignored", extra={"symbol": symbol, "position": repr(position)})
+        figures = (qty, *(None if x is None else round(x, 2) for x in (daily, unrealized, realized, value)))
+        if self.published_pnl.get(symbol) == figures:
+            return
+        self.published_pnl[symbol] = figures
+        payload = BrokerPnL(account=account, symbol=symbol, position=qty if symbol is not None else None,
+                            daily=daily, unrealized=unrealized, realized=realized, value=value)
+        key = idempotency_key("broker_pnl", account, symbol or "account", now_ns)
+        effects.publish("ev.broker_pnl", self._event(payload, key, now_ns))
+
     def _bucket_for(self, symbol: str) -> str:
         instrument = self.universe.get(symbol)
         return instrument.bucket_hint if instrument else self.default_bucket
@@ -690,6 +741,8 @@ class ExecutionService:
             log.warning("broker disconnected")
         self.view.socket_up = False
         self.reconciled = False
+        self.broker.forget_pnl()  # re-subscribed once reconnected and reconciled
+        self.pnl_flat_since = {}
         # Sends on the lost connection may never have arrived: reconciliation decides anew.
         self.in_flight = {ref: sent for ref, sent in self.in_flight.items() if self._queued(ref)}
 

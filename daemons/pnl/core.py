@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 from qe.clock import NEW_YORK
-from qe.contracts import PnL, PnLTotals, SymbolPnL
-from qe.pnl import Carried, DayPnL, Totals, Trade, start_of_day
+from qe.contracts import BrokerPnL, PnL, PnLReconciliation, PnLTotals, SymbolPnL
+from qe.pnl import BrokerFigures, Carried, DayPnL, Reconciliation, Totals, Trade, start_of_day
 
 NS_PER_S = 1_000_000_000
 
@@ -63,6 +63,86 @@ def carried(anchors: Mapping[str, BrokerPosition], trades: Iterable[Trade], clos
     return start_of_day(positions, closes, references)
 
 
+@dataclass(frozen=True, slots=True)
+class BrokerLine:
+    """The broker's latest reqPnLSingle (symbol) or reqPnL (account) as received."""
+
+    position: int | None
+    daily: float | None
+    unrealized: float | None
+    realized: float | None
+    value: float | None
+    ts_ns: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "BrokerLine":
+        return cls(**{k: data.get(k) for k in ("position", "daily", "unrealized", "realized", "value")}, ts_ns=int(data["ts_ns"]))
+
+    @property
+    def figures(self) -> BrokerFigures:
+        return BrokerFigures(self.position, self.daily, self.unrealized, self.realized, self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Episode:
+    """A symbol's difference with the broker: since when, and whether its alert is raised."""
+
+    since_ns: int
+    alerted: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "Episode":
+        return cls(int(data["since_ns"]), bool(data["alerted"]))
+
+
+def next_episode(episode: Episode | None, judged: Reconciliation | None, now_ns: int, grace_ns: int) -> tuple[Episode | None, str | None]:
+    """One step of a symbol's mismatch episode: the episode after it and the alert action
+    (raise, resolve or None). A mismatch must last grace_ns before it is raised (the
+    broker's figures and ours arrive apart); agreement resolves it at once; a symbol not
+    judged now (a commission pending, no broker figures) leaves the episode as it is."""
+    if judged is None or judged.status not in ("ok", "mismatch"):
+        return episode, None
+    if judged.status == "ok":
+        return None, ("resolve" if episode is not None and episode.alerted else None)
+    current = episode or Episode(now_ns)
+    if not current.alerted and now_ns - current.since_ns >= grace_ns:
+        return Episode(current.since_ns, True), "raise"
+    return current, None
+
+
+def reconciliation_model(judged: Reconciliation, episode: Episode | None, broker_ts_ns: int | None) -> PnLReconciliation:
+    broker = judged.broker
+
+    def money(value: float | None) -> float | None:
+        return None if value is None else _money(value)
+
+    return PnLReconciliation(
+        status=judged.status,  # type: ignore[arg-type]
+        since_ns=episode.since_ns if episode is not None else None,
+        alerted=episode.alerted if episode is not None else False,
+        broker_position=broker.position if broker else None,
+        broker_realized=money(broker.realized) if broker else None,
+        broker_unrealized=money(broker.unrealized) if broker else None,
+        broker_daily=money(broker.daily) if broker else None,
+        broker_mark=round(judged.broker_mark, 6) if judged.broker_mark and judged.broker_mark > 0 else None,
+        broker_ts_ns=broker_ts_ns,
+        position_diff=judged.position_diff,
+        realized_diff=money(judged.realized_diff),
+        unrealized_diff=money(judged.unrealized_diff),
+        daily_diff=money(judged.daily_diff),
+        realized_tolerance=_money(judged.realized_tolerance),
+        unrealized_tolerance=_money(judged.unrealized_tolerance),
+        daily_tolerance=_money(judged.daily_tolerance),
+        problems=[p[:256] for p in judged.problems[:8]],
+    )
+
+
 def trading_day_of(ts_ns: int) -> str:
     """The New York date of an execution (fills happen in the session: its trading day)."""
     return datetime.fromtimestamp(ts_ns / NS_PER_S, tz=timezone.utc).astimezone(NEW_YORK).date().isoformat()
@@ -89,7 +169,8 @@ def _totals(totals: Totals) -> PnLTotals:
     )
 
 
-def payload(day: str, figures: DayPnL, final: bool = False) -> PnL:
+def payload(day: str, figures: DayPnL, final: bool = False, reconciliations: Mapping[str, PnLReconciliation] | None = None,
+            mismatched: Iterable[str] = (), broker_account: BrokerPnL | None = None) -> PnL:
     symbols = {
         symbol: SymbolPnL(
             bucket=line.bucket,  # type: ignore[arg-type]
@@ -111,6 +192,7 @@ def payload(day: str, figures: DayPnL, final: bool = False) -> PnL:
             bought_qty=line.bought_qty,
             sold_qty=line.sold_qty,
             realized_vs_cost=None if line.realized_vs_cost is None else _money(line.realized_vs_cost),
+            reconciliation=(reconciliations or {}).get(symbol),
         )
         for symbol, line in figures.symbols.items()
     }
@@ -122,4 +204,6 @@ def payload(day: str, figures: DayPnL, final: bool = False) -> PnL:
         marks_stale=figures.marks_stale,
         pending_exec_ids=figures.pending_exec_ids[:1000],
         final=final,
+        mismatched=sorted(mismatched),
+        broker_account=broker_account,
     )

@@ -18,13 +18,14 @@ from typing import Any
 import redis
 
 from qe import daemon, marks, metrics, state
-from qe.contracts import Envelope, Position, idempotency_key, make_event
-from qe.pnl import DayPnL, Trade, day_pnl
+from qe.alert_types import RAISED, RESOLVED, AlertType
+from qe.contracts import Alert, BrokerPnL, Envelope, Position, idempotency_key, make_event
+from qe.pnl import DayPnL, Reconciliation, Trade, day_pnl, reconcile
 from qe.streams import Effects
 
 from . import core
 
-STREAMS = ("ev.orders", "ev.positions", "ev.l1", "ev.features", "ev.session")
+STREAMS = ("ev.orders", "ev.positions", "ev.l1", "ev.features", "ev.session", "ev.broker_pnl")
 OUT_STREAM = "ev.pnl"
 SOURCE = "pnl"
 DAY_KEY = "state:pnl:day"  # trading_day, open_ns, report_due
@@ -33,6 +34,9 @@ ANCHORS_KEY = "state:pnl:anchors"  # symbol -> the broker position the day start
 POSITIONS_KEY = "state:pnl:positions"  # symbol -> the latest broker position
 MARKS_KEY = "state:pnl:marks"  # symbol -> the mark rule's inputs
 CLOSES_KEY = "state:pnl:closes"  # symbol -> its mark at the last close (the next day's previous close)
+BROKER_KEY = "state:pnl:broker"  # symbol (ACCOUNT_FIELD: the account) -> the broker's latest P&L (ev.broker_pnl)
+MISMATCH_KEY = "state:pnl:mismatch"  # symbol -> its mismatch episode (since, alerted)
+ACCOUNT_FIELD = "_account"
 MIN_GAP_NS = 1_000_000_000  # a fill publishes at most once per clock second
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -71,6 +75,9 @@ class PnlHandler:
         self.positions: dict[str, core.BrokerPosition] = {}
         self.inputs: dict[str, dict[str, Any]] = {}
         self.closes: dict[str, float] = {}
+        self.broker: dict[str, core.BrokerLine] = {}
+        self.broker_account: BrokerPnL | None = None
+        self.episodes: dict[str, core.Episode] = {}
         self.next_publish_ns = 0
         self.last_publish_ns = 0
         self.dirty = False
@@ -79,9 +86,9 @@ class PnlHandler:
     def load(self, r: redis.Redis) -> None:
         self._reset()
         pipe = r.pipeline(transaction=True)
-        for key in (DAY_KEY, FILLS_KEY, ANCHORS_KEY, POSITIONS_KEY, MARKS_KEY, CLOSES_KEY):
+        for key in (DAY_KEY, FILLS_KEY, ANCHORS_KEY, POSITIONS_KEY, MARKS_KEY, CLOSES_KEY, BROKER_KEY, MISMATCH_KEY):
             pipe.hgetall(key)
-        day, fills, anchors, positions, inputs, closes = (state.decode_fields(raw) for raw in pipe.execute())
+        day, fills, anchors, positions, inputs, closes, broker, episodes = (state.decode_fields(raw) for raw in pipe.execute())
         self.day = day.get("trading_day")
         self.open_ns = int(day.get("open_ns") or 0)
         self.report_due = day.get("report_due")
@@ -90,6 +97,10 @@ class PnlHandler:
         self.positions = {s: core.BrokerPosition.from_json(d) for s, d in positions.items()}
         self.inputs = inputs
         self.closes = {s: float(p) for s, p in closes.items()}
+        account = broker.pop(ACCOUNT_FIELD, None)
+        self.broker_account = BrokerPnL.model_validate(account) if account else None
+        self.broker = {s: core.BrokerLine.from_json(d) for s, d in broker.items()}
+        self.episodes = {s: core.Episode.from_json(d) for s, d in episodes.items()}
         self.log.info("pnl state loaded", extra={"trading_day": self.day, "fills": len(self.trades),
                                                  "positions": len(self.positions), "report_due": self.report_due})
 
@@ -106,7 +117,21 @@ class PnlHandler:
             self._on_feature(payload, effects)
         elif event.type == "session":
             self._on_session(event, payload, effects)
+        elif event.type == "broker_pnl":
+            self._on_broker_pnl(event, payload, effects)
 
+    def _on_broker_pnl(self, event: Envelope, figures: Any, effects: Effects) -> None:
+        """The broker's own P&L (execution's reqPnL / reqPnLSingle): the latest per symbol."""
+        if figures.symbol is None:
+            self.broker_account = figures
+            effects.hset(BROKER_KEY, {ACCOUNT_FIELD: figures.model_dump_json()})
+            return
+        seen = self.broker.get(figures.symbol)
+        if seen is not None and seen.ts_ns > event.ts_ns:
+            return  # an older update read late
+        line = core.BrokerLine(figures.position, figures.daily, figures.unrealized, figures.realized, figures.value, event.ts_ns)
+        self.broker[figures.symbol] = line
+        effects.hset(BROKER_KEY, {figures.symbol: _dumps(line.to_json())})
     def _on_order(self, order: Any, effects: Effects) -> None:
         fill = order.last_fill
         if fill is None:
@@ -224,9 +249,55 @@ class PnlHandler:
         if due:
             self._publish(now_ns, effects, self.figures(now_ns), final=False)
 
+    def _reconcile(self, now_ns: int, effects: Effects, figures: DayPnL) -> dict[str, Any]:
+        """Each symbol against the broker's latest figures of this day (received at or after
+        its open): a mismatch lasting pnl.reconcile_grace_s raises one pnl_mismatch alert
+        naming the symbol; agreement resolves it."""
+        grace_ns = int(self.rules.pnl.reconcile_grace_s * 1e9)
+        models = {}
+        for symbol in sorted(set(figures.symbols) | set(self.episodes)):
+            line = figures.symbols.get(symbol)
+            broker = self.broker.get(symbol)
+            fresh = broker if broker is not None and broker.ts_ns >= self.open_ns else None
+            judged = reconcile(line, fresh.figures if fresh else None) if line is not None else None
+            if line is None and self.episodes.get(symbol) is not None and fresh is not None and not fresh.position:
+                judged = Reconciliation("ok")  # flat here (no line today) and at the broker
+            episode, action = core.next_episode(self.episodes.get(symbol), judged, now_ns, grace_ns)
+            if episode != self.episodes.get(symbol):
+                if episode is None:
+                    self.episodes.pop(symbol, None)
+                    effects.hdel(MISMATCH_KEY, symbol)
+                else:
+                    self.episodes[symbol] = episode
+                    effects.hset(MISMATCH_KEY, {symbol: _dumps(episode.to_json())})
+            if action is not None:
+                self._mismatch_alert(effects, now_ns, symbol, action, judged, episode or self.episodes.get(symbol))
+            if line is not None and judged is not None:
+                models[symbol] = core.reconciliation_model(judged, episode, fresh.ts_ns if fresh else None)
+        return models
+
+    def _mismatch_alert(self, effects: Effects, now_ns: int, symbol: str, action: str, judged: Any, episode: Any) -> None:
+        since = episode.since_ns if episode is not None else now_ns
+        if action == "raise":
+            message = f"{symbol}: P&L differs from the broker's: " + "; ".join(judged.problems)
+            data = {"position_diff": judged.position_diff, "realized_diff": judged.realized_diff,
+                    "unrealized_diff": judged.unrealized_diff, "daily_diff": judged.daily_diff, "since_ns": since}
+            alert = Alert(alert_type=AlertType.PNL_MISMATCH, state=RAISED, severity="warning", symbol=symbol,
+                          message=message[:1000], data={k: (round(v, 4) if isinstance(v, float) else v) for k, v in data.items()})
+        else:
+            alert = Alert(alert_type=AlertType.PNL_MISMATCH, state=RESOLVED, severity="info", symbol=symbol,
+                          message=f"{symbol}: P&L agrees with the broker's again", data={})
+        key = idempotency_key("alert", AlertType.PNL_MISMATCH, symbol, since, action)
+        effects.publish("ev.alerts", make_event(alert, idempotency_key=key, source=SOURCE, ts_ns=now_ns))
+        self.log.warning("P&L mismatch with the broker" if action == "raise" else "P&L agrees with the broker again",
+                         extra={"symbol": symbol, "problems": list(judged.problems) if judged else []})
+
     def _publish(self, now_ns: int, effects: Effects, figures: DayPnL, final: bool) -> None:
         assert self.day is not None
-        body = core.payload(self.day, figures, final=final)
+        reconciliations = self._reconcile(now_ns, effects, figures)
+        mismatched = [s for s, e in self.episodes.items() if e.alerted]
+        body = core.payload(self.day, figures, final=final, reconciliations=reconciliations, mismatched=mismatched,
+                            broker_account=self.broker_account)
         key = idempotency_key("pnl", self.day, "final" if final else now_ns // MIN_GAP_NS)
         event = make_event(body, idempotency_key=key, source=SOURCE, ts_ns=now_ns)
         effects.publish(OUT_STREAM, event)

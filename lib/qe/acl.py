@@ -123,14 +123,14 @@ ACCESS: dict[str, Access] = {
     "execution": Access(
         group="execution_service",
         consumes=("ev.intents", "ev.l1", "ev.features", "ev.control", "ev.session"),
-        publishes=("ev.orders", "ev.positions", "ev.broker", "ev.alerts"),
+        publishes=("ev.orders", "ev.positions", "ev.broker", "ev.broker_pnl", "ev.alerts"),
         writes=(ORDERS, POSITIONS, BROKER, "state:execution", "state:execution:prices"),
         reads=(DECISION,),
     ),
     # P&L; at the close it reads the day's streams for the end-of-day report.
     "pnl": Access(
         group="pnl",
-        consumes=("ev.orders", "ev.positions", "ev.l1", "ev.features", "ev.session"),
+        consumes=("ev.orders", "ev.positions", "ev.l1", "ev.features", "ev.session", "ev.broker_pnl"),
         publishes=("ev.pnl", "ev.alerts"),
         writes=(PNL, "state:pnl:*"),
         # The end-of-day report it writes after the close reads these streams too.

@@ -54,6 +54,8 @@ class AlertType(StrEnum):
     ORDER_REJECTED = "order_rejected"  # event
     ORPHAN_ORDER = "orphan_order"  # event
     EXTERNAL_ORDER = "external_order"  # event
+    # --- pnl -------------------------------------------------------------------------
+    PNL_MISMATCH = "pnl_mismatch"  # one symbol's P&L differs from the broker's; resolved: agrees again
 
 
 # One-off events: raised once, never resolved. Every other type is a condition.

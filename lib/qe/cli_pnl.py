@@ -24,7 +24,25 @@ def pnl_document(pnl: PnL, ts_ns: int | None) -> dict[str, Any]:
         "symbols": {symbol: line.model_dump() for symbol, line in pnl.symbols.items()},
         "marks_stale": list(pnl.marks_stale),
         "pending_exec_ids": list(pnl.pending_exec_ids),
+        "mismatched": list(pnl.mismatched),
+        "broker_account": pnl.broker_account.model_dump() if pnl.broker_account else None,
     }
+
+
+def _reconciled(line: Any) -> str:
+    """The `broker` column: how the symbol's figures compare with the broker's P&L."""
+    judged = line.reconciliation
+    if judged is None or judged.status == "no_broker":
+        return "-"
+    if judged.status == "pending":
+        return "pending"
+    if judged.status == "ok":
+        return "ok"
+    diffs = [f"{name} {value:+,.2f}" for name, value in (("real", judged.realized_diff), ("unreal", judged.unrealized_diff),
+                                                       ("daily", judged.daily_diff)) if value is not None]
+    if judged.position_diff:
+        diffs.insert(0, f"qty {judged.position_diff:+d}")
+    return ("ALERT " if judged.alerted else "DIFF ") + ", ".join(diffs)
 
 
 def pnl_text(pnl: PnL, symbol: str | None = None) -> str:
@@ -45,16 +63,22 @@ def pnl_text(pnl: PnL, symbol: str | None = None) -> str:
         rows.append({"symbol": name, "bucket": line.bucket, "start": line.start_qty, "qty": line.qty,
                      "prev_close": line.prev_close, "mark": line.mark, "realized": _fmt(line.realized),
                      "unrealized": _fmt(line.unrealized), "commissions": _fmt(line.commissions), "total": _fmt(line.total),
-                     "fills": line.fills, "note": "; ".join(flags)})
+                     "fills": line.fills, "broker": _reconciled(line), "note": "; ".join(flags)})
     scopes = [{"scope": name, "realized": _fmt(t.realized), "unrealized": _fmt(t.unrealized),
                "commissions": _fmt(t.commissions), "total": _fmt(t.total), "fills": t.fills,
                "pending": t.commissions_pending, "stale": t.marks_stale}
               for name, t in [*sorted(pnl.buckets.items()), ("TOTAL", pnl.account)]]
     head = f"P&L {pnl.trading_day}{' (final, at the close)' if pnl.final else ' (so far)'}"
     symbol_columns = ["symbol", "bucket", "start", "qty", "prev_close", "mark", "realized", "unrealized", "commissions",
-                      "total", "fills", "note"]
+                      "total", "fills", "broker", "note"]
     scope_columns = ["scope", "realized", "unrealized", "commissions", "total", "fills", "pending", "stale"]
-    return f"{head}\n{table(rows, symbol_columns)}\n\n{table(scopes, scope_columns)}"
+    text = f"{head}\n{table(rows, symbol_columns)}\n\n{table(scopes, scope_columns)}"
+    if pnl.mismatched:
+        text += "\n\nDIFFERS FROM THE BROKER'S P&L (pnl_mismatch): " + ", ".join(pnl.mismatched)
+    if pnl.broker_account is not None:
+        b = pnl.broker_account
+        text += f"\nbroker (reqPnL): daily {_fmt(b.daily)}  unrealized {_fmt(b.unrealized)}  realized {_fmt(b.realized)}"
+    return text
 
 
 def cmd_pnl(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:

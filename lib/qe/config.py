@@ -698,6 +698,9 @@ class PnlRules(Section):
 
     # ev.pnl and state:pnl every this many clock seconds (and after each fill, rate-limited to it).
     publish_interval_s: float = Field(default=10.0, gt=0, le=3600)
+    # A symbol's difference with the broker's P&L (reqPnLSingle) raises pnl_mismatch once it
+    # has lasted this long (the broker's figures and ours arrive a second or two apart).
+    reconcile_grace_s: float = Field(default=15.0, ge=0, le=3600)
 
 
 class ReportRules(Section):

@@ -507,6 +507,22 @@ class Order(Payload):
 # --- P&L (SPEC 10) ---------------------------------------------------------------------
 
 
+class BrokerPnL(Payload):
+    """The broker's own P&L, as execution (its only client) receives it: reqPnL for the
+    account (symbol None) and reqPnLSingle for one position (IB's average-cost basis:
+    an opening fill's commission is in the average cost, a closing fill's in realized;
+    daily is against IB's previous close, all of today's commissions included).
+    A figure IB leaves unset (its "max double", NaN) is None, never a number."""
+
+    account: str = Field(max_length=32)
+    symbol: Symbol | None = None  # None: the account's figures (reqPnL)
+    position: SignedQuantity | None = None  # reqPnLSingle only
+    daily: Money | None = None
+    unrealized: Money | None = None
+    realized: Money | None = None
+    value: Money | None = None  # position x IB's mark (reqPnLSingle only)
+
+
 class PnLTotals(Payload):
     """A bucket's or the account's day so far (total = realized + unrealized - commissions)."""
 
@@ -518,6 +534,29 @@ class PnLTotals(Payload):
     fills: Count = 0
     marks_stale: Count = 0
     symbols: Count = 0
+
+
+class PnLReconciliation(Payload):
+    """One symbol's figures against the broker's reqPnLSingle (qe.pnl.reconcile), at the
+    broker's mark; diff = ours - the broker's; None: not comparable (unset, unknown)."""
+
+    status: Literal["ok", "mismatch", "pending", "no_broker"]
+    since_ns: Timestamp | None = None  # a mismatch: since when (the alert is raised after pnl.reconcile_grace_s)
+    alerted: bool = False  # a pnl_mismatch alert is raised for this symbol
+    broker_position: SignedQuantity | None = None
+    broker_realized: Money | None = None
+    broker_unrealized: Money | None = None
+    broker_daily: Money | None = None
+    broker_mark: Price | None = None
+    broker_ts_ns: Timestamp | None = None
+    position_diff: SignedQuantity | None = None
+    realized_diff: Money | None = None
+    unrealized_diff: Money | None = None
+    daily_diff: Money | None = None
+    realized_tolerance: NonNegativeMoney = 0.0
+    unrealized_tolerance: NonNegativeMoney = 0.0
+    daily_tolerance: NonNegativeMoney = 0.0
+    problems: list[Text] = Field(default_factory=list, max_length=8)
 
 
 class SymbolPnL(Payload):
@@ -540,6 +579,7 @@ class SymbolPnL(Payload):
     bought_qty: Quantity = 0
     sold_qty: Quantity = 0
     realized_vs_cost: Money | None = None  # realized against the broker's average cost (IB's basis)
+    reconciliation: PnLReconciliation | None = None  # against the broker's P&L (None: not reconciled)
 
 
 class PnL(Payload):
@@ -550,6 +590,8 @@ class PnL(Payload):
     marks_stale: list[Symbol] = Field(default_factory=list, max_length=MAX_SYMBOLS)
     pending_exec_ids: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=MAX_SYMBOLS)
     final: bool = False  # the day's figures at the close
+    mismatched: list[Symbol] = Field(default_factory=list, max_length=MAX_SYMBOLS)  # pnl_mismatch raised
+    broker_account: BrokerPnL | None = None  # the broker's reqPnL for the account, as last received
 
 
 # --- the Brain's journal ---------------------------------------------------------------
@@ -620,6 +662,7 @@ EVENT_TYPES: dict[str, type[Envelope]] = {
         "control": Control,
         "pnl": PnL,
         "journal": DecisionJournal,
+        "broker_pnl": BrokerPnL,
     }.items()
 }
 PAYLOAD_TYPES: dict[type[Payload], str] = {cast(type[Payload], cls.model_fields["payload"].annotation): name for name, cls in EVENT_TYPES.items()}
@@ -641,6 +684,7 @@ STREAM_TYPES: dict[str, tuple[str, ...]] = {
     "ev.control": ("control",),
     "ev.pnl": ("pnl",),
     "ev.decision_journal": ("journal",),
+    "ev.broker_pnl": ("broker_pnl",),
 }
 
 

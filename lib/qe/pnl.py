@@ -21,6 +21,13 @@ The method (IB's average cost):
   averages exclude them). A fill whose report has not arrived yet is counted in the
   quantities and prices and flagged pending; its commission counts 0 until it arrives.
 * total = realized + unrealized - commissions.
+
+Reconciliation with the broker's own P&L (reqPnLSingle, `reconcile`): the same fills run
+through a third book on IB's basis (started at the broker's average cost, which includes
+commissions; an opening fill's commission goes into the average cost, a closing fill's
+into realized, a flip through zero splits it pro rata) give the figures IB reports; they
+are compared at the broker's own mark (its value / position), so a difference is one of
+books (a fill, a commission, a position, a previous close), never of marks.
 """
 
 from __future__ import annotations
@@ -92,6 +99,31 @@ def apply_trade(book: Book, signed_qty: int, price: float) -> tuple[Book, float]
     return Book(qty, price), realized  # through zero: the rest opens at the fill price
 
 
+def apply_trade_ib(book: Book, signed_qty: int, price: float, commission: float) -> tuple[Book, float]:
+    """IB's average-cost book: the opening part's commission in the average cost (a short's
+    "cost" is its proceeds net of it), the closing part's in realized (pro rata on a flip)."""
+    qty = abs(signed_qty)
+    if qty == 0:
+        return book, 0.0
+    buy = signed_qty > 0
+    closing = min(qty, abs(book.qty)) if book.qty and (book.qty > 0) != buy else 0
+    opening = qty - closing
+    realized = 0.0
+    held, avg = book.qty, book.avg
+    if closing:
+        fee = commission * closing / qty
+        realized = ((price - avg) if held > 0 else (avg - price)) * closing - fee
+        held += closing if buy else -closing
+        if held == 0:
+            avg = 0.0
+    if opening:
+        fee = commission * opening / qty
+        unit = price + fee / opening if buy else price - fee / opening
+        avg = (avg * abs(held) + unit * opening) / (abs(held) + opening)
+        held += opening if buy else -opening
+    return Book(held, avg), realized
+
+
 def unrealized(book: Book, mark: float | None) -> float:
     if book.qty == 0 or mark is None:
         return 0.0
@@ -119,6 +151,9 @@ class SymbolPnL:
     bought_qty: int
     sold_qty: int
     realized_vs_cost: float | None  # None: no broker average cost for a carried position
+    # IB's basis (commissions in the average cost / in realized): what reqPnLSingle reports.
+    ib_realized: float | None = None  # None: no broker average cost for a carried position
+    ib_avg_cost: float = 0.0
 
     @property
     def total(self) -> float:
@@ -179,14 +214,17 @@ def symbol_pnl(symbol: str, carried: Carried | None, trades: list[Trade], mark: 
     day = Book(carried.qty, carried.prev_close) if carried and carried.qty else Book()
     cost_known = carried is None or carried.qty == 0 or carried.avg_cost is not None
     cost = Book(carried.qty, carried.avg_cost or 0.0) if carried and carried.qty else Book()
-    realized = realized_cost = commissions = 0.0
+    ib_book = cost
+    realized = realized_cost = realized_ib = commissions = 0.0
     pending = bought = sold = 0
     bucket = carried.bucket if carried else (trades[0].bucket if trades else "LT")
     for trade in trades:
         day, gained = apply_trade(day, trade.signed_qty, trade.price)
         cost, gained_cost = apply_trade(cost, trade.signed_qty, trade.price)
+        ib_book, gained_ib = apply_trade_ib(ib_book, trade.signed_qty, trade.price, trade.commission or 0.0)
         realized += gained
         realized_cost += gained_cost
+        realized_ib += gained_ib
         if trade.commission is None:
             pending += 1
         else:
@@ -220,6 +258,8 @@ def symbol_pnl(symbol: str, carried: Carried | None, trades: list[Trade], mark: 
         bought_qty=bought,
         sold_qty=sold,
         realized_vs_cost=realized_cost if cost_known else None,
+        ib_realized=realized_ib if cost_known else None,
+        ib_avg_cost=ib_book.avg,
     )
 
 
@@ -266,3 +306,93 @@ def start_of_day(positions: Mapping[str, tuple[int, str, float]], closes: Mappin
             price, source = avg_cost, "avg_cost"
         carried.append(Carried(symbol, bucket, qty, price, source, avg_cost if avg_cost > 0 else None))
     return carried
+
+
+# --- reconciliation with the broker's P&L (reqPnLSingle) ------------------------------------
+
+CENT = 0.01  # $ per share: how far the books may differ (price rounding)
+COMMISSION_ROUNDING = 0.01  # $ per fill: a commission report rounded to the cent
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerFigures:
+    """One symbol's reqPnLSingle, as execution published it (None: unset at the broker)."""
+
+    position: int | None
+    daily: float | None
+    unrealized: float | None
+    realized: float | None
+    value: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciliation:
+    """Ours against the broker's, at the broker's mark. diff = ours - broker's; a figure
+    neither side can give is None. status: ok, mismatch (a difference beyond its
+    tolerance, or another position), pending (a commission report outstanding: not
+    judged), no_broker (no figures from the broker)."""
+
+    status: str
+    broker: BrokerFigures | None = None
+    broker_mark: float | None = None
+    position_diff: int | None = None
+    realized_diff: float | None = None
+    unrealized_diff: float | None = None
+    daily_diff: float | None = None
+    realized_tolerance: float = 0.0
+    unrealized_tolerance: float = 0.0
+    daily_tolerance: float = 0.0
+    problems: tuple[str, ...] = ()
+
+    @property
+    def mismatch(self) -> bool:
+        return self.status == "mismatch"
+
+
+def reconcile(line: SymbolPnL, broker: BrokerFigures | None, cent: float = CENT,
+              commission_rounding: float = COMMISSION_ROUNDING) -> Reconciliation:
+    """One symbol's figures against the broker's.
+
+    * position: ours (the day's book) must equal the broker's exactly;
+    * realized (IB's basis) within a cent per share traded today, plus commission rounding;
+    * unrealized (IB's basis, at the broker's mark) within a cent per share held, plus rounding;
+    * daily (realized + unrealized - commissions against the previous close, at the
+      broker's mark) within a cent per share carried or traded, plus rounding.
+    The broker's mark is its value / position (ours when it reports no value)."""
+    if broker is None:
+        return Reconciliation("no_broker")
+    traded = line.bought_qty + line.sold_qty
+    rounding = commission_rounding * line.fills
+    tolerances: dict[str, float] = {
+        "realized_tolerance": cent * traded + rounding,
+        "unrealized_tolerance": cent * abs(line.qty) + rounding,
+        "daily_tolerance": cent * (abs(line.start_qty) + traded) + rounding,
+    }
+    mark = line.mark
+    if broker.position and broker.value is not None:
+        mark = broker.value / broker.position
+    position_diff = None if broker.position is None else line.qty - broker.position
+    if line.commissions_pending:
+        return Reconciliation(
+            "pending", broker, mark, position_diff,
+            realized_tolerance=tolerances["realized_tolerance"], unrealized_tolerance=tolerances["unrealized_tolerance"],
+            daily_tolerance=tolerances["daily_tolerance"],
+        )
+    problems = []
+    if position_diff:
+        problems.append(f"position {line.qty} here, {broker.position} at the broker")
+    realized_diff = unrealized_diff = daily_diff = None
+    if line.ib_realized is not None and broker.realized is not None:
+        realized_diff = line.ib_realized - broker.realized
+    if line.ib_realized is not None and broker.unrealized is not None and (mark is not None or line.qty == 0):
+        ours = line.qty * ((mark or 0.0) - line.ib_avg_cost) if line.qty else 0.0
+        unrealized_diff = ours - broker.unrealized
+    if broker.daily is not None and (mark is not None or line.qty == 0):
+        day_unrealized = line.qty * ((mark or 0.0) - line.avg_price) if line.qty else 0.0
+        daily_diff = line.realized + day_unrealized - line.commissions - broker.daily
+    for name, diff in (("realized", realized_diff), ("unrealized", unrealized_diff), ("daily", daily_diff)):
+        tolerance = tolerances[f"{name}_tolerance"]
+        if diff is not None and abs(diff) > tolerance + 1e-9:
+            problems.append(f"{name} differs by {diff:+.2f} (tolerance {tolerance:.2f})")
+    return Reconciliation("mismatch" if problems else "ok", broker, mark, position_diff, realized_diff, unrealized_diff,
+                          daily_diff, problems=tuple(problems), **tolerances)

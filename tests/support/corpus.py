@@ -26,6 +26,7 @@ from qe.contracts import (
     L1,
     Account,
     Alert,
+    BrokerPnL,
     BrokerState,
     BucketExposure,
     Control,
@@ -147,6 +148,9 @@ def good_payload(stream: str, n: int, now_ns: int, symbol: str) -> Any:
         return DecisionJournal(steps=[JournalStep(kind="load", now_ns=now_ns),
                                       JournalStep(kind="handle", now_ns=now_ns, stream="ev.l1", id=f"{1 + n}-0"),
                                       JournalStep(kind="tick", now_ns=now_ns)])
+    if stream == "ev.broker_pnl":
+        return BrokerPnL(account="DU123", symbol=symbol, position=900 + n, daily=12.5, unrealized=-3.0, realized=None,
+                         value=(900 + n) * 24.82)
     raise KeyError(stream)
 
 
