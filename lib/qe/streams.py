@@ -837,6 +837,17 @@ def group_lag(group: dict[str, Any], info: dict[str, Any], counted_after: int | 
     return (max(bound, min(int(redis_lag), length)) if redis_lag is not None else bound), False, False
 
 
+def _trimmed_past(info: dict[str, Any], position: str) -> bool:
+    """Whether trimming reached past `position`: only then can entries after it have been
+    lost. Trimming removes the oldest entries first, so while the stream's first entry is
+    at or before `position` every entry after it still exists (and a count that says
+    otherwise is a delivery racing the observation, not a loss)."""
+    first = info.get("first-entry")
+    if not first:
+        return False
+    return _id_tuple(_text(first[0])) > _id_tuple(position)
+
+
 def observe_group(
     group: dict[str, Any],
     info: dict[str, Any],
@@ -861,7 +872,8 @@ def observe_group(
             return GroupReading(last_delivered, lag), base
         read = added - lag
         newly = 0
-        if base is not None:  # entries added up to here that were neither delivered nor reported: trimmed unread
+        if base is not None and _trimmed_past(info, base.last_delivered_id):
+            # Entries added up to here that were neither delivered nor reported: trimmed unread.
             newly = max(read - base.read - base.delivered - base.reported, 0)
         return GroupReading(last_delivered, lag, newly), ReadBase(last_delivered, read)
     # A gap: every entry after last_delivered that is not present was trimmed unread.
