@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run stop lint test bench chaos venv clean install uninstall
+.PHONY: run stop lint test test-long bench chaos venv clean install uninstall
 
 venv: $(STAMP)
 
@@ -28,9 +28,15 @@ stop:
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/mypy
 
-## make test: the lint gate, then the whole test suite against private redis-servers (never the machine's 6379)
+## make test: the lint gate, then the test suite against private redis-servers (never the machine's
+## 6379), under 15 minutes on 2 cores: everything but the `long` tests
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not long"
+
+## make test-long: the whole simulated afternoons (scenarios, no flapping, quiet books, replay
+## identity, the end-of-day report in Chromium) and the systemd boot, ~15 minutes more
+test-long: $(STAMP)
+	$(BIN)/python -m pytest -q -m long
 
 ## make bench: every benchmark (each ends with one RESULT line); the pipeline runs its
 ## --quick version here (the full 1,000-symbol one: .venv/bin/python bench/pipeline.py)

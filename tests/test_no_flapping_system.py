@@ -17,7 +17,7 @@ import pytest
 from qe import clock as qe_clock
 from tests.support.system import System, new_york
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # make test-long
 DAY = "2026-11-20"  # a normal Friday: close 16:00
 MAX_MODE_CHANGES = 10
 SPEED = 20.0  # 41 simulated minutes in about 125 wall seconds

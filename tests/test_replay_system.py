@@ -24,7 +24,7 @@ from qe import archive, replay
 from tests.support.processes import REPO
 from tests.support.system import System, new_york
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # make test-long
 DAY = "2026-11-20"
 KEEP = Path("/tmp/qe-replay-last")  # the recorded day, for a look after the test (bench/replay.py --archive)
 

@@ -16,7 +16,7 @@ from tests.support.browser import open_page
 from tests.support.processes import REPO, wait_until
 from tests.support.system import DAEMONS, System, new_york
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # make test-long
 DAY = "2026-11-20"
 # QE_REPORT_SCREENSHOT=docs/img/report.png refreshes the README's screenshot.
 SCREENSHOT = os.environ.get("QE_REPORT_SCREENSHOT")

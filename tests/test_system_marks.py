@@ -12,7 +12,7 @@ from qe.contracts import order_ref_for
 from tests.support.processes import REPO, wait_until
 from tests.support.system import System, new_york
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # make test-long
 DAY = "2026-11-20"
 
 

@@ -16,7 +16,7 @@ from qe import clock as qe_clock
 from tests.support.processes import wait_until
 from tests.support.system import SPEED, System, new_york
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # make test-long
 def assert_soft_and_hard_pricing(intents: list[dict]) -> int:
     """Soft: truth tick -/+ $0.01, never through the touch; hard: at the bid/ask."""
     checked = 0

@@ -41,7 +41,7 @@ from tests.support.processes import REPO
 from tests.support.redis_server import redis_server_binary
 from tests.support.system_tools import require_tool
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # make test-long
 
 DAEMONS = ("session", "exposure", "market-data", "prints", "alerts", "decision", "execution")
 UNITS = [f"qe-{d}.service" for d in DAEMONS]
