@@ -184,7 +184,9 @@ def start(args: argparse.Namespace) -> int:
     print("  .venv/bin/qe alerts | orders | fills")
     print("  .venv/bin/supervisorctl -c etc/supervisord.conf status")
     print(f"  logs: {RUN / 'log'}/" + (f" (previous run: {rotated}/)" if rotated else ""))
-    print("  metrics: http://127.0.0.1:9101/metrics ... 9108 (one port per daemon)")
+    print("  metrics: http://127.0.0.1:9101/metrics ... 9109 (one port per daemon)")
+    print(f"  after the close: the end-of-day report {REPO / 'run' / 'reports' / day.isoformat() / 'index.html'}"
+          f" (qe-pnl writes it; again any time: .venv/bin/qe report {day.isoformat()})")
     print("Stop with: make stop")
     return 0
 
