@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, time as dtime
 from pathlib import Path
-from typing import Any, Iterable, cast
+from typing import Any, Iterable
 
 from . import archive, config
 from . import clock as clock_module
@@ -214,6 +214,18 @@ def load_journal(directory: Path, day: date) -> list[dict[str, Any]]:
     return [row for row in archive.read_day(directory, day, (JOURNAL,)) if row["source"] == "decision"]
 
 
+def _collect_outputs(effects: "SinkEffects", start_ns: int | None, intents: list["IntentRow"], modes: list["ModeChange"]) -> None:
+    """What the Brain published since the last call: intents and mode changes (from start_ns)."""
+    for stream, event in effects.take():
+        if event.ts_ns < (start_ns or 0):
+            continue
+        if stream == "ev.intents":
+            intents.append(IntentRow.from_payload(event.idempotency_key, event.ts_ns, event.payload.model_dump(mode="json")))
+        elif stream == "ev.alerts" and isinstance(event.payload, Alert) and event.payload.alert_type == "mode_change":
+            data = event.payload.data
+            modes.append(ModeChange(event.ts_ns, data["from"], data["to"], data.get("rule", ""), data.get("reason", "")))
+
+
 def run_journal(rows: list[dict[str, Any]], journal: list[dict[str, Any]], rules: config.RiskRules,
                 universe_file: Path, *, start_ns: int | None = None, end_ns: int | None = None,
                 state: ReplayState | None = None) -> RunResult:
@@ -237,14 +249,7 @@ def run_journal(rows: list[dict[str, Any]], journal: list[dict[str, Any]], rules
     loaded = False
 
     def collect() -> None:
-        for stream, event in effects.take():
-            if event.ts_ns < (start_ns or 0):
-                continue
-            if stream == "ev.intents":
-                intents.append(IntentRow.from_payload(event.idempotency_key, event.ts_ns, event.payload.model_dump(mode="json")))
-            elif stream == "ev.alerts" and isinstance(event.payload, Alert) and event.payload.alert_type == "mode_change":
-                data = event.payload.data
-                modes.append(ModeChange(event.ts_ns, data["from"], data["to"], data.get("rule", ""), data.get("reason", "")))
+        _collect_outputs(effects, start_ns, intents, modes)
 
     for entry in journal:
         for step in json.loads(entry["payload"])["steps"]:
@@ -318,14 +323,7 @@ def run_brain(rows: list[dict[str, Any]], rules: config.RiskRules, universe_file
     first_ns = None
 
     def collect() -> None:
-        for stream, event in effects.take():
-            if event.ts_ns < (start_ns or 0):
-                continue
-            if stream == "ev.intents":
-                intents.append(IntentRow.from_payload(event.idempotency_key, event.ts_ns, event.payload.model_dump(mode="json")))
-            elif stream == "ev.alerts" and cast(Alert, event.payload).alert_type == "mode_change":  # ev.alerts carries alerts only
-                data = cast(Alert, event.payload).data
-                modes.append(ModeChange(event.ts_ns, data["from"], data["to"], data.get("rule", ""), data.get("reason", "")))
+        _collect_outputs(effects, start_ns, intents, modes)
 
     for row in rows:
         ts = row["ts_ns"] if row["ts_ns"] is not None else row["id_ms"] * 1_000_000
