@@ -98,7 +98,9 @@ def test_orders_and_fills_as_execution_wrote_them(system, r):
     wait_until(lambda: {json.loads(f[b"event"])["payload"]["symbol"] for _id, f in r.xrange("ev.features")} >= {"CIM PRB", "AGNCN"},
                timeout=30, message="truth ticks for both symbols")
     intent(r, "intent:cli:fill", "CIM PRB", "SELL", 24.80)
-    intent(r, "intent:cli:rest", "AGNCN", "BUY", 24.00, qty=100)  # far below the market: rests
+    # A decrease resting above the market (an increase would be refused: the other held
+    # symbols have no market price in this test, so they block risk increases).
+    intent(r, "intent:cli:rest", "AGNCN", "SELL", 26.00, qty=100)
     wait_until(lambda: "FILLED" in statuses(r, "intent:cli:fill"), timeout=30, message="filled")
     wait_until(lambda: "SUBMITTED" in statuses(r, "intent:cli:rest"), timeout=30, message="resting")
 

@@ -415,6 +415,7 @@ def test_reduce_only_in_derisk_modes_and_cancels_only_when_halted(execution, sim
 def test_held_symbols_without_a_market_price_block_increases(execution, sim, r):
     """Issue 13: until the market prices every held symbol, they count at their fallback
     marks (average cost) and no risk-increasing order goes out; decreases still do."""
+    execution.brain_mode("NORMAL")  # the Brain allows increases: only the unpriced book refuses it
     execution.start().wait_connected()
     execution.market(31.44, 31.46, symbol="PFF")  # only PFF is priced
     execution.intent("intent:unpriced:1", symbol="PFF", side="SELL", qty=200, limit_price=31.45,
