@@ -102,7 +102,7 @@ def test_a_position_outside_the_universe_counts_at_its_fallback_mark_and_blocks_
             assert "average cost" in line["mark_reason"] and "ZZZ PRA" in exposure["marks_stale"]
         last = system.last_exposure()
         assert last["status"] == "ok" and last["gross_pct"] > 5.0  # counted: 2,000 x $25 = 5 % of ~$1M alone
-        alerts = [a for a in system.payloads("ev.alerts") if a["alert_type"] == "unpriced_position" and a["symbol"] == "ZZZ PRA"]
+        alerts = [a for a in system.payloads("ev.alerts") if a["alert_type"] == "unpriced_position" and a["symbol"] == "ZZZ PRA" and a["state"] == "raised"]
         assert len(alerts) == 1
         # No risk-increasing intent, and no risk-increasing order at the broker.
         increases = [i for i in system.intents() if i["action"] == "NEW" and i["classification"].endswith("_INC")]

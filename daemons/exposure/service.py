@@ -17,6 +17,7 @@ import redis
 
 from qe import daemon, metrics, state
 from qe.clock import NS_PER_S
+from qe.alert_types import RAISED, RESOLVED, AlertType
 from qe.contracts import Alert, BucketExposure, Envelope, Exposure, SymbolExposure, idempotency_key, make_event
 from qe.streams import Effects
 
@@ -331,15 +332,19 @@ class ExposureHandler:
             self.log.warning("position not priced by the market: counted at its fallback mark",
                              extra={"symbol": symbol, "mark": line.mark, "why": why})
             alert = Alert(
-                alert_type="unpriced_position", severity="warning", symbol=symbol,
+                alert_type=AlertType.UNPRICED_POSITION, state=RAISED, severity="warning", symbol=symbol,
                 message=f"{symbol}: {line.qty} shares not priced by the market ({why}); counted at "
                         f"{line.mark if line.mark is not None else 'no price'} in gross and potential; no risk increase",
                 data={"qty": line.qty, "mark": line.mark, "mark_source": line.mark_source, "why": why},
             )
             key = idempotency_key("alert", "exposure", "unpriced_position", symbol, now_ns // NS_PER_S)
             effects.publish("ev.alerts", make_event(alert, idempotency_key=key, source=SOURCE, ts_ns=now_ns))
-        for symbol in self.unpriced_alerted - set(unpriced):
+        for symbol in sorted(self.unpriced_alerted - set(unpriced)):
             self.log.info("position priced by the market again", extra={"symbol": symbol})
+            resolved = Alert(alert_type=AlertType.UNPRICED_POSITION, state=RESOLVED, severity="info", symbol=symbol,
+                             message=f"{symbol}: priced by the market again")
+            key = idempotency_key("alert", "exposure", "unpriced_position", "resolved", symbol, now_ns // NS_PER_S)
+            effects.publish("ev.alerts", make_event(resolved, idempotency_key=key, source=SOURCE, ts_ns=now_ns))
         self.unpriced_alerted = set(unpriced)
 
 

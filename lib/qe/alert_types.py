@@ -43,6 +43,8 @@ class AlertType(StrEnum):
     UNPRICED_SYMBOL_SUBSCRIBED = "unpriced_symbol_subscribed"  # event
     # --- prints --------------------------------------------------------------------
     PRINT_IMPLAUSIBLE = "print_implausible"
+    # --- exposure ---------------------------------------------------------------------
+    UNPRICED_POSITION = "unpriced_position"  # a held symbol at its fallback mark; resolved: the market prices it
     # --- decision (the Brain) ------------------------------------------------------
     MODE_CHANGE = "mode_change"  # event
     EXPOSURE_UNKNOWN = "exposure_unknown"  # resolved: exposure known again
