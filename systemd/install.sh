@@ -43,8 +43,9 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
 VENV=$PREFIX/.venv
 STATE=$PREFIX/.install-state        # what this script created (read by uninstall)
 SECRETS=$CONFDIR/secrets
-DAEMONS=(session exposure market-data prints alerts decision execution)
-UNITS=(qe.target)
+ADMIN_SECRETS=$CONFDIR/admin        # qe-admin.pass: root's alone
+DAEMONS=(session exposure market-data prints alerts decision execution pnl)
+UNITS=(qe.target qe-functions.service)
 for d in "${DAEMONS[@]}"; do UNITS+=("qe-$d.service"); done
 # Files of the package (what pip builds): a change to any of them reinstalls it.
 PACKAGE_PATHS=(pyproject.toml setup.cfg README.md lib daemons sim)
@@ -96,6 +97,13 @@ render_env() {
       -e "s#/etc/quant-engine/secrets#$SECRETS#g" "$SRC/etc/qe.env.example"
 }
 
+# risk_rules.yaml for a host: the end-of-day reports go to qe-pnl's StateDirectory= (the
+# shipped run/reports is under the read-only $PREFIX).
+REPORT_DIR=/var/lib/quant-engine/reports
+render_rules() {
+  sed -e "s#^  directory: run/reports\$#  directory: $REPORT_DIR#" "$SRC/etc/risk_rules.yaml"
+}
+
 source_digest() {
   (cd "$SRC" && find "${PACKAGE_PATHS[@]}" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' \
        ! -path '*.egg-info/*' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum | cut -d' ' -f1
@@ -106,14 +114,16 @@ systemd_running() { [ -n "$SYSTEMCTL" ] && [ -d /run/systemd/system ]; }
 # A config file the operator may edit (risk_rules.yaml, universe.csv): installed when
 # absent, updated when it still equals the previously shipped copy, otherwise kept
 # (with a note) -- the shipped version stays beside it in $PREFIX/etc/.
+# conffile NAME SHIPPED: SHIPPED is this install's version of etc/NAME.
 conffile() {
-  local name=$1 shipped_old=$PREFIX/etc/$1 dest=$CONFDIR/$1
+  local name=$1 shipped=$2 shipped_old=$PREFIX/etc/$1 dest=$CONFDIR/$1
   if [ ! -e "$dest" ] || { [ -f "$shipped_old" ] && cmp -s "$shipped_old" "$dest"; }; then
-    put 0640 root "$SERVICE_USER" "$SRC/etc/$name" "$dest"
+    put 0640 root "$SERVICE_USER" "$shipped" "$dest"
   else
     fix 0640 root "$SERVICE_USER" "$dest"
-    cmp -s "$SRC/etc/$name" "$dest" || say "  kept $dest (changed locally; the shipped version: $PREFIX/etc/$name)"
+    cmp -s "$shipped" "$dest" || say "  kept $dest (changed locally; the shipped version: $PREFIX/etc/$name)"
   fi
+  put 0644 root root "$shipped" "$shipped_old"
 }
 
 install_all() {
@@ -168,8 +178,13 @@ install_all() {
 
   # 4. etc/: reference copies in $PREFIX/etc, the operator's config in $CONFDIR
   local name
-  for name in risk_rules.yaml universe.csv; do conffile "$name"; done
-  for name in risk_rules.yaml universe.csv qe.env.example; do put 0644 root root "$SRC/etc/$name" "$PREFIX/etc/$name"; done
+  local rules; rules=$(mktemp)
+  render_rules >"$rules"
+  grep -q "^  directory: $REPORT_DIR\$" "$rules" || die "etc/risk_rules.yaml: report.directory is not the shipped run/reports"
+  conffile risk_rules.yaml "$rules"
+  rm -f "$rules"
+  conffile universe.csv "$SRC/etc/universe.csv"
+  put 0644 root root "$SRC/etc/qe.env.example" "$PREFIX/etc/qe.env.example"
   put 0644 root root "$SRC/systemd/README.md" "$PREFIX/systemd/README.md"
   if [ ! -e "$CONFDIR/qe.env" ]; then
     local envtmp; envtmp=$(mktemp)
@@ -184,13 +199,17 @@ install_all() {
   # 5. Redis ACL users: one password file per daemon (0600, created once, never
   #    overwritten) and the ACL file with their digests (lib/qe/acl.py).
   local acltmp; acltmp=$(mktemp)
-  "$VENV/bin/python" - "$SECRETS" "$acltmp" <<'EOF'
+  # qe-admin's password (FUNCTION LOAD) is root's, apart from the daemons': only
+  # qe-functions.service (run as root, no capabilities) reads it.
+  dir 0700 root root "$ADMIN_SECRETS"
+  "$VENV/bin/python" - "$SECRETS" "$acltmp" "$ADMIN_SECRETS" <<'EOF'
 import sys
 from qe import acl
-acl.write_acl_file(sys.argv[2], sys.argv[1])
+acl.write_acl_file(sys.argv[2], sys.argv[1], sys.argv[3])
 EOF
   local f
   for f in "$SECRETS"/*.pass; do fix 0600 "$SERVICE_USER" "$SERVICE_USER" "$f"; done
+  fix 0600 root root "$ADMIN_SECRETS/qe-admin.pass"
   local acl_owner=root acl_group=root
   if getent passwd "$REDIS_USER" >/dev/null; then acl_owner=$REDIS_USER; acl_group=$(id -gn "$REDIS_USER"); fi
   [ -d "$(dirname "$REDIS_ACL_FILE")" ] || install -d -m 0755 "$(dirname "$REDIS_ACL_FILE")"

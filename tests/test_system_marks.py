@@ -136,6 +136,10 @@ def test_the_brain_never_takes_the_broker_above_130_percent_whatever_the_snapsho
     def at_the_cap(rules: dict) -> None:
         rules["session"]["regimes"]["EARLY"]["gross_tolerance_pct"] = 130
         rules["arbitration"]["drop_mm_increases_above_gross_pct"] = 130
+        # Strategies stop adding at tolerance - margin (no flapping): a thin margin here,
+        # so the increases run up to 129.8 % and a missed order would cross 130 %.
+        rules["strategies"]["tolerance_margin_pct"] = 0.2
+        rules["decision"]["tolerance_exit_band_pct"] = 0.1
         rules["strategies"]["mm"].update(quote_size=800, max_position_shares=5000)  # quotes that hit the cap
 
     system = System(tmp_path, new_york(DAY, "10:30"), rules_update=at_the_cap)

@@ -28,6 +28,10 @@ from tests.support.system_tools import require_tool
 UNIT_DIR = REPO / "systemd"
 DAEMONS = ("session", "exposure", "market-data", "prints", "alerts", "decision", "execution", "pnl")
 UNITS = [f"qe-{name}.service" for name in DAEMONS]
+FUNCTIONS_UNIT = "qe-functions.service"  # oneshot: FUNCTION LOAD of the runtime's library as qe-admin
+# `systemd-analyze security` ceilings (systemd/README.md): 1.1, and 1.4 for the oneshot
+# that runs as root (without capabilities) to read qe-admin's password.
+EXPOSURE = {FUNCTIONS_UNIT: 1.4}
 INSTALL_BIN = "/opt/quant-engine/.venv/bin"
 
 
@@ -77,7 +81,7 @@ def make_root(tmp_path: Path, units: dict[str, str]) -> Path:
         (unit_dir / name).write_text(text)
     bin_dir = root / INSTALL_BIN.lstrip("/")
     bin_dir.mkdir(parents=True)
-    for daemon in DAEMONS:
+    for daemon in (*DAEMONS, "admin"):
         real = VENV_BIN / f"qe-{daemon}"
         target = bin_dir / f"qe-{daemon}"
         if real.exists():
@@ -100,12 +104,12 @@ def our_units() -> dict[str, str]:
 
 
 def test_there_is_one_unit_per_daemon_and_a_target():
-    assert sorted(our_units()) == sorted(UNITS + ["qe.target"])
+    assert sorted(our_units()) == sorted(UNITS + [FUNCTIONS_UNIT, "qe.target"])
 
 
 def test_systemd_analyze_verify_accepts_every_unit_without_a_warning(tmp_path):
     root = make_root(tmp_path, our_units())
-    result = verify(root, "qe.target", *UNITS)
+    result = verify(root, "qe.target", FUNCTIONS_UNIT, *UNITS)
     assert result.returncode == 0, result.stderr
     # verify exits 0 on unknown keys or unparsable values: any output is a defect.
     assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr
@@ -129,14 +133,28 @@ def test_the_verification_catches_broken_units(tmp_path, mutation, complaint):
 
 def test_security_exposure_is_low(tmp_path):
     root = make_root(tmp_path, our_units())
-    for unit in UNITS:
+    for unit in (*UNITS, FUNCTIONS_UNIT):
         result = subprocess.run(
             [systemd_analyze(), "security", "--offline=true", f"--root={root}", unit],
             capture_output=True, text=True, timeout=120, cwd=root / "etc/systemd/system",
         )
         match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout + result.stderr)
         assert match, result.stdout[-2000:] + result.stderr
-        assert float(match.group(1)) <= 1.1, f"{unit}: exposure {match.group(1)} (systemd/README.md records 1.1)"
+        assert float(match.group(1)) <= EXPOSURE.get(unit, 1.1), f"{unit}: exposure {match.group(1)} (systemd/README.md)"
+
+
+# Every unit's user, config and sandbox (the daemons' and the functions oneshot's).
+HARDENING = {
+    "EnvironmentFile": "/etc/quant-engine/qe.env", "WorkingDirectory": "/opt/quant-engine",
+    "NoNewPrivileges": "yes", "ProtectSystem": "strict",
+    "ProtectHome": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes", "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes", "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+    "CapabilityBoundingSet": "", "LockPersonality": "yes", "MemoryDenyWriteExecute": "yes",
+    "ProtectProc": "invisible", "ProcSubset": "pid", "PrivateUsers": "yes",
+        # ProtectSystem=strict leaves /run writable once ProtectProc= is set (systemd 252), and
+        # PrivateDevices= binds the host's /dev/shm and /dev/mqueue (tests/test_systemd_boot.py).
+    "ReadOnlyPaths": "/run /dev/shm -/dev/mqueue",
+}
 
 
 @pytest.mark.parametrize("daemon", DAEMONS)
@@ -150,27 +168,38 @@ def test_unit_policy_and_hardening(daemon):
     assert int(u["StartLimitIntervalSec"][0]) > 0 and int(u["StartLimitBurst"][0]) > 0
     assert s["ExecStart"] == [f"{INSTALL_BIN}/qe-{daemon}"]
     expected = {
-        "Restart": "on-failure", "RestartPreventExitStatus": "78", "EnvironmentFile": "/etc/quant-engine/qe.env",
-        "User": "quant-engine", "Group": "quant-engine", "WorkingDirectory": "/opt/quant-engine",
-        "KillSignal": "SIGTERM", "TimeoutStopSec": "30", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
-        "ProtectHome": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes", "ProtectKernelTunables": "yes",
-        "ProtectKernelModules": "yes", "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
-        "CapabilityBoundingSet": "", "LockPersonality": "yes", "MemoryDenyWriteExecute": "yes",
-        "ProtectProc": "invisible", "ProcSubset": "pid", "PrivateUsers": "yes",
-        # ProtectSystem=strict leaves /run writable once ProtectProc= is set (systemd 252), and
-        # PrivateDevices= binds the host's /dev/shm and /dev/mqueue (tests/test_systemd_boot.py).
-        "ReadOnlyPaths": "/run /dev/shm -/dev/mqueue",
+        "Restart": "on-failure", "RestartPreventExitStatus": "78", "KillSignal": "SIGTERM", "TimeoutStopSec": "30",
+        "User": "quant-engine", "Group": "quant-engine", **HARDENING,
     }
     for key, value in expected.items():
         assert s.get(key) == [value], f"qe-{daemon}: {key}={s.get(key)}"
     assert s["SystemCallFilter"][0] == "@system-service"
     assert float(s["RestartSec"][0]) > 0
-    assert "ReadWritePaths" not in s  # the daemons write nothing to disk
+    assert "ReadWritePaths" not in s  # the daemons write nothing to disk (qe-pnl: its StateDirectory=)
+
+
+def test_the_function_library_is_loaded_by_a_hardened_oneshot_before_the_daemons():
+    """The daemons commit through the `qe` function library (lib/qe/functions.py); only
+    qe-admin may FUNCTION LOAD, with a password no daemon can read (root's, handed to
+    this unit alone: it runs as root, without a single capability)."""
+    unit = parse_unit(UNIT_DIR / FUNCTIONS_UNIT)
+    u, s, i = unit["Unit"], unit["Service"], unit["Install"]
+    assert u["PartOf"] == ["qe.target"] and i["WantedBy"] == ["qe.target"]
+    assert u["Before"] == ["qe.target"]  # every daemon is After=qe.target
+    assert set(u["After"][0].split()) >= {"redis-server.service"}
+    assert s["Type"] == ["oneshot"] and s["RemainAfterExit"] == ["yes"]
+    assert s["ExecStart"] == [f"{INSTALL_BIN}/qe-admin load-functions --wait 90"]
+    assert "User" not in s and s["CapabilityBoundingSet"] == [""] and s["AmbientCapabilities"] == [""]
+    assert "QE_REDIS_USERNAME=qe-admin" in s["Environment"][0].split()
+    assert "QE_REDIS_PASSWORD_FILE=/etc/quant-engine/admin/qe-admin.pass" in s["Environment"][0].split()
+    for key, value in HARDENING.items():
+        assert s.get(key) == [value], f"{FUNCTIONS_UNIT}: {key}={s.get(key)}"
+    assert "qe-admin" in console_scripts()
 
 
 def test_the_target_pulls_in_every_daemon():
     target = parse_unit(UNIT_DIR / "qe.target")
-    assert sorted(target["Unit"]["Wants"][0].split()) == sorted(UNITS)
+    assert sorted(target["Unit"]["Wants"][0].split()) == sorted(UNITS + [FUNCTIONS_UNIT])
     assert target["Install"]["WantedBy"] == ["multi-user.target"]
 
 

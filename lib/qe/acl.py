@@ -205,15 +205,18 @@ def admin_rule(password: str) -> str:
     return f"user {username(ADMIN)} on #{digest} resetkeys resetchannels -@all {CONNECTION_COMMANDS} {ADMIN_COMMANDS}"
 
 
-def ensure_secrets(secrets_dir: Path) -> dict[str, str]:
-    """One password file per user, qe-admin included (created once, mode 0600); returns
-    daemon (or "admin") -> password."""
-    secrets_dir = Path(secrets_dir)
-    secrets_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(secrets_dir, 0o700)
+def ensure_secrets(secrets_dir: Path, admin_dir: Path | None = None) -> dict[str, str]:
+    """One password file per user (created once, mode 0600, in a 0700 folder); qe-admin's
+    in `admin_dir` (default: `secrets_dir`; a host keeps it apart, root's alone, so no
+    daemon can read it). Returns daemon (or "admin") -> password."""
+    folders = {daemon: Path(secrets_dir) for daemon in ACCESS}
+    folders[ADMIN] = Path(admin_dir) if admin_dir is not None else Path(secrets_dir)
+    for folder in set(folders.values()):
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
     passwords = {}
-    for daemon in (*ACCESS, ADMIN):
-        path = password_file(secrets_dir, daemon)
+    for daemon, folder in folders.items():
+        path = password_file(folder, daemon)
         if not path.exists():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as handle:
@@ -231,10 +234,10 @@ def render(passwords: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_acl_file(path: Path, secrets_dir: Path) -> Path:
+def write_acl_file(path: Path, secrets_dir: Path, admin_dir: Path | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
-        handle.write(render(ensure_secrets(secrets_dir)))
+        handle.write(render(ensure_secrets(secrets_dir, admin_dir)))
     return path

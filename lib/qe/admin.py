@@ -1,8 +1,8 @@
 """Administrative steps, run by whoever installs or starts the system (not by daemons).
 
-    python -m qe.admin write-acl ACL_FILE SECRETS_DIR
+    python -m qe.admin write-acl ACL_FILE SECRETS_DIR [--admin-dir DIR]
         the Redis ACL file (lib/qe/acl.py) and one password file per user, qe-admin
-        included (existing passwords are kept).
+        included (in DIR if given; existing passwords are kept).
     python -m qe.admin load-functions [--wait SECONDS]
         FUNCTION LOAD REPLACE of the runtime's function library (lib/qe/functions.py)
         as `qe-admin`, then checks that the expected version answers. Every daemon
@@ -59,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     write = sub.add_parser("write-acl", help="write the Redis ACL file and the password files")
     write.add_argument("acl_file", type=Path)
     write.add_argument("secrets_dir", type=Path)
+    write.add_argument("--admin-dir", type=Path, help="where qe-admin.pass lives (default: SECRETS_DIR)")
     args = parser.parse_args(argv)
     if args.command == "write-acl":
-        print(f"ACL file {acl.write_acl_file(args.acl_file, args.secrets_dir)} (passwords in {args.secrets_dir})")
+        written = acl.write_acl_file(args.acl_file, args.secrets_dir, args.admin_dir)
+        print(f"ACL file {written} (passwords in {args.secrets_dir}, qe-admin's in {args.admin_dir or args.secrets_dir})")
         return 0
     try:
         r, url = admin_client()
