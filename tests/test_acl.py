@@ -6,6 +6,7 @@ every user against a real redis-server (Redis >= 7.0: functions, selectors)."""
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import stat
 import time
 from pathlib import Path
@@ -78,6 +79,20 @@ def test_secrets_are_private_files_and_the_acl_file_holds_only_hashes(tmp_path):
     before = {d: acl.password_file(secrets_dir, d).read_text() for d in acl.ACCESS}
     acl.write_acl_file(tmp_path / "users.acl", secrets_dir)
     assert before == {d: acl.password_file(secrets_dir, d).read_text() for d in acl.ACCESS}
+
+
+def test_the_admin_password_can_live_apart_from_the_daemons(tmp_path):
+    """A host keeps qe-admin's password (FUNCTION LOAD) where no daemon can read it."""
+    secrets_dir, admin_dir = tmp_path / "secrets", tmp_path / "admin"
+    text = acl.write_acl_file(tmp_path / "users.acl", secrets_dir, admin_dir).read_text()
+    admin_file = acl.password_file(admin_dir, acl.ADMIN)
+    assert not acl.password_file(secrets_dir, acl.ADMIN).exists()
+    assert stat.S_IMODE(admin_file.stat().st_mode) == 0o600 and stat.S_IMODE(admin_dir.stat().st_mode) == 0o700
+    digest = hashlib.sha256(admin_file.read_text().strip().encode()).hexdigest()
+    assert f"user qe-admin on #{digest} " in text
+    before = admin_file.read_text()
+    acl.write_acl_file(tmp_path / "users.acl", secrets_dir, admin_dir)
+    assert admin_file.read_text() == before
 
 
 def test_default_user_is_disabled(acl_redis):
