@@ -472,6 +472,9 @@ def test_every_daemon_runs_as_the_service_user_under_the_hardening(ns):
             "for d in /tmp /var/tmp; do findmnt -no SOURCE -T $d | grep -q systemd-private || echo not-private:$d; done; "
             "cat /etc/quant-engine/secrets/qe-" + unit[3:-8] + ".pass >/dev/null || echo unreadable:own-password; "
             "cat /etc/quant-engine/admin/qe-admin.pass >/dev/null 2>&1 && echo readable:admin-password; "
+            # only its own password file is visible (the daemons share one Unix user)
+            "[ \"$(ls -A /etc/quant-engine/secrets)\" = qe-" + unit[3:-8] + ".pass ] "
+            "|| echo sees-passwords:$(ls -A /etc/quant-engine/secrets | tr '\\n' ,); "
             + (f"touch {REPORTS}/qe-probe && rm {REPORTS}/qe-probe || echo unwritable:{REPORTS}; "
                if unit == "qe-pnl.service" else "") + "true",
             check=False,

@@ -176,6 +176,10 @@ def test_unit_policy_and_hardening(daemon):
     assert s["SystemCallFilter"][0] == "@system-service"
     assert float(s["RestartSec"][0]) > 0
     assert "ReadWritePaths" not in s  # the daemons write nothing to disk (qe-pnl: its StateDirectory=)
+    # Of the password files, only its own (and market data's Hammer Pro password) is visible.
+    assert s["TemporaryFileSystem"] == ["/etc/quant-engine/secrets:ro"]
+    own = [f"/etc/quant-engine/secrets/qe-{daemon}.pass"]
+    assert s["BindReadOnlyPaths"] == own + (["-/etc/quant-engine/secrets/hammer.pass"] if daemon == "market-data" else [])
 
 
 def test_the_function_library_is_loaded_by_a_hardened_oneshot_before_the_daemons():
