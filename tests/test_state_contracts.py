@@ -315,7 +315,12 @@ def test_a_feed_wide_stale_alert_makes_every_quote_not_current_while_raised(the_
     done = effects()
     the_brain.handle(alert(kind, "raised", ts_ns=T0 + NS), done)
     assert not quote_current(the_brain)
-    brain_with_quote(the_brain, T0 + 2 * NS)  # arrives while the feed is stale: not current
+    # Arrives while the feed is stale, vouched for before the raise: not current. (A quote
+    # vouched for after it ends a feed_disconnected / l1_feed_stale episode, resolve or
+    # not: tests/test_decision_feed_episodes.py.)
+    the_brain.clock.now = T0 + 2 * NS
+    late = L1(symbol="CIM PRB", bid=24.80, ask=24.82, bid_size=500, ask_size=500)
+    the_brain.handle(event(late, f"l1:late:{T0}", T0 + NS // 2), effects())
     assert not quote_current(the_brain)
     commit(r, done)
     the_brain.load(r)  # a restart keeps the episode

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
+from typing import Any, Mapping
 
+from qe.alert_types import FEED_QUOTES_STALE_UNTIL_A_QUOTE
 from qe.config import PlausibilityRules
 from qe.plausibility import quote_verdict, trusted_reference
 
@@ -106,6 +107,23 @@ def apply_l1(market: Market, l1: Any, vouched_ns: int, now_ns: int, rules: Plaus
         market.trusted_mark = (market.bid + market.ask) / 2
         market.trusted_ts_ns = market.quote_ts_ns
     return problem
+
+
+def feed_episodes_standing(episodes: Mapping[str, int], vouched_ns: int | None, now_ns: int) -> dict[str, int]:
+    """The feed-wide stale episodes (alert type -> ts_ns of its raise) still standing once
+    market data has vouched for a quote at `vouched_ns` (the L1 envelope's ts_ns, bounded
+    by the Brain's clock: a time from the future proves nothing beyond now).
+
+    An episode whose premise is that no quote can arrive (`FEED_QUOTES_STALE_UNTIL_A_QUOTE`:
+    the feed is disconnected, ev.l1 is silent) is over once a quote vouched for after its
+    raise arrives, resolve or not: a resolve can be lost (market data killed with it
+    unflushed, or restarted without the episode in memory), and a latch nobody ends
+    would keep every quote "not current" for the rest of the day, every de-risk order
+    skipped as stale_l1. A quote vouched for before the raise (a late backlog) ends
+    nothing; `feed_stale` ends only with its resolve."""
+    vouched = received_ns(vouched_ns, now_ns)
+    return {kind: raised for kind, raised in episodes.items()
+            if not (kind in FEED_QUOTES_STALE_UNTIL_A_QUOTE and vouched > raised)}
 
 
 def apply_feature(market: Market, feature: Any, event_ts_ns: int, now_ns: int, rules: PlausibilityRules) -> str | None:

@@ -125,8 +125,10 @@ class DecisionHandler:
         self.logged_inputs: dict[str, str] = {}  # "kind|symbol" -> problem of the rejected input
         self.logged_errors: dict[str, str] = {}  # symbol -> evaluation error
         self.evaluation_failure: str | None = None
-        # Feed-wide stale alerts raised and not yet resolved (type -> alert ts_ns): while
-        # any is raised no quote is current (SPEC 6 Marks). Kept in state:decision:inputs.
+        # Feed-wide stale alerts raised and not yet over (type -> alert ts_ns): while any
+        # stands no quote is current (SPEC 6 Marks). Over with its resolve or, for those
+        # that say no quote can arrive, with a quote vouched for after the raise
+        # (guards.feed_episodes_standing). Kept in state:decision:inputs.
         self.stale_feeds: dict[str, int] = {}
         # The clock reading of the step in hand (handle, tick, load): read once per step and
         # used for everything the step does, so the journal's reading reproduces it.
@@ -231,6 +233,8 @@ class DecisionHandler:
             # Current = vouched for by market data within l1_max_age_s: the envelope's ts_ns
             # (a change or a confirmation), never quote_ts_ns (when it last changed).
             problem = guards.apply_l1(market, payload, event.ts_ns, now, self.plausibility)
+            if self.stale_feeds:
+                self._feed_vouched(event.ts_ns, now, effects)
             if self.stale_feeds:
                 market.quote_ts_ns = 0  # the feed is stale: recorded, but not current
             self._log_input("quote", payload.symbol, problem)
@@ -374,7 +378,8 @@ class DecisionHandler:
     def _handle_alert(self, event: Envelope, effects: Effects) -> None:
         """Stale-data alerts (qe.alert_types): a raised one makes the data it names not
         current; a resolved one never makes anything current (only newer data does),
-        except that it ends a feed-wide episode. Every other alert is not the Brain's."""
+        except that it ends a feed-wide episode (so may a newer quote: `_feed_vouched`).
+        Every other alert is not the Brain's."""
         alert = event.payload
         if event.source == SOURCE:
             return
@@ -400,6 +405,19 @@ class DecisionHandler:
             self._make_stale(list(self.view.markets), True, False, before_ns=None)
         elif self.stale_feeds.pop(kind.value, None) is not None:
             log.info("feed stale episode resolved", extra={"alert_type": kind.value, "still": sorted(self.stale_feeds)})
+        effects.hset(INPUTS, {"stale_feeds": dumps(self.stale_feeds)})
+
+    def _feed_vouched(self, vouched_ns: int, now: int, effects: Effects) -> None:
+        """A quote market data vouched for at `vouched_ns` ends the feed-wide episodes it
+        proves over (guards.feed_episodes_standing), resolve or not."""
+        standing = guards.feed_episodes_standing(self.stale_feeds, vouched_ns, now)
+        if standing == self.stale_feeds:
+            return
+        for kind in sorted(set(self.stale_feeds) - set(standing)):
+            log.info("feed stale episode ended by a newer quote",
+                     extra={"alert_type": kind, "raised_ns": self.stale_feeds[kind], "vouched_ns": vouched_ns,
+                            "still": sorted(standing)})
+        self.stale_feeds = standing
         effects.hset(INPUTS, {"stale_feeds": dumps(self.stale_feeds)})
 
     def _make_stale(self, symbols: list[str], quotes: bool, prints: bool, before_ns: int | None) -> None:

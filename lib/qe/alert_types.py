@@ -83,6 +83,14 @@ SYMBOL_QUOTES_STALE: frozenset[AlertType] = frozenset({AlertType.L1_STALE})
 FEED_QUOTES_STALE: frozenset[AlertType] = frozenset({
     AlertType.L1_FEED_STALE, AlertType.FEED_STALE, AlertType.FEED_DISCONNECTED,
 })
+# Feed-wide episodes whose premise is that no quote can arrive (the feed is not connected;
+# ev.l1 is silent): a quote market data vouched for after the raise proves the episode
+# over, even when its resolve never comes (its producer killed with the resolve
+# unflushed, or restarted without the episode in memory). `feed_stale` is not one: a
+# broken data farm may still deliver some quotes, so only its resolve ends it.
+FEED_QUOTES_STALE_UNTIL_A_QUOTE: frozenset[AlertType] = frozenset({
+    AlertType.L1_FEED_STALE, AlertType.FEED_DISCONNECTED,
+})
 SYMBOL_PRINTS_STALE: frozenset[AlertType] = frozenset({AlertType.PRINTS_STALE})
 FEED_PRINTS_STALE: frozenset[AlertType] = frozenset({AlertType.PRINTS_FEED_STALE})
 
