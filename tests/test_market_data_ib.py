@@ -340,3 +340,48 @@ def test_positions_outside_the_universe_file_are_subscribed_priced_and_alerted_o
     assert subscriptions(sim)[0] == len(reduced) + len(outside)
     assert md.terminate() == 0
     assert execution.terminate() == 0
+
+
+def feed_episodes(r: redis.Redis) -> dict[str, int]:
+    """Market data's open feed-wide episodes (its own state, committed with the alerts)."""
+    return {name.decode(): int(value) for name, value in r.hgetall("state:market_data:feed_episodes:ibkr").items()}
+
+
+def alert_events(r: redis.Redis, alert_type: str) -> list[dict]:
+    return [e for e in stream_events(r, "ev.alerts") if e["payload"]["alert_type"] == alert_type]
+
+
+def test_a_disconnect_whose_process_was_killed_is_resolved_by_the_next_process(redis_url, r, tmp_path, sim):
+    """Killed while disconnected (its resolve never sent): the next process resolves the
+    episode once it connects, under the raise's episode, and the open episodes empty."""
+    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data")
+    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    assert feed_episodes(r) == {}
+    sim.control.restart(6.0)  # drop every client, refuse connections for 6 s
+    wait_until(lambda: "feed_disconnected" in alerts(r), timeout=10, message="disconnect raised")
+    wait_until(lambda: "feed_disconnected" in feed_episodes(r), timeout=10, message="episode recorded")
+    md.kill()  # before it could reconnect: no resolve from this process
+    assert "feed_disconnected:resolved" not in alerts(r)
+    episode = feed_episodes(r)["feed_disconnected"]
+
+    start("qe-market-data", redis_url, tmp_path, sim, "market-data-2")
+    wait_until(lambda: "feed_disconnected:resolved" in alerts(r), timeout=30, message="resolved by the new process")
+    raised, resolved = alert_events(r, "feed_disconnected")
+    assert resolved["payload"]["state"] == "resolved"
+    # Same episode: the key names its start (ms), so raise and resolve pair up downstream.
+    assert raised["idempotency_key"].split(":")[-2] == resolved["idempotency_key"].split(":")[-2] == str(episode // 1_000_000)
+    wait_until(lambda: feed_episodes(r) == {}, timeout=10, message="no open episode")
+
+
+def test_a_broken_farm_whose_process_was_killed_is_resolved_once_the_next_process_receives_data(redis_url, r, tmp_path, sim):
+    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data")
+    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    wait_until(lambda: r.xlen("ev.l1") > 0, message="quotes")
+    sim.control.send_code(2103)
+    wait_until(lambda: "feed_stale" in feed_episodes(r), timeout=10, message="stale episode recorded")
+    md.kill()
+    sim.control.send_code(2104)  # the farm recovers while nobody listens
+    start("qe-market-data", redis_url, tmp_path, sim, "market-data-2")
+    wait_until(lambda: "feed_stale:resolved" in alerts(r), timeout=30, message="resolved by the new process")
+    assert [e["payload"]["state"] for e in alert_events(r, "feed_stale")] == ["raised", "resolved"]
+    wait_until(lambda: feed_episodes(r) == {}, timeout=10, message="no open episode")

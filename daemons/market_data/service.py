@@ -43,6 +43,13 @@ SEED_SEEN_MAX = 50_000
 HEALTH_INTERVAL_S = 1.0
 HOLDINGS_INTERVAL_S = 5.0  # positions and open orders are re-read this often (and at every connect)
 SESSION_FRESH_NS = 30 * NS_PER_S
+# The feed-wide episodes this daemon has raised and not yet resolved, per source (field:
+# alert type, value: the episode's ns), committed with the alerts themselves: a process
+# killed before its resolve went out leaves them here, and the next process resolves
+# them once the feed proves them over (a resolve nobody sends would leave the Brain
+# treating every quote as not current, and the operator with a false alarm).
+FEED_EPISODES_KEY = "state:market_data:feed_episodes:{source}"
+FEED_EPISODE_TYPES = frozenset({AlertType.FEED_DISCONNECTED, AlertType.FEED_STALE})
 
 # Market data's own metrics (only this daemon exports them: see qe.metrics.owned_by).
 l1_implausible = metrics.owned_by(DAEMON)(Counter(
@@ -126,6 +133,10 @@ class MarketDataService:
         self.malformed_logged = 0
         self.flush_interval_s = self.config.flush_interval_ms / 1000
         self.pending_alerts: list[Envelope] = []
+        self.feed_episodes_key = FEED_EPISODES_KEY.format(source=self.source)
+        self.open_episodes: dict[AlertType, int] = {}  # FEED_EPISODE_TYPES raised, not resolved
+        self.episodes_loaded = False  # an earlier process's open episodes read (before the first connect)
+        self.episodes_dirty = False
         # Confirming unchanged quotes (issue 13): the feed as a whole is quiet when no
         # quote or trade arrived for one confirmation interval.
         self.confirmer = QuoteConfirmer(self.config.confirm_interval_s)
@@ -163,7 +174,9 @@ class MarketDataService:
 
     def step(self) -> None:
         now = time.monotonic()
-        if not self.connected and now >= self.next_connect_at:
+        if not self.episodes_loaded and now >= self.redis_retry_at:
+            self.load_episodes()
+        if not self.connected and now >= self.next_connect_at and self.episodes_loaded:
             self.connect_feed()
         wait = min(max(self.next_flush_at - now, 0.0), self.flush_interval_s)
         if self.connected:
@@ -213,10 +226,11 @@ class MarketDataService:
         self.health.on_connected(now_ns)
         metrics.feed_connected.labels(self.source).set(1)
         log.info("feed connected", extra={"source": self.source, "reconnect": self.ever_connected})
-        if self.ever_connected:
+        down_since = self.open_episodes.get(AlertType.FEED_DISCONNECTED)  # this process's, or an earlier one's
+        if down_since is not None:
             self.alert(
                 AlertType.FEED_DISCONNECTED, "info", f"{self.source} feed reconnected and re-subscribed",
-                episode=self.down_since_ns, state=RESOLVED,
+                episode=down_since, state=RESOLVED,
             )
         self.ever_connected = True
 
@@ -448,7 +462,13 @@ class MarketDataService:
                 self.alert(AlertType.FEED_STALE, "warning", f"{self.source} feed stale: {change}", episode=now_ns)
             else:
                 log.info("feed ok again", extra={"source": self.source})
-                self.alert(AlertType.FEED_STALE, "info", f"{self.source} feed delivering again", episode=now_ns, state=RESOLVED)
+                self.alert(AlertType.FEED_STALE, "info", f"{self.source} feed delivering again",
+                           episode=self.open_episodes.get(AlertType.FEED_STALE, now_ns), state=RESOLVED)
+        inherited = self.open_episodes.get(AlertType.FEED_STALE)
+        if inherited is not None and not self.health.stale and self.connected and self.last_data_ns is not None:
+            # An episode an earlier process raised: this one's feed is delivering.
+            self.alert(AlertType.FEED_STALE, "info", f"{self.source} feed delivering again (after a restart)",
+                       episode=inherited, state=RESOLVED)
         silent = self.health.stale and not self.health.broken
         if silent and self.connected and time.monotonic() - self.last_resubscribe_at >= self.config.stale_after_s:
             self.resubscribe(self.health.reason)
@@ -460,7 +480,8 @@ class MarketDataService:
     ) -> None:
         """Alerts go out with the next flush; the key names the episode (and the symbol
         and severity for per-symbol episodes, so its start and its end differ), so a
-        retried append is recognised (ev.alerts dedupes on it)."""
+        retried append is recognised (ev.alerts dedupes on it). A feed-wide episode's
+        raise and resolve also update the open episodes committed with them."""
         payload = Alert(
             alert_type=alert_type, state=state, severity=severity, symbol=symbol, message=message[:500],
             data=data or {"source": self.source},
@@ -473,6 +494,32 @@ class MarketDataService:
             phase = "resolved" if state == RESOLVED else severity
             key = idempotency_key("alert", DAEMON, alert_type.value, symbol, episode // 1_000_000, phase)
         self.pending_alerts.append(make_event(payload, idempotency_key=key, source=SOURCE, ts_ns=self.clock.now_ns()))
+        if symbol is None and alert_type in FEED_EPISODE_TYPES:
+            if state == RESOLVED:
+                self.open_episodes.pop(alert_type, None)
+            else:
+                self.open_episodes[alert_type] = episode
+            self.episodes_dirty = True
+
+    def load_episodes(self) -> None:
+        """The feed-wide episodes an earlier process left open become this one's: resolved
+        once the feed proves them over (connected; delivering)."""
+        try:
+            raw = self.r.hgetall(self.feed_episodes_key)
+        except REDIS_ERRORS as exc:
+            self.redis_failed(exc)
+            return
+        self.episodes_loaded = True
+        for name, value in raw.items():
+            try:
+                kind, episode = AlertType(name.decode()), int(value)
+            except ValueError:
+                log.warning("unreadable open feed episode ignored", extra={"field": repr(name)[:80], "value": repr(value)[:80]})
+                continue
+            if kind in FEED_EPISODE_TYPES:
+                self.open_episodes.setdefault(kind, episode)
+        if self.open_episodes:
+            log.info("open feed episodes of an earlier process", extra={"episodes": {k.value: v for k, v in self.open_episodes.items()}})
 
     # -- Redis ---------------------------------------------------------------------------------------------------
     def flush(self, force: bool = False) -> None:
@@ -491,6 +538,11 @@ class MarketDataService:
             effects.publish("ev.prints", event)
         for event in alerts:
             effects.publish("ev.alerts", event)
+        episodes_written = self.episodes_dirty
+        if episodes_written:  # committed with the alerts that opened or closed them
+            effects.command("DEL", self.feed_episodes_key)
+            if self.open_episodes:
+                effects.hset(self.feed_episodes_key, {kind.value: str(ns) for kind, ns in self.open_episodes.items()})
         try:
             self.publisher.commit(effects)
         except (*REDIS_ERRORS, redis.ResponseError) as exc:
@@ -500,6 +552,8 @@ class MarketDataService:
         for _ in prints:
             self.backlog.prints.popleft()
         del self.pending_alerts[: len(alerts)]
+        if episodes_written:
+            self.episodes_dirty = False
         if self.redis_failures:
             log.info("redis reachable again", extra={"after_failures": self.redis_failures, "backlog": len(self.backlog)})
         self.redis_failures = 0
