@@ -202,6 +202,11 @@ install_all() {
   # qe-admin's password (FUNCTION LOAD) is root's, apart from the daemons': only
   # qe-functions.service (run as root, no capabilities) reads it.
   dir 0700 root root "$ADMIN_SECRETS"
+  # An earlier install kept it among the daemons' passwords: move it (same password).
+  if [ -f "$SECRETS/qe-admin.pass" ]; then
+    if [ -e "$ADMIN_SECRETS/qe-admin.pass" ]; then rm -f "$SECRETS/qe-admin.pass"; else mv "$SECRETS/qe-admin.pass" "$ADMIN_SECRETS/"; fi
+    say "  moved qe-admin.pass to $ADMIN_SECRETS (no daemon may read it)"
+  fi
   "$VENV/bin/python" - "$SECRETS" "$acltmp" "$ADMIN_SECRETS" <<'EOF'
 import sys
 from qe import acl

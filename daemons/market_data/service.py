@@ -186,8 +186,9 @@ class MarketDataService:
                 self.on_disconnect(str(exc))
                 items = []
             self.take(items)
-        else:
-            self.stop.wait(max(min(wait, self.next_connect_at - time.monotonic()), 0.001))
+        else:  # (no connect before the open episodes are read: wake for that read's retry)
+            wake_at = self.next_connect_at if self.episodes_loaded else self.redis_retry_at
+            self.stop.wait(max(min(wait, wake_at - time.monotonic()), 0.001))
         now = time.monotonic()
         self.confirm_quotes()
         if now >= self.next_flush_at or len(self.backlog) >= self.config.flush_max_events:
