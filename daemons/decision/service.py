@@ -448,8 +448,9 @@ class DecisionHandler:
             self._run(decision, now, effects, event, "symbol")
 
     def _quote_would_change(self, symbol: str, now: int) -> bool:
-        """Cheap pre-check: is a quote missing, or has GRPAN moved a live quote beyond
-        the re-quote threshold? Most market events change nothing."""
+        """Cheap pre-check: is a quote missing, is the market's quote implausible (the
+        quotes are pulled), or has GRPAN moved a live quote beyond the re-quote
+        threshold? Most market events change nothing."""
         market = self.view.markets.get(symbol)
         if market is None or market.grpan is None:
             return False
@@ -462,6 +463,8 @@ class DecisionHandler:
                 live[record.slot] = record
         if len(live) < 2:
             return True
+        if guards.quote_problem(market, self.plausibility) is not None:
+            return True  # an implausible quote (wide, stub, crossed ...): the strategy pulls its quotes now
         paced = self.rules.decision.reprice_min_interval_s * NS
         for slot, record in live.items():
             if record.cancel_sent or record.limit_price is None:
