@@ -543,9 +543,8 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> tuple[Any
         link = "connected" if broker.get("connected") else "DOWN"
         allowed = "" if broker.get("orders_allowed", True) else ", orders REFUSED"
         lines += ["", f"BROKER {link}{allowed}: account {broker.get('account')} ({broker.get('mode')}), {broker.get('reason')}"]
-    for problem in result["problems"]:
-        if not problem.endswith(": missing"):
-            lines += [f"UNKNOWN {problem}"]
+    # Unknown is not fine: a state nobody has published yet is said, not left out.
+    lines += [f"UNKNOWN {problem}" for problem in result["problems"]]
     if unhealthy:
         raise Unhealthy(result, "\n".join(lines), f"not healthy: {', '.join(unhealthy)}")
     return result, "\n".join(lines)
