@@ -82,6 +82,7 @@ def test_stub_quote_in_normal_trading(tmp_path):
         system.stop()
 
 
+@pytest.mark.long  # make test-long: make test stays under 15 minutes (covered there by the normal-trading stub test and the quote-gate unit tests)
 def test_stub_quote_in_the_hard_derisk_window(tmp_path):
     # 10x: the two-minute hard window lasts 12 wall seconds, enough on a loaded machine.
     system = System(tmp_path, new_york(DAY, "15:57") + timedelta(seconds=15), speed=10.0)
@@ -98,6 +99,7 @@ def test_stub_quote_in_the_hard_derisk_window(tmp_path):
         system.stop()
 
 
+@pytest.mark.long  # make test-long: make test stays under 15 minutes (covered there by the normal-trading stub test and the quote-gate unit tests)
 def test_stub_quote_in_cap_recovery(tmp_path):
     system = System(tmp_path, new_york(DAY, "11:00"))
     try:

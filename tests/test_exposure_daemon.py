@@ -192,6 +192,7 @@ def test_a_burst_is_rate_limited_but_the_last_change_is_never_dropped(redis_url,
     assert daemon.terminate() == 0
 
 
+@pytest.mark.long  # make test-long: make test stays under 15 minutes (covered there by the exposure core's marks tests)
 def test_marks_go_stale_as_simulated_time_passes(redis_url, r, tmp_path, cleanup):
     start_at = datetime(2026, 11, 20, 15, 0, tzinfo=timezone.utc)
     clock_env = clock_module.sim_env(start_at, speed=20)  # l1_max_age 60 s = 3 wall seconds

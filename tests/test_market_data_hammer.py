@@ -320,6 +320,7 @@ class Ticking:
         self.thread.join(timeout=2)
 
 
+@pytest.mark.long  # make test-long: make test stays under 15 minutes (covered there by the IB feed's confirmation test and test_market_data_confirm.py's hour)
 def test_a_quote_unchanged_for_a_simulated_hour_stays_current_on_a_live_feed(redis_url, r, tmp_path, hammer):
     start = datetime(2026, 3, 10, 10, 0, tzinfo=NEW_YORK)  # a Tuesday, market open
     md = start_market_data(redis_url, tmp_path, hammer, env=sim_env(start, speed=SPEED), confirm_interval_s=CONFIRM_S)

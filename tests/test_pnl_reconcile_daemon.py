@@ -31,6 +31,7 @@ def reconciliation(r, symbol=SYMBOL):
     return line.reconciliation if line is not None else None
 
 
+@pytest.mark.long  # make test-long: make test stays under 15 min (covered there: test_pnl_reconcile.py, test_pnl_daemon.py)
 @pytest.mark.slow
 def test_real_fills_agree_with_the_broker_and_a_missed_fill_raises_one_alert(redis_url, r, sim, tmp_path):
     execution = Execution(redis_url, r, sim, tmp_path).start()
