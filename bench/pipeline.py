@@ -471,10 +471,11 @@ def main() -> int:
             if not step.sustained:
                 break
         system.control.configure(quote_rate=0, print_rate=0)
-        # Pulled quotes are cancelled on the Brain's next full evaluation (up to
-        # decision.strategy_refresh_interval_s later): timed once every step is over.
+        # Pulled quotes are cancelled on the wide quote's own event (tens of ms; before,
+        # at the next full evaluation, up to 15 s later): a few seconds more catch a late
+        # cancel, which counts in pull_cancels_late. Timed once every step is over.
         prober.paused.set()
-        time.sleep(16.0 if any(p.kind == "pull" for p in prober.probes) else 0.0)
+        time.sleep(5.0 if any(p.kind == "pull" for p in prober.probes) else 0.0)
         for step in results:
             analyse(system, prober, prober.window(*step.window), time.time(), kinds=("pull",), out=step.lat)
         prober.stop_event.set()
