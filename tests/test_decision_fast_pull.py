@@ -10,40 +10,22 @@ priced off a market that no longer stood, for seconds."""
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 
-import daemons.decision.service as brain
-from qe import config
-from qe.clock import Clock
 from qe.contracts import L1, make_event
-from qe.daemon import Context
 from qe.streams import Effects, StreamPolicy
-from tests.support.brain import NS, T0, market, outstanding, view
-from tests.support.processes import REPO
+from tests.support.brain import NS, T0, decision_handler, market, outstanding, view
 
 SYMBOL = "CIM PRB"
-
-
-class FixedClock(Clock):
-    def __init__(self, now_ns: int) -> None:
-        self.now = now_ns
-
-    def now_ns(self) -> int:  # type: ignore[override]
-        return self.now
 
 
 @pytest.fixture
 def quoting(tmp_path):
     """A Brain quoting SYMBOL (an MM_PURE symbol) two-sided around GRPAN 25.00, both quotes live."""
-    universe = tmp_path / "universe.csv"
-    universe.write_text(f"symbol,bucket_hint,adv,group,ref_price\n{SYMBOL},MM_PURE,50000,G,25.00\n")
-    rules = config.load_rules(REPO / "etc" / "risk_rules.yaml")
-    settings = config.Settings(redis_url="redis://127.0.0.1:1/0", universe_path=universe)
     now = T0 + 10 * NS
-    context = Context("decision", settings, rules, FixedClock(now), None, logging.getLogger("test"))  # type: ignore[arg-type]
-    handler = brain.DecisionHandler(context)
+    handler = decision_handler(tmp_path, {SYMBOL: "MM_PURE"}, now)
+    rules = handler.rules
     handler.view = view({}, 1_000_000.0, {SYMBOL: market(24.95, 25.05, truth=25.00, grpan=25.00, ts_ns=T0)},
                         now_ns=now, universe={SYMBOL: "MM_PURE"})
     edge = rules.strategies.mm.edge

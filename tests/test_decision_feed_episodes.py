@@ -13,20 +13,16 @@ issued no order at all, and the book closed at 106.13 % gross (control run: 96.5
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 
-import daemons.decision.service as brain
 from daemons.decision import codecs, guards
 from daemons.decision.engine import decide
 from qe import config
 from qe.alert_types import AlertType
-from qe.clock import Clock
 from qe.contracts import L1, Alert, make_event
-from qe.daemon import Context
 from qe.streams import Effects, StreamPolicy
-from tests.support.brain import NS, T0, engine_rules, market, session, view
+from tests.support.brain import NS, T0, decision_handler, engine_rules, market, session, view
 from tests.support.processes import REPO
 
 DISCONNECTED, SILENT, FARM = AlertType.FEED_DISCONNECTED.value, AlertType.L1_FEED_STALE.value, AlertType.FEED_STALE.value
@@ -60,22 +56,9 @@ def test_a_quote_time_from_the_future_counts_as_now():
 # --- the handler (imperative shell, no Redis) ---------------------------------------------------------------
 
 
-class FixedClock(Clock):
-    def __init__(self, now_ns: int) -> None:
-        self.now = now_ns
-
-    def now_ns(self) -> int:  # type: ignore[override]
-        return self.now
-
-
 @pytest.fixture
 def handler(tmp_path):
-    universe = tmp_path / "universe.csv"
-    universe.write_text("symbol,bucket_hint,adv,group,ref_price\nCIM PRB,LT,50000,G,25.00\nAGNCN,LT,50000,G,25.00\n")
-    rules = config.load_rules(REPO / "etc" / "risk_rules.yaml")
-    settings = config.Settings(redis_url="redis://127.0.0.1:1/0", universe_path=universe)
-    context = Context("decision", settings, rules, FixedClock(T0), None, logging.getLogger("test"))  # type: ignore[arg-type]
-    return brain.DecisionHandler(context)
+    return decision_handler(tmp_path, {"CIM PRB": "LT", "AGNCN": "LT"})
 
 
 def effects() -> Effects:

@@ -5,7 +5,6 @@ event being handled (it would be retried and, with it, good events dead-lettered
 from __future__ import annotations
 
 import json
-import logging
 import re
 from datetime import datetime, timezone
 
@@ -14,33 +13,16 @@ import pytest
 import daemons.decision.service as brain
 from daemons.decision import codecs
 from daemons.decision.model import Outstanding
-from qe import config
-from qe.clock import Clock
 from qe.contracts import L1, Account, BrokerState, Order, Position, Session, make_event
-from qe.daemon import Context
 from qe.streams import Effects, StreamPolicy
-from tests.support.brain import NS, T0
-from tests.support.processes import REPO
+from tests.support.brain import NS, T0, decision_handler
 
 YEAR_2100_NS = 4_102_444_800 * NS
 
 
-class FixedClock(Clock):
-    def __init__(self, now_ns: int) -> None:
-        self.now = now_ns
-
-    def now_ns(self) -> int:  # type: ignore[override]
-        return self.now
-
-
 @pytest.fixture
 def handler(tmp_path):
-    universe = tmp_path / "universe.csv"
-    universe.write_text("symbol,bucket_hint,adv,group,ref_price\nCIM PRB,LT,50000,G,25.00\nCIM PRC,MM_PURE,50000,G,25.00\n")
-    rules = config.load_rules(REPO / "etc" / "risk_rules.yaml")
-    settings = config.Settings(redis_url="redis://127.0.0.1:1/0", universe_path=universe)
-    context = Context("decision", settings, rules, FixedClock(T0), None, logging.getLogger("test"))  # type: ignore[arg-type]
-    return brain.DecisionHandler(context)
+    return decision_handler(tmp_path, {"CIM PRB": "LT", "CIM PRC": "MM_PURE"})
 
 
 def effects_of(handler) -> Effects:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
+from pathlib import Path
 
 from daemons.decision.engine import BrainView, EngineRules
+from daemons.decision.service import DecisionHandler
 from daemons.decision.model import (
     NS,
     BrainState,
@@ -17,6 +20,8 @@ from daemons.decision.model import (
     SymbolSnap,
 )
 from qe import config
+from qe.clock import Clock
+from qe.daemon import Context
 from qe.exposure_math import potential_notional
 from tests.support.processes import REPO
 
@@ -116,4 +121,27 @@ def outstanding(key: str, slot: str, symbol: str, side: str, qty: int, price: fl
     )
 
 
-__all__ = ["NS", "T0", "DAY", "replace", "engine_rules", "session", "market", "exposure", "view", "outstanding", "load_rules"]
+class FixedClock(Clock):
+    """A clock a test sets by hand (`clock.now = ...`)."""
+
+    def __init__(self, now_ns: int) -> None:
+        self.now = now_ns
+
+    def now_ns(self) -> int:  # type: ignore[override]
+        return self.now
+
+
+def decision_handler(tmp_path: Path, universe: dict[str, str], now_ns: int = T0) -> DecisionHandler:
+    """The Brain's real handler (daemons.decision.service) without Redis: the shipped rules,
+    a universe file of `universe` (symbol -> bucket hint, ref price 25.00) and a FixedClock."""
+    path = tmp_path / "universe.csv"
+    path.write_text("symbol,bucket_hint,adv,group,ref_price\n"
+                    + "".join(f"{symbol},{bucket},50000,G,25.00\n" for symbol, bucket in universe.items()))
+    rules = config.load_rules(REPO / "etc" / "risk_rules.yaml")
+    settings = config.Settings(redis_url="redis://127.0.0.1:1/0", universe_path=path)
+    context = Context("decision", settings, rules, FixedClock(now_ns), None, logging.getLogger("test"))  # type: ignore[arg-type]
+    return DecisionHandler(context)
+
+
+__all__ = ["NS", "T0", "DAY", "replace", "engine_rules", "session", "market", "exposure", "view", "outstanding", "load_rules",
+           "FixedClock", "decision_handler"]
