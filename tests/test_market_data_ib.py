@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from daemons.market_data.service import FEED_EPISODES_KEY
 from qe import state
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until, write_rules
 
@@ -344,7 +345,8 @@ def test_positions_outside_the_universe_file_are_subscribed_priced_and_alerted_o
 
 def feed_episodes(r: redis.Redis) -> dict[str, int]:
     """Market data's open feed-wide episodes (its own state, committed with the alerts)."""
-    return {name.decode(): int(value) for name, value in r.hgetall("state:market_data:feed_episodes:ibkr").items()}
+    key = FEED_EPISODES_KEY.format(source="ibkr")
+    return {name.decode(): int(value) for name, value in r.hgetall(key).items()}
 
 
 def alert_events(r: redis.Redis, alert_type: str) -> list[dict]:
