@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from qe import acl, config, functions, streams
+from qe import acl, config, functions, streams, topology
 from qe.clock import Clock
 from qe.contracts import DLQ_STREAM, L1, STREAM_TYPES, Control, Intent, intent_id_for, make_event
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until
+from tests.support.raw_streams import copy
 from tests.support.redis_server import RedisServer
 
 RULES = config.load_rules(REPO / "etc" / "risk_rules.yaml")
@@ -161,7 +162,7 @@ def test_execution_consumes_intents_through_the_runtime_under_its_acl(acl_redis)
         if execution.hexists("state:orders", "intent:acl:3"):
             break
     assert execution.hexists("state:orders", "intent:acl:3")
-    assert execution.xpending("ev.intents", "execution_service")["pending"] == 0  # XACK allowed
+    assert execution.xpending(copy("ev.intents", "execution_service"), "execution_service")["pending"] == 0  # XACK allowed
     assert execution.hgetall("state:daemon:execution")  # heartbeat allowed
 
 
@@ -183,6 +184,12 @@ def test_a_real_daemon_runs_under_its_user_and_never_logs_its_password(acl_redis
 USERS = list(acl.ACCESS)
 ALL_STREAMS = [*STREAM_TYPES, DLQ_STREAM]
 GROUPS = {daemon: access.group for daemon, access in acl.ACCESS.items() if access.group}
+# Every group's delivery copy of every stream it consumes (qe.topology), and whose it is.
+COPIES = {copy(stream, group): group for group, consumed in topology.CONSUMES.items() for stream in consumed}
+
+
+def own_copies(daemon: str) -> set[str]:
+    return {key for key, group in COPIES.items() if group == GROUPS.get(daemon)}
 
 
 @pytest.fixture(scope="module")
@@ -201,16 +208,18 @@ def matrix(tmp_path_factory):
             clients[daemon].fcall("qe_group_create", 0, stream, access.group, "0", "")
     for stream in ALL_STREAMS:
         writer = next(d for d, a in acl.ACCESS.items() if stream in a.publishes) if stream != DLQ_STREAM else "prints"
-        clients[writer].xadd(stream, {"event": "{}"})
+        clients[writer].fcall("qe_append", 0, stream, "", "event", "{}")  # the stream and its copies
+    assert all(clients["cli"].xlen(key) == 1 for key in COPIES)
     yield server, clients
     server.stop()
 
 
 def streams_readable(daemon: str) -> set[str]:
+    """The streams and copies a daemon may read: what it reads, its own copies."""
     access = acl.ACCESS[daemon]
     if "*" in access.reads:
-        return set(ALL_STREAMS)
-    return set(access.consumes) | {s for s in ALL_STREAMS if s in access.reads}
+        return set(ALL_STREAMS) | set(COPIES)
+    return own_copies(daemon) | {s for s in ALL_STREAMS if s in access.reads}
 
 
 def test_redis_supports_what_the_acl_relies_on(matrix):
@@ -229,7 +238,7 @@ def test_no_user_deletes_expires_or_trims_a_stream(matrix, daemon):
     RENAME of any stream, by anyone (decision could DEL ev.intents, consumers ev.dlq)."""
     _server, clients = matrix
     r = clients[daemon]
-    for stream in ALL_STREAMS:
+    for stream in [*ALL_STREAMS, *COPIES]:
         for name, action in (
             ("DEL", lambda: r.delete(stream)),
             ("UNLINK", lambda: r.unlink(stream)),
@@ -239,6 +248,8 @@ def test_no_user_deletes_expires_or_trims_a_stream(matrix, daemon):
             ("RENAME", lambda: r.rename(stream, stream + ".x")),
             ("XSETID", lambda: r.execute_command("XSETID", stream, "99999999999999-0")),
         ):
+            if name == "XTRIM" and stream in own_copies(daemon):
+                continue  # a group trims what it has acknowledged from its own copy (test below)
             assert "NOPERM" in refused(action), (daemon, name, stream)
         # ... nor through the commit function (nothing applied).
         effects = streams.Effects(streams.StreamPolicy(RULES.streams, daemon))
@@ -251,7 +262,7 @@ def test_no_user_deletes_expires_or_trims_a_stream(matrix, daemon):
 def test_no_user_uses_another_daemons_consumer_group_through_the_runtime(matrix, daemon):
     """Group ownership (ACL marker key qe:group:<group>) checked by the functions: creating,
     or acknowledging in, another daemon's group is refused, and so is an XACK smuggled in
-    as a commit op. What Redis cannot check (a direct XACK) is pinned by the next test."""
+    as a commit op. Direct commands are refused by Redis itself (next test)."""
     _server, clients = matrix
     r = clients[daemon]
     own = GROUPS.get(daemon)
@@ -267,38 +278,57 @@ def test_no_user_uses_another_daemons_consumer_group_through_the_runtime(matrix,
         effects = streams.Effects(streams.StreamPolicy(RULES.streams, daemon))
         effects.command("XACK", stream, group, "0-1")
         assert "NOPERM" in refused(lambda: streams.commit(r, effects)), (daemon, stream)
-        # Group administration is nobody's: destroy, move, drop consumers.
-        for sub in (("DESTROY", stream, group), ("SETID", stream, group, "$"), ("DELCONSUMER", stream, group, "c"),
-                    ("CREATECONSUMER", stream, group, "c")):
-            assert "NOPERM" in refused(lambda: r.execute_command("XGROUP", *sub)), (daemon, sub)
+        # Group administration is nobody's, not even on its own copy: destroy, move, drop consumers.
+        for key in (stream, copy(stream, group)):
+            for sub in (("DESTROY", key, group), ("SETID", key, group, "$"), ("DELCONSUMER", key, group, "c"),
+                        ("CREATECONSUMER", key, group, "c")):
+                assert "NOPERM" in refused(lambda: r.execute_command("XGROUP", *sub)), (daemon, sub)
 
 
 @pytest.mark.parametrize("daemon", USERS)
-def test_group_commands_only_on_streams_the_daemon_consumes(matrix, daemon):
-    """Redis enforces the group commands per stream: a daemon reaches no group at all on a
-    stream it does not consume (alerts cannot touch execution's group on ev.intents)."""
+def test_no_user_reaches_another_daemons_group_even_with_direct_commands(matrix, daemon):
+    """Each group lives only on its own delivery copies (qe.topology), keys only its owner's
+    user may touch: XREADGROUP, XACK, XCLAIM, XAUTOCLAIM, XPENDING and XGROUP are refused
+    by Redis itself on the streams and on every other group's copy, whatever group they
+    name, for a client that bypasses the runtime as much as for the runtime. (Before the
+    copies, alerts could XACK in decision_engine's group on ev.l1.)"""
     _server, clients = matrix
     r = clients[daemon]
-    consumed = set(acl.ACCESS[daemon].consumes)
-    for stream in sorted(set(ALL_STREAMS) - consumed):
+    readable = streams_readable(daemon)  # XPENDING only looks: allowed where it may read (qe status)
+    for key in sorted(set(ALL_STREAMS) | (set(COPIES) - own_copies(daemon))):
         for group in sorted(set(GROUPS.values())):
-            for name, action in (
-                ("XREADGROUP", lambda: r.xreadgroup(group, "intruder", {stream: ">"}, count=1)),
-                ("XACK", lambda: r.xack(stream, group, "0-1")),
-                ("XCLAIM", lambda: r.xclaim(stream, group, "intruder", 0, ["0-1"])),
-                ("XAUTOCLAIM", lambda: r.xautoclaim(stream, group, "intruder", 0)),
-            ):
-                assert "NOPERM" in refused(action), (daemon, name, stream, group)
+            actions = [
+                ("XREADGROUP", lambda: r.xreadgroup(group, "intruder", {key: ">"}, count=1)),
+                ("XREADGROUP pending", lambda: r.xreadgroup(group, "intruder", {key: "0"}, count=1)),
+                ("XACK", lambda: r.xack(key, group, "0-1")),
+                ("XCLAIM", lambda: r.xclaim(key, group, "intruder", 0, ["0-1"])),
+                ("XAUTOCLAIM", lambda: r.xautoclaim(key, group, "intruder", 0)),
+                ("XGROUP CREATE", lambda: r.xgroup_create(key, group, id="0")),
+                ("XGROUP SETID", lambda: r.xgroup_setid(key, group, "$")),
+                ("XGROUP DESTROY", lambda: r.xgroup_destroy(key, group)),
+            ]
+            if key not in readable:
+                actions.append(("XPENDING", lambda: r.xpending(key, group)))
+            for name, action in actions:
+                assert "NOPERM" in refused(action), (daemon, name, key, group)
+    alerts_copy = copy("ev.l1", "alerts")
+    if daemon == "alerts":  # on its own copy, decision_engine's group does not exist at all
+        assert "NOGROUP" in refused(lambda: r.xreadgroup("decision_engine", "intruder", {alerts_copy: ">"}, count=1))
 
 
-def test_limitation_a_direct_xack_in_another_group_on_a_shared_stream_is_not_refused_by_redis(matrix):
-    """Documented in docs/security.md ("What Redis cannot enforce"): ACLs cannot name a
-    group, so a client that bypasses the runtime may XACK in another daemon's group on a
-    stream both consume. The runtime never does (its group is checked at start and on
-    every commit); this test pins the limitation so the docs stay true."""
+@pytest.mark.parametrize("daemon", [d for d in USERS if GROUPS.get(d) in topology.CONSUMES])
+def test_a_daemon_works_its_own_copies_and_no_group_is_on_a_stream(matrix, daemon):
+    """The owner reads, acknowledges and trims its own copy (the runtime's commands);
+    the streams themselves carry no group at all."""
     _server, clients = matrix
-    alerts = clients["alerts"]
-    assert alerts.xack("ev.l1", "decision_engine", "0-1") == 0  # accepted (nothing was pending)
+    r, group = clients[daemon], GROUPS[daemon]
+    key = sorted(own_copies(daemon))[0]
+    assert r.xpending(key, group)["pending"] >= 0
+    assert r.xtrim(key, minid="0-1", approximate=False) == 0  # nothing below the first id
+    for stream in ALL_STREAMS:
+        assert clients["cli"].xinfo_groups(stream) == [], stream
+    for key, owner in COPIES.items():
+        assert [g["name"].decode() for g in clients["cli"].xinfo_groups(key)] == [owner], key
 
 
 @pytest.mark.parametrize("daemon", USERS)
@@ -412,7 +442,8 @@ def test_the_runtime_refuses_to_consume_as_another_daemons_group(matrix):
     through the checked function and fails before the first XREADGROUP."""
     _server, clients = matrix
     alerts = clients["alerts"]
-    before = {g["name"]: g["last-delivered-id"] for g in clients["cli"].xinfo_groups("ev.l1")}
+    decision_copy = copy("ev.l1", "decision_engine")
+    before = {g["name"]: g["last-delivered-id"] for g in clients["cli"].xinfo_groups(decision_copy)}
 
     class Nothing:
         streams = ("ev.l1",)
@@ -432,9 +463,9 @@ def test_the_runtime_refuses_to_consume_as_another_daemons_group(matrix):
     consumer._backoff = type("NoWait", (), {"compute": staticmethod(lambda failures: 0.0)})()
     for _ in range(3):
         consumer.run_once()
-    after = {g["name"]: g["last-delivered-id"] for g in clients["cli"].xinfo_groups("ev.l1")}
+    after = {g["name"]: g["last-delivered-id"] for g in clients["cli"].xinfo_groups(decision_copy)}
     assert after == before
-    pending = clients["cli"].xpending_range("ev.l1", "decision_engine", "-", "+", 1000)
+    pending = clients["cli"].xpending_range(decision_copy, "decision_engine", "-", "+", 1000)
     assert all(p["consumer"] != b"alerts-as-decision" for p in pending)
 
 
@@ -453,9 +484,9 @@ def test_alerts_sees_lag_of_every_group_without_reading_the_streams(matrix):
     _server, clients = matrix
     alerts, cli = clients["alerts"], clients["cli"]
     for _ in range(3):
-        clients["decision"].xadd("ev.intents", {"event": "{}"})
+        clients["decision"].fcall("qe_append", 0, "ev.intents", "", "event", "{}")
     # Execution has read one entry: its position is inside the stream, so the lag must be counted.
-    clients["execution"].xreadgroup("execution_service", "e1", {"ev.intents": ">"}, count=1)
+    clients["execution"].xreadgroup("execution_service", "e1", {copy("ev.intents", "execution_service"): ">"}, count=1)
     counted = {g["name"].decode(): g["lag"] for g in streams.group_lags(cli, ["ev.intents"])["ev.intents"]}
     assert counted["execution_service"] >= 3
     seen = {g["name"].decode(): g["lag"] for g in streams.group_lags(alerts, ["ev.intents"])["ev.intents"]}

@@ -16,6 +16,10 @@ import yaml
 from qe import config, streams
 from qe.contracts import L1, make_event
 from tests.support.processes import REPO, DaemonProcess, daemon_env, wait_until, write_rules
+from tests.support.raw_streams import copy
+from tests.support.redis_server import CONSUMES
+
+L1_COPY = copy("ev.l1", "test_counter")  # where the counter daemon's group reads ev.l1
 
 COUNTER = [sys.executable, str(REPO / "tests" / "support" / "counter_daemon.py")]
 RULES = config.load_rules(REPO / "etc" / "risk_rules.yaml")
@@ -69,7 +73,7 @@ def test_sigkill_at_any_point_never_applies_an_effect_twice(redis_url, r, tmp_pa
     assert daemon.terminate() == 0
     assert kills >= 3
     assert_exactly_once(r, keys)
-    assert r.xpending("ev.l1", "test_counter")["pending"] == 0
+    assert r.xpending(L1_COPY, "test_counter")["pending"] == 0
     assert r.xlen("ev.dlq") == 0
 
 
@@ -101,7 +105,7 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_0(redis_url, r, tmp_path):
     daemon = DaemonProcess(COUNTER, env, tmp_path / "counter.log").start()
     # Wait until the batch of 40 is delivered (pending) but not yet committed (~2 s of work).
     wait_until(
-        lambda: r.exists("ev.l1") and r.xinfo_groups("ev.l1") and r.xpending("ev.l1", "test_counter")["pending"] == 40,
+        lambda: r.exists(L1_COPY) and r.xinfo_groups(L1_COPY) and r.xpending(L1_COPY, "test_counter")["pending"] == 40,
         message="batch delivered",
     )
     assert processed(r) == 0
@@ -109,7 +113,7 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_0(redis_url, r, tmp_path):
     assert daemon.terminate(timeout=10) == 0
     assert time.monotonic() - started < 10  # well within supervisord's stopwaitsecs
     assert processed(r) == 40  # the whole batch was finished and committed
-    assert r.xpending("ev.l1", "test_counter")["pending"] == 0
+    assert r.xpending(L1_COPY, "test_counter")["pending"] == 0
     assert any(line.get("msg") == "stop requested" and line.get("signal") == "SIGTERM" for line in daemon.log_lines())
 
 
@@ -229,7 +233,7 @@ def wait_housekeeping(r: redis.Redis, rounds: int = 3) -> None:
 
 
 def our_lag(r: redis.Redis) -> dict:
-    return next(g for g in streams.group_lags(r, ["ev.l1"])["ev.l1"] if g["name"] == GROUP.encode())
+    return next(g for g in streams.group_lags(r, ["ev.l1"], CONSUMES)["ev.l1"] if g["name"] == GROUP.encode())
 
 
 @pytest.fixture
@@ -256,7 +260,7 @@ def test_a_redis_restart_raises_no_false_trim_alarm_and_no_lag(tmp_path, houseke
         server.kill()
         server.start()
         r = server.client()
-        group = next(g for g in r.xinfo_groups("ev.l1") if g["name"] == GROUP.encode())
+        group = next(g for g in r.xinfo_groups(L1_COPY) if g["name"] == GROUP.encode())
         if persistence == "aof":
             # Redis 7.0 replays the group's creation, not its reads: its own lag is wrong now
             # (an RDB keeps entries-read; the test then shows no harm done either).
@@ -265,7 +269,7 @@ def test_a_redis_restart_raises_no_false_trim_alarm_and_no_lag(tmp_path, houseke
         wait_until(lambda: processed(r) == 80, timeout=30, message="all 80 processed after the restart")
         wait_housekeeping(r)
         assert trim_reports(r) == []
-        assert r.xinfo_groups("ev.l1")[0]["pending"] == 0
+        assert r.xinfo_groups(L1_COPY)[0]["pending"] == 0
         assert our_lag(r)["lag"] == 0
         assert daemon.terminate() == 0
         assert_exactly_once(r, {f"l1:AGNCN:{n}" for n in range(80)})
@@ -284,7 +288,7 @@ def test_a_real_trim_of_unread_entries_is_reported_once_also_after_a_redis_resta
     own_redis.restart()  # kill -9 and back from the AOF: the group's read counter is lost
     r = own_redis.client()
     publish_l1(r, "AGNCN", range(30, 80))  # 50 unread...
-    r.xtrim("ev.l1", maxlen=10, approximate=False)  # ...of which retention trims 40
+    r.xtrim(L1_COPY, maxlen=10, approximate=False)  # ...of which retention trims 40
     assert our_lag(r)["lag"] == 10
     daemon.start()
     wait_until(lambda: processed(r) == 40, timeout=30, message="the 10 left processed")
@@ -295,7 +299,7 @@ def test_a_real_trim_of_unread_entries_is_reported_once_also_after_a_redis_resta
     # The group keeps reading: a later trim of entries it did not read yet is reported too.
     assert daemon.terminate() == 0
     publish_l1(r, "AGNCN", range(80, 100))
-    r.xtrim("ev.l1", maxlen=5, approximate=False)
+    r.xtrim(L1_COPY, maxlen=5, approximate=False)
     daemon.start()
     wait_until(lambda: processed(r) == 45, timeout=30, message="the 5 left processed")
     wait_housekeeping(r)

@@ -13,7 +13,10 @@ from qe import config, streams
 from qe.clock import Clock
 from qe.contracts import L1, Alert, make_event, encode
 
+from tests.support import raw_streams
+
 RULES = config.load_rules(config.Settings().rules_file)
+L1_COPY = raw_streams.copy("ev.l1", "test_group")  # where test_group reads ev.l1 (qe.topology)
 
 
 def l1_event(symbol: str, n: int):
@@ -62,10 +65,10 @@ def rules_with(**runtime) -> config.RiskRules:
     return RULES.model_copy(update={"runtime": RULES.runtime.model_copy(update=runtime)})
 
 
-def make_consumer(r, handler, name="c1", **runtime) -> streams.Consumer:
+def make_consumer(r, handler, name="c1", group="test_group", **runtime) -> streams.Consumer:
     fast = {"block_ms": 50, "backoff_base_s": 0.001, "backoff_cap_s": 0.01, "handler_retry_cap_s": 0.01}
     return streams.Consumer(
-        r=r, daemon="test", group="test_group", handler=handler, rules=rules_with(**{**fast, **runtime}),
+        r=r, daemon="test", group=group, handler=handler, rules=rules_with(**{**fast, **runtime}),
         clock=Clock(), consumer_name=name,
     )
 
@@ -97,7 +100,7 @@ def test_batch_effects_and_acks_commit_together(r):
     run_until(consumer, lambda: len(counts(r)) == 10)
     assert set(counts(r).values()) == {1}
     assert r.xlen("ev.alerts") == 10
-    assert r.xpending("ev.l1", "test_group")["pending"] == 0
+    assert r.xpending(L1_COPY, "test_group")["pending"] == 0
 
 
 def test_a_handler_may_read_bigger_or_smaller_batches_than_the_default(r):
@@ -134,7 +137,7 @@ def test_handler_that_raises_is_redelivered_and_applied_exactly_once(r):
     # The failing entry was retried from the pending list, not dead-lettered.
     assert dlq(r) == []
     assert handler.loads >= 3  # state reloaded after each failure
-    assert r.xpending("ev.l1", "test_group")["pending"] == 0
+    assert r.xpending(L1_COPY, "test_group")["pending"] == 0
 
 
 def test_poison_entry_goes_to_dlq_and_neighbours_are_not_harmed(r):
@@ -150,18 +153,18 @@ def test_poison_entry_goes_to_dlq_and_neighbours_are_not_harmed(r):
     assert "transient failure for l1:PFF:1" in dead[0]["reason"]
     assert json.loads(json.loads(dead[0]["fields"])["event"])["idempotency_key"] == "l1:PFF:1"
     assert counts(r) == {f"l1:PFF:{n}": 1 for n in range(6) if n != 1}
-    assert r.xpending("ev.l1", "test_group")["pending"] == 0
+    assert r.xpending(L1_COPY, "test_group")["pending"] == 0
 
 
 def test_malformed_payloads_go_to_dlq_with_reason_and_loop_keeps_going(r):
     good = l1_event("CIM PRA", 1)
     wrong_type = make_event(Alert(alert_type="dlq_growth", state="raised", severity="info", message="m"), idempotency_key="a", source="t", ts_ns=1)
-    r.xadd("ev.l1", {"event": "{not json"})
-    r.xadd("ev.l1", {"something": "else"})
-    r.xadd("ev.l1", encode(wrong_type))
+    raw_streams.append(r, "ev.l1", {"event": "{not json"})
+    raw_streams.append(r, "ev.l1", {"something": "else"})
+    raw_streams.append(r, "ev.l1", encode(wrong_type))
     bad_price = json.loads(good.model_dump_json())
     bad_price["payload"]["bid"] = -3
-    r.xadd("ev.l1", {"event": json.dumps(bad_price)})
+    raw_streams.append(r, "ev.l1", {"event": json.dumps(bad_price)})
     publish(r, good)
     consumer = make_consumer(r, Recorder())
     run_until(consumer, lambda: counts(r) and len(dlq(r)) == 4)
@@ -171,7 +174,7 @@ def test_malformed_payloads_go_to_dlq_with_reason_and_loop_keeps_going(r):
     assert "type: Input should be 'l1'" in reasons[2]
     assert "payload.bid: Input should be greater than 0" in reasons[3]
     assert counts(r) == {"l1:CIM PRA:1": 1}
-    assert r.xpending("ev.l1", "test_group")["pending"] == 0
+    assert r.xpending(L1_COPY, "test_group")["pending"] == 0
 
 
 def test_commit_whose_reply_is_lost_is_not_applied_twice(r, monkeypatch):
@@ -197,15 +200,15 @@ def test_commit_whose_reply_is_lost_is_not_applied_twice(r, monkeypatch):
 
 def test_entries_of_a_dead_consumer_are_claimed(r):
     publish(r, *(l1_event("TWO PRA", n) for n in range(4)))
-    r.xgroup_create("ev.l1", "test_group", id="0", mkstream=True)
+    r.xgroup_create(L1_COPY, "test_group", id="0", mkstream=True)
     # A peer read them and died before acking.
-    r.xreadgroup("test_group", "dead-peer", {"ev.l1": ">"}, count=10)
-    assert r.xpending("ev.l1", "test_group")["consumers"][0]["name"] == b"dead-peer"
+    r.xreadgroup("test_group", "dead-peer", {L1_COPY: ">"}, count=10)
+    assert r.xpending(L1_COPY, "test_group")["consumers"][0]["name"] == b"dead-peer"
     survivor = make_consumer(r, Recorder(), name="survivor", claim_min_idle_s=0.05, claim_interval_s=0.01)
     time.sleep(0.1)
     run_until(survivor, lambda: len(counts(r)) == 4)
     assert set(counts(r).values()) == {1}
-    assert r.xpending("ev.l1", "test_group")["pending"] == 0
+    assert r.xpending(L1_COPY, "test_group")["pending"] == 0
 
 
 def test_claimed_entry_cannot_be_committed_by_its_former_owner(r):
@@ -215,7 +218,7 @@ def test_claimed_entry_cannot_be_committed_by_its_former_owner(r):
     entries = slow._fetch()
     assert len(entries) == 1
     # While "slow" is still handling, another consumer claims the entry.
-    r.xclaim("ev.l1", "test_group", "fast", 0, [entries[0].entry_id])
+    r.xclaim(L1_COPY, "test_group", "fast", 0, [entries[0].entry_id])
     with pytest.raises(streams.CommitAborted):
         effects = streams.Effects(slow.policy)
         effects.command("HINCRBY", "test:count", "x", 1)
@@ -226,13 +229,13 @@ def test_claimed_entry_cannot_be_committed_by_its_former_owner(r):
 
 def test_pending_entry_whose_payload_was_trimmed_is_reported_and_acked(r):
     publish(r, *(l1_event("ARR PRC", n) for n in range(3)))
-    r.xgroup_create("ev.l1", "test_group", id="0", mkstream=True)
-    r.xreadgroup("test_group", "c1", {"ev.l1": ">"}, count=10)  # our own, then we "crashed"
-    r.xtrim("ev.l1", maxlen=0, approximate=False)
+    r.xgroup_create(L1_COPY, "test_group", id="0", mkstream=True)
+    r.xreadgroup("test_group", "c1", {L1_COPY: ">"}, count=10)  # our own, then we "crashed"
+    r.xtrim(L1_COPY, maxlen=0, approximate=False)
     consumer = make_consumer(r, Recorder())
     run_until(consumer, lambda: len(dlq(r)) == 3)
     assert {d["label"] for d in dlq(r)} == {"trimmed"}
-    assert r.xpending("ev.l1", "test_group")["pending"] == 0
+    assert r.xpending(L1_COPY, "test_group")["pending"] == 0
 
 
 def test_entries_trimmed_before_the_group_read_them_are_reported(r):
@@ -242,7 +245,7 @@ def test_entries_trimmed_before_the_group_read_them_are_reported(r):
     # The producer races ahead and retention trims entries this group never read.
     for n in range(1, 6):
         publish(r, l1_event("DX PRC", n))
-    r.xtrim("ev.l1", maxlen=2, approximate=False)
+    r.xtrim(L1_COPY, maxlen=2, approximate=False)
     consumer.run_once()
     report = [d for d in dlq(r) if d["label"] == "trimmed_unread"]
     assert len(report) == 1
@@ -256,10 +259,10 @@ def test_group_deleted_under_a_running_consumer_is_recreated(r):
     consumer = make_consumer(r, Recorder())
     publish(r, l1_event("PMT PRA", 1))
     run_until(consumer, lambda: counts(r))
-    r.xgroup_destroy("ev.l1", "test_group")
+    r.xgroup_destroy(L1_COPY, "test_group")
     publish(r, l1_event("PMT PRA", 2))
     run_until(consumer, lambda: counts(r).get("l1:PMT PRA:2"))
-    assert r.xinfo_groups("ev.l1")[0]["name"] == b"test_group"
+    assert r.xinfo_groups(L1_COPY)[0]["name"] == b"test_group"
 
 
 def test_publisher_dedupes_on_idempotency_key_where_configured(r):
@@ -330,7 +333,7 @@ def test_a_poison_entry_never_dead_letters_good_entries_of_its_batch(r):
     assert dead[0]["label"] == "max_deliveries"
     assert counts(r) == {"l1:PFF:0": 1, "l1:PFF:2": 1, **{f"control:{n}": 1 for n in range(3)}}
     for stream in ("ev.l1", "ev.control"):
-        assert r.xpending(stream, "test_group")["pending"] == 0
+        assert r.xpending(raw_streams.copy(stream, "test_group"), "test_group")["pending"] == 0
     # The good neighbours were each delivered once or twice, never up to the limit.
     assert consumer._handler_failures == {}
 
@@ -377,7 +380,7 @@ def test_end_batch_failure_is_retried_entry_by_entry_and_only_the_culprit_is_dea
     dead = dlq(r)
     assert [json.loads(json.loads(d["fields"])["event"])["idempotency_key"] for d in dead] == ["l1:MFA PRB:2"]
     assert counts(r) == {f"l1:MFA PRB:{n}": 1 for n in (0, 1, 3, 4)}
-    assert r.xpending("ev.l1", "test_group")["pending"] == 0
+    assert r.xpending(L1_COPY, "test_group")["pending"] == 0
 
 
 # --- decoding against the reader's own clock and limits ------------------------------
@@ -410,9 +413,8 @@ def test_timestamps_are_bounded_by_the_readers_clock_not_the_wall_clock(r):
     # The wall-clock reader of today refuses the same 2031 events: the bound is the reader's.
     r.delete("test:count", "ev.dlq")
     publish(r, stamped(3, 0))
-    wall = make_consumer(r, Recorder(), name="c2")
-    r.xgroup_create("ev.l1", "wall_group", id="$")
-    wall.group = "wall_group"
+    wall = make_consumer(r, Recorder(), name="c2", group="wall_group")
+    r.xgroup_create(raw_streams.copy("ev.l1", "wall_group"), "wall_group", id="$")
     publish(r, stamped(4, 0))
     run_until(wall, lambda: dlq(r))
     assert "ahead of the reader's clock" in dlq(r)[0]["reason"] and counts(r) == {}

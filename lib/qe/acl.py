@@ -37,9 +37,10 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from .contracts import DLQ_STREAM, STREAM_TYPES
-from .functions import GROUP_CHECK_COMMAND, GROUP_KEY
+from .topology import CONSUMES, GROUP_CHECK_COMMAND, GROUP_KEY, delivery_copies, delivery_stream
 from .state import BROKER, DECISION, EXPOSURE, ORDERS, PNL, POSITIONS, SESSION
 
 ARCHIVE_FLOOR = "archive:floor"  # qe.archive's retention floor, read by every producer's guarded XADD
@@ -56,7 +57,7 @@ KEYLESS_COMMANDS = "+scan"
 ADMIN_COMMANDS = "+function|load +function|delete +function|list +function|stats +function|kill +script|kill +fcall_ro"
 CONSUME_COMMANDS = (
     "+xreadgroup +xack +xpending +xautoclaim +xclaim +xgroup|create +xinfo|stream +xinfo|groups "
-    "+exists +xlen +xrange +xrevrange"
+    "+exists +xlen +xrange +xrevrange +xtrim"  # XTRIM: what its group has acknowledged (qe.streams)
 )
 PUBLISH_COMMANDS = "+xadd"
 DEDUPE_COMMANDS = "+set"  # the SET NX EX marker next to a deduplicated XADD
@@ -73,13 +74,21 @@ DEDUPE_PREFIX = "dedupe:{daemon}:"
 @dataclass(frozen=True)
 class Access:
     group: str | None = None  # the consumer group it owns (the only one it may use)
-    consumes: tuple[str, ...] = ()  # streams read through that group
     publishes: tuple[str, ...] = ()  # streams the daemon appends to
     writes: tuple[str, ...] = ()  # state key patterns it writes (and reads)
     reads: tuple[str, ...] = ()  # key patterns it only reads
     metadata: tuple[str, ...] = ()  # stream patterns whose XINFO/XLEN it reads (not entries)
     extra_write_commands: tuple[tuple[str, str], ...] = field(default=())  # (command, key pattern) grants
 
+    @property
+    def consumes(self) -> tuple[str, ...]:
+        """Streams read through its group, each from the group's own copy (qe.topology)."""
+        return CONSUMES.get(self.group, ()) if self.group else ()
+
+
+# Where `qe dlq requeue` may append (qe_append): not ev.intents (an intent is re-issued
+# by the Brain), not the operator's own control stream, not the Brain's journal.
+REQUEUE_STREAMS = tuple(s for s in STREAM_TYPES if s not in ("ev.intents", "ev.control", "ev.decision_journal"))
 
 ACCESS: dict[str, Access] = {
     "session": Access(group="session", publishes=("ev.session",), writes=(SESSION,)),
@@ -92,19 +101,16 @@ ACCESS: dict[str, Access] = {
     ),
     "prints": Access(
         group="prints",
-        consumes=("ev.prints",),
         publishes=("ev.features", "ev.alerts"),
         writes=("state:features:*", "state:prints:*"),
     ),
     "exposure": Access(
         group="exposure",
-        consumes=("ev.positions", "ev.orders", "ev.l1", "ev.features"),
         publishes=("ev.exposure", "ev.alerts"),
         writes=("state:exposure*",),
     ),
     "alerts": Access(
         group="alerts",
-        consumes=("ev.l1", "ev.prints", "ev.exposure", "ev.broker", "ev.session"),
         publishes=("ev.alerts",),
         writes=("state:alerts*",),
         reads=("state:*",),  # mode, broker state, every daemon's record (lag reported by its owner)
@@ -112,17 +118,12 @@ ACCESS: dict[str, Access] = {
     ),
     "decision": Access(
         group="decision_engine",
-        consumes=(
-            "ev.session", "ev.exposure", "ev.l1", "ev.features", "ev.positions",
-            "ev.orders", "ev.alerts", "ev.broker", "ev.control",
-        ),
         publishes=("ev.intents", "ev.alerts", "ev.decision_journal"),
         writes=("state:decision*",),
         reads=(SESSION, EXPOSURE, BROKER),
     ),
     "execution": Access(
         group="execution_service",
-        consumes=("ev.intents", "ev.l1", "ev.features", "ev.control", "ev.session"),
         publishes=("ev.orders", "ev.positions", "ev.broker", "ev.broker_pnl", "ev.alerts"),
         writes=(ORDERS, POSITIONS, BROKER, "state:execution", "state:execution:prices"),
         reads=(DECISION,),
@@ -130,11 +131,11 @@ ACCESS: dict[str, Access] = {
     # P&L; at the close it reads the day's streams for the end-of-day report.
     "pnl": Access(
         group="pnl",
-        consumes=("ev.orders", "ev.positions", "ev.l1", "ev.features", "ev.session", "ev.broker_pnl"),
         publishes=("ev.pnl", "ev.alerts"),
         writes=(PNL, "state:pnl:*"),
-        # The end-of-day report it writes after the close reads these streams too.
-        reads=("ev.exposure", "ev.alerts", "ev.pnl", EXPOSURE, DECISION),
+        # The end-of-day report it writes after the close reads these streams (qe.report);
+        # its group reads ev.orders and ev.l1 from its own copies, the report the streams.
+        reads=("ev.exposure", "ev.alerts", "ev.pnl", "ev.orders", "ev.l1", EXPOSURE, DECISION),
     ),
     # The operator's tool: reads everything; writes the control stream; requeues dead
     # letters to any stream except ev.intents (an intent is re-issued by the Brain) and
@@ -143,8 +144,8 @@ ACCESS: dict[str, Access] = {
         publishes=("ev.control",),
         reads=("*",),
         extra_write_commands=(
-            *(("xadd", stream) for stream in STREAM_TYPES
-              if stream not in ("ev.intents", "ev.control", "ev.decision_journal")),
+            *(("xadd", stream) for stream in REQUEUE_STREAMS),
+            *(("xadd", copy) for copy in delivery_copies(REQUEUE_STREAMS)),
             ("xdel", DLQ_STREAM),
             # qe archive: the archived days and the retention floor (qe.archive).
             ("hset", "state:archive"),
@@ -182,14 +183,17 @@ def user_rule(daemon: str, password: str) -> str:
     consumer = bool(access.consumes)
     publishes = list(access.publishes) + ([DLQ_STREAM] if consumer else [])
     if publishes:
-        parts.append("(" + " ".join(f"%W~{stream}" for stream in publishes) + f" {PUBLISH_COMMANDS})")
+        # The stream and its delivery copies, one per consuming group (qe.topology).
+        appends = [*publishes, *delivery_copies(publishes)]
+        parts.append("(" + " ".join(f"%W~{stream}" for stream in appends) + f" {PUBLISH_COMMANDS})")
         parts.append(f"(%W~{DEDUPE_PREFIX.format(daemon=daemon)}* {DEDUPE_COMMANDS})")
         # The archive guard (qe_commit's XADDG): the length of what it appends to, and the floor.
         parts.append("(" + " ".join(f"%R~{stream}" for stream in publishes) + " +xlen)")
         parts.append(f"(%R~{ARCHIVE_FLOOR} +get)")
     if consumer:
-        streams = " ".join(f"%RW~{stream}" for stream in access.consumes)
-        parts.append(f"({streams} {CONSUME_COMMANDS})")
+        # Only its own group's copies: no other group lives on these keys.
+        copies = " ".join(f"%RW~{delivery_stream(stream, cast(str, access.group))}" for stream in access.consumes)
+        parts.append(f"({copies} {CONSUME_COMMANDS})")
     if access.reads:
         parts.append("(" + " ".join(f"%R~{pattern}" for pattern in access.reads) + f" {READ_COMMANDS})")
     if access.metadata:

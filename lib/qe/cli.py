@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, cast
 
 import redis
 
-from . import acl, cli_pnl, config, daemon, liveness, operator_ack, state, streams
+from . import acl, cli_pnl, config, daemon, liveness, operator_ack, state, streams, topology
 from . import clock as clock_module
 from .clock import NEW_YORK
 from .contracts import DLQ_STREAM, STREAM_TYPES, Control, DecodeError, decode, idempotency_key, is_our_order_ref, make_event
@@ -258,7 +258,8 @@ def cmd_streams(args: argparse.Namespace, settings: config.Settings) -> tuple[An
             rows.append({"stream": stream, "length": 0, "last_id": None, "group": None, "lag": None, "pending": None})
             continue
         info = r.xinfo_stream(stream)
-        groups = r.xinfo_groups(stream)
+        # Each consuming group reads its own copy of the stream (qe.topology).
+        groups = streams.group_lags(r, [stream]).get(stream, [])
         base = {"stream": stream, "length": info["length"], "last_id": _text(info["last-generated-id"])}
         if not groups:
             rows.append({**base, "group": None, "lag": None, "pending": None})
@@ -359,21 +360,27 @@ def cmd_dlq_show(args: argparse.Namespace, settings: config.Settings) -> tuple[A
 
 
 def cmd_dlq_requeue(args: argparse.Namespace, settings: config.Settings) -> tuple[Any, str]:
-    """Append the original entry again to its origin stream and drop the dead letter,
-    in one transaction. Every group of that stream sees it again; consumers dedupe on
-    the event's idempotency key."""
+    """Append the original entry again to its origin stream, for the group that
+    dead-lettered it only (its own copy, qe.topology; the other groups handled it
+    already), then drop the dead letter. The append is checked inside Redis (a function
+    refuses at run time, where a transaction would still apply the XDEL), so the dead
+    letter goes only once its entry is back; a crash in between leaves both, and the
+    group dedupes on the event's idempotency key."""
     entry_id = stream_id(args.id)
     r = _connect(args, settings)
     record = _dead_letter(r, entry_id)
-    origin, fields = record.get("origin_stream"), record.get("fields")
+    origin, fields, group = record.get("origin_stream"), record.get("fields"), record.get("group")
     if origin not in STREAM_TYPES or not isinstance(fields, dict) or not fields:
         raise CliError(f"dead letter {entry_id} has no original payload to requeue (label {record.get('label')})")
-    pipe = r.pipeline(transaction=True)
-    pipe.xadd(origin, fields)
-    pipe.xdel(DLQ_STREAM, entry_id)
-    new_id, _ = pipe.execute()
-    result = {"requeued": entry_id, "stream": origin, "new_id": _text(new_id)}
-    return result, f"requeued {entry_id} to {origin} as {result['new_id']}"
+    if group not in topology.consumers_of(origin):
+        raise CliError(f"dead letter {entry_id} names group {group!r}, which does not consume {origin}")
+    try:
+        new_id = r.fcall("qe_append", 0, origin, group, *(item for pair in fields.items() for item in pair))
+    except redis.ResponseError as exc:
+        raise CliError(f"could not requeue {entry_id} to {origin}: {exc}") from exc
+    r.xdel(DLQ_STREAM, entry_id)
+    result = {"requeued": entry_id, "stream": origin, "group": group, "new_id": _text(new_id)}
+    return result, f"requeued {entry_id} to {origin} for group {group} as {result['new_id']}"
 
 
 # --- status -----------------------------------------------------------------------------------

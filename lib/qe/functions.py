@@ -35,21 +35,28 @@ not stopped by Redis: see docs/security.md, "What Redis cannot enforce".
 
 from __future__ import annotations
 
+import json
+
 import redis
 
+from . import topology
+
 LIBRARY_NAME = "qe"
-VERSION = "2"  # 2: the archive guard (XADDG)
-GROUP_KEY = "qe:group:{group}"  # ACL marker of group ownership; never created
-GROUP_CHECK_COMMAND = "strlen"  # granted on GROUP_KEY only, to the owner only
+VERSION = "3"  # 2: the archive guard (XADDG); 3: delivery copies per consuming group (qe.topology)
 
 LIBRARY = r"""#!lua name=qe
 
 local VERSION = '%(version)s'
 
--- Consumer-group commands never travel as ops: acks go through the checked path.
-local GROUP_COMMANDS = {
+-- Stream -> the consumer groups it is copied to (qe.topology, rendered at load time).
+local FANOUT = %(fanout)s
+local SEPARATOR = '%(separator)s'
+
+-- Consumer-group commands never travel as ops: acks go through the checked path. A
+-- plain XADD neither: every append goes through XADD?/XADDG, which fan it out.
+local REFUSED_OPS = {
   XACK = true, XCLAIM = true, XAUTOCLAIM = true, XGROUP = true, XREADGROUP = true,
-  XSETID = true, XTRIM = true,
+  XSETID = true, XTRIM = true, XADD = true,
 }
 
 -- The ACL grants STRLEN on qe:group:<group> to the group's owner and STRLEN on nothing
@@ -62,12 +69,57 @@ local function refuse(message)
   return redis.error_reply('NOPERM ' .. message)
 end
 
+local function copy_of(stream, group)
+  return stream .. SEPARATOR .. group
+end
+
+local function consumes(stream, group)
+  for _, g in ipairs(FANOUT[stream] or {}) do
+    if g == group then return true end
+  end
+  return false
+end
+
+-- Whether the caller may append to the stream and to each of its delivery copies.
+local function may_append(stream)
+  if not redis.acl_check_cmd('XADD', stream, '*', 'f', 'v') then return false, stream end
+  for _, group in ipairs(FANOUT[stream] or {}) do
+    local copy = copy_of(stream, group)
+    if not redis.acl_check_cmd('XADD', copy, '*', 'f', 'v') then return false, copy end
+  end
+  return true, nil
+end
+
+-- The entry just appended to `stream` as `id`, appended to every delivery copy (or to
+-- `only_group`'s) with the same id and fields, trimmed by the stream's rule (`trim`:
+-- {MAXLEN|MINID, threshold} or nil). A copy whose last id is already at or past `id`
+-- (someone appended to it directly) still gets the entry, under a new id: never lost.
+local function fan_out(stream, id, trim, op, first_field, only_group)
+  for _, group in ipairs(FANOUT[stream] or {}) do
+    if only_group == nil or only_group == group then
+      local args = {'XADD', copy_of(stream, group)}
+      if trim then
+        args[#args + 1] = trim[1]; args[#args + 1] = '~'; args[#args + 1] = trim[2]
+      end
+      local at = #args + 1
+      args[at] = id
+      for i = first_field, #op do args[#args + 1] = op[i] end
+      local reply = redis.pcall(unpack(args))
+      if type(reply) == 'table' and reply.err then
+        args[at] = '*'
+        redis.call(unpack(args))
+      end
+    end
+  end
+end
+
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] acks as JSON [[stream, [ids ascending]], ...],
 -- ARGV[4] ops as JSON [[cmd, arg, ...], ...] (all strings, so no number loses
 -- precision in Lua). "XADD?" is an XADD guarded by an optional SET NX dedupe
--- marker: [XADD?, marker key or '', ttl, stream, xadd args...]. Every acked id must
--- still be pending for this consumer (one XPENDING range per stream), otherwise
--- nothing at all is applied; so must every op be allowed to the caller.
+-- marker: [XADD?, marker key or '', ttl, stream, MINID|MAXLEN, '~', threshold, '*',
+-- field, value, ...]. Acks name the stream; they apply to the group's own copy.
+-- Every acked id must still be pending for this consumer (one XPENDING range per
+-- stream), otherwise nothing at all is applied; so must every op be allowed to the caller.
 -- The archive guard (docs/archive.md): trim only below archive:floor, the first id of
 -- the oldest day not yet archived; no floor yet = nothing archived = no trim.
 -- op: XADDG marker ttl stream MINID|MAXLEN threshold field value ...
@@ -106,30 +158,26 @@ local function commit(keys, args)
   end
   for _, op in ipairs(ops) do
     local name = string.upper(op[1])
-    if name == 'XADD?' then
+    if name == 'XADD?' or name == 'XADDG' then
       if op[2] ~= '' and not redis.acl_check_cmd('SET', op[2], '1', 'NX', 'EX', op[3]) then
         return refuse('this user may not write the dedupe marker ' .. op[2])
       end
-      if not redis.acl_check_cmd('XADD', unpack(op, 4)) then
-        return refuse('this user may not append to ' .. op[4])
+      local allowed, key = may_append(op[4])
+      if not allowed then
+        return refuse('this user may not append to ' .. key)
       end
-    elseif name == 'XADDG' then
       -- [XADDG, marker or '', ttl, stream, MINID|MAXLEN, threshold, field, value, ...]
-      if op[2] ~= '' and not redis.acl_check_cmd('SET', op[2], '1', 'NX', 'EX', op[3]) then
-        return refuse('this user may not write the dedupe marker ' .. op[2])
-      end
-      if not (redis.acl_check_cmd('XADD', op[4], '*', 'f', 'v') and redis.acl_check_cmd('XLEN', op[4])
-              and redis.acl_check_cmd('GET', 'archive:floor')) then
+      if name == 'XADDG' and not (redis.acl_check_cmd('XLEN', op[4]) and redis.acl_check_cmd('GET', 'archive:floor')) then
         return refuse('this user may not append to ' .. op[4] .. ' under the archive guard')
       end
-    elseif GROUP_COMMANDS[name] then
+    elseif REFUSED_OPS[name] then
       return refuse(name .. ' is not allowed as a commit op')
     elseif not redis.acl_check_cmd(unpack(op)) then
       return refuse('this user may not run ' .. name .. ' on ' .. tostring(op[2]))
     end
   end
   for _, ack in ipairs(acks) do
-    local stream, ids = ack[1], ack[2]
+    local stream, ids = copy_of(ack[1], group), ack[2]
     local owned = {}
     for _, row in ipairs(redis.call('XPENDING', stream, group, ids[1], ids[#ids], #ids + 100000, consumer)) do
       owned[row[1]] = true
@@ -142,13 +190,17 @@ local function commit(keys, args)
   for _, op in ipairs(ops) do
     if op[1] == 'XADD?' then
       if op[2] == '' or redis.call('SET', op[2], '1', 'NX', 'EX', op[3]) then
-        results[#results + 1] = redis.call('XADD', unpack(op, 4))
+        local id = redis.call('XADD', unpack(op, 4))
+        fan_out(op[4], id, {op[5], op[7]}, op, 9, nil)
+        results[#results + 1] = id
       else
         results[#results + 1] = ''
       end
     elseif op[1] == 'XADDG' then
       if op[2] == '' or redis.call('SET', op[2], '1', 'NX', 'EX', op[3]) then
-        results[#results + 1] = redis.call(unpack(guarded_xadd(op)))
+        local id = redis.call(unpack(guarded_xadd(op)))
+        fan_out(op[4], id, {op[5], op[6]}, op, 7, nil)
+        results[#results + 1] = id
       else
         results[#results + 1] = ''
       end
@@ -156,17 +208,22 @@ local function commit(keys, args)
       redis.call(unpack(op))
     end
   end
-  for _, ack in ipairs(acks) do redis.call('XACK', ack[1], group, unpack(ack[2])) end
+  for _, ack in ipairs(acks) do redis.call('XACK', copy_of(ack[1], group), group, unpack(ack[2])) end
   return results
 end
 
--- ARGV: stream, group, start id, entries-read ('' for none).
+-- ARGV: stream, group, start id, entries-read ('' for none). The group is created on
+-- its own delivery copy of the stream, which the fan-out must feed.
 local function group_create(keys, args)
   local stream, group, id, entries_read = args[1], args[2], args[3], args[4]
   if not owns_group(group) then
     return refuse('this user may not use consumer group ' .. group)
   end
-  local command = {'XGROUP', 'CREATE', stream, group, id, 'MKSTREAM'}
+  if not consumes(stream, group) then
+    return redis.error_reply('ERR no delivery copy of ' .. stream .. ' for group ' .. group ..
+                             ' (qe.topology); reload the function library after changing it')
+  end
+  local command = {'XGROUP', 'CREATE', copy_of(stream, group), group, id, 'MKSTREAM'}
   if entries_read ~= nil and entries_read ~= '' then
     command[#command + 1] = 'ENTRIESREAD'
     command[#command + 1] = entries_read
@@ -179,15 +236,52 @@ local function group_create(keys, args)
   return reply
 end
 
+-- ARGV: stream, group ('' = every consuming group), field, value, ... An append
+-- outside a commit (the operator's `qe dlq requeue`: only the group that dead-lettered
+-- the entry gets it again), fanned out like every other. Returns the new id.
+local function append(keys, args)
+  local stream, group = args[1], args[2]
+  local allowed, key = may_append(stream)
+  if not allowed then
+    return refuse('this user may not append to ' .. key)
+  end
+  if #args < 4 or #args %% 2 ~= 0 then
+    return redis.error_reply('ERR qe_append needs field value pairs')
+  end
+  if group ~= '' and not consumes(stream, group) then
+    return redis.error_reply('ERR group ' .. group .. ' does not consume ' .. stream)
+  end
+  local command = {'XADD', stream, '*'}
+  for i = 3, #args do command[#command + 1] = args[i] end
+  local id = redis.call(unpack(command))
+  fan_out(stream, id, nil, args, 3, group ~= '' and group or nil)
+  return id
+end
+
 local function count_after(keys, args)
   return #redis.call('XRANGE', args[1], '(' .. args[2], '+', 'COUNT', tonumber(args[3]))
 end
 
 redis.register_function('qe_commit', commit)
 redis.register_function('qe_group_create', group_create)
+redis.register_function('qe_append', append)
 redis.register_function{function_name = 'qe_count_after', callback = count_after, flags = {'no-writes'}}
 redis.register_function{function_name = 'qe_version', callback = function() return VERSION end, flags = {'no-writes'}}
-""" % {"version": VERSION}
+"""
+
+
+def _lua_fanout(table: dict[str, tuple[str, ...]]) -> str:
+    """The fan-out table as a Lua table literal (names are plain identifiers)."""
+    rows = ", ".join(f"[{json.dumps(stream)}] = {{{', '.join(json.dumps(g) for g in groups)}}}"
+                     for stream, groups in table.items())
+    return "{" + rows + "}"
+
+
+def library(consumes: dict[str, tuple[str, ...]] | None = None) -> str:
+    """The library's source for a table of consumption (default: qe.topology's)."""
+    return LIBRARY % {
+        "version": VERSION, "fanout": _lua_fanout(topology.fanout(consumes)), "separator": topology.COPY_SEPARATOR,
+    }
 
 
 class FunctionsMissing(redis.ResponseError):
@@ -201,10 +295,11 @@ def is_missing(error: BaseException) -> bool:
     return "function not found" in str(error).lower()
 
 
-def load(r: redis.Redis) -> str:
+def load(r: redis.Redis, consumes: dict[str, tuple[str, ...]] | None = None) -> str:
     """FUNCTION LOAD REPLACE the library (an administrative step: needs `function|load`).
-    Returns the library name. Loaded functions persist in the AOF and RDB."""
-    name = r.function_load(LIBRARY, replace=True)
+    Returns the library name. Loaded functions persist in the AOF and RDB. `consumes`:
+    another table of consumption than qe.topology's (tests with groups of their own)."""
+    name = r.function_load(library(consumes), replace=True)
     return name.decode() if isinstance(name, bytes) else name
 
 

@@ -39,7 +39,8 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
-from . import functions, metrics
+from . import functions, metrics, topology
+from .topology import delivery_stream, origin_stream
 from .clock import Clock
 from .config import Retention, RiskRules, Settings
 from .redis_types import HashMapping, PendingReadReply, ReadReply
@@ -333,6 +334,8 @@ class Consumer:
         self.group = group
         self.handler = handler
         self.streams = list(handler.streams)
+        # Each stream is read from this group's own delivery copy (qe.topology).
+        self.keys = {stream: delivery_stream(stream, group) for stream in self.streams}
         metrics.declare_consumed(self.streams)  # per-stream series at 0 before the first event
         # A daemon that must also drive another event loop (ib_async) reads with a shorter
         # BLOCK; a handler may read bigger batches than the default (`batch_size`).
@@ -452,8 +455,9 @@ class Consumer:
         """MKSTREAM; BUSYGROUP is fine. On Redis 7 the group's read counter starts at
         what the stream has already trimmed, so only later trims count as losses."""
         entries_read = None
-        if self.config.group_start_id == "0" and self.redis.exists(stream):
-            info = self.redis.xinfo_stream(stream)
+        key = self.keys[stream]
+        if self.config.group_start_id == "0" and self.redis.exists(key):
+            info = self.redis.xinfo_stream(key)
             if info.get("entries-added") is not None:
                 entries_read = info["entries-added"] - info["length"]
         # Through the function: it refuses a group this daemon's ACL user does not own.
@@ -494,15 +498,15 @@ class Consumer:
         reply = cast(ReadReply | None, self.redis.xreadgroup(
             self.group,
             self.consumer,
-            {stream: ">" for stream in open_streams},
+            {self.keys[stream]: ">" for stream in open_streams},
             count=self.config.batch_size,
             block=self._block_ms(),
         ))
         for name, items in reply or ():
-            self._delivered[_text(name)] += len(items)
+            self._delivered[origin_stream(_text(name))] += len(items)
         return [
-            Entry(stream.decode(), entry_id.decode(), fields, 1)
-            for stream, items in reply or ()
+            Entry(origin_stream(key.decode()), entry_id.decode(), fields, 1)
+            for key, items in reply or ()
             for entry_id, fields in items
         ]
 
@@ -510,9 +514,9 @@ class Consumer:
         """The oldest entry of this consumer's pending list of one stream, alone: an entry
         that crashes the process or its handler then raises only its own delivery count,
         never a neighbour's (of the same stream or of another)."""
-        reply = cast(PendingReadReply | None, self.redis.xreadgroup(self.group, self.consumer, {stream: "0"}, count=1))
+        reply = cast(PendingReadReply | None, self.redis.xreadgroup(self.group, self.consumer, {self.keys[stream]: "0"}, count=1))
         entries = [
-            Entry(_text(name), _text(cast(bytes, entry_id)), fields or None, 0)  # a pending id is never None
+            Entry(origin_stream(_text(name)), _text(cast(bytes, entry_id)), fields or None, 0)  # a pending id is never None
             for name, items in reply or ()
             for entry_id, fields in items
         ]
@@ -524,7 +528,7 @@ class Consumer:
             return
         pipe = self.redis.pipeline(transaction=False)
         for entry in entries:
-            pipe.xpending_range(entry.stream, self.group, entry.entry_id, entry.entry_id, 1, self.consumer)
+            pipe.xpending_range(self.keys[entry.stream], self.group, entry.entry_id, entry.entry_id, 1, self.consumer)
         for entry, pending in zip(entries, pipe.execute()):
             entry.deliveries = pending[0]["times_delivered"] if pending else 1
 
@@ -690,7 +694,7 @@ class Consumer:
                 more = True
                 break
             cursor, items, *rest = self.redis.xautoclaim(
-                stream, self.group, self.consumer, min_idle_ms, start_id="0-0", count=1
+                self.keys[stream], self.group, self.consumer, min_idle_ms, start_id="0-0", count=1
             )
             more = more or _text(cursor) != "0-0"
             for entry_id, fields in items:
@@ -719,13 +723,14 @@ class Consumer:
         """Lag/pending gauges, and the report of entries trimmed before this group read them (rule 7)."""
         pipe = self.redis.pipeline(transaction=True)
         for stream in self.streams:
-            pipe.xinfo_groups(stream)
-            pipe.xinfo_stream(stream)
+            pipe.xinfo_groups(self.keys[stream])
+            pipe.xinfo_stream(self.keys[stream])
         pipe.hgetall(self.daemon_key)
         replies = pipe.execute()
         saved = {_text(k): _text(v) for k, v in replies[-1].items()}
         effects = Effects(self.policy)
         lags: dict[str, int] = {}
+        positions: dict[str, dict[str, Any]] = {}
         for index, stream in enumerate(self.streams):
             groups, info = replies[2 * index], replies[2 * index + 1]
             mine = next((g for g in groups if _text(g.get("name")) == self.group), None)
@@ -733,12 +738,14 @@ class Consumer:
             if mine is None:
                 self._read_bases.pop(stream, None)
                 continue
+            positions[stream] = mine
             base = self._read_bases.get(stream)
             if base is not None:
                 base = dataclasses.replace(base, delivered=base.delivered + delivered)
             saved_base = _parse_mark(saved.get(f"read_base:{stream}"))
             reading, base = observe_group(
-                mine, info, count_after(self.redis, stream, mine, info), base, saved_base, _parse_mark(saved.get(f"trim_lost:{stream}"))
+                mine, info, count_after(self.redis, self.keys[stream], mine, info), base, saved_base,
+                _parse_mark(saved.get(f"trim_lost:{stream}")),
             )
             if base is None:
                 self._read_bases.pop(stream, None)
@@ -759,6 +766,23 @@ class Consumer:
             effects.hset(self.daemon_key, lags)
         commit(self.redis, effects)
         self._reported_lags.update({name.removeprefix("lag:"): lag for name, lag in lags.items()})
+        self._trim_acknowledged(positions)
+
+    def _trim_acknowledged(self, positions: dict[str, dict[str, Any]]) -> None:
+        """Drop from this group's own copies what the group is done with: entries below
+        both its position and its oldest pending entry. The entry at the position stays,
+        so a copy never looks trimmed past the group (rule 7), and the copies cost little
+        memory beyond what is in flight (the stream itself keeps its retention)."""
+        with_pending = [stream for stream, group in positions.items() if group.get("pending")]
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in with_pending:
+            pipe.xpending(self.keys[stream], self.group)
+        oldest = {stream: summary.get("min") for stream, summary in zip(with_pending, pipe.execute())}
+        for stream, group in positions.items():
+            floor = trim_floor(_text(group.get("last-delivered-id")) or "0-0", _text(oldest.get(stream)) or None)
+            if floor != "0-0":
+                pipe.xtrim(self.keys[stream], minid=floor, approximate=True)
+        pipe.execute()
 
     def _report_trimmed_unread(self, stream: str, reading: "GroupReading", effects: Effects) -> None:
         metrics.trimmed_unprocessed.labels(stream).inc(reading.newly_lost)
@@ -771,6 +795,14 @@ class Consumer:
         effects.dead_letter(marker, reason, "trimmed_unread", self.consumer, self.group)
         if reading.gap_lost:
             effects.hset(self.daemon_key, {f"trim_lost:{stream}": f"{reading.last_delivered_id} {reading.gap_lost}"})
+
+
+def trim_floor(last_delivered_id: str, oldest_pending_id: str | None) -> str:
+    """The lowest id a group's own copy must keep (pure): its position, or its oldest
+    pending entry when that is older."""
+    if oldest_pending_id is not None and _id_tuple(oldest_pending_id) < _id_tuple(last_delivered_id):
+        return oldest_pending_id
+    return last_delivered_id
 
 
 # --- lag and trim loss, without trusting a group's entries-read (rule 7) -------------------------
@@ -893,29 +925,38 @@ def observe_group(
     return GroupReading(last_delivered, lag, newly, gap_lost), dataclasses.replace(base, reported=reported + newly)
 
 
-def group_lags(r: redis.Redis, streams: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
-    """XINFO GROUPS of each existing stream with every group's `lag` counted as above
-    (lag alerts, `qe status`: XINFO's own figure is wrong after a Redis restart).
+def group_lags(
+    r: redis.Redis, streams: Iterable[str], consumes: dict[str, tuple[str, ...]] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """XINFO GROUPS of every consuming group of each stream, read on the group's own
+    copy (qe.topology; `consumes`: another table), with every group's `lag` counted as
+    above (lag alerts, `qe status`: XINFO's own figure is wrong after a Redis restart).
+    A stream none of whose copies exists is left out.
 
     A caller allowed only a stream's metadata (the alerts daemon on a stream it does not
     consume) cannot count its entries: where XINFO alone does not settle the figure, it
     takes the lag the group's owner last counted (`lag:<stream>` in
     `state:daemon:<owner>`), or None (unknown) when there is none."""
+    table = topology.fanout(consumes)
     result: dict[str, list[dict[str, Any]]] = {}
     for stream in streams:
-        try:
-            groups, info = r.xinfo_groups(stream), r.xinfo_stream(stream)
-        except redis.ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                continue
-            raise
-        result[stream] = [{**g, "lag": _lag_of(r, stream, g, info)} for g in groups]
+        for group_name in table.get(stream, ()):
+            key = delivery_stream(stream, group_name)
+            try:
+                groups, info = r.xinfo_groups(key), r.xinfo_stream(key)
+            except redis.ResponseError as exc:
+                if "no such key" in str(exc).lower():
+                    continue
+                raise
+            rows = result.setdefault(stream, [])
+            # Only the copy's own group counts (nobody else may create one there).
+            rows += [{**g, "lag": _lag_of(r, stream, key, g, info)} for g in groups if _text(g.get("name")) == group_name]
     return result
 
 
-def _lag_of(r: redis.Redis, stream: str, group: dict[str, Any], info: dict[str, Any]) -> int | None:
+def _lag_of(r: redis.Redis, stream: str, key: str, group: dict[str, Any], info: dict[str, Any]) -> int | None:
     try:
-        counted = count_after(r, stream, group, info)
+        counted = count_after(r, key, group, info)
     except redis.ResponseError as exc:
         if not _refused(exc):
             raise

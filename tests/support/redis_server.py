@@ -17,7 +17,16 @@ from pathlib import Path
 
 import redis
 
-from qe import functions
+from qe import functions, topology
+
+# Consumer groups of the runtime's own tests (a handler that is no daemon), fanned out
+# to like the daemons' groups (qe.topology) by every private server of the test suite.
+TEST_CONSUMES: dict[str, tuple[str, ...]] = {
+    "test_group": ("ev.l1", "ev.control"),
+    "wall_group": ("ev.l1",),
+    "test_counter": ("ev.l1",),
+}
+CONSUMES = {**topology.CONSUMES, **TEST_CONSUMES}
 
 
 def redis_server_binary() -> str:
@@ -74,7 +83,8 @@ class RedisServer:
             try:
                 if client.ping():
                     # AOF loading finishes before PING is answered with PONG.
-                    functions.load(client)
+                    # Under the production ACL (auth) only the daemons' groups have copies.
+                    functions.load(client, None if credentials else CONSUMES)
                     return self
             except (redis.ConnectionError, redis.BusyLoadingError):
                 pass

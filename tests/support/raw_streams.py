@@ -1,0 +1,27 @@
+"""Raw appends, as a hostile or broken writer with a producer's rights would make them
+(junk for the dead-letter path, entries the runtime's tests feed by hand).
+
+Every consumer reads its own delivery copy of a stream (qe.topology), fed by the
+producers' commit; `append` goes through the same fan-out (the library's
+`qe_append`), so what a test writes reaches every consuming group as a producer's
+append would, with the same entry id. `copy` names the key a group reads."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import redis
+
+from qe.topology import delivery_stream
+
+
+def append(r: redis.Redis, stream: str, fields: Mapping[str | bytes, str | bytes | int | float], group: str = "") -> str:
+    """XADD `fields` to `stream` and to its delivery copies (only `group`'s if given); the new id."""
+    flat = [item for pair in fields.items() for item in pair]
+    new_id = r.fcall("qe_append", 0, stream, group, *flat)
+    return new_id.decode() if isinstance(new_id, bytes) else new_id
+
+
+def copy(stream: str, group: str) -> str:
+    """The key `group` reads `stream` from (for XPENDING, XINFO GROUPS ...)."""
+    return delivery_stream(stream, group)
