@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis  # noqa: E402
 
-from qe import config, streams  # noqa: E402
+from qe import config, functions, streams, topology  # noqa: E402
 from qe.clock import Clock  # noqa: E402
 from qe.contracts import L1, encode, make_event  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
@@ -48,24 +48,25 @@ def fill(r: redis.Redis, count: int, start: int = 0) -> None:
             source="bench",
             ts_ns=time.time_ns(),
         )
-        pipe.xadd("ev.l1", encode(event))
+        pipe.fcall("qe_append", 0, "ev.l1", "", *(item for pair in encode(event).items() for item in pair))
         if len(pipe) >= 1000:
             pipe.execute()
     pipe.execute()
 
 
 def bare_loop(r: redis.Redis, count: int) -> float:
-    r.xgroup_create("ev.l1", "bare", id="0")
+    bare_copy = topology.delivery_stream("ev.l1", "bare")
+    r.xgroup_create(bare_copy, "bare", id="0")
     seen = 0
     started = time.perf_counter()
     while seen < count:
-        reply = r.xreadgroup("bare", "b1", {"ev.l1": ">"}, count=100, block=1000)
+        reply = r.xreadgroup("bare", "b1", {bare_copy: ">"}, count=100, block=1000)
         for _stream, items in reply:
             ids = []
             for entry_id, fields in items:
                 json.loads(fields[b"event"])
                 ids.append(entry_id)
-            r.xack("ev.l1", "bare", *ids)
+            r.xack(bare_copy, "bare", *ids)
             seen += len(ids)
     return seen / (time.perf_counter() - started)
 
@@ -110,6 +111,8 @@ def main() -> None:
         server = RedisServer(Path(directory), fsync="everysec").start()
         try:
             r = server.client()
+            # Both loops read their own delivery copy of ev.l1 (qe.topology), fed by the fan-out.
+            functions.load(r, {"bare": ("ev.l1",), "runtime": ("ev.l1",)})
             rules = config.load_rules(Path(__file__).resolve().parents[1] / "etc" / "risk_rules.yaml")
             fill(r, args.events)
             bare_rate = bare_loop(r, args.events)
@@ -133,7 +136,8 @@ def main() -> None:
             rss_start = rss_bytes()
             handled = args.events
             for _round in range(args.rounds):
-                r.xtrim("ev.l1", maxlen=0, approximate=False)
+                for key in ("ev.l1", *(topology.delivery_stream("ev.l1", group) for group in ("bare", "runtime"))):
+                    r.xtrim(key, maxlen=0, approximate=False)
                 fill(r, args.events, start=handled)
                 handled += args.events
                 runtime_loop(consumer, handled)

@@ -24,6 +24,7 @@ from qe.contracts import (
     make_event,
 )
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until, write_rules
+from tests.support.raw_streams import append, copy
 
 ALERTS = console_script("qe-alerts")
 RULES = config.load_rules(REPO / "etc" / "risk_rules.yaml")
@@ -57,7 +58,8 @@ class Harness:
 
     def drained(self, *stream_names: str) -> bool:
         for stream in stream_names:
-            groups = {g["name"].decode(): g for g in self.r.xinfo_groups(stream)} if self.r.exists(stream) else {}
+            key = copy(stream, "alerts")
+            groups = {g["name"].decode(): g for g in self.r.xinfo_groups(key)} if self.r.exists(key) else {}
             group = groups.get("alerts")
             if group is None or group["lag"] != 0 or group["pending"] != 0:
                 return False
@@ -238,18 +240,20 @@ def test_daily_high_low_and_the_etf_guard_from_prints(harness):
 
 
 def test_lag_and_dlq_growth_and_malformed_input_is_dead_lettered(harness, r):
-    h = harness(alerts={"consumer_lag_limits": {"default": 5}, "consumer_lag_for_s": 0, "dlq_quiet_s": 2}).start()
+    h = harness(alerts={"consumer_lag_limits": {"default": 5}, "consumer_lag_for_s": 0, "dlq_quiet_s": 2,
+                        "consumer_lag_ignore_groups": ["pnl"]}).start()
     wait_until(lambda: r.hexists("state:alerts:inputs", "dlq"), message="first DLQ observation")
-    r.xgroup_create("ev.intents", "decision_engine", id="0", mkstream=True)
-    r.xgroup_create("ev.orders", "workers", id="0", mkstream=True)
+    # Each group on its own copy, as the runtime creates them (no daemon runs to read them).
+    r.xgroup_create(copy("ev.intents", "execution_service"), "execution_service", id="0", mkstream=True)
+    r.xgroup_create(copy("ev.orders", "pnl"), "pnl", id="0", mkstream=True)
     for i in range(10):
-        r.xadd("ev.intents", {"type": "intent", "idk": f"x{i}", "event": "{}"})
-        r.xadd("ev.orders", {"type": "order", "idk": f"y{i}", "event": "{}"})
+        append(r, "ev.intents", {"type": "intent", "idk": f"x{i}", "event": "{}"})
+        append(r, "ev.orders", {"type": "order", "idk": f"y{i}", "event": "{}"})
     wait_until(lambda: h.states("consumer_lag") == ["firing"], message="lag alert")
     lag = h.alerts("consumer_lag")[0]
-    assert lag["data"]["stream"] == "ev.intents" and lag["data"]["group"] == "decision_engine" and lag["data"]["lag"] == 10
+    assert lag["data"]["stream"] == "ev.intents" and lag["data"]["group"] == "execution_service" and lag["data"]["lag"] == 10
 
-    r.xadd("ev.exposure", {"type": "exposure", "idk": "junk", "event": '{"not": "an exposure"}'})
+    append(r, "ev.exposure", {"type": "exposure", "idk": "junk", "event": '{"not": "an exposure"}'})
     wait_until(lambda: r.xlen("ev.dlq") == 1, message="dead letter")
     dead = {k.decode(): v.decode() for k, v in r.xrange("ev.dlq")[0][1].items()}
     assert dead["origin_stream"] == "ev.exposure" and dead["group"] == "alerts" and dead["label"] == "invalid"
@@ -259,10 +263,11 @@ def test_lag_and_dlq_growth_and_malformed_input_is_dead_lettered(harness, r):
     wait_until(lambda: h.states("hard_cap_current") == ["firing"], message="alert after the dead letter")
     wait_until(lambda: h.states("dlq_growth") == ["firing", "resolved"], timeout=20, message="DLQ quiet again")
 
-    r.xreadgroup("decision_engine", "c", {"ev.intents": ">"})
-    r.xack("ev.intents", "decision_engine", *[entry_id for entry_id, _ in r.xrange("ev.intents")])
+    intents = copy("ev.intents", "execution_service")
+    r.xreadgroup("execution_service", "c", {intents: ">"})
+    r.xack(intents, "execution_service", *[entry_id for entry_id, _ in r.xrange(intents)])
     wait_until(lambda: h.states("consumer_lag") == ["firing", "resolved"], message="lag resolved")
-    assert all(a["data"]["group"] != "workers" for a in h.alerts("consumer_lag"))
+    assert all(a["data"]["group"] != "pnl" for a in h.alerts("consumer_lag"))  # ignored by configuration
     assert h.process.terminate() == 0
 
 

@@ -30,6 +30,7 @@ from qe.contracts import (
     make_event,
 )
 from tests.support.processes import REPO, VENV_BIN, DaemonProcess, console_script, daemon_env, wait_until, write_rules
+from tests.support.raw_streams import append, copy
 
 RULES = config.load_rules(REPO / "etc" / "risk_rules.yaml")
 EQUITY = 1_000_000.0
@@ -155,8 +156,8 @@ def test_soft_window_transition_intents_and_restart_without_duplicates(setup, r)
         brain.kill()
         world.session(soft=True, regime="CLOSE")
         brain.start()
-        keep_session_fresh(world, lambda: r.xpending("ev.session", "decision_engine")["pending"] == 0
-                           and r.xinfo_groups("ev.session")[0]["lag"] == 0, soft=True, regime="CLOSE")
+        keep_session_fresh(world, lambda: r.xpending(copy("ev.session", "decision_engine"), "decision_engine")["pending"] == 0
+                           and r.xinfo_groups(copy("ev.session", "decision_engine"))[0]["lag"] == 0, soft=True, regime="CLOSE")
     time.sleep(1.0)
     keep_session_fresh(world, lambda: True, soft=True, regime="CLOSE")
     assert state(r)["mode"] == "SOFT_DERISK"
@@ -226,7 +227,7 @@ def test_halt_and_resume_through_qe_and_dead_letters(setup, r, redis_url):
     assert status["decision"]["mode"] == "SOFT_DERISK" and status["decision"]["halted"] is False
 
     # A malformed session event is dead-lettered; the Brain keeps going.
-    r.xadd("ev.session", {"type": "session", "event": b'{"not": "a session"}'})
+    append(r, "ev.session", {"type": "session", "event": b'{"not": "a session"}'})
     wait_until(lambda: r.xlen("ev.dlq") == 1, message="dead letter")
     dead = r.xrange("ev.dlq")[0][1]
     assert dead[b"origin_stream"] == b"ev.session" and dead[b"label"] == b"invalid"
@@ -288,7 +289,7 @@ def test_bad_data_in_the_hard_window_never_becomes_an_order(fast_hard, r):
     for _ in range(10):
         world.session(**hard)
         time.sleep(0.2)
-    wait_until(lambda: all(r.xpending(s, "decision_engine")["pending"] == 0 for s in ("ev.session", "ev.positions",
+    wait_until(lambda: all(r.xpending(copy(s, "decision_engine"), "decision_engine")["pending"] == 0 for s in ("ev.session", "ev.positions",
                                                                                       "ev.exposure", "ev.l1")),
                message="pending lists drained")
 

@@ -29,6 +29,7 @@ from qe.contracts import order_ref_for
 from tests.support.corpus import GOOD_SYMBOL, LATE_KINDS, SPECS, Case, stream_corpus
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until, write_rules
 from tests.support.redis_server import RedisServer
+from tests.support.raw_streams import append_args, copy
 
 RULES = config.load_rules(REPO / "etc" / "risk_rules.yaml")
 GROUPS = {"prints": "prints", "alerts": "alerts", "exposure": "exposure", "decision": "decision_engine",
@@ -160,7 +161,7 @@ def _run(daemon: str, tmp: Path) -> Run:
         def inject(batch: list[Case]) -> None:
             pipe = r.pipeline(transaction=False)
             for case in batch:
-                pipe.xadd(case.stream, case.fields)
+                pipe.fcall("qe_append", 0, *append_args(case.stream, case.fields))  # the stream and its copies
             for case, entry_id in zip(batch, pipe.execute()):
                 case.entry_id = entry_id.decode()
 
@@ -174,7 +175,7 @@ def _run(daemon: str, tmp: Path) -> Run:
         def pending() -> dict[str, int]:
             out = {}
             for stream in INPUTS[daemon]:
-                mine = [g for g in r.xinfo_groups(stream) if g["name"].decode() == group]
+                mine = [g for g in r.xinfo_groups(copy(stream, group)) if g["name"].decode() == group]
                 out[stream] = (mine[0]["pending"] + (mine[0].get("lag") or 0)) if mine else -1
             return out
 

@@ -15,6 +15,7 @@ from qe import config, state, streams
 from qe.contracts import L1, Control, Feature, Intent, TruthTick, intent_id_for, make_event, order_ref_for
 from sim.testing import start_in_thread
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until, write_rules
+from tests.support.raw_streams import append
 
 RULES = config.load_rules(REPO / "etc" / "risk_rules.yaml")
 SYMBOL = "CIM PRB"  # the demo account is long 3,200 CIM PRB (LT)
@@ -155,7 +156,7 @@ def test_duplicate_and_redelivered_intents_make_one_broker_order(execution, sim,
     execution.intent("intent:dup:1", limit_price=24.80)  # the same key again
     # A redelivery at stream level: the very same entry appended once more.
     raw = r.xrange("ev.intents")[0][1]
-    r.xadd("ev.intents", raw)
+    append(r, "ev.intents", raw)
     execution.wait_status("intent:dup:1", "FILLED")
     time.sleep(1.0)
     assert execution.placed("intent:dup:1") == 1
@@ -610,7 +611,7 @@ def test_bad_intents_never_reach_the_broker(execution, sim, r):
     def raw(key: str, **changes) -> None:
         payload = {**good, **changes}
         payload = {k: v for k, v in payload.items() if v is not ...}
-        r.xadd("ev.intents", {"event": json.dumps({**envelope, "idempotency_key": key, "payload": payload})})
+        append(r, "ev.intents", {"event": json.dumps({**envelope, "idempotency_key": key, "payload": payload})})
 
     raw("bad:missing", qty=...)
     raw("bad:zero", qty=0)

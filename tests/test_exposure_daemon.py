@@ -19,6 +19,7 @@ from qe import clock as clock_module
 from qe import config, streams
 from qe.contracts import L1, Account, Feature, Order, Position, TruthTick, decode, make_event
 from tests.support.processes import DaemonProcess, console_script, daemon_env, wait_until, write_rules
+from tests.support.raw_streams import append, copy
 
 EXPOSURE = console_script("qe-exposure")
 S = 1_000_000_000
@@ -291,7 +292,7 @@ def test_no_equity_yet_is_an_error_state(redis_url, r, tmp_path, cleanup):
 def drained(r: redis.Redis, *stream_names: str) -> bool:
     """Every entry of these streams delivered to and acked by the exposure group."""
     try:
-        groups = [next(g for g in r.xinfo_groups(s) if g["name"] == b"exposure") for s in stream_names]
+        groups = [next(g for g in r.xinfo_groups(copy(s, "exposure")) if g["name"] == b"exposure") for s in stream_names]
     except (redis.ResponseError, StopIteration):
         return False
     return all(g["pending"] == 0 and g["lag"] == 0 for g in groups)
@@ -394,11 +395,11 @@ def test_malformed_events_are_dead_lettered_and_the_loop_continues(redis_url, r,
     cleanup.append(daemon)
     feed = Feed(r, rules)
     feed.equity(100_000.0)
-    r.xadd("ev.orders", {"type": "order", "event": "{not json"})
+    append(r, "ev.orders", {"type": "order", "event": "{not json"})
     bad_position = make_event(Position(account="DU123", symbol="AGNCN", qty=5, avg_cost=1.0, bucket="LT"),
                               idempotency_key="bad:1", source="test", ts_ns=time.time_ns()).model_dump(mode="json")
     bad_position["payload"]["bucket"] = "HF"  # not a bucket
-    r.xadd("ev.positions", {"type": "position", "event": json.dumps(bad_position)})
+    append(r, "ev.positions", {"type": "position", "event": json.dumps(bad_position)})
     feed.position("NLY PRF", 50_000_000)  # valid by contract, beyond what a book accepts: ignored, not retried
     feed.quote("AGNCN", 25.00, 25.10)
     feed.position("AGNCN", 1000)

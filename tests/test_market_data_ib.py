@@ -15,6 +15,7 @@ import redis
 from daemons.market_data.service import FEED_EPISODES_KEY
 from qe import state
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until, write_rules
+from tests.support.raw_streams import append, copy
 
 try:
     from conftest_sim import sim, sim_control  # noqa: F401
@@ -129,8 +130,8 @@ def test_forced_disconnect_reconnects_resubscribes_and_duplicates_nothing_downst
     assert md.terminate() == 0
     time.sleep(0.5)
     total = Counter(e["payload"]["symbol"] for e in stream_events(r, "ev.prints"))
-    wait_until(lambda: r.xpending("ev.prints", "prints")["pending"] == 0 and
-               r.xinfo_groups("ev.prints")[0]["lag"] == 0, message="worker drained")
+    wait_until(lambda: r.xpending(copy("ev.prints", "prints"), "prints")["pending"] == 0 and
+               r.xinfo_groups(copy("ev.prints", "prints"))[0]["lag"] == 0, message="worker drained")
     assert {symbol: r.llen(f"state:prints:buffer:{symbol}") for symbol in total} == dict(total)
     assert worker.terminate() == 0
 

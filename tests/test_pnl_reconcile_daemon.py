@@ -14,6 +14,7 @@ import pytest
 
 from qe.clock import NEW_YORK
 from tests.support.processes import DaemonProcess, console_script, daemon_env, wait_until, write_rules
+from tests.support.raw_streams import append, copy
 from tests.test_execution_daemon import SYMBOL, Execution, sim  # noqa: F401 - the simulator fixture
 from tests.test_pnl_daemon import pnl_state, publish_session
 
@@ -72,16 +73,17 @@ def test_real_fills_agree_with_the_broker_and_a_missed_fill_raises_one_alert(red
         assert mismatch_alerts(r) == [] and figures.mismatched == []
         assert figures.broker_account is not None and figures.broker_account.daily is not None
 
-        # A fill qe-pnl never sees: stopped while it happens, its ev.orders entries deleted.
+        # A fill qe-pnl never sees: stopped while it happens, its entries deleted from qe-pnl's copy of ev.orders.
         assert pnl.terminate() == 0
         execution.intent("intent:recon:hidden", side="SELL", qty=200, limit_price=24.80, classification="LT_LONG_DEC")
         execution.wait_status("intent:recon:hidden", "FILLED")
         hidden_ref = execution.orders("intent:recon:hidden")[0]["order_ref"]
-        hidden = [(i, f) for i, f in r.xrange("ev.orders")
+        pnl_orders = copy("ev.orders", "pnl")
+        hidden = [(i, f) for i, f in r.xrange(pnl_orders)
                   if json.loads(f[b"event"])["payload"]["order_ref"] == hidden_ref
                   and json.loads(f[b"event"])["payload"]["last_fill"] is not None]
         assert hidden
-        r.xdel("ev.orders", *[i for i, _f in hidden])
+        r.xdel(pnl_orders, *[i for i, _f in hidden])
         pnl.start()
         raised = wait_until(lambda: mismatch_alerts(r) or None, timeout=30, message="pnl_mismatch raised")
         time.sleep(GRACE_S + 2.5)  # it stays raised, and is not raised again
@@ -97,7 +99,7 @@ def test_real_fills_agree_with_the_broker_and_a_missed_fill_raises_one_alert(red
 
         # The fill is read after all: the figures agree again and the alert is resolved, once.
         for _i, fields in hidden:
-            r.xadd("ev.orders", {k.decode(): v for k, v in fields.items()})
+            append(r, "ev.orders", {k.decode(): v for k, v in fields.items()}, group="pnl")
         wait_until(lambda: [a["state"] for a in mismatch_alerts(r)] == ["raised", "resolved"], timeout=30,
                    message=f"pnl_mismatch resolved: {mismatch_alerts(r)}")
         wait_until(lambda: pnl_state(r).mismatched == [], timeout=10, message="state:pnl without mismatch")

@@ -18,6 +18,7 @@ from daemons.prints.service import feature_payload
 from qe import config, streams
 from qe.contracts import Feature, Print, make_event
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until, write_rules
+from tests.support.raw_streams import append, copy
 
 RULES = config.load_rules(REPO / "etc" / "risk_rules.yaml")
 CORE_RULES = Rules.from_config(RULES.prints)
@@ -96,7 +97,7 @@ def start_worker(redis_url: str, rules_path: Path, tmp_path: Path, name: str = "
 
 
 def processed(r: redis.Redis) -> int:
-    groups = r.xinfo_groups("ev.prints") if r.exists("ev.prints") else []
+    groups = r.xinfo_groups(copy("ev.prints", "prints")) if r.exists(copy("ev.prints", "prints")) else []
     group = next((g for g in groups if g["name"] == b"prints"), None)
     if group is None:
         return 0
@@ -142,10 +143,10 @@ def test_a_re_sent_print_is_counted_once(redis_url, r, tmp_path, rules_path):
 
 def test_malformed_entries_go_to_the_dlq_and_the_worker_goes_on(redis_url, r, tmp_path, rules_path):
     worker = start_worker(redis_url, rules_path, tmp_path)
-    r.xadd("ev.prints", {"type": "print", "idk": "junk", "event": "{not json"})
+    append(r, "ev.prints", {"type": "print", "idk": "junk", "event": "{not json"})
     bad = json.loads(make_print("PFF", 1, 31.0, 100, "NYSE", time.time_ns()).model_dump_json())
     bad["payload"]["size"] = -5
-    r.xadd("ev.prints", {"type": "print", "idk": "bad-size", "event": json.dumps(bad)})
+    append(r, "ev.prints", {"type": "print", "idk": "bad-size", "event": json.dumps(bad)})
     publish(r, [make_print("PFF", 2, 31.05, 100, "ARCA", time.time_ns())])
     wait_until(lambda: r.xlen("ev.dlq") == 2 and stored_feature(r, "PFF") is not None, message="dlq + feature")
     reasons = [fields[b"reason"].decode() for _id, fields in r.xrange("ev.dlq")]
@@ -205,7 +206,7 @@ def test_sigkill_and_restart_give_the_same_features_as_an_uninterrupted_run(redi
     wait_until(lambda: processed(r) == total + len(symbols), message="new prints handled")
     assert {symbol: stored_feature(r, symbol) for symbol in symbols} == reference_features(events + more, time.time_ns())
     assert worker.terminate() == 0
-    assert r.xpending("ev.prints", "prints")["pending"] == 0
+    assert r.xpending(copy("ev.prints", "prints"), "prints")["pending"] == 0
     assert r.xlen("ev.dlq") == 0
 
 

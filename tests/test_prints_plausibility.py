@@ -16,6 +16,7 @@ from qe import metrics, streams
 from qe.clock import Clock
 from qe.contracts import Print, make_event
 from tests.support.processes import wait_until
+from tests.support.raw_streams import append, copy
 from tests.test_prints_daemon import (  # noqa: F401
     CORE_RULES, RULES, processed, publish, rules_path, spawned, start_worker, stored_feature,
 )
@@ -89,7 +90,7 @@ def test_implausible_prints_are_excluded_alerted_once_and_a_real_move_is_accepte
     wait_until(lambda: len(gate_alerts(r, symbol)) == 4, message="second episode and its end")
     assert [a["data"]["state"] for a in gate_alerts(r, symbol)] == ["firing", "resolved", "firing", "resolved"]
     assert r.hget(SCREEN_KEY, symbol) is not None and json.loads(r.hget(SCREEN_KEY, symbol))["excluded"] == []
-    assert r.xlen("ev.dlq") == 1 and r.xpending("ev.prints", "prints")["pending"] == 0
+    assert r.xlen("ev.dlq") == 1 and r.xpending(copy("ev.prints", "prints"), "prints")["pending"] == 0
     assert worker.terminate() == 0
 
 

@@ -32,6 +32,7 @@ from qe import metrics
 from tests.support.processes import REPO, wait_until
 from tests.support.system import DAEMONS, System, new_york
 from tests.support.system_tools import require_tool
+from tests.support.raw_streams import append
 from tests.test_prometheus_config import every_daemon_metric
 
 pytestmark = pytest.mark.slow
@@ -374,7 +375,7 @@ def test_a_real_prometheus_scrapes_everything_the_panels_have_data_and_the_alert
 
         provoked = {"QeDaemonDown", "QeModeHalted", "QeDeadLetters"}
         assert not {a["labels"]["alertname"] for a in prometheus.alerts()} & provoked  # quiet before
-        system.r.xadd("ev.intents", {"event": "{not an envelope"})  # dead-lettered by execution
+        append(system.r, "ev.intents", {"event": "{not an envelope"})  # dead-lettered by execution
         halted = system.qe("halt", "--reason", "prometheus test")
         assert halted.returncode == 0, halted.stdout + halted.stderr
         system.kill("prints")

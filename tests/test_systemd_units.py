@@ -24,6 +24,7 @@ import pytest
 
 from tests.support.processes import REPO, VENV_BIN, DaemonProcess, console_script, daemon_env, wait_until, write_rules
 from tests.support.system_tools import require_tool
+from tests.support.raw_streams import append, copy
 
 UNIT_DIR = REPO / "systemd"
 DAEMONS = ("session", "exposure", "market-data", "prints", "alerts", "decision", "execution", "pnl")
@@ -306,9 +307,9 @@ def test_the_sandbox_does_restrict(sandbox):
 def test_daemons_run_under_the_units_restrictions(sandbox, redis_url, r, tmp_path, daemon, stream):
     env = daemon_env(redis_url)
     if daemon == "alerts":  # something for the alerts worker to say: a lagging group
-        r.xgroup_create("ev.intents", "decision_engine", id="0", mkstream=True)
+        r.xgroup_create(copy("ev.intents", "execution_service"), "execution_service", id="0", mkstream=True)
         for n in range(3):
-            r.xadd("ev.intents", {"event": "{}", "n": n})
+            append(r, "ev.intents", {"event": "{}", "n": n})
         env["QE_CONFIG"] = str(write_rules(tmp_path, alerts={"consumer_lag_limits": {"default": 1}, "consumer_lag_for_s": 0}))
     process = DaemonProcess([*sandbox, *console_script(f"qe-{daemon}")], env, tmp_path / f"{daemon}.log").start()
     try:

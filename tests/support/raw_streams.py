@@ -15,11 +15,18 @@ import redis
 from qe.topology import delivery_stream
 
 
-def append(r: redis.Redis, stream: str, fields: Mapping[str | bytes, str | bytes | int | float], group: str = "") -> str:
+Fields = Mapping[str | bytes, str | bytes | int | float]
+
+
+def append(r: redis.Redis, stream: str, fields: Fields, group: str = "") -> str:
     """XADD `fields` to `stream` and to its delivery copies (only `group`'s if given); the new id."""
-    flat = [item for pair in fields.items() for item in pair]
-    new_id = r.fcall("qe_append", 0, stream, group, *flat)
+    new_id = r.fcall("qe_append", 0, *append_args(stream, fields, group))
     return new_id.decode() if isinstance(new_id, bytes) else new_id
+
+
+def append_args(stream: str, fields: Fields, group: str = "") -> list[str | bytes | int | float]:
+    """The arguments of `qe_append` (for a pipeline: `pipe.fcall("qe_append", 0, *append_args(...))`)."""
+    return [stream, group, *(item for pair in fields.items() for item in pair)]
 
 
 def copy(stream: str, group: str) -> str:
