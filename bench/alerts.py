@@ -32,6 +32,7 @@ from qe import config, daemon, streams  # noqa: E402
 from qe.clock import Clock  # noqa: E402
 from qe.contracts import L1, Print, encode, make_event  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
+from tests.support.raw_streams import append, copy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SYMBOLS = [f"SYM{i:03d} PRA" for i in range(499)] + ["PFF"]
@@ -48,7 +49,7 @@ def fill(r: redis.Redis, count: int) -> None:
         else:
             payload, stream = L1(symbol=symbol, bid=price, ask=price + 0.05, bid_size=300, ask_size=500), "ev.l1"
         event = make_event(payload, idempotency_key=f"{stream}:{n}", source="bench", ts_ns=now + n)
-        pipe.xadd(stream, encode(event))
+        append(pipe, stream, encode(event))
         if len(pipe) >= 1000:
             pipe.execute()
     pipe.execute()
@@ -77,7 +78,7 @@ def drain(consumer: streams.Consumer, r: redis.Redis, group: str) -> float:
         done = all(
             g["lag"] == 0 and g["pending"] == 0
             for stream in ("ev.l1", "ev.prints")
-            for g in r.xinfo_groups(stream) if g["name"].decode() == group
+            for g in r.xinfo_groups(copy(stream, group)) if g["name"].decode() == group
         )
         if done:
             return total / (time.perf_counter() - started)
@@ -89,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory() as directory:
-        server = RedisServer(Path(directory), fsync="everysec").start()
+        server = RedisServer(Path(directory), fsync="everysec", test_groups=False).start()
         try:
             r = server.client()
             rules = config.load_rules(REPO / "etc" / "risk_rules.yaml")

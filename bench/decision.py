@@ -51,6 +51,7 @@ from qe.contracts import (  # noqa: E402
 )
 from qe.daemon import Context  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
+from tests.support.raw_streams import append, copy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUITY = 50_000_000.0
@@ -76,14 +77,14 @@ def event(payload, key: str, ts_ns: int):
 def seed(r: redis.Redis, names: list[str]) -> None:
     now = time.time_ns()
     pipe = r.pipeline(transaction=False)
-    pipe.xadd("ev.broker", event(BrokerState(connected=True, account="DU1", mode="paper"), "b", now))
-    pipe.xadd("ev.positions", event(Account(account="DU1", net_liquidation=EQUITY), "acct", now))
+    append(pipe, "ev.broker", event(BrokerState(connected=True, account="DU1", mode="paper"), "b", now))
+    append(pipe, "ev.positions", event(Account(account="DU1", net_liquidation=EQUITY), "acct", now))
     held = {}
     for index, symbol in enumerate(names[::2]):  # half the universe held, 100 % gross in all
         bucket = "MM_PURE" if names.index(symbol) % 5 == 0 else "LT"
         qty = int(EQUITY / (len(names) / 2) / 25 / 2)
         held[symbol] = (qty, bucket)
-        pipe.xadd("ev.positions", event(Position(account="DU1", symbol=symbol, qty=qty, avg_cost=25, bucket=bucket), f"p{index}", now))
+        append(pipe, "ev.positions", event(Position(account="DU1", symbol=symbol, qty=qty, avg_cost=25, bucket=bucket), f"p{index}", now))
     gross = sum(q * 25.0 for q, _b in held.values())
     pct = {b: sum(q * 25.0 for q, bb in held.values() if bb == b) / EQUITY * 100 for b in ("LT", "MM_PURE")}
     exposure = Exposure(
@@ -94,7 +95,7 @@ def seed(r: redis.Redis, names: list[str]) -> None:
         symbols={s: SymbolExposure(qty=q, bucket=b, mark=25.0, mark_source="l1_mid", notional=q * 25.0, open_buy_qty=0,
                                    open_sell_qty=0, potential_notional=q * 25.0) for s, (q, b) in held.items()},
     )
-    pipe.xadd("ev.exposure", event(exposure, "x", now))
+    append(pipe, "ev.exposure", event(exposure, "x", now))
     pipe.execute()
 
 
@@ -144,7 +145,7 @@ def make_consumer(server: RedisServer, names: list[str], directory: Path, consum
 def consumed(r: redis.Redis) -> int:
     total = 0
     for stream in ("ev.l1", "ev.features", "ev.session"):
-        for group in r.xinfo_groups(stream):
+        for group in r.xinfo_groups(copy(stream, "decision_engine")):
             total += group.get("entries-read") or 0
     return total
 
@@ -152,17 +153,17 @@ def consumed(r: redis.Redis) -> int:
 def warm_up(r: redis.Redis, consumer: streams.Consumer, names: list[str], grpan_moves: bool = True) -> None:
     """Steady state before measuring: every symbol has a market, every MM symbol its quotes."""
     pipe = r.pipeline(transaction=False)
-    pipe.xadd("ev.session", session_event(-1))
+    append(pipe, "ev.session", session_event(-1))
     rng = random.Random(3)
     for index, _symbol in enumerate(names):
         for offset in (0, 1):
             stream, fields = market_event([names[index]], rng, 2 * index + offset, grpan_moves)
-            pipe.xadd(stream, fields)
+            append(pipe, stream, fields)
     pipe.execute()
     while True:
         consumer.run_once()
         lag = sum((g.get("lag") or 0) + g.get("pending", 0) for s in ("ev.l1", "ev.features", "ev.session")
-                  for g in r.xinfo_groups(s))
+                  for g in r.xinfo_groups(copy(s, "decision_engine")))
         if lag == 0:
             break
 
@@ -171,7 +172,7 @@ def throughput(names: list[str], count: int, directory: Path, grpan_moves: bool 
     """Events/s handling a backlog of `count` market events (+ the session ticks).
     grpan_moves=False: a steady market (GRPAN fixed, quotes and prints still moving):
     no re-quotes, so the cost measured is the Brain's per-event work alone."""
-    server = RedisServer(directory / f"redis-{len(names)}-{grpan_moves}", fsync="everysec").start()
+    server = RedisServer(directory / f"redis-{len(names)}-{grpan_moves}", fsync="everysec", test_groups=False).start()
     try:
         r = server.client()
         seed(r, names)
@@ -181,9 +182,9 @@ def throughput(names: list[str], count: int, directory: Path, grpan_moves: bool 
         pipe = r.pipeline(transaction=False)
         for seq in range(count):
             if seq % SESSION_EVERY == 0:
-                pipe.xadd("ev.session", session_event(seq))
+                append(pipe, "ev.session", session_event(seq))
             stream, fields = market_event(names, rng, seq, grpan_moves)
-            pipe.xadd(stream, fields)
+            append(pipe, stream, fields)
             if len(pipe) >= 1000:
                 pipe.execute()
         pipe.execute()
@@ -200,7 +201,7 @@ def throughput(names: list[str], count: int, directory: Path, grpan_moves: bool 
 
 
 def latency(names: list[str], rate: float, seconds: float, directory: Path) -> tuple[list[float], int]:
-    server = RedisServer(directory / "redis-latency", fsync="everysec").start()
+    server = RedisServer(directory / "redis-latency", fsync="everysec", test_groups=False).start()
     try:
         r = server.client()
         seed(r, names)
@@ -217,12 +218,12 @@ def latency(names: list[str], rate: float, seconds: float, directory: Path) -> t
             while not stop.is_set():
                 elapsed = time.perf_counter() - started
                 if elapsed >= next_session:
-                    producer.xadd("ev.session", session_event(seq))
+                    append(producer, "ev.session", session_event(seq))
                     next_session += 1.0
                 due = int(elapsed * rate)
                 while seq < due:
                     stream, fields = market_event(names, rng, seq)
-                    entry_id = producer.xadd(stream, fields)
+                    entry_id = append(producer, stream, fields)
                     sent[json.loads(fields["event"])["event_id"]] = int(entry_id.split(b"-")[0])
                     seq += 1
                 time.sleep(0.001)

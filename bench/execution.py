@@ -45,7 +45,7 @@ def main() -> None:
     rules = config.load_rules(REPO / "etc" / "risk_rules.yaml")
     with tempfile.TemporaryDirectory() as directory:
         directory = Path(directory)
-        server = RedisServer(directory / "redis", fsync="everysec").start()
+        server = RedisServer(directory / "redis", fsync="everysec", test_groups=False).start()
         sim = start_process(["--account-file", "none", "--quote-rate", "0", "--print-rate", "0"])
         env = daemon_env(server.url, QE_IB_PORT=str(sim.port), QE_CONSUMER_NAME="bench-execution", QE_LOG_LEVEL="WARNING")
         execution = DaemonProcess(console_script("qe-execution"), env, directory / "execution.log").start()

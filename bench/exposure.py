@@ -38,6 +38,7 @@ from qe import config, streams  # noqa: E402
 from qe.clock import Clock  # noqa: E402
 from qe.contracts import L1, Account, Feature, Order, Position, TruthTick, encode, make_event  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
+from tests.support.raw_streams import append  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (100, 5000)
@@ -159,7 +160,7 @@ class RuntimeRun:
     """A real Consumer on its own private redis-server with `count` symbols set up."""
 
     def __init__(self, rules: config.RiskRules, count: int, directory: Path) -> None:
-        self.server = RedisServer(directory / f"redis-{count}", fsync="everysec").start()
+        self.server = RedisServer(directory / f"redis-{count}", fsync="everysec", test_groups=False).start()
         self.r = self.server.client()
         self.generator = Events(count)
         self.handler = make_handler(rules)
@@ -196,7 +197,7 @@ class RuntimeRun:
     def fill(self, items) -> None:
         pipe = self.r.pipeline(transaction=False)
         for stream, event in items:
-            pipe.xadd(stream, encode(event))
+            append(pipe, stream, encode(event))
             if len(pipe) >= 1000:
                 pipe.execute()
         pipe.execute()

@@ -102,7 +102,7 @@ def main() -> int:
         symbols = write_universe(universe, args.symbols)
         rules = tmp_path / "risk_rules.yaml"
         write_rules(rules, args.symbols)
-        server = RedisServer(tmp_path / "redis", fsync="everysec").start()
+        server = RedisServer(tmp_path / "redis", fsync="everysec", test_groups=False).start()
         sim = start_process([
             "--universe", str(universe), "--account-file", "none",
             "--quote-rate", "0", "--print-rate", "0",  # quiet until everything is subscribed

@@ -24,6 +24,7 @@ import redis  # noqa: E402
 import yaml  # noqa: E402
 
 from qe import clock as qe_clock  # noqa: E402
+from qe import topology  # noqa: E402
 from sim.testing import start_process  # noqa: E402
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
@@ -141,7 +142,7 @@ class PipelineSystem:
         self.universe_file = write_universe(tmp / "universe.csv", rows)
         self.account_file = write_account(tmp / "account.yaml", positions)
         self.rules_file = write_rules(tmp / "risk_rules.yaml", len(rows), mm_symbols)
-        self.redis_server = RedisServer(tmp / "redis", fsync="everysec").start()
+        self.redis_server = RedisServer(tmp / "redis", fsync="everysec", test_groups=False).start()
         self.r = self.redis_server.client()
         anchor = time.time() + 3.0
         self.clock_env = qe_clock.sim_env(start, speed, anchor_wall_s=anchor)
@@ -223,10 +224,12 @@ def group_snapshot(r: redis.Redis) -> dict[tuple[str, str], dict]:
     """Per (stream, consumer group): entries read, lag, pending; and per stream the
     entries ever added (XINFO STREAM entries-added), at one moment."""
     out: dict[tuple[str, str], dict] = {}
+    # Groups live on their delivery copies (qe.topology): each is reported under its stream.
     for raw in r.scan_iter(match="ev.*", _type="stream"):
-        stream = raw.decode()
-        added = r.xinfo_stream(stream)["entries-added"]
-        for group in r.xinfo_groups(stream):
+        key = raw.decode()
+        stream = topology.origin_stream(key)
+        added = r.xinfo_stream(key)["entries-added"]
+        for group in r.xinfo_groups(key):
             name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
             read = group.get("entries-read")
             lag = group.get("lag")

@@ -11,7 +11,7 @@ import yaml
 from qe import cli, config, state, streams
 from qe.contracts import L1, BrokerState, BucketExposure, Exposure, Session, make_event
 from tests.support.processes import REPO, VENV_BIN, daemon_env
-from tests.support.raw_streams import append, copy
+from tests.support.raw_streams import copy
 
 QE = str(VENV_BIN / "qe")
 

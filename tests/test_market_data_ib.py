@@ -15,7 +15,7 @@ import redis
 from daemons.market_data.service import FEED_EPISODES_KEY
 from qe import state
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until, write_rules
-from tests.support.raw_streams import append, copy
+from tests.support.raw_streams import copy
 
 try:
     from conftest_sim import sim, sim_control  # noqa: F401

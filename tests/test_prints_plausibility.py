@@ -16,7 +16,7 @@ from qe import metrics, streams
 from qe.clock import Clock
 from qe.contracts import Print, make_event
 from tests.support.processes import wait_until
-from tests.support.raw_streams import append, copy
+from tests.support.raw_streams import copy
 from tests.test_prints_daemon import (  # noqa: F401
     CORE_RULES, RULES, processed, publish, rules_path, spawned, start_worker, stored_feature,
 )

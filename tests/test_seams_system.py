@@ -14,7 +14,7 @@ import time
 import pytest
 import redis
 
-from qe import acl, state, streams
+from qe import acl, state, streams, topology
 from qe.config import load_rules
 from qe.contracts import Intent, intent_id_for, is_our_order_ref, make_event, order_ref_for
 from tests.support.processes import wait_until
@@ -27,9 +27,9 @@ PRODUCER_PASSWORD = "test-producer-password"
 
 
 def producer(system: System) -> streams.Publisher:
-    """A publisher that can append to ev.intents (and its dedupe markers) only."""
+    """A publisher that can append to ev.intents (its delivery copy and its dedupe markers) only."""
     system.r.execute_command(
-        "ACL", "SETUSER", PRODUCER, "reset", "on", f">{PRODUCER_PASSWORD}", "~ev.intents", "~dedupe:test-producer:*",
+        "ACL", "SETUSER", PRODUCER, "reset", "on", f">{PRODUCER_PASSWORD}", "~ev.intents", *(f"~{key}" for key in topology.delivery_copies(["ev.intents"])), "~dedupe:test-producer:*",
         *acl.CONNECTION_COMMANDS.split(), *acl.FUNCTION_COMMANDS.split(), *acl.PUBLISH_COMMANDS.split(),
         *acl.DEDUPE_COMMANDS.split(),
     )

@@ -16,11 +16,14 @@ separately), so a grant never leaks onto another key:
   `DEL`, `EXPIRE`) on the daemon's own state keys and heartbeat.
 * `(%R~qe:group:<its group> +strlen)`: the marker that says which consumer group it
   owns; the functions check it (`qe.functions`). Nobody has STRLEN on anything else.
-* `(%W~<output streams> +xadd)`: appends only; retention is the producer's `XADD
-  MAXLEN ~`/`MINID ~` (no `DEL`, `UNLINK`, `EXPIRE`, `XTRIM` on any stream, for anyone).
+* `(%W~<output streams and their delivery copies> +xadd)`: appends only; retention is
+  the producer's `XADD MAXLEN ~`/`MINID ~` (no `DEL`, `UNLINK`, `EXPIRE`, `XTRIM` on any
+  stream, for anyone).
 * `(%W~dedupe:<daemon>:* +set)`: its own dedupe markers, nobody else's.
-* `(%RW~<consumed streams> +xreadgroup +xack ...)`: the consumer-group commands on the
-  streams it consumes. One selector for all of them, because a multi-stream
+* `(%RW~<its group's copies> +xreadgroup +xack ... +xtrim)`: the consumer-group commands
+  on its own group's delivery copies (`ev.l1@exposure`, qe.topology) and nowhere else,
+  so no user reaches another daemon's group, even with direct commands; XTRIM of what
+  the group acknowledged. One selector for all of them, because a multi-stream
   XREADGROUP must be allowed by a single selector.
 * `(%R~<read patterns> +hget +xrange ...)`: what it only reads.
 * `(%R~<streams> +xinfo|stream +xinfo|groups +xlen)`: stream metadata (the alerts

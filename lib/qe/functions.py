@@ -18,19 +18,24 @@ it only adds checks a plain command cannot make.
   `group` (below); a refused op therefore applies nothing (a Lua error after a write
   would leave that write in place). Ops may not be consumer-group commands (XACK,
   XCLAIM, XGROUP ...): acknowledgements go only through the checked `acks`.
-* `qe_group_create(stream, group, id, entries_read)`: XGROUP CREATE ... MKSTREAM
-  after the same group check; `BUSYGROUP` is returned, not raised.
+* `qe_group_create(stream, group, id, entries_read)`: XGROUP CREATE ... MKSTREAM on the
+  group's own delivery copy after the same group check; `BUSYGROUP` is returned, not
+  raised; a group the fan-out table does not feed is refused.
+* `qe_append(stream, group, field, value, ...)`: an append outside a commit (the
+  operator's `qe dlq requeue`), fanned out like every other (to `group`'s copy only
+  when given).
 * `qe_count_after(stream, id, bound)` (read-only, FCALL_RO): entries after `id`,
   counted inside Redis up to `bound` (consumer lag, docs/runtime.md rule 7).
 * `qe_version()`: the library's version, so a daemon can tell an old library.
 
-Group ownership is written in the ACL file itself: user `qe-<daemon>` may
-`STRLEN` the (never created) key `qe:group:<its group>`, no other user has `STRLEN`
-on anything, and the functions ask Redis whether the caller may (`acl_check_cmd`). Redis ACLs
-cannot restrict a group name in a command sent directly (XREADGROUP, XACK, XCLAIM
-take the group as an argument, not a key), so a client that bypasses the runtime
-and sends XACK itself with another daemon's group on a stream it also consumes is
-not stopped by Redis: see docs/security.md, "What Redis cannot enforce".
+Every append to a consumed stream is fanned out (`XADD?`/`XADDG` ops, `qe_append`) to
+one delivery copy per consuming group, `<stream>@<group>` (qe.topology, whose table is
+rendered into the library at load time), with the same id and fields; groups live
+only on their copies, so the ACL, which restricts keys, keeps every group to its owner
+even against direct commands (docs/security.md). Group ownership is also written in
+the ACL file itself: user `qe-<daemon>` may `STRLEN` the (never created) key
+`qe:group:<its group>`, no other user has `STRLEN` on anything, and the functions ask
+Redis whether the caller may (`acl_check_cmd`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ Delivery is at-least-once with idempotent, atomic effects (SPEC 5):
 A daemon supplies a Handler (pure-ish: plain in-memory state rebuilt by `load`
 from Redis) and the runtime does the rest: groups, pending drain, batching,
 claiming, dead-lettering, outage back-off, heartbeats, graceful SIGTERM.
+
+A group reads each stream from its own delivery copy (`ev.l1@exposure`, qe.topology),
+which every producer's commit fans out to; handlers, acks and dead letters speak of
+the stream itself (`Entry.stream`), the runtime maps to the copy.
 """
 
 from __future__ import annotations

@@ -45,8 +45,11 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None, fsync: str = "always", extra: list[str] | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, fsync: str = "always", extra: list[str] | None = None,
+                 test_groups: bool = True) -> None:
         self.directory = Path(directory)
+        # Whether the runtime's test groups (TEST_CONSUMES) get copies too; benchmarks measure without.
+        self.consumes = CONSUMES if test_groups else None
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.fsync = fsync
@@ -84,7 +87,7 @@ class RedisServer:
                 if client.ping():
                     # AOF loading finishes before PING is answered with PONG.
                     # Under the production ACL (auth) only the daemons' groups have copies.
-                    functions.load(client, None if credentials else CONSUMES)
+                    functions.load(client, None if credentials else self.consumes)
                     return self
             except (redis.ConnectionError, redis.BusyLoadingError):
                 pass
