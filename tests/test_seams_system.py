@@ -29,7 +29,8 @@ PRODUCER_PASSWORD = "test-producer-password"
 def producer(system: System) -> streams.Publisher:
     """A publisher that can append to ev.intents (its delivery copy and its dedupe markers) only."""
     system.r.execute_command(
-        "ACL", "SETUSER", PRODUCER, "reset", "on", f">{PRODUCER_PASSWORD}", "~ev.intents", *(f"~{key}" for key in topology.delivery_copies(["ev.intents"])), "~dedupe:test-producer:*",
+        "ACL", "SETUSER", PRODUCER, "reset", "on", f">{PRODUCER_PASSWORD}", "~ev.intents",
+        *(f"~{key}" for key in topology.delivery_copies(["ev.intents"])), "~dedupe:test-producer:*",
         *acl.CONNECTION_COMMANDS.split(), *acl.FUNCTION_COMMANDS.split(), *acl.PUBLISH_COMMANDS.split(),
         *acl.DEDUPE_COMMANDS.split(),
     )
