@@ -60,15 +60,17 @@ def test_copy_names_map_back_to_their_stream():
     assert set(topology.consumers_of("ev.l1")) == {"alerts", "decision_engine", "execution_service", "exposure", "pnl"}
 
 
-@pytest.mark.parametrize("position, oldest_pending, floor", [
-    ("5-0", None, "5-0"),
-    ("5-0", "3-1", "3-1"),
-    ("5-0", "5-0", "5-0"),
-    ("10-0", "9-9", "9-9"),
-    ("0-0", None, "0-0"),
+@pytest.mark.parametrize("position, oldest_pending, observed, floor", [
+    ("5-0", None, "5-0", "5-0"),
+    ("5-0", "3-1", "5-0", "3-1"),
+    ("5-0", "5-0", "5-0", "5-0"),
+    ("10-0", "9-9", "10-0", "9-9"),
+    ("10-0", None, "7-0", "7-0"),  # the trim-loss base is older: keep it (no false loss)
+    ("10-0", "2-0", "7-0", "2-0"),
+    ("0-0", None, "0-0", "0-0"),
 ])
-def test_a_group_keeps_its_position_and_its_oldest_pending_entry(position, oldest_pending, floor):
-    assert streams.trim_floor(position, oldest_pending) == floor
+def test_a_group_keeps_its_position_its_oldest_pending_entry_and_its_loss_base(position, oldest_pending, observed, floor):
+    assert streams.trim_floor(position, oldest_pending, observed) == floor
 
 
 # --- the fan-out in Redis --------------------------------------------------------------------------
@@ -116,6 +118,50 @@ def test_a_copy_pushed_ahead_by_a_direct_append_still_gets_every_entry(r):
     alerts_copy = entries(r, copy("ev.l1", "alerts"))
     assert len(alerts_copy) == 2 and alerts_copy[1][1] == entries(r, "ev.l1")[0][1]
     assert entries(r, copy("ev.l1", "exposure")) == entries(r, "ev.l1")  # the others unchanged
+
+
+def test_a_copy_that_can_take_no_entry_costs_only_that_copy_and_is_reported(r, caplog):
+    """The highest possible id appended to a copy directly (a producer's user may): the
+    commit still applies whole (nothing raises after its first write), the others get
+    the entry, and the miss is logged as an error naming the copy."""
+    r.xadd(copy("ev.l1", "alerts"), {"event": "{}"}, id="18446744073709551615-18446744073709551615")
+    effects = streams.Effects(streams.StreamPolicy(RULES.streams))
+    effects.hset("test:applied", {"yes": "1"})
+    effects.publish("ev.l1", quote(1))
+    with caplog.at_level("ERROR", logger="qe.streams"):
+        streams.commit(r, effects)
+    assert r.hget("test:applied", "yes") == b"1" and r.xlen("ev.l1") == 1
+    assert entries(r, copy("ev.l1", "exposure")) == entries(r, "ev.l1")
+    (record,) = [rec for rec in caplog.records if rec.message == "appended but not copied to every consuming group"]
+    assert record.copies == [copy("ev.l1", "alerts")]
+
+
+def test_a_malformed_append_op_applies_nothing(r):
+    effects = streams.Effects(streams.StreamPolicy(RULES.streams))
+    effects.hset("test:applied", {"yes": "1"})
+    effects.ops.append(["XADDG", "", "0", "ev.l1", "MAXLEN", "abc", "event", "{}"])
+    with pytest.raises(redis.ResponseError, match="malformed append op for ev.l1"):
+        streams.commit(r, effects)
+    assert r.exists("test:applied", "ev.l1", copy("ev.l1", "exposure")) == 0
+
+
+def test_copies_keep_the_archive_guard_of_their_stream(r):
+    """With archive.enabled nothing of a day not yet archived is trimmed, from the stream
+    or from a copy; once the floor is set, both trim only below it."""
+    small = {**RULES.streams, "ev.l1": config.Retention(maxlen=5)}
+    guarded = RULES.model_copy(update={"streams": small,
+                                       "archive": RULES.archive.model_copy(update={"enabled": True})})
+    publisher = streams.Publisher(r, guarded)
+    for n in range(300):
+        publisher.publish("ev.l1", quote(n))
+    exposure_copy = copy("ev.l1", "exposure")
+    assert r.xlen("ev.l1") == 300 and r.xlen(exposure_copy) == 300  # no floor: nothing archived, no trim
+    floor = entries(r, "ev.l1")[250][0].decode()
+    r.set("archive:floor", floor)
+    publisher.publish("ev.l1", quote(300))
+    for key in ("ev.l1", exposure_copy):
+        first = entries(r, key)[0][0].decode()
+        assert r.xlen(key) < 300 and streams._id_tuple(first) <= streams._id_tuple(floor), key
 
 
 def test_a_group_the_table_does_not_feed_is_refused_at_creation(r):

@@ -191,7 +191,7 @@ def user_rule(daemon: str, password: str) -> str:
         parts.append("(" + " ".join(f"%W~{stream}" for stream in appends) + f" {PUBLISH_COMMANDS})")
         parts.append(f"(%W~{DEDUPE_PREFIX.format(daemon=daemon)}* {DEDUPE_COMMANDS})")
         # The archive guard (qe_commit's XADDG): the length of what it appends to, and the floor.
-        parts.append("(" + " ".join(f"%R~{stream}" for stream in publishes) + " +xlen)")
+        parts.append("(" + " ".join(f"%R~{stream}" for stream in appends) + " +xlen)")
         parts.append(f"(%R~{ARCHIVE_FLOOR} +get)")
     if consumer:
         # Only its own group's copies: no other group lives on these keys.

@@ -95,63 +95,96 @@ local function may_append(stream)
   return true, nil
 end
 
+-- The trim rule of an append, checked before any write: MAXLEN takes a count, MINID an id.
+local function valid_trim(kind, threshold)
+  if kind == 'MAXLEN' then return string.match(threshold, '^%%d+$') ~= nil end
+  if kind == 'MINID' then return string.match(threshold, '^%%d+%%-%%d+$') ~= nil end
+  return false
+end
+
+local function id_below(a, b)
+  local a_ms, a_seq = string.match(a, '^(%%d+)-(%%d+)$')
+  local b_ms, b_seq = string.match(b, '^(%%d+)-(%%d+)$')
+  return tonumber(a_ms) < tonumber(b_ms) or (a_ms == b_ms and tonumber(a_seq) < tonumber(b_seq))
+end
+
+-- The trim arguments of an XADD to `key` (a stream or one of its copies) under the
+-- stream's rule. The archive guard (docs/archive.md, `floor` = archive:floor or false):
+-- trim only below the first id of the oldest day not yet archived; no floor yet =
+-- nothing archived = no trim.
+local function trim_args(key, kind, threshold, guarded, floor)
+  if kind == nil then return {} end  -- qe_append: no trim
+  if not guarded then return {kind, '~', threshold} end
+  if not floor then return {} end
+  if kind == 'MINID' then
+    if id_below(floor, threshold) then threshold = floor end
+    return {'MINID', '~', threshold}
+  end
+  -- MAXLEN n: evict at most the excess over n, and only entries below the floor.
+  local excess = redis.call('XLEN', key) + 1 - tonumber(threshold)
+  if excess > 0 then return {'MINID', '~', floor, 'LIMIT', tostring(excess)} end
+  return {}
+end
+
+local function xadd_args(key, trim, id, op, first_field)
+  local args = {'XADD', key}
+  for _, arg in ipairs(trim) do args[#args + 1] = arg end
+  args[#args + 1] = id
+  for i = first_field, #op do args[#args + 1] = op[i] end
+  return args
+end
+
 -- The entry just appended to `stream` as `id`, appended to every delivery copy (or to
--- `only_group`'s) with the same id and fields, trimmed by the stream's rule (`trim`:
--- {MAXLEN|MINID, threshold} or nil). A copy whose last id is already at or past `id`
--- (someone appended to it directly) still gets the entry, under a new id: never lost.
-local function fan_out(stream, id, trim, op, first_field, only_group)
+-- `only_group`'s) with the same id and fields, trimmed like the stream. Nothing here
+-- raises (a write already happened): a copy whose last id is at or past `id` (someone
+-- appended to it directly) gets the entry under a new id; a copy that takes no entry
+-- at all is returned, for the caller to report. Returns {copy, error, ...}.
+local function fan_out(stream, id, kind, threshold, guarded, floor, op, first_field, only_group)
+  local failed = {}
   for _, group in ipairs(FANOUT[stream] or {}) do
     if only_group == nil or only_group == group then
-      local args = {'XADD', copy_of(stream, group)}
-      if trim then
-        args[#args + 1] = trim[1]; args[#args + 1] = '~'; args[#args + 1] = trim[2]
-      end
-      local at = #args + 1
-      args[at] = id
-      for i = first_field, #op do args[#args + 1] = op[i] end
-      local reply = redis.pcall(unpack(args))
+      local copy = copy_of(stream, group)
+      local trim = trim_args(copy, kind, threshold, guarded, floor)
+      local reply = redis.pcall(unpack(xadd_args(copy, trim, id, op, first_field)))
       if type(reply) == 'table' and reply.err then
-        args[at] = '*'
-        redis.call(unpack(args))
+        reply = redis.pcall(unpack(xadd_args(copy, trim, '*', op, first_field)))
+      end
+      if type(reply) == 'table' and reply.err then
+        redis.log(redis.LOG_WARNING, 'qe: ' .. stream .. ' ' .. id .. ' not copied to ' .. copy .. ': ' .. reply.err)
+        failed[#failed + 1] = copy
+        failed[#failed + 1] = reply.err
       end
     end
   end
+  return failed
+end
+
+-- Whether the caller may append to the stream and to each of its delivery copies
+-- (with the archive guard, also read their lengths and the floor).
+local function may_append(stream, guarded)
+  local keys = {stream}
+  for _, group in ipairs(FANOUT[stream] or {}) do keys[#keys + 1] = copy_of(stream, group) end
+  for _, key in ipairs(keys) do
+    if not redis.acl_check_cmd('XADD', key, '*', 'f', 'v') then return false, key end
+    if guarded and not redis.acl_check_cmd('XLEN', key) then return false, key .. ' under the archive guard' end
+  end
+  if guarded and not redis.acl_check_cmd('GET', 'archive:floor') then return false, 'archive:floor' end
+  return true, nil
 end
 
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] acks as JSON [[stream, [ids ascending]], ...],
 -- ARGV[4] ops as JSON [[cmd, arg, ...], ...] (all strings, so no number loses
--- precision in Lua). "XADD?" is an XADD guarded by an optional SET NX dedupe
--- marker: [XADD?, marker key or '', ttl, stream, MINID|MAXLEN, '~', threshold, '*',
--- field, value, ...]. Acks name the stream; they apply to the group's own copy.
--- Every acked id must still be pending for this consumer (one XPENDING range per
--- stream), otherwise nothing at all is applied; so must every op be allowed to the caller.
--- The archive guard (docs/archive.md): trim only below archive:floor, the first id of
--- the oldest day not yet archived; no floor yet = nothing archived = no trim.
--- op: XADDG marker ttl stream MINID|MAXLEN threshold field value ...
-local function guarded_xadd(op)
-  local stream, kind, threshold = op[4], op[5], op[6]
-  local args = {'XADD', stream}
-  local floor = redis.call('GET', 'archive:floor')
-  if floor then
-    if kind == 'MINID' then
-      local t_ms, t_seq = string.match(threshold, '^(%%d+)-(%%d+)$')
-      local f_ms, f_seq = string.match(floor, '^(%%d+)-(%%d+)$')
-      if tonumber(f_ms) < tonumber(t_ms) or (f_ms == t_ms and tonumber(f_seq) < tonumber(t_seq)) then
-        threshold = floor
-      end
-      args[#args + 1] = 'MINID'; args[#args + 1] = '~'; args[#args + 1] = threshold
-    else
-      -- MAXLEN n: evict at most the excess over n, and only entries below the floor.
-      local excess = redis.call('XLEN', stream) + 1 - tonumber(threshold)
-      if excess > 0 then
-        args[#args + 1] = 'MINID'; args[#args + 1] = '~'; args[#args + 1] = floor
-        args[#args + 1] = 'LIMIT'; args[#args + 1] = tostring(excess)
-      end
-    end
-  end
-  args[#args + 1] = '*'
-  for i = 7, #op do args[#args + 1] = op[i] end
-  return args
+-- precision in Lua). Appends are guarded by an optional SET NX dedupe marker:
+--   [XADD?, marker or '', ttl, stream, MINID|MAXLEN, '~', threshold, '*', field, value, ...]
+--   [XADDG, marker or '', ttl, stream, MINID|MAXLEN, threshold, field, value, ...] (archive guard)
+-- and fanned out to the stream's delivery copies. Acks name the stream; they apply to
+-- the group's own copy. Every acked id must still be pending for this consumer (one
+-- XPENDING range per stream), otherwise nothing at all is applied; so must every op be
+-- allowed to the caller. Returns {'OK', id or '' per append, ...}, then, if a copy
+-- took no entry, {'FANOUT_FAILED', copy, error, ...} last.
+local function append_layout(name, op)
+  if name == 'XADD?' then return op[5], op[7], false, 9 end
+  return op[5], op[6], true, 7
 end
 
 local function commit(keys, args)
@@ -167,13 +200,14 @@ local function commit(keys, args)
       if op[2] ~= '' and not redis.acl_check_cmd('SET', op[2], '1', 'NX', 'EX', op[3]) then
         return refuse('this user may not write the dedupe marker ' .. op[2])
       end
-      local allowed, key = may_append(op[4])
+      local kind, threshold, guarded, first_field = append_layout(name, op)
+      if not valid_trim(kind, threshold) or (name == 'XADD?' and (op[6] ~= '~' or op[8] ~= '*'))
+          or #op < first_field + 1 or (#op - first_field) %% 2 ~= 1 then
+        return redis.error_reply('ERR malformed append op for ' .. tostring(op[4]))
+      end
+      local allowed, key = may_append(op[4], guarded)
       if not allowed then
         return refuse('this user may not append to ' .. key)
-      end
-      -- [XADDG, marker or '', ttl, stream, MINID|MAXLEN, threshold, field, value, ...]
-      if name == 'XADDG' and not (redis.acl_check_cmd('XLEN', op[4]) and redis.acl_check_cmd('GET', 'archive:floor')) then
-        return refuse('this user may not append to ' .. op[4] .. ' under the archive guard')
       end
     elseif REFUSED_OPS[name] then
       return refuse(name .. ' is not allowed as a commit op')
@@ -192,19 +226,19 @@ local function commit(keys, args)
     end
   end
   local results = {'OK'}
+  local failed = {'FANOUT_FAILED'}
+  local floor = nil
   for _, op in ipairs(ops) do
-    if op[1] == 'XADD?' then
+    local name = string.upper(op[1])
+    if name == 'XADD?' or name == 'XADDG' then
       if op[2] == '' or redis.call('SET', op[2], '1', 'NX', 'EX', op[3]) then
-        local id = redis.call('XADD', unpack(op, 4))
-        fan_out(op[4], id, {op[5], op[7]}, op, 9, nil)
-        results[#results + 1] = id
-      else
-        results[#results + 1] = ''
-      end
-    elseif op[1] == 'XADDG' then
-      if op[2] == '' or redis.call('SET', op[2], '1', 'NX', 'EX', op[3]) then
-        local id = redis.call(unpack(guarded_xadd(op)))
-        fan_out(op[4], id, {op[5], op[6]}, op, 7, nil)
+        local stream = op[4]
+        local kind, threshold, guarded, first_field = append_layout(name, op)
+        if guarded and floor == nil then floor = redis.call('GET', 'archive:floor') end
+        local id = redis.call(unpack(xadd_args(stream, trim_args(stream, kind, threshold, guarded, floor), '*', op, first_field)))
+        for _, item in ipairs(fan_out(stream, id, kind, threshold, guarded, floor, op, first_field, nil)) do
+          failed[#failed + 1] = item
+        end
         results[#results + 1] = id
       else
         results[#results + 1] = ''
@@ -214,6 +248,7 @@ local function commit(keys, args)
     end
   end
   for _, ack in ipairs(acks) do redis.call('XACK', copy_of(ack[1], group), group, unpack(ack[2])) end
+  if #failed > 1 then results[#results + 1] = failed end
   return results
 end
 
@@ -246,7 +281,7 @@ end
 -- the entry gets it again), fanned out like every other. Returns the new id.
 local function append(keys, args)
   local stream, group = args[1], args[2]
-  local allowed, key = may_append(stream)
+  local allowed, key = may_append(stream, false)
   if not allowed then
     return refuse('this user may not append to ' .. key)
   end
@@ -256,10 +291,11 @@ local function append(keys, args)
   if group ~= '' and not consumes(stream, group) then
     return redis.error_reply('ERR group ' .. group .. ' does not consume ' .. stream)
   end
-  local command = {'XADD', stream, '*'}
-  for i = 3, #args do command[#command + 1] = args[i] end
-  local id = redis.call(unpack(command))
-  fan_out(stream, id, nil, args, 3, group ~= '' and group or nil)
+  local id = redis.call(unpack(xadd_args(stream, {}, '*', args, 3)))
+  local failed = fan_out(stream, id, nil, nil, false, nil, args, 3, group ~= '' and group or nil)
+  if #failed > 0 then
+    return redis.error_reply('ERR appended to ' .. stream .. ' as ' .. id .. ' but not to ' .. table.concat(failed, ' '))
+  end
   return id
 end
 

@@ -236,6 +236,12 @@ def commit(r: redis.Redis, effects: Effects, group: str = "", consumer: str = ""
     if reply[0] == b"STOLEN":
         metrics.commits_aborted.inc()
         raise CommitAborted(f"{reply[1].decode()} {reply[2].decode()} was claimed by another consumer")
+    if isinstance(reply[-1], list) and reply[-1][:1] == [b"FANOUT_FAILED"]:
+        # Applied, but a delivery copy took no entry (only a direct append to the copy by a
+        # producer's user can cause it): that group misses it, so say so loudly.
+        failed = [_text(item) for item in reply[-1][1:]]
+        log.error("appended but not copied to every consuming group",
+                  extra={"copies": failed[0::2], "errors": failed[1::2]})
     for stream, result in zip(effects.published, reply[1:]):
         (metrics.events_published if result else metrics.events_deduplicated).labels(stream).inc()
     for stream, label in effects.dead:
@@ -774,7 +780,8 @@ class Consumer:
 
     def _trim_acknowledged(self, positions: dict[str, dict[str, Any]]) -> None:
         """Drop from this group's own copies what the group is done with: entries below
-        both its position and its oldest pending entry. The entry at the position stays,
+        its position, its oldest pending entry and its last trim-loss base (`trim_floor`).
+        The entry at the position stays,
         so a copy never looks trimmed past the group (rule 7), and the copies cost little
         memory beyond what is in flight (the stream itself keeps its retention)."""
         with_pending = [stream for stream, group in positions.items() if group.get("pending")]
@@ -783,7 +790,11 @@ class Consumer:
             pipe.xpending(self.keys[stream], self.group)
         oldest = {stream: summary.get("min") for stream, summary in zip(with_pending, pipe.execute())}
         for stream, group in positions.items():
-            floor = trim_floor(_text(group.get("last-delivered-id")) or "0-0", _text(oldest.get(stream)) or None)
+            base = self._read_bases.get(stream)
+            if base is None:  # no observation of the group yet: nothing to trim against
+                continue
+            position = _text(group.get("last-delivered-id")) or "0-0"
+            floor = trim_floor(position, _text(oldest.get(stream)) or None, base.last_delivered_id)
             if floor != "0-0":
                 pipe.xtrim(self.keys[stream], minid=floor, approximate=True)
         pipe.execute()
@@ -801,12 +812,12 @@ class Consumer:
             effects.hset(self.daemon_key, {f"trim_lost:{stream}": f"{reading.last_delivered_id} {reading.gap_lost}"})
 
 
-def trim_floor(last_delivered_id: str, oldest_pending_id: str | None) -> str:
-    """The lowest id a group's own copy must keep (pure): its position, or its oldest
-    pending entry when that is older."""
-    if oldest_pending_id is not None and _id_tuple(oldest_pending_id) < _id_tuple(last_delivered_id):
-        return oldest_pending_id
-    return last_delivered_id
+def trim_floor(last_delivered_id: str, oldest_pending_id: str | None, observed_id: str) -> str:
+    """The lowest id a group's own copy must keep (pure): the oldest of its position, its
+    oldest pending entry and the position of the trim-loss base (`ReadBase`, rule 7; a
+    copy trimmed past it would look like a loss at the next exact observation)."""
+    keep = [last_delivered_id, observed_id] + ([oldest_pending_id] if oldest_pending_id is not None else [])
+    return min(keep, key=_id_tuple)
 
 
 # --- lag and trim loss, without trusting a group's entries-read (rule 7) -------------------------
