@@ -781,9 +781,9 @@ class Consumer:
     def _trim_acknowledged(self, positions: dict[str, dict[str, Any]]) -> None:
         """Drop from this group's own copies what the group is done with: entries below
         its position, its oldest pending entry and its last trim-loss base (`trim_floor`).
-        The entry at the position stays,
-        so a copy never looks trimmed past the group (rule 7), and the copies cost little
-        memory beyond what is in flight (the stream itself keeps its retention)."""
+        The entry at the position stays, so a copy never looks trimmed past the group
+        (rule 7), and a copy costs little memory beyond what is in flight (the stream
+        itself keeps its retention)."""
         with_pending = [stream for stream, group in positions.items() if group.get("pending")]
         pipe = self.redis.pipeline(transaction=False)
         for stream in with_pending:
