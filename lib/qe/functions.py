@@ -85,16 +85,6 @@ local function consumes(stream, group)
   return false
 end
 
--- Whether the caller may append to the stream and to each of its delivery copies.
-local function may_append(stream)
-  if not redis.acl_check_cmd('XADD', stream, '*', 'f', 'v') then return false, stream end
-  for _, group in ipairs(FANOUT[stream] or {}) do
-    local copy = copy_of(stream, group)
-    if not redis.acl_check_cmd('XADD', copy, '*', 'f', 'v') then return false, copy end
-  end
-  return true, nil
-end
-
 -- The trim rule of an append, checked before any write: MAXLEN takes a count, MINID an id.
 local function valid_trim(kind, threshold)
   if kind == 'MAXLEN' then return string.match(threshold, '^%%d+$') ~= nil end

@@ -1,5 +1,5 @@
 """Who consumes which stream, and where each consumer reads it (docs/security.md,
-docs/runtime.md rule 11).
+docs/runtime.md rule 0).
 
 Redis ACLs restrict commands and *keys*; a consumer group is only an argument of
 XREADGROUP/XACK/XCLAIM. So that no daemon can read, acknowledge or claim as another
