@@ -50,6 +50,13 @@ def start(command: str, redis_url: str, tmp_path: Path, sim, name: str, env: dic
     return process
 
 
+def start_subscribed(redis_url: str, tmp_path: Path, sim, **market_data) -> DaemonProcess:
+    """qe-market-data started and subscribed to every symbol (3 tick-by-tick slots)."""
+    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data", **market_data)
+    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    return md
+
+
 def stream_events(r: redis.Redis, stream: str) -> list[dict]:
     return [json.loads(fields[b"event"]) for _id, fields in r.xrange(stream)]
 
@@ -79,8 +86,7 @@ def assert_no_duplicate_prints(r: redis.Redis) -> None:
 
 
 def test_quotes_and_prints_flow_into_redis(redis_url, r, tmp_path, sim):
-    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data")
-    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    md = start_subscribed(redis_url, tmp_path, sim)
     wait_until(lambda: r.xlen("ev.l1") >= 50 and r.xlen("ev.prints") >= 5, timeout=20, message="quotes and prints")
     quotes = stream_events(r, "ev.l1")
     assert len({q["payload"]["symbol"] for q in quotes}) >= 10
@@ -137,8 +143,7 @@ def test_forced_disconnect_reconnects_resubscribes_and_duplicates_nothing_downst
 
 
 def test_1101_and_1102_resubscribe_without_doubling(redis_url, r, tmp_path, sim):
-    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data")
-    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    md = start_subscribed(redis_url, tmp_path, sim)
     sim.control.send_code(1101)  # restored, data lost: the simulator forgot every subscription
     wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=15, message="re-subscribed after 1101")
     sim.control.inject_print("CIM PRC", 23.41, 333, "NYSE")
@@ -162,8 +167,7 @@ def test_1101_and_1102_resubscribe_without_doubling(redis_url, r, tmp_path, sim)
 
 
 def test_data_farm_broken_publishes_a_stale_feed_alert(redis_url, r, tmp_path, sim):
-    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data")
-    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    md = start_subscribed(redis_url, tmp_path, sim)
     wait_until(lambda: r.xlen("ev.l1") > 0, message="quotes")
     sim.control.send_code(2103)
     wait_until(lambda: "feed_stale" in alerts(r), timeout=10, message="stale alert")
@@ -196,8 +200,7 @@ def test_tick_by_tick_slots_go_to_positions_first_and_rotate_the_rest(redis_url,
 
 def test_a_stub_quote_from_ib_is_published_flagged_with_one_alert_and_a_resolution(redis_url, r, tmp_path, sim):
     symbol = UNIVERSE[5]  # no tick-by-tick slot: quotes only
-    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data")
-    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    md = start_subscribed(redis_url, tmp_path, sim)
     of_symbol = lambda: [e["payload"] for e in stream_events(r, "ev.l1") if e["payload"]["symbol"] == symbol]
     wait_until(lambda: of_symbol(), timeout=20, message="a first quote")
     normal = sim.control.quote(symbol)
@@ -258,8 +261,7 @@ def assert_confirmed_unchanged(events: list[dict], bid: float, ask: float, at_le
 
 def test_an_unchanged_quote_is_confirmed_and_not_while_the_data_farm_is_broken(redis_url, r, tmp_path, sim):
     symbol = UNIVERSE[5]
-    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data", confirm_interval_s=CONFIRM_S)
-    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    md = start_subscribed(redis_url, tmp_path, sim, confirm_interval_s=CONFIRM_S)
     bid, ask = frozen_quote(r, sim, symbol)
     time.sleep(4 * CONFIRM_S)
     unchanged = [q for q in quotes_of(r, symbol) if (q["payload"]["bid"], q["payload"]["ask"]) == (bid, ask)]
@@ -284,8 +286,7 @@ def test_an_unchanged_quote_is_confirmed_and_not_while_the_data_farm_is_broken(r
 
 def test_confirmations_stop_when_the_feed_drops_and_resume_after_the_reconnect(redis_url, r, tmp_path, sim):
     symbol = UNIVERSE[6]
-    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data", confirm_interval_s=CONFIRM_S)
-    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    md = start_subscribed(redis_url, tmp_path, sim, confirm_interval_s=CONFIRM_S)
     bid, ask = frozen_quote(r, sim, symbol)
     wait_until(lambda: len(confirmations(r, symbol)) >= 2, timeout=10, message="confirmed")
     down_at = time.time_ns()
@@ -357,8 +358,7 @@ def alert_events(r: redis.Redis, alert_type: str) -> list[dict]:
 def test_a_disconnect_whose_process_was_killed_is_resolved_by_the_next_process(redis_url, r, tmp_path, sim):
     """Killed while disconnected (its resolve never sent): the next process resolves the
     episode once it connects, under the raise's episode, and the open episodes empty."""
-    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data")
-    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    md = start_subscribed(redis_url, tmp_path, sim)
     assert feed_episodes(r) == {}
     sim.control.restart(6.0)  # drop every client, refuse connections for 6 s
     wait_until(lambda: "feed_disconnected" in alerts(r), timeout=10, message="disconnect raised")
@@ -377,8 +377,7 @@ def test_a_disconnect_whose_process_was_killed_is_resolved_by_the_next_process(r
 
 
 def test_a_broken_farm_whose_process_was_killed_is_resolved_once_the_next_process_receives_data(redis_url, r, tmp_path, sim):
-    md = start("qe-market-data", redis_url, tmp_path, sim, "market-data")
-    wait_until(lambda: subscriptions(sim) == (len(UNIVERSE), 3), timeout=30, message="subscribed")
+    md = start_subscribed(redis_url, tmp_path, sim)
     wait_until(lambda: r.xlen("ev.l1") > 0, message="quotes")
     sim.control.send_code(2103)
     wait_until(lambda: "feed_stale" in feed_episodes(r), timeout=10, message="stale episode recorded")
