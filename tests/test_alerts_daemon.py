@@ -24,7 +24,7 @@ from qe.contracts import (
     make_event,
 )
 from tests.support.processes import REPO, DaemonProcess, console_script, daemon_env, wait_until, write_rules
-from tests.support.raw_streams import append, copy
+from tests.support.raw_streams import append, copy, create_group
 
 ALERTS = console_script("qe-alerts")
 RULES = config.load_rules(REPO / "etc" / "risk_rules.yaml")
@@ -244,8 +244,8 @@ def test_lag_and_dlq_growth_and_malformed_input_is_dead_lettered(harness, r):
                         "consumer_lag_ignore_groups": ["pnl"]}).start()
     wait_until(lambda: r.hexists("state:alerts:inputs", "dlq"), message="first DLQ observation")
     # Each group on its own copy, as the runtime creates them (no daemon runs to read them).
-    r.xgroup_create(copy("ev.intents", "execution_service"), "execution_service", id="0", mkstream=True)
-    r.xgroup_create(copy("ev.orders", "pnl"), "pnl", id="0", mkstream=True)
+    create_group(r, "ev.intents", "execution_service")
+    create_group(r, "ev.orders", "pnl")
     for i in range(10):
         append(r, "ev.intents", {"type": "intent", "idk": f"x{i}", "event": "{}"})
         append(r, "ev.orders", {"type": "order", "idk": f"y{i}", "event": "{}"})

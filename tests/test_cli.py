@@ -11,7 +11,7 @@ import yaml
 from qe import cli, config, state, streams
 from qe.contracts import L1, BrokerState, BucketExposure, Exposure, Session, make_event
 from tests.support.processes import REPO, VENV_BIN, daemon_env
-from tests.support.raw_streams import copy
+from tests.support.raw_streams import create_group
 
 QE = str(VENV_BIN / "qe")
 
@@ -43,7 +43,7 @@ def test_streams_and_dlq_round_trip(redis_url, r):
     rules = config.load_rules(REPO / "etc" / "risk_rules.yaml")
     event = make_event(L1(symbol="CIM PRB", bid=24.8, ask=24.9), idempotency_key="l1:x", source="t", ts_ns=time.time_ns())
     streams.Publisher(r, rules).publish("ev.l1", event)
-    r.xgroup_create(copy("ev.l1", "exposure"), "exposure", id="0")
+    create_group(r, "ev.l1", "exposure")
     listing = json.loads(qe(redis_url, "--json", "streams").stdout)["streams"]
     row = next(row for row in listing if row["stream"] == "ev.l1")
     assert row["length"] == 1 and row["group"] == "exposure" and row["lag"] == 1

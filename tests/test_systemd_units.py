@@ -24,7 +24,7 @@ import pytest
 
 from tests.support.processes import REPO, VENV_BIN, DaemonProcess, console_script, daemon_env, wait_until, write_rules
 from tests.support.system_tools import require_tool
-from tests.support.raw_streams import append, copy
+from tests.support.raw_streams import append, create_group
 
 UNIT_DIR = REPO / "systemd"
 DAEMONS = ("session", "exposure", "market-data", "prints", "alerts", "decision", "execution", "pnl")
@@ -307,7 +307,7 @@ def test_the_sandbox_does_restrict(sandbox):
 def test_daemons_run_under_the_units_restrictions(sandbox, redis_url, r, tmp_path, daemon, stream):
     env = daemon_env(redis_url)
     if daemon == "alerts":  # something for the alerts worker to say: a lagging group
-        r.xgroup_create(copy("ev.intents", "execution_service"), "execution_service", id="0", mkstream=True)
+        create_group(r, "ev.intents", "execution_service")
         for n in range(3):
             append(r, "ev.intents", {"event": "{}", "n": n})
         env["QE_CONFIG"] = str(write_rules(tmp_path, alerts={"consumer_lag_limits": {"default": 1}, "consumer_lag_for_s": 0}))

@@ -32,3 +32,9 @@ def append_args(stream: str, fields: Fields, group: str = "") -> list[str | byte
 def copy(stream: str, group: str) -> str:
     """The key `group` reads `stream` from (for XPENDING, XINFO GROUPS ...)."""
     return delivery_stream(stream, group)
+
+
+def create_group(r: redis.Redis, stream: str, group: str) -> None:
+    """A daemon's group on its own copy of `stream`, created as the runtime creates it
+    (the library's `qe_group_create`, start id 0), for tests where no daemon reads."""
+    r.fcall("qe_group_create", 0, stream, group, "0", "")
